@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# README's first command: install archtune (CPU torch 2.13.0 first) and run the main job,
+# a real fine-tune of the embedded tiny Gemma-4-MoE-shaped model on the bundled data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install --quiet torch==2.13.0
+pip install --quiet -e ".[test]"
+archtune train examples/quickstart.yaml
+archtune generate examples/quickstart.yaml --prompt "$(python scripts/heldout_prompt.py)"

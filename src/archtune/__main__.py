@@ -1,0 +1,3 @@
+from archtune.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Adapters: freezing and LoRA, driven by the Plan."""

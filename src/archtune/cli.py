@@ -1,0 +1,209 @@
+"""The `archtune` command line: each command is a thin call into the modules.
+
+Exit codes: 0 success, 2 user error (one message naming the key or file:line and the fix;
+a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from archtune.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune Gemma 4, Gemma 3, Qwen 3.5 MoE (and any causal LM) from one YAML file.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+OverridesArg = typer.Argument(None, help="key=value overrides (dotted for nested keys)", show_default=False)
+
+
+def _quiet_libraries() -> None:
+    # Library chatter (bitsandbytes' optional-kernel probe, HF advisory warnings) hides our own output.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("bitsandbytes", "transformers", "peft", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    _state["debug"] = debug
+    if not debug:
+        _quiet_libraries()
+
+
+def _load(config: Path, overrides: Optional[list[str]]):
+    from archtune.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
+          nproc: int = typer.Option(1, "--nproc", help="Processes (torchrun) on this node.")) -> None:
+    """Fine-tune as the config says; writes weights, train_summary.json, loss.png, TensorBoard logs."""
+    if nproc != 1:
+        raise UserError.single("--nproc", "multi-process training is not available yet", "run with --nproc 1")
+    from archtune.train.recipe import train as run_train
+
+    cfg = _load(config, overrides)
+    summary = run_train(cfg, console=console)
+    _print_train_summary(summary, cfg.output_dir)
+
+
+def _fmt(v, digits=4):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def _print_train_summary(s: dict, output_dir: str) -> None:
+    table = Table(title="archtune: training finished", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("family", f"{s['family']} ({s['model_type']}), {s['adapter'] or 'full fine-tune'}")
+    table.add_row("eval loss", f"{_fmt(s['eval_loss_initial'])} -> {_fmt(s['eval_loss_final'])}")
+    table.add_row("train loss", f"{_fmt(s['train_loss_first'])} -> {_fmt(s['train_loss_last'])}")
+    table.add_row("steps", str(s["steps"]))
+    table.add_row("tokens/s", f"{_fmt(s['tokens_per_second'], 0)} ({s['train_tokens']} tokens in {s['train_seconds']:.1f} s)")
+    table.add_row("params", f"{s['trainable_params']:,} trainable of {s['total_params']:,}")
+    table.add_row("outputs", f"{output_dir}/ (weights, train_summary.json, loss.png, runs/)")
+    console.print(table)
+
+
+@app.command()
+def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
+               as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON.")) -> None:
+    """Tokenize, validate and cache the data; print statistics."""
+    from archtune.data import prepare_data
+    from archtune.models.load import load_tokenizer
+
+    cfg = _load(config, overrides)
+    data = prepare_data(cfg, load_tokenizer(cfg), progress=not as_json)
+    if as_json:
+        print(json.dumps(data.stats))
+        return
+    table = Table(title="archtune preprocess", show_header=False, title_justify="left")
+    for k, v in data.stats.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(table)
+
+
+@app.command()
+def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
+             as_json: bool = typer.Option(False, "--json", help="Print {eval_loss, eval_tokens, eval_rows}.")) -> None:
+    """Token-weighted mean loss over the evaluation data, with the trained weights if any."""
+    from archtune.data import prepare_data
+    from archtune.data.collate import DataCollator
+    from archtune.models.load import load_trained
+    from archtune.train.evaluation import token_weighted_loss
+    from archtune.train.recipe import plan_for
+
+    cfg = _load(config, overrides)
+    setup = plan_for(cfg)
+    data = prepare_data(cfg, setup.tokenizer, progress=not as_json)
+    if data.eval is None:
+        raise UserError.single("test_datasets", "there is no evaluation data",
+                               "set test_datasets, or val_set_size > 0")
+    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    result = token_weighted_loss(model, data.eval, DataCollator(setup.tokenizer), cfg.micro_batch_size)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(f"eval_loss {result['eval_loss']:.4f} over {result['eval_tokens']} tokens, "
+                      f"{result['eval_rows']} rows ({kind or 'base'} weights)")
+
+
+@app.command()
+def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The user prompt."),
+             overrides: Optional[list[str]] = OverridesArg,
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
+    """Greedy generation with the trained weights, the prompt rendered as the first dataset's format."""
+    import torch
+
+    from archtune.data import render_prompt
+    from archtune.models.load import load_trained
+    from archtune.train.recipe import plan_for
+
+    cfg = _load(config, overrides)
+    setup = plan_for(cfg)
+    model, _ = load_trained(cfg, setup.plan, setup.tokenizer)
+    text = generate_text(model, setup.tokenizer, render_prompt(cfg.datasets[0], setup.tokenizer, prompt),
+                         max_new_tokens)
+    console.print(f"[bold]prompt:[/] {prompt}")
+    console.print(f"[bold]output:[/] {text}")
+
+
+def generate_text(model, tokenizer, rendered: str, max_new_tokens: int) -> str:
+    import torch
+
+    ids = tokenizer(rendered, return_tensors="pt", add_special_tokens=not rendered.startswith(tokenizer.bos_token or "\0"))
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@app.command("merge-lora")
+def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
+               out: Optional[Path] = typer.Option(None, "--out", help="Default: OUTPUT_DIR/merged.")) -> None:
+    """Merge the trained LoRA adapter into the base weights; the result loads with transformers alone."""
+    from archtune.models.load import load_trained
+    from archtune.train.recipe import plan_for
+
+    cfg = _load(config, overrides)
+    setup = plan_for(cfg)
+    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    if kind != "adapter":
+        raise UserError.single("output_dir", f"{cfg.output_dir} holds no LoRA adapter (adapter_config.json)",
+                               "train with adapter: lora first, or point output_dir at the run")
+    merged = model.merge_and_unload()
+    target = out or Path(cfg.output_dir) / "merged"
+    merged.save_pretrained(str(target))
+    setup.tokenizer.save_pretrained(str(target))
+    console.print(f"merged model written to {target}")
+
+
+@app.command("init-tiny")
+def init_tiny(name: str, directory: Path, seed: int = typer.Option(0, "--seed")) -> None:
+    """Write a tiny random model of a family (config, safetensors, tokenizer)."""
+    from archtune.models.tiny import tiny_model_names, write_tiny_model
+
+    if name not in tiny_model_names():
+        raise UserError.single("NAME", f"no tiny model named {name!r}", f"use one of: {', '.join(tiny_model_names())}")
+    write_tiny_model(name, directory, seed=seed)
+    console.print(f"tiny {name} written to {directory}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error[/] {exc}", highlight=False)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code if isinstance(code, int) else 1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The config schema: Axolotl's key names and meanings.
+
+Every field carries a description (it is the documentation). Cross-field rules that do
+not depend on the model live here; model-dependent decisions live in families/ and plan.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
+    return pattern
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Strict):
+    path: str = Field(description="Local file or directory (json, jsonl, parquet, csv), or a hub dataset id.")
+    type: Literal["alpaca", "chat_template", "completion"] = Field(
+        "alpaca", description="Prompt format: alpaca (instruction/input/output), chat_template (messages), completion (text).")
+    data_files: str | list[str] | None = Field(None, description="Files inside `path` to read (as datasets.load_dataset's data_files).")
+    split: str = Field("train", description="Split to read.")
+    name: str | None = Field(None, description="Dataset config name (hub datasets).")
+    ds_type: Literal["json", "parquet", "csv"] | None = Field(None, description="File type when it cannot be told from the extension.")
+    # field mappings
+    field_instruction: str = Field("instruction", description="alpaca: column holding the instruction.")
+    field_input: str = Field("input", description="alpaca: column holding the optional input.")
+    field_output: str = Field("output", description="alpaca: column holding the answer.")
+    field_messages: str = Field("messages", description="chat_template: column holding the list of messages.")
+    message_property_mappings: dict[str, str] = Field(
+        default_factory=lambda: {"role": "role", "content": "content"},
+        description="chat_template: keys of a message that hold its role and content.")
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="chat_template: roles whose turns get loss.")
+    field: str = Field("text", description="completion: column holding the text.")
+
+
+class WeightScaleRule(_Strict):
+    name_pattern: str = Field(description="Regex (search) over parameter names.")
+    threshold: float = Field(description="Outlier when std/median > threshold or < 1/threshold; must be > 1.")
+
+    @field_validator("name_pattern")
+    @classmethod
+    def _is_regex(cls, v: str) -> str:
+        return _check_regex(v)
+
+    @field_validator("threshold")
+    @classmethod
+    def _gt_one(cls, v: float) -> float:
+        if v <= 1:
+            raise ValueError("threshold must be > 1 (e.g. 1.3)")
+        return v
+
+
+class Config(_Strict):
+    """An archtune training config. Unknown keys are errors (with a did-you-mean hint)."""
+
+    # ---- model
+    base_model: str = Field(description="Local directory, hub id, or tiny:NAME (an embedded tiny random model).")
+    base_model_config: str | None = Field(None, description="Where to read config.json from, when not base_model.")
+    tokenizer_config: str | None = Field(None, description="Where to read the tokenizer from, when not base_model.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off by default: safe.")
+    model_revision: str | None = Field(None, description="Hub revision of the model.")
+
+    # ---- data
+    datasets: list[DatasetConfig] = Field(description="Training data sets.")
+    test_datasets: list[DatasetConfig] | None = Field(None, description="Evaluation data sets (else a val_set_size split).")
+    val_set_size: float = Field(0.0, ge=0, description="Fraction (<1) or row count (>=1) held out for evaluation, chosen by seed.")
+    dataset_prepared_path: str | None = Field(None, description="Preprocessing cache directory (default: last_run_prepared).")
+    sequence_len: int = Field(2048, gt=0, description="Maximum tokens per row.")
+    excess_length_strategy: Literal["drop", "truncate"] = Field("drop", description="What to do with rows longer than sequence_len.")
+    strict_data: bool = Field(False, description="Malformed rows are errors (file:line) instead of dropped and counted.")
+    train_on_inputs: bool = Field(False, description="Also train on the prompt (false masks it with -100).")
+    chat_template: str | None = Field(None, description="'tokenizer_default' or a Jinja template string; default: the tokenizer's.")
+    special_tokens: dict[str, str] | None = Field(None, description="Override special tokens (bos_token, eos_token, pad_token, ...).")
+
+    # ---- adapter
+    adapter: Literal["lora"] | None = Field(None, description="'lora', or unset for full fine-tuning.")
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] | str | None = Field(None, description="Module names (list) or a regex (string, full match).")
+    lora_target_linear: bool = Field(False, description="Target every linear layer.")
+    lora_target_parameters: list[str] | None = Field(None, description="Parameter tensors (e.g. MoE experts.gate_up_proj) for LoRA.")
+    lora_modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
+
+    # ---- training
+    micro_batch_size: int = Field(1, gt=0, description="Rows per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (overrides num_epochs).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    optimizer: str = Field("adamw_torch", description="transformers optimizer name (adamw_torch, sgd, adafactor, ...).")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps.")
+    warmup_ratio: float | None = Field(None, ge=0, le=1, description="Warmup as a fraction of the steps.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    bf16: bool | Literal["auto"] = Field(False, description="Train in bfloat16 ('auto': when the hardware supports it).")
+    fp16: bool = Field(False, description="Train with fp16 mixed precision.")
+    seed: int = Field(42, description="Seed for weights of tiny models, data order and the validation split.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(None, description="e.g. {use_reentrant: false}.")
+
+    # ---- outputs and logging
+    output_dir: str = Field("./outputs/run", description="Where weights, train_summary.json, loss.png and logs go.")
+    save_steps: int | None = Field(None, description="Checkpoint every N steps (default: only at the end).")
+    save_total_limit: int | None = Field(None, description="Keep at most N checkpoints.")
+    eval_steps: int | None = Field(None, description="Evaluate every N steps (always before the first and after the last).")
+    logging_steps: int = Field(1, gt=0, description="Log the training loss every N steps.")
+    resume_from_checkpoint: str | None = Field(None, description="Checkpoint directory to resume from ('auto' = latest in output_dir).")
+    use_tensorboard: bool = Field(True, description="Write TensorBoard logs to output_dir/runs.")
+    wandb_project: str | None = Field(None, description="Weights & Biases project (logging to W&B when set).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
+
+    @field_validator("datasets")
+    @classmethod
+    def _nonempty(cls, v: list[DatasetConfig]) -> list[DatasetConfig]:
+        if not v:
+            raise ValueError("at least one dataset is needed")
+        return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _target_regex(cls, v: list[str] | str | None) -> list[str] | str | None:
+        # A string is a regex (full match): catch a broken one here, not deep inside PEFT.
+        return _check_regex(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Config":
+        broken = cross_field_problems(self)
+        if broken:
+            # One error carrying every broken rule; each names its key (config.load maps them).
+            raise PydanticCustomError(
+                "cross_field", "{summary}",
+                {"summary": "; ".join(f"{k}: {m}" for k, m, _ in broken), "problems": broken})
+        return self
+
+
+# ---- rules between keys
+# A rule is data: the key it is reported on, the keys it reads, when it is broken, the
+# message and the fix. Config's model validator checks them all; config.load also checks
+# them when other keys failed validation (pydantic skips model validators then), so a user
+# sees every problem at once. Add cross-field rules here, not as ad-hoc model validators.
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    key: str  # the key the problem is reported on
+    reads: tuple[str, ...]  # every key `broken` looks at (the rule is skipped if one is invalid)
+    broken: Callable[[Any], bool]  # gets the config (or an object with the same attributes)
+    message: str
+    fix: str
+
+
+CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        "bf16", ("bf16", "fp16"),
+        lambda c: c.bf16 is True and c.fp16 is True,
+        "bf16 and fp16 cannot both be true",
+        "choose one: set `fp16: false` (bf16 where the hardware supports it) or `bf16: false`"),
+    CrossFieldRule(
+        "adapter", ("adapter", "lora_target_modules", "lora_target_linear", "lora_target_parameters"),
+        lambda c: c.adapter is None and bool(c.lora_target_modules or c.lora_target_linear or c.lora_target_parameters),
+        "lora_* targets are set but adapter is not 'lora'",
+        "set `adapter: lora`, or remove the lora_target_* keys to fine-tune all weights"),
+    CrossFieldRule(
+        "warmup_ratio", ("warmup_steps", "warmup_ratio"),
+        lambda c: c.warmup_steps is not None and c.warmup_ratio is not None,
+        "warmup_steps and warmup_ratio are both set",
+        "keep one of them: remove `warmup_ratio` or `warmup_steps`"),
+)
+
+
+def cross_field_problems(cfg: Any, skip: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str, str]]:
+    """(key, message, fix) for each broken rule; rules reading a key in `skip` are not checked."""
+    return [(r.key, r.message, r.fix) for r in CROSS_FIELD_RULES
+            if not (set(r.reads) & set(skip)) and r.broken(cfg)]

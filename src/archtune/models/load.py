@@ -1,0 +1,150 @@
+"""Load the base model and tokenizer: local directory, hub id, or tiny:NAME.
+
+Weights are never silently re-initialised: missing or unexpected keys at load are errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from archtune.errors import UserError
+from archtune.plan import Plan
+
+TINY_PREFIX = "tiny:"
+
+
+def tiny_name(base_model: str) -> str | None:
+    return base_model[len(TINY_PREFIX):] if base_model.startswith(TINY_PREFIX) else None
+
+
+def _unknown_tiny(name: str) -> UserError:
+    from archtune.families import tiny_names
+
+    return UserError.single("base_model", f"no embedded tiny model named {name!r}",
+                            f"use one of: {', '.join('tiny:' + n for n in tiny_names())}")
+
+
+def read_model_config(cfg) -> dict[str, Any]:
+    """config.json of the base model as a dict, without touching weights."""
+    name = tiny_name(cfg.base_model)
+    if name is not None:
+        from archtune.families import find_tiny
+
+        try:
+            _, tiny = find_tiny(name)
+        except KeyError:
+            raise _unknown_tiny(name) from None
+        return tiny.build_config(load_tokenizer(cfg)).to_dict()
+    source = cfg.base_model_config or cfg.base_model
+    path = Path(source)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise UserError.single("base_model", f"{path} has no config.json", "point base_model at a model directory")
+        return json.loads(config_file.read_text())
+    if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+        raise UserError.single("base_model", f"{source!r} is neither a model directory nor a hub id",
+                               "give a local model directory, a hub id (org/name) or tiny:NAME")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(source, "config.json", revision=cfg.model_revision)
+    except Exception as exc:  # network or missing repo: a user problem, not a crash
+        raise UserError.single("base_model", f"cannot fetch config.json of hub model {source!r}: {exc.__class__.__name__}",
+                               "check the id and your network, or download the model and give its directory") from None
+    return json.loads(Path(file).read_text())
+
+
+def load_tokenizer(cfg):
+    name = tiny_name(cfg.base_model)
+    if name is not None and cfg.tokenizer_config is None:
+        from archtune.assets import load_tokenizer as archtune_tokenizer
+
+        tok = archtune_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        source = cfg.tokenizer_config or cfg.base_model
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UserError.single("tokenizer_config" if cfg.tokenizer_config else "base_model",
+                                   f"cannot load a tokenizer from {source!r}: {exc}",
+                                   "point tokenizer_config at a directory with tokenizer files") from None
+    if cfg.special_tokens:
+        tok.add_special_tokens(dict(cfg.special_tokens))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if cfg.chat_template and cfg.chat_template != "tokenizer_default":
+        tok.chat_template = cfg.chat_template
+    return tok
+
+
+def torch_dtype(cfg) -> torch.dtype:
+    if cfg.bf16 is True:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _auto_class(plan: Plan):
+    import transformers
+
+    return getattr(transformers, plan.family.auto_class)
+
+
+def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
+    """The model to train (base weights), in the dtype the config asks for.
+
+    `path` loads full weights from another directory (e.g. a full fine-tune's output_dir).
+    """
+    dtype = torch_dtype(cfg)
+    name = tiny_name(cfg.base_model) if path is None else None
+    if name is not None:
+        from archtune.models.tiny import build_tiny_model
+
+        try:
+            model, _ = build_tiny_model(name, seed=cfg.seed)
+        except KeyError:
+            raise _unknown_tiny(name) from None
+        return model.to(dtype)
+    source = str(path or cfg.base_model)
+    model, info = _auto_class(plan).from_pretrained(
+        source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision,
+        output_loading_info=True)
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(("missing", sorted(info["missing_keys"])))
+    if info.get("unexpected_keys"):
+        problems.append(("unexpected", sorted(info["unexpected_keys"])))
+    if problems:
+        text = "; ".join(f"{len(keys)} {kind} weight keys (e.g. {', '.join(keys[:3])})" for kind, keys in problems)
+        raise UserError.single("base_model", f"{source}: {text} — tensors would be silently re-initialised",
+                               "check that the checkpoint matches its config.json (model_type, layer counts)")
+    return model
+
+
+def trained_weights_kind(output_dir: str | os.PathLike) -> str | None:
+    """'adapter', 'full' or None: what a finished run left in output_dir."""
+    out = Path(output_dir)
+    if (out / "adapter_config.json").is_file():
+        return "adapter"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return "full"
+    return None
+
+
+def load_trained(cfg, plan: Plan, tokenizer):
+    """Base model plus the trained weights in output_dir (adapter or full), else the base model."""
+    kind = trained_weights_kind(cfg.output_dir)
+    if kind == "full":
+        return load_model(cfg, plan, tokenizer, path=cfg.output_dir), kind
+    model = load_model(cfg, plan, tokenizer)
+    if kind == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.output_dir)
+    return model, kind

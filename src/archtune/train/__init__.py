@@ -1,0 +1,1 @@
+"""Training: the recipe, a thin transformers.Trainer subclass, callbacks and outputs."""

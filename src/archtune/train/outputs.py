@@ -1,0 +1,44 @@
+"""Run outputs besides the weights: train_summary.json and loss.png."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def losses_from_history(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, train loss) and (step, eval loss) pairs from a Trainer's log_history."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    return train, evals
+
+
+def plot_losses(log_history: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = losses_from_history(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss (token-weighted)", color="tab:orange", marker="o", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_summary(path: Path, summary: dict) -> Path:
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    path.write_text(json.dumps({k: clean(v) for k, v in summary.items()}, indent=2, sort_keys=True) + "\n")
+    return path
