@@ -1,0 +1,370 @@
+"""Prompt formats: one function per `datasets[].type`, in a small registry.
+
+A formatter turns one raw row (a dict, exactly as read) into a `Formatted`: the full text
+to tokenize and the character spans of it that get loss. It does no tokenization: label
+masks are computed from character spans by `tokenize.py`, which maps them onto the tokens
+of the one tokenization of the full text (so prompt/answer boundaries never depend on how
+a separately tokenized prefix would merge).
+
+A malformed row raises `RowError(reason, detail)`; the pipeline drops and counts it (or,
+with `strict_data`, reports it as FILE:LINE).
+
+Add a format: write `def my_format(row, ds, ctx) -> Formatted` and register it with
+`register_format("my_format", my_format)` (the name must also be added to
+`DatasetConfig.type` in config/schema.py).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from archtune.config.schema import DatasetConfig
+from archtune.errors import UserError
+
+# Drop reasons, in the order they are reported. The first five are malformed rows.
+BAD_JSON = "bad_json"            # a line that is not JSON, or JSON that is not an object
+UNDECODABLE = "undecodable"      # bytes that are not UTF-8
+MISSING_FIELD = "missing_field"  # a field the format needs is absent (or null)
+WRONG_TYPE = "wrong_type"        # a field has the wrong type (e.g. output is a list)
+EMPTY = "empty"                  # the answer (or text) is empty
+TEMPLATE_ERROR = "template_error"  # the chat template refused the conversation (e.g. roles do not alternate)
+NO_LABELS = "no_labels"          # nothing left to train on after masking
+TOO_LONG = "too_long"            # longer than sequence_len (excess_length_strategy: drop)
+DROP_REASONS: tuple[str, ...] = (
+    BAD_JSON, UNDECODABLE, MISSING_FIELD, WRONG_TYPE, EMPTY, TEMPLATE_ERROR, NO_LABELS, TOO_LONG)
+
+FIXES: dict[str, str] = {
+    BAD_JSON: "write one JSON object per line",
+    UNDECODABLE: "save the file as UTF-8",
+    MISSING_FIELD: "add the field, or map the format to your column names (field_instruction, "
+                   "field_input, field_output, field_messages, message_property_mappings, field)",
+    WRONG_TYPE: "make the field a string (messages: a list of {role, content} objects)",
+    EMPTY: "remove the row or give it an answer",
+    TEMPLATE_ERROR: "fix the conversation (e.g. roles alternate user/assistant) or set chat_template",
+    NO_LABELS: "give the row a turn in roles_to_train (or set train_on_inputs: true)",
+    TOO_LONG: "raise sequence_len or set excess_length_strategy: truncate",
+}
+
+
+class RowError(Exception):
+    """A malformed row: `reason` is one of DROP_REASONS, `detail` says what is wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Formatted:
+    text: str
+    # Half-open character spans [start, end) of `text` that get loss.
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    # Append the tokenizer's eos id after the text (trained). Added as an id rather than as
+    # text, so the row ends with exactly one eos whatever the tokenizer does with strings.
+    add_eos: bool = False
+    # A rendered prefix did not line up with the full rendering and the boundary was
+    # recovered from the longest common prefix (counted in stats["mask_realigned"]).
+    realigned: bool = False
+
+
+@dataclass
+class FormatContext:
+    """What a formatter may use besides the row: the tokenizer and the resolved template."""
+
+    tokenizer: Any
+    chat_template: str | None = None  # Jinja string; None means the tokenizer's own
+    special_tokens: tuple[str, ...] = ()  # strings of the tokenizer's special tokens
+    _render: Any = field(default=None, repr=False)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The template applied as `tokenizer.apply_chat_template(tokenize=False)` applies it.
+
+        transformers' own renderer is called directly with the template and special tokens
+        resolved once: a chat row renders 2-3 times per trained turn, and
+        apply_chat_template's per-call overhead is twice the rendering itself.
+        """
+        if self._render is None:
+            self._render = _make_renderer(self.tokenizer, self.chat_template)
+        return self._render(messages, add_generation_prompt)
+
+
+def _make_renderer(tokenizer, chat_template: str | None):
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        template = tokenizer.get_chat_template(chat_template, None)
+        kwargs = dict(tokenizer.special_tokens_map)
+    except (ImportError, AttributeError, ValueError):  # another transformers: the public way
+        def render(messages, add_generation_prompt):
+            return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+                                                 add_generation_prompt=add_generation_prompt)
+        return render
+
+    def render(messages, add_generation_prompt):
+        texts, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
+        return texts[0]
+    return render
+
+
+Formatter = Callable[[dict, DatasetConfig, FormatContext], Formatted]
+FORMATS: dict[str, Formatter] = {}
+
+
+def register_format(name: str, fn: Formatter) -> Formatter:
+    if name in FORMATS:
+        raise KeyError(f"format {name!r} is registered twice (archtune/data/formats.py)")
+    FORMATS[name] = fn
+    return fn
+
+
+def get_format(name: str) -> Formatter:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset type {name!r}; known: {sorted(FORMATS)}") from None
+
+
+# ---------------------------------------------------------------- field access
+
+def _type_name(value: Any) -> str:
+    return {list: "a list", dict: "an object", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def get_str(row: dict, name: str, *, required: bool = True) -> str:
+    """The string in `row[name]`; a missing/null optional field reads as ''."""
+    value = row.get(name)
+    if value is None:
+        if required and name in row:
+            raise RowError(MISSING_FIELD, f"field {name!r} is null")
+        if required:
+            present = ", ".join(sorted(map(str, row))) or "none"
+            raise RowError(MISSING_FIELD, f"field {name!r} is missing (fields: {present})")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(WRONG_TYPE, f"field {name!r} is {_type_name(value)}, expected a string")
+    return value
+
+
+# ---------------------------------------------------------------- alpaca
+
+ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The alpaca prompt; the Input block is left out when the input is empty."""
+    if input_text.strip():
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def alpaca(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted:
+    instruction = get_str(row, ds.field_instruction)
+    input_text = get_str(row, ds.field_input, required=False)
+    output = get_str(row, ds.field_output)
+    if not instruction.strip():
+        raise RowError(EMPTY, f"field {ds.field_instruction!r} is empty")
+    if not output.strip():
+        raise RowError(EMPTY, f"field {ds.field_output!r} is empty")
+    prompt = alpaca_prompt(instruction, input_text)
+    text = prompt + output
+    return Formatted(text=text, spans=[(len(prompt), len(text))], add_eos=True)
+
+
+# ---------------------------------------------------------------- completion
+
+def completion(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted:
+    text = get_str(row, ds.field)
+    if not text.strip():
+        raise RowError(EMPTY, f"field {ds.field!r} is empty")
+    return Formatted(text=text, spans=[(0, len(text))], add_eos=True)
+
+
+# ---------------------------------------------------------------- chat_template
+
+# Role names used by common data sets (ShareGPT, Gemma) mapped to the names chat templates
+# expect; roles_to_train is matched after this mapping.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
+_SENTINEL = "\uE000archtune-content\uE001"
+
+
+def _messages(row: dict, ds: DatasetConfig) -> list[dict]:
+    raw = row.get(ds.field_messages)
+    if raw is None:
+        present = ", ".join(sorted(map(str, row))) or "none"
+        raise RowError(MISSING_FIELD, f"field {ds.field_messages!r} is missing (fields: {present})")
+    if isinstance(raw, str):  # CSV / Parquet columns sometimes hold the list as JSON text
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise RowError(WRONG_TYPE, f"field {ds.field_messages!r} is a string, expected a list of messages") from None
+    if not isinstance(raw, list):
+        raise RowError(WRONG_TYPE, f"field {ds.field_messages!r} is {_type_name(raw)}, expected a list of messages")
+    if not raw:
+        raise RowError(EMPTY, f"field {ds.field_messages!r} is an empty list")
+    role_key = ds.message_property_mappings.get("role", "role")
+    content_key = ds.message_property_mappings.get("content", "content")
+    out = []
+    for i, msg in enumerate(raw):
+        where = f"{ds.field_messages}[{i}]"
+        if not isinstance(msg, dict):
+            raise RowError(WRONG_TYPE, f"{where} is {_type_name(msg)}, expected an object")
+        role = msg.get(role_key)
+        if role is None:
+            raise RowError(MISSING_FIELD, f"{where} has no {role_key!r}")
+        if not isinstance(role, str):
+            raise RowError(WRONG_TYPE, f"{where}.{role_key} is {_type_name(role)}, expected a string")
+        content = msg.get(content_key)
+        if content is None and not msg.get("tool_calls"):
+            raise RowError(MISSING_FIELD, f"{where} has no {content_key!r}")
+        if content is not None and not isinstance(content, (str, list)):
+            raise RowError(WRONG_TYPE, f"{where}.{content_key} is {_type_name(content)}, expected a string")
+        # Keep the other keys (tool_calls, name, ...) for the template, minus the nulls that
+        # Arrow adds when it unifies the schemas of different messages.
+        new = {k: v for k, v in msg.items() if k not in (role_key, content_key) and v is not None}
+        new["role"] = ROLE_ALIASES.get(role, role)
+        new["content"] = content if content is not None else ""
+        out.append(new)
+    return out
+
+
+def _is_blank(content: Any) -> bool:
+    if isinstance(content, str):
+        return not content.strip()
+    if isinstance(content, list):
+        return not any(isinstance(p, dict) and (p.get("type") != "text" or str(p.get("text", "")).strip())
+                       for p in content)
+    return True
+
+
+def render_chat(ctx: FormatContext, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    try:
+        return ctx.render(messages, add_generation_prompt)
+    except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, ...
+        raise RowError(TEMPLATE_ERROR, f"the chat template failed: {exc}") from None
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _strip_after_end_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
+    """Exclude the whitespace a template writes after a turn's end marker.
+
+    `<start_of_turn>model\\nHi<end_of_turn>\\n`: the loss covers `Hi<end_of_turn>`, not the
+    newline that follows the marker (generation stops at the marker).
+    """
+    trimmed = len(text[start:end].rstrip()) + start
+    if trimmed < end and any(text.endswith(s, start, trimmed) for s in specials if s):
+        return trimmed
+    return end
+
+
+def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted:
+    """Render the conversation; loss on the turns whose role is in roles_to_train.
+
+    A trained assistant turn starts where the rendering of the messages before it plus the
+    generation prompt ends (what a prompt at inference ends with), and ends where the
+    rendering up to and including it ends. Other trained roles start after their header,
+    found by rendering the turn with a sentinel as its content.
+
+    Some templates render a turn differently once later turns exist (they mark the last
+    message, or drop the reasoning of earlier answers), so a prefix rendering is not always
+    a prefix of the full one. Then the start comes from the sentinel rendering (the turn is
+    followed by nothing but its own content there), and the end from the longest common
+    prefix, extended over an end marker (special token) both renderings have there; the row
+    is counted in stats["mask_realigned"].
+    """
+    messages = _messages(row, ds)
+    train_roles = {ROLE_ALIASES.get(r, r) for r in ds.roles_to_train}
+    trained = [i for i, m in enumerate(messages) if m["role"] in train_roles]
+    if trained and all(_is_blank(messages[i]["content"]) for i in trained):
+        raise RowError(EMPTY, "every turn in roles_to_train is empty")
+    full = render_chat(ctx, messages)
+    realigned = False
+
+    def start_of(i: int) -> int:
+        nonlocal realigned
+        msg = messages[i]
+        if msg["role"] == "assistant":
+            prompt = render_chat(ctx, messages[:i], add_generation_prompt=True)
+            if full.startswith(prompt):
+                return len(prompt)
+            realigned = True
+        probe = render_chat(ctx, messages[:i] + [{**msg, "content": _SENTINEL}])
+        cut = probe.find(_SENTINEL)
+        head = probe[:cut] if cut >= 0 else render_chat(ctx, messages[:i])
+        if full.startswith(head):
+            return len(head)
+        realigned = True
+        return _common_prefix_len(head, full)
+
+    def end_of(i: int) -> int:
+        nonlocal realigned
+        text = render_chat(ctx, messages[: i + 1])
+        if full.startswith(text):
+            return len(text)
+        realigned = True
+        k = _common_prefix_len(text, full)
+        tail = text[k:]
+        for marker in ctx.special_tokens:  # longest first
+            if marker and full.startswith(marker, k) and marker in tail:
+                return k + len(marker)
+        return k
+
+    spans: list[tuple[int, int]] = []
+    for i in trained:
+        start = start_of(i)
+        end = _strip_after_end_marker(full, start, end_of(i), ctx.special_tokens)
+        if end > start:
+            spans.append((start, end))
+    return Formatted(text=full, spans=spans, realigned=realigned)
+
+
+register_format("alpaca", alpaca)
+register_format("chat_template", chat_template)
+register_format("completion", completion)
+
+
+# ---------------------------------------------------------------- prompts at inference
+
+def render_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_template: str | None = None) -> str:
+    """The text a generation prompt becomes for this dataset's format.
+
+    alpaca: the alpaca prompt with `prompt` as the instruction; chat_template: one user turn
+    rendered with the generation prompt (bos included when the template renders it);
+    completion: `prompt` unchanged. Tokenize with `tokenize.encode_prompt`, which adds bos
+    exactly as training did.
+    """
+    if dataset_cfg.type == "alpaca":
+        return alpaca_prompt(prompt)
+    if dataset_cfg.type == "chat_template":
+        ctx = FormatContext(tokenizer=tokenizer, chat_template=resolve_chat_template(chat_template, tokenizer))
+        try:
+            return render_chat(ctx, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        except RowError as exc:
+            raise UserError.single("chat_template", exc.detail, "fix the chat template") from None
+    return prompt
+
+
+def resolve_chat_template(value: str | None, tokenizer) -> str | None:
+    """cfg.chat_template -> the Jinja string to render with (None: the tokenizer's own)."""
+    if value is None or value == "tokenizer_default":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError.single(
+                "chat_template", "a dataset has type chat_template but the tokenizer has no chat template",
+                "set chat_template to a Jinja template string, or use a tokenizer that has one")
+        return None
+    if "{" not in value:
+        raise UserError.single(
+            "chat_template", f"unknown chat template {value!r}",
+            "use 'tokenizer_default' or a Jinja template string")
+    return value
