@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 class TrainClock(TrainerCallback):
@@ -20,3 +21,16 @@ class TrainClock(TrainerCallback):
         if self.started is not None:
             self.seconds += time.perf_counter() - self.started
             self.started = None
+
+
+class LossBar(ProgressCallback):
+    """The Trainer's progress bar, with the latest losses in the bar instead of a dict per log line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        shown = {k: f"{logs[k]:.4f}" for k in ("loss", "eval_loss") if isinstance(logs.get(k), float)}
+        if "learning_rate" in logs:
+            shown["lr"] = f"{logs['learning_rate']:.2e}"
+        if shown:
+            self.training_bar.set_postfix(shown, refresh=False)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.trainer_callback import ProgressCallback
 
 from archtune.adapters.lora import apply_lora, count_params
 from archtune.config.schema import Config
@@ -15,7 +16,7 @@ from archtune.data import PreparedData, prepare_data
 from archtune.data.collate import DataCollator
 from archtune.models.load import load_model, load_tokenizer, read_model_config
 from archtune.plan import Plan, resolve
-from archtune.train.callbacks import TrainClock
+from archtune.train.callbacks import LossBar, TrainClock
 from archtune.train.outputs import plot_losses, write_summary
 from archtune.train.trainer import ArchtuneTrainer
 
@@ -121,6 +122,8 @@ def train(cfg: Config, *, console=None) -> dict:
         processing_class=tokenizer,
         callbacks=_callbacks(cfg, clock),
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossBar())
     eval_initial = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     resume = cfg.resume_from_checkpoint
     if resume == "auto":

@@ -1,0 +1,91 @@
+"""Gemma 3: google/gemma-3-{4b,12b,27b} (multimodal) and the text backbone they wrap.
+
+`Gemma3ForConditionalGeneration` (config `model_type: "gemma3"`, text config `"gemma3_text"`):
+
+    model.model.language_model          Gemma3TextModel, layers `Gemma3DecoderLayer`
+    model.model.vision_tower            SiglipVisionModel
+    model.model.multi_modal_projector   Gemma3MultiModalProjector (pool + RMSNorm + projection)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from archtune.families import Family, TinyModel, register_family
+from archtune.models.tiny import special_token_ids
+
+# Language-model linears only: Gemma 4's seed regex (same module names) with dots escaped.
+# The optional `language_model.` also covers text-only checkpoints (gemma-3-1b, model_type
+# gemma3_text: Gemma3ForCausalLM, layers at `model.layers`). The Siglip tower's own
+# self_attn/mlp sit under model.vision_tower and never match.
+LORA_TARGET_REGEX = (
+    r"model\.(language_model\.)?layers\.\d+\.(_checkpoint_wrapped_module\.)?"
+    r"(mlp|self_attn)\.(up|down|gate|q|k|v|o)_proj"
+)
+
+_TEXT: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    # Real: 5 sliding : 1 full.
+    layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=32,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+_VISION: dict[str, Any] = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=4,
+    vision_use_head=False,  # as in the real checkpoints
+)
+
+
+def _build_config(tokenizer):
+    from transformers import Gemma3Config
+
+    ids = special_token_ids(tokenizer)
+    # Deep copies: configs keep (and may edit) the lists and dicts they are given.
+    text = dict(copy.deepcopy(_TEXT), vocab_size=ids.vocab_size,
+                pad_token_id=ids.pad, bos_token_id=ids.bos, eos_token_id=ids.eos)
+    return Gemma3Config(
+        text_config=text,
+        vision_config=copy.deepcopy(_VISION),
+        # 16x16 image, 4x4 patches -> 4x4 grid, pooled to 2x2 soft tokens.
+        mm_tokens_per_image=4,
+        image_token_index=ids["<image_soft_token>"],
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        tie_word_embeddings=True,
+    )
+
+
+FAMILY = register_family(
+    Family(
+        name="gemma3",
+        model_types=("gemma3", "gemma3_text"),
+        description="Gemma 3 (4B/12B/27B): multimodal wrapper over a text backbone, Siglip vision tower",
+        auto_class="AutoModelForImageTextToText",
+        language_model_prefix="model.language_model",
+        decoder_layer_cls="Gemma3DecoderLayer",
+        mm_module_prefixes=("model.vision_tower", "model.multi_modal_projector"),
+        lora_target_regex=LORA_TARGET_REGEX,
+        packing_drop_attention_mask=True,
+        tiny_models=(
+            TinyModel(
+                "gemma3",
+                "Gemma 3 shape: 4 layers (3 sliding : 1 full), Siglip vision tower (1 layer) and projector",
+                _build_config,
+            ),
+        ),
+    )
+)

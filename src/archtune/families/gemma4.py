@@ -1,0 +1,164 @@
+"""Gemma 4: google/gemma-4-26B-A4B (MoE), gemma-4-31B (dense), gemma-4-E2B / E4B.
+
+Every Gemma 4 checkpoint is the multimodal wrapper `Gemma4ForConditionalGeneration`
+(config `model_type: "gemma4"`, text config `"gemma4_text"`), even text-only use:
+
+    model.model.language_model   Gemma4TextModel, layers `Gemma4TextDecoderLayer`
+    model.model.vision_tower     Gemma4VisionModel (linears wrapped in Gemma4ClippableLinear)
+    model.model.embed_vision     Gemma4MultimodalEmbedder (vision -> text hidden size)
+    model.model.audio_tower      Gemma4AudioModel (E2B/E4B only)
+    model.model.embed_audio      Gemma4MultimodalEmbedder (audio -> text hidden size)
+
+26B-A4B: `enable_moe_block` puts a routed MoE *beside* the dense MLP in every layer
+(`layers.N.router`, `layers.N.experts.{gate_up_proj,down_proj}` as 3D tensors), and its
+full-attention layers use `attention_k_eq_v` (no `v_proj`). E2B/E4B: per-layer input
+embeddings (`hidden_size_per_layer_input`) and cross-layer KV sharing
+(`num_kv_shared_layers`: the last layers have no k_proj/v_proj).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from archtune.families import Family, TinyModel, register_family
+from archtune.models.tiny import special_token_ids
+
+# The seed's language-model-only target: never the towers (whose Gemma4ClippableLinear PEFT
+# rejects, and whose adapters give the "loss ~12" trap of `lora_target_linear`).
+# `_checkpoint_wrapped_module.` is the segment torch's checkpoint_wrapper inserts.
+LORA_TARGET_REGEX = (
+    r"model.language_model.layers.[\d]+.(_checkpoint_wrapped_module.)?(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"
+)
+
+# ---- tiny models: one base block, variants as overrides ------------------------------------
+# Layer mix as in the real configs (sliding and full attention; the last layer is full).
+_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+_TEXT_BASE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    layer_types=_LAYER_TYPES,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    # Full-attention layers get their own head_dim / kv heads (real: 512 / 2 or 4).
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    sliding_window=32,
+    max_position_embeddings=4096,
+    final_logit_softcapping=30.0,
+    hidden_size_per_layer_input=0,
+    num_kv_shared_layers=0,
+    attention_k_eq_v=False,
+    enable_moe_block=False,
+    tie_word_embeddings=True,
+)
+
+_VISION: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    patch_size=4,
+    position_embedding_size=64,
+    pooling_kernel_size=2,
+)
+
+_AUDIO: dict[str, Any] = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    # The first channel count stays 128: the projection's input size is (channels[0] // 4) *
+    # channels[1], which only matches the conv output for 128 mel bins when channels[0] == 128.
+    subsampling_conv_channels=[128, 8],
+    output_proj_dims=32,
+    use_clipped_linears=True,
+)
+
+_VARIANTS: dict[str, dict[str, Any]] = {
+    # 26B-A4B: MoE beside the dense MLP, k == v on full-attention layers.
+    "gemma4-moe": dict(
+        text=dict(
+            attention_k_eq_v=True,
+            enable_moe_block=True,
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+        ),
+        vision=True,
+        audio=False,
+    ),
+    # 31B: dense, k == v on full-attention layers.
+    "gemma4-dense": dict(text=dict(attention_k_eq_v=True), vision=True, audio=False),
+    # E2B: per-layer inputs, the last two layers reuse the KV of the first two, both towers.
+    "gemma4-e2b": dict(
+        text=dict(
+            hidden_size_per_layer_input=16,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+        ),
+        vision=True,
+        audio=True,
+    ),
+}
+
+
+def _build(name: str):
+    variant = _VARIANTS[name]
+
+    def build_config(tokenizer):
+        from transformers import Gemma4Config
+
+        ids = special_token_ids(tokenizer)
+        # Deep copies: configs keep (and may edit) the lists and dicts they are given.
+        text = copy.deepcopy({**_TEXT_BASE, **variant["text"]})
+        text.update(
+            vocab_size=ids.vocab_size,
+            vocab_size_per_layer_input=ids.vocab_size,
+            pad_token_id=ids.pad,
+            bos_token_id=ids.bos,
+            eos_token_id=ids.eos,
+        )
+        return Gemma4Config(
+            text_config=text,
+            vision_config=copy.deepcopy(_VISION) if variant["vision"] else None,
+            audio_config=copy.deepcopy(_AUDIO) if variant["audio"] else None,
+            image_token_id=ids["<image_soft_token>"],
+            video_token_id=ids["<video_soft_token>"],
+            audio_token_id=ids["<audio_soft_token>"],
+            boi_token_id=ids["<start_of_image>"],
+            eoi_token_id=ids["<end_of_image>"],
+            boa_token_id=ids["<start_of_audio>"],
+            eoa_token_index=ids["<end_of_audio>"],
+            tie_word_embeddings=True,
+        )
+
+    return build_config
+
+
+_DESCRIPTIONS = {
+    "gemma4-moe": "Gemma 4 26B-A4B shape: 4 layers, MoE (8 experts, top-2) beside the dense MLP, "
+    "sliding/full attention with k==v on full layers, vision tower",
+    "gemma4-dense": "Gemma 4 31B shape: 4 dense layers, sliding/full attention with k==v on full layers, vision tower",
+    "gemma4-e2b": "Gemma 4 E2B shape: per-layer input embeddings, last 2 of 4 layers share KV, "
+    "vision and audio towers",
+}
+
+FAMILY = register_family(
+    Family(
+        name="gemma4",
+        model_types=("gemma4", "gemma4_text"),
+        description="Gemma 4 (26B-A4B MoE, 31B dense, E2B/E4B): multimodal wrapper over a text backbone",
+        auto_class="AutoModelForImageTextToText",
+        language_model_prefix="model.language_model",
+        decoder_layer_cls="Gemma4TextDecoderLayer",
+        mm_module_prefixes=("model.vision_tower", "model.embed_vision", "model.audio_tower", "model.embed_audio"),
+        lora_target_regex=LORA_TARGET_REGEX,
+        expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
+        packing_drop_attention_mask=True,
+        tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name)) for name in _VARIANTS),
+    )
+)

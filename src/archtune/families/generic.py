@@ -1,0 +1,47 @@
+"""The fallback family: any decoder-only model AutoModelForCausalLM loads, with no known quirks.
+
+It claims no model_type (`detect` returns it when no other family claims the config), so it
+declares no language-model prefix, layer class, towers or target regex: those depend on the
+architecture, and the defaults elsewhere (e.g. a user's `lora_target_modules`) apply.
+"""
+from __future__ import annotations
+
+from archtune.families import GENERIC, Family, TinyModel, register_family
+from archtune.models.tiny import special_token_ids
+
+
+def _llama_config(tokenizer):
+    from transformers import LlamaConfig
+
+    ids = special_token_ids(tokenizer)
+    return LlamaConfig(
+        vocab_size=ids.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=ids.pad,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+    )
+
+
+FAMILY = register_family(
+    Family(
+        name=GENERIC,
+        model_types=(),
+        description="Any causal LM transformers loads with AutoModelForCausalLM (no family-specific handling)",
+        auto_class="AutoModelForCausalLM",
+        language_model_prefix="",
+        decoder_layer_cls=None,
+        mm_module_prefixes=(),
+        lora_target_regex=None,
+        tiny_models=(
+            TinyModel("llama", "Plain dense Llama (4 layers, hidden 64): the control model", _llama_config),
+        ),
+    )
+)

@@ -1,0 +1,117 @@
+"""Qwen 3.5 MoE: Qwen/Qwen3.5-35B-A3B.
+
+`Qwen3_5MoeForConditionalGeneration` (config `model_type: "qwen3_5_moe"`, text config
+`"qwen3_5_moe_text"`):
+
+    model.model.language_model   Qwen3_5MoeTextModel, layers `Qwen3_5MoeDecoderLayer`
+    model.model.visual           Qwen3_5MoeVisionModel (patch embed, blocks, merger)
+
+Layers mix `linear_attention` (`linear_attn`: Gated DeltaNet with in_proj_qkv/z/b/a, conv1d,
+out_proj) and `full_attention` (`self_attn`, gated q_proj). Every layer's MLP is a sparse MoE
+block: router `mlp.gate` (a bare parameter), 3D `mlp.experts.{gate_up_proj,down_proj}`,
+`mlp.shared_expert.{gate,up,down}_proj` and its scalar gate `mlp.shared_expert_gate`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from archtune.families import Family, TinyModel, register_family
+from archtune.models.tiny import special_token_ids
+
+# Language-model linears: full-attention q/k/v/o, DeltaNet's big projections (in_proj_qkv,
+# in_proj_z, out_proj) and the shared expert. Left out on purpose: the router (`mlp.gate`) and
+# `mlp.shared_expert_gate` (routing), DeltaNet's in_proj_b / in_proj_a (one output per head:
+# they set the write strength beta and the decay gate of the recurrent state, whose drift is a
+# known Qwen 3.5 problem), conv1d, and everything under model.visual.
+# AutoModelForCausalLM gives Qwen3_5MoeForCausalLM instead, whose layers sit at `model.layers`;
+# the optional `language_model.` keeps the regex right for both.
+LORA_TARGET_REGEX = (
+    r"model\.(language_model\.)?layers\.\d+\.(_checkpoint_wrapped_module\.)?"
+    r"(self_attn\.(q|k|v|o)_proj"
+    r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj)"
+    r"|mlp\.shared_expert\.(gate|up|down)_proj)"
+)
+
+_TEXT: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    # Real: 3 linear_attention : 1 full_attention (full_attention_interval 4).
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    # partial_rotary_factor 0.25 of head_dim 32 -> 8 rotary dims -> 4 frequencies = sum(mrope_section).
+    rope_parameters=dict(
+        rope_type="default",
+        rope_theta=10_000_000.0,
+        partial_rotary_factor=0.25,
+        mrope_section=[2, 1, 1],
+        mrope_interleaved=True,
+    ),
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+_VISION: dict[str, Any] = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=4,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    num_position_embeddings=64,  # an 8x8 grid of learned positions
+)
+
+
+def _build_config(tokenizer):
+    from transformers import Qwen3_5MoeConfig
+
+    ids = special_token_ids(tokenizer)
+    # Deep copies: configs keep (and may edit) the lists and dicts they are given.
+    text = dict(copy.deepcopy(_TEXT), vocab_size=ids.vocab_size,
+                pad_token_id=ids.pad, bos_token_id=ids.bos, eos_token_id=ids.eos)
+    return Qwen3_5MoeConfig(
+        text_config=text,
+        vision_config=dict(copy.deepcopy(_VISION), out_hidden_size=_TEXT["hidden_size"]),
+        image_token_id=ids["<image_soft_token>"],
+        video_token_id=ids["<video_soft_token>"],
+        vision_start_token_id=ids["<vision_start>"],
+        vision_end_token_id=ids["<vision_end>"],
+        tie_word_embeddings=False,
+    )
+
+
+FAMILY = register_family(
+    Family(
+        name="qwen3_5_moe",
+        model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+        description="Qwen 3.5 MoE (35B-A3B): hybrid Gated DeltaNet / full attention, routed experts "
+        "plus a shared expert, vision tower",
+        auto_class="AutoModelForImageTextToText",
+        language_model_prefix="model.language_model",
+        decoder_layer_cls="Qwen3_5MoeDecoderLayer",
+        mm_module_prefixes=("model.visual",),
+        lora_target_regex=LORA_TARGET_REGEX,
+        expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
+        packing_drop_attention_mask=False,
+        tiny_models=(
+            TinyModel(
+                "qwen3_5-moe",
+                "Qwen 3.5 MoE shape: 3 linear-attention (DeltaNet) + 1 full-attention layer, 8 experts top-2 "
+                "plus a shared expert, vision tower (1 block)",
+                _build_config,
+            ),
+        ),
+    )
+)
