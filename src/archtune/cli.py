@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from archtune.errors import UserError
@@ -67,7 +68,7 @@ def _fmt(v, digits=4):
 def _print_train_summary(s: dict, output_dir: str) -> None:
     table = Table(title="archtune: training finished", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     table.add_row("family", f"{s['family']} ({s['model_type']}), {s['adapter'] or 'full fine-tune'}")
     table.add_row("eval loss", f"{_fmt(s['eval_loss_initial'])} -> {_fmt(s['eval_loss_final'])}")
     table.add_row("train loss", f"{_fmt(s['train_loss_first'])} -> {_fmt(s['train_loss_last'])}")
@@ -122,34 +123,34 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
 
 @app.command()
-def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The user prompt."),
+def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The user prompt (alpaca: the instruction)."),
+             input_text: str = typer.Option("", "--input", help="alpaca: the input block."),
              overrides: Optional[list[str]] = OverridesArg,
              max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
     """Greedy generation with the trained weights, the prompt rendered as the first dataset's format."""
-    import torch
-
-    from archtune.data import render_prompt
+    from archtune.data import encode_prompt
     from archtune.models.load import load_trained
     from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    model, _ = load_trained(cfg, setup.plan, setup.tokenizer)
-    text = generate_text(model, setup.tokenizer, render_prompt(cfg.datasets[0], setup.tokenizer, prompt),
-                         max_new_tokens)
-    console.print(f"[bold]prompt:[/] {prompt}")
-    console.print(f"[bold]output:[/] {text}")
+    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
+    text = generate_text(model, setup.tokenizer, ids, max_new_tokens)
+    console.print(f"[bold]prompt:[/] {prompt}" + (f"\n[bold]input:[/]  {input_text}" if input_text else ""))
+    console.print(f"[bold]output:[/] {text}   [dim]({kind or 'base'} weights)[/]")
 
 
-def generate_text(model, tokenizer, rendered: str, max_new_tokens: int) -> str:
+def generate_text(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of the prompt ids, decoded without special tokens."""
     import torch
 
-    ids = tokenizer(rendered, return_tensors="pt", add_special_tokens=not rendered.startswith(tokenizer.bos_token or "\0"))
+    input_ids = torch.tensor([ids])
     model.eval()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 
 @app.command("merge-lora")
@@ -192,7 +193,7 @@ def main() -> None:
     except UserError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

@@ -21,6 +21,8 @@ def lora_config(plan: Plan):
         target_parameters=list(parameters) if parameters else None,
         modules_to_save=cfg.lora_modules_to_save,
         task_type="CAUSAL_LM",
+        # A saved lm_head / embed_tokens stays tied to its twin (Gemma ties them), also when merged.
+        ensure_weight_tying=bool(cfg.lora_modules_to_save),
     )
 
 

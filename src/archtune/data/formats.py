@@ -336,16 +336,17 @@ register_format("completion", completion)
 
 # ---------------------------------------------------------------- prompts at inference
 
-def render_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_template: str | None = None) -> str:
+def render_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_template: str | None = None,
+                  input_text: str = "") -> str:
     """The text a generation prompt becomes for this dataset's format.
 
-    alpaca: the alpaca prompt with `prompt` as the instruction; chat_template: one user turn
+    alpaca: the alpaca prompt with `prompt` as the instruction (and `input_text` as its input); chat_template: one user turn
     rendered with the generation prompt (bos included when the template renders it);
     completion: `prompt` unchanged. Tokenize with `tokenize.encode_prompt`, which adds bos
     exactly as training did.
     """
     if dataset_cfg.type == "alpaca":
-        return alpaca_prompt(prompt)
+        return alpaca_prompt(prompt, input_text)
     if dataset_cfg.type == "chat_template":
         ctx = FormatContext(tokenizer=tokenizer, chat_template=resolve_chat_template(chat_template, tokenizer))
         try:

@@ -239,9 +239,10 @@ def _dropped(reason: str, detail: str, realigned: bool = False) -> dict:
             "_truncated": False, "_realigned": realigned}
 
 
-def encode_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_template: str | None = None) -> list[int]:
+def encode_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_template: str | None = None,
+                  input_text: str = "") -> list[int]:
     """Token ids of a generation prompt, exactly as training tokenized that prompt (one bos)."""
-    text = formats.render_prompt(dataset_cfg, tokenizer, prompt, chat_template=chat_template)
+    text = formats.render_prompt(dataset_cfg, tokenizer, prompt, chat_template=chat_template, input_text=input_text)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = bos_to_add(tokenizer)
     if bos is not None and (not ids or ids[0] != bos):

@@ -79,12 +79,13 @@ def training_arguments(plan: Plan, has_eval: bool):
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if (cfg.eval_steps and has_eval) else "no",
         eval_steps=cfg.eval_steps,
-        gradient_checkpointing=bool(plan.get("gradient_checkpointing")),
-        gradient_checkpointing_kwargs=plan.config.gradient_checkpointing_kwargs,
+        activation_checkpointing=bool(plan.get("gradient_checkpointing")),
+        activation_checkpointing_kwargs=plan.config.gradient_checkpointing_kwargs,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to=report_to,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=plan.get("ddp_find_unused_parameters"),
     )
 

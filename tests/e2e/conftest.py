@@ -1,0 +1,55 @@
+"""Helpers for end-to-end tests: run the real CLI in-process, write small configs and data."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART_DATA = REPO / "examples" / "data" / "quickstart"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `archtune ARGS` in this process; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from archtune.cli import main
+
+    argv, sys.argv = sys.argv, ["archtune", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_config(path: Path, **keys) -> Path:
+    path.write_text(yaml.safe_dump(keys, sort_keys=False))
+    return path
+
+
+def head_jsonl(src: Path, dst: Path, n: int) -> Path:
+    with open(src) as f:
+        dst.write_text("".join(itertools.islice(f, n)))
+    return dst
+
+
+@pytest.fixture
+def small_data(tmp_path) -> dict:
+    """A 256-row slice of the bundled alpaca training data plus 32 held-out rows."""
+    train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp_path / "train.jsonl", 256)
+    test = head_jsonl(QUICKSTART_DATA / "test.jsonl", tmp_path / "test.jsonl", 32)
+    return {"datasets": [{"path": str(train), "type": "alpaca"}],
+            "test_datasets": [{"path": str(test), "type": "alpaca"}],
+            "dataset_prepared_path": str(tmp_path / "prepared")}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
