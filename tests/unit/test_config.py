@@ -122,8 +122,8 @@ def test_unknown_key_without_close_match(tmp_path):
 
 @pytest.mark.parametrize("key, value", [
     ("sample_packing", "true"), ("deepspeed", "ds.json"), ("flash_attention", "true"),
-    ("load_in_4bit", "true"), ("use_scattermoe", "true"), ("fsdp_config", "{fsdp_version: 2}"),
-    ("peft_use_dora", "true"), ("plugins", "[a.b.Plugin]"), ("evals_per_epoch", "4"),
+    ("gptq", "true"), ("rl", "dpo"), ("torch_compile", "true"),
+    ("peft_use_dora", "true"), ("unfrozen_parameters", "[a.b]"), ("evals_per_epoch", "4"),
 ])
 def test_unsupported_axolotl_key_is_named(tmp_path, key, value):
     assert key in AXOLOTL_KEYS and key not in Config.model_fields
@@ -254,7 +254,7 @@ def test_bad_value_names_its_key(tmp_path, text, key, message, fix_words):
 
 
 def test_adapter_value_from_axolotl_is_named(tmp_path):
-    (p,) = problems_of(write(tmp_path, MINIMAL + "adapter: qlora\n"))
+    (p,) = problems_of(write(tmp_path, MINIMAL + "adapter: ia3\n"))
     assert p.key == "adapter"
     assert "Axolotl value that archtune does not support yet" in p.message
     assert "adapter: lora" in p.fix

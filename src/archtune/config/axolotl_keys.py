@@ -136,7 +136,6 @@ UNSUPPORTED_KEY_HINTS: dict[str, str] = {
 # Keyed by the last segment of the key (`type` covers `datasets.N.type`).
 UNSUPPORTED_VALUE_HINTS: dict[str, dict[str, str]] = {
     "adapter": {
-        "qlora": "use `adapter: lora` (4-bit QLoRA is not supported yet)",
         "llama-adapter": "use `adapter: lora`",
         "ia3": "use `adapter: lora`",
     },

@@ -61,6 +61,25 @@ class WeightScaleRule(_Strict):
             raise ValueError("threshold must be > 1 (e.g. 1.3)")
         return v
 
+    dry_run: bool = Field(False, description="Report outliers without rescaling them.")
+
+
+class FsdpConfig(BaseModel):
+    """Axolotl's fsdp_config block (FSDP2 is the supported version)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    fsdp_version: Literal[1, 2] = Field(2, description="1 (legacy FSDP) or 2 (fully_shard).")
+    fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field(
+        "TRANSFORMER_BASED_WRAP", description="How modules are grouped into FSDP units.")
+    fsdp_transformer_layer_cls_to_wrap: str | None = Field(
+        None, description="Layer class wrapped as one unit (default: the family's text decoder layer).")
+    fsdp_reshard_after_forward: bool = Field(True, description="Free gathered parameters after forward.")
+    fsdp_offload_params: bool = Field(False, description="Keep sharded parameters in CPU memory.")
+    fsdp_state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = Field(
+        "SHARDED_STATE_DICT", description="Checkpoint format (sharded avoids a full gather per save).")
+    fsdp_cpu_ram_efficient_loading: bool = Field(False, description="Load weights on rank 0 only.")
+    fsdp_activation_checkpointing: bool = Field(False, description="Activation checkpointing inside FSDP units.")
+
 
 class Config(_Strict):
     """An archtune training config. Unknown keys are errors (with a did-you-mean hint)."""
@@ -85,7 +104,7 @@ class Config(_Strict):
     special_tokens: dict[str, str] | None = Field(None, description="Override special tokens (bos_token, eos_token, pad_token, ...).")
 
     # ---- adapter
-    adapter: Literal["lora"] | None = Field(None, description="'lora', or unset for full fine-tuning.")
+    adapter: Literal["lora", "qlora"] | None = Field(None, description="'lora', 'qlora' (with load_in_4bit), or unset for full fine-tuning.")
     lora_r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -93,6 +112,28 @@ class Config(_Strict):
     lora_target_linear: bool = Field(False, description="Target every linear layer.")
     lora_target_parameters: list[str] | None = Field(None, description="Parameter tensors (e.g. MoE experts.gate_up_proj) for LoRA.")
     lora_modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
+
+    # ---- model family knobs (None: the family decides; see `archtune check`)
+    freeze_mm_modules: bool | None = Field(
+        None, description="Freeze vision/audio towers, embedders and projectors (family default: true for multimodal models).")
+    normalize_weight_scales: list[WeightScaleRule] | None = Field(
+        None, description="Rules that detect (and unless dry_run rescale) tensors whose std drifted from their peers' median.")
+    load_in_4bit: bool = Field(False, description="Quantize the base model to 4 bit (QLoRA).")
+    load_in_8bit: bool = Field(False, description="Quantize the base model to 8 bit.")
+
+    # ---- kernels and plugins
+    plugins: list[str] | None = Field(None, description="Plugin import paths (archtune's built-ins and Axolotl's KernelsPlugin alias).")
+    use_kernels: bool = Field(False, description="Use the kernels plugin's implementations.")
+    use_scattermoe: bool = Field(False, description="Use the ScatterMoE experts implementation (with use_kernels).")
+    experts_implementation: str | None = Field(
+        None, description="transformers experts implementation: eager, grouped_mm, batched_mm, or scattermoe.")
+
+    # ---- multi-process
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="DDP find_unused_parameters (family default: true for Gemma 3/4 multimodal models).")
+    activation_offloading: bool = Field(False, description="Offload checkpointed activations to CPU memory.")
+    fsdp: list[str] | None = Field(None, description="FSDP options, e.g. [full_shard, auto_wrap].")
+    fsdp_config: FsdpConfig | None = Field(None, description="FSDP settings (see FsdpConfig).")
 
     # ---- training
     micro_batch_size: int = Field(1, gt=0, description="Rows per device per forward pass.")

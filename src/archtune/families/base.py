@@ -44,6 +44,9 @@ class Family:
     expert_param_names: tuple[str, ...] = ()
     # Packing policy: drop the attention mask and rely on position_ids.
     packing_drop_attention_mask: bool = False
+    # PEFT cannot wrap some custom linear wrappers: {wrapper class name: attribute of the inner
+    # nn.Linear}. LoRA aimed at such a wrapper lands on its inner linear instead.
+    lora_target_redirects: dict[str, str] = field(default_factory=dict)
     tiny_models: tuple[TinyModel, ...] = ()
     # Rules and patches (filled by the family-quirks work; see plan.py).
     rules: list[Any] = field(default_factory=list)
