@@ -121,7 +121,7 @@ def test_unknown_key_without_close_match(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("sample_packing", "true"), ("deepspeed", "ds.json"), ("flash_attention", "true"),
+    ("pad_to_sequence_len", "true"), ("deepspeed", "ds.json"), ("flash_attention", "true"),
     ("gptq", "true"), ("rl", "dpo"), ("torch_compile", "true"),
     ("peft_use_dora", "true"), ("unfrozen_parameters", "[a.b]"), ("evals_per_epoch", "4"),
 ])
@@ -430,7 +430,7 @@ def test_all_problems_are_raised_once(tmp_path):
             type: sharegpt
             pth: b
         lerning_rate: 1e-4
-        sample_packing: true
+        deepspeed: ds.json
         lora_r: -1
         bf16: true
         fp16: true
@@ -440,7 +440,7 @@ def test_all_problems_are_raised_once(tmp_path):
     problems = ei.value.problems
     keys = [p.key for p in problems]
     assert len(keys) == len(set(keys))
-    assert set(keys) == {"nonsense", "datasets.0.type", "datasets.0.pth", "lerning_rate", "sample_packing",
+    assert set(keys) == {"nonsense", "datasets.0.type", "datasets.0.pth", "lerning_rate", "deepspeed",
                          "lora_r", "bf16", "max_steps"}
     assert all(p.fix for p in problems), [p for p in problems if not p.fix]
     text = str(ei.value)

@@ -99,6 +99,8 @@ class Config(_Strict):
     sequence_len: int = Field(2048, gt=0, description="Maximum tokens per row.")
     excess_length_strategy: Literal["drop", "truncate"] = Field("drop", description="What to do with rows longer than sequence_len.")
     strict_data: bool = Field(False, description="Malformed rows are errors (file:line) instead of dropped and counted.")
+    sample_packing: bool = Field(False, description="Pack several rows into each sequence_len row (exact: no attention or state across documents).")
+    eval_sample_packing: bool | None = Field(None, description="Pack the evaluation data too (default: as sample_packing).")
     train_on_inputs: bool = Field(False, description="Also train on the prompt (false masks it with -100).")
     chat_template: str | None = Field(None, description="'tokenizer_default' or a Jinja template string; default: the tokenizer's.")
     special_tokens: dict[str, str] | None = Field(None, description="Override special tokens (bos_token, eos_token, pad_token, ...).")
