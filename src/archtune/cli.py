@@ -80,6 +80,49 @@ def _print_train_summary(s: dict, output_dir: str) -> None:
 
 
 @app.command()
+def check(config: Path, overrides: Optional[list[str]] = OverridesArg,
+          as_json: bool = typer.Option(False, "--json", help="Print the Plan as one JSON object."),
+          nproc: int = typer.Option(1, "--nproc", help="Resolve as for N processes (DDP/FSDP decisions)."),
+          probe: bool = typer.Option(False, "--probe", help="Also load the model and run the consistency probe.")) -> None:
+    """Resolve the Plan without loading weights: what the family and auto-detection set, and why."""
+    from archtune.check import check_plan, render_plan, render_verdict
+
+    if nproc < 1:
+        raise UserError.single("--nproc", f"--nproc must be at least 1, not {nproc}", "use --nproc 1 or more")
+    cfg = _load(config, overrides)
+    plan = check_plan(cfg, world_size=nproc)
+    if not as_json:
+        render_plan(plan, console)
+    if probe and not plan.errors:
+        _probe(cfg, plan, err_console if as_json else console, report=not as_json)
+    if as_json:
+        print(json.dumps(plan.to_json(), default=str))
+    else:
+        render_verdict(plan, console)
+    if plan.errors:
+        sys.exit(2)
+
+
+def _probe(cfg, plan, out: Console, report: bool) -> None:
+    """Load the model and run the consistency probe; its problems become the plan's errors.
+
+    The probe prints its own report to `out`; it returns a list of Problems, or a result with
+    `.problems` (errors) and `.warnings`.
+    """
+    try:
+        from archtune.diagnostics.consistency import run_probe
+    except ImportError as exc:
+        plan.error("--probe", f"the consistency probe is not available in this build ({exc})", "run without --probe")
+        if report:
+            err = plan.errors[-1]
+            out.print(f"[bold red]error[/] {escape(str(err))}", highlight=False)
+        return
+    result = run_probe(cfg, plan, out)
+    plan.errors.extend(getattr(result, "problems", result) or [])
+    plan.warnings.extend(getattr(result, "warnings", None) or [])
+
+
+@app.command()
 def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
                as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON.")) -> None:
     """Tokenize, validate and cache the data; print statistics."""

@@ -1,18 +1,30 @@
 """The Plan: every resolved setting with its value, source and reason.
 
-Only `resolve` makes decisions. Family rules (families/) run here and nowhere else; later
-stages read the Plan and never look at the model's type again. `archtune check` prints it.
+Only `resolve` makes decisions. The generic rules (families/rules.py: GENERIC_RULES, driven by
+each family's data) run first, then the family's own rules (`Family.rules`); nothing else
+decides. Later stages read the Plan and never look at the model's type again.
+`archtune check` prints it.
+
+Settings are flat, nested keys dotted: `gradient_checkpointing_kwargs.use_reentrant`,
+`fsdp_config.fsdp_transformer_layer_cls_to_wrap`. `plan.section("fsdp_config")` gives a nested
+key back as a dict.
 """
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
-from archtune.families import Family, detect, model_types_of
+from archtune.families import Family, Rule, detect, model_types_of
 
 Source = Literal["user", "default", "family", "auto"]
+SOURCES: tuple[str, ...] = ("user", "default", "family", "auto")
+
+__all__ = ["Decision", "Plan", "Rule", "Source", "ModelStructure", "StructureUnavailable", "model_structure",
+           "resolve"]
 
 
 @dataclass
@@ -25,17 +37,85 @@ class Decision:
         return {"value": self.value, "source": self.source, "reason": self.reason}
 
 
-@dataclass
-class Rule:
-    """A family rule: when it applies, what it sets or refuses, why, and its docs line.
+# ---------------------------------------------------------------- the model's skeleton
 
-    `apply(plan)` calls plan.set / plan.error / plan.warn. Rules run in declaration order.
+class StructureUnavailable(Exception):
+    """The model could not be built on the meta device (unknown model_type, remote code, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What the model built from config.json contains, found without weights or memory.
+
+    The model is instantiated on torch's meta device (tensors have shapes, no storage), so even
+    a 30B config takes about a second and allocates nothing.
     """
 
-    name: str
-    doc: str
-    apply: Callable[["Plan"], None]
+    auto_class: str
+    module_names: tuple[str, ...]
+    class_names: frozenset[str]
+    parameters: dict[str, tuple[int, ...]]  # parameter name -> shape
+    no_split_modules: tuple[str, ...]  # transformers' `_no_split_modules` (may name absent classes)
 
+    def parameters_matching(self, target: str) -> list[str]:
+        """Parameter names PEFT's `target_parameters` entry `target` hits (equal, or a dotted suffix)."""
+        return [n for n in self.parameters if n == target or n.endswith("." + target)]
+
+
+_STRUCTURES: dict[str, ModelStructure | StructureUnavailable] = {}
+
+
+def model_structure(model_config: dict[str, Any], auto_class: str) -> ModelStructure:
+    """The meta-device skeleton of the model `model_config` describes (cached per config).
+
+    `auto_class` is the transformers Auto class the model trains with; AutoModelForCausalLM is
+    tried next (e.g. a text-only checkpoint of a multimodal family). Raises StructureUnavailable.
+    """
+    key = json.dumps([auto_class, model_config], sort_keys=True, default=str)
+    cached = _STRUCTURES.get(key)
+    if cached is None:
+        try:
+            cached = _build_structure(copy.deepcopy(model_config), auto_class)
+        except StructureUnavailable as exc:
+            cached = exc
+        _STRUCTURES[key] = cached
+    if isinstance(cached, StructureUnavailable):
+        raise cached
+    return cached
+
+
+def _build_structure(model_config: dict[str, Any], auto_class: str) -> ModelStructure:
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = model_config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise StructureUnavailable(f"transformers {transformers.__version__} has no model_type {model_type!r}")
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(model_config)
+    except Exception as exc:  # a config.json transformers rejects
+        raise StructureUnavailable(f"config.json does not load as {model_type!r}: {exc}") from None
+    errors = []
+    for name in dict.fromkeys((auto_class, "AutoModelForCausalLM")):
+        try:
+            # fork_rng: weight init on meta tensors must not touch the caller's random state.
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                model = getattr(transformers, name).from_config(config)
+        except Exception as exc:  # e.g. the Auto class has no mapping for this config
+            errors.append(f"{name}: {exc}")
+            continue
+        return ModelStructure(
+            auto_class=name,
+            module_names=tuple(n for n, _ in model.named_modules()),
+            class_names=frozenset(type(m).__name__ for m in model.modules()),
+            parameters={n: tuple(p.shape) for n, p in model.named_parameters()},
+            no_split_modules=tuple(getattr(model, "_no_split_modules", None) or ()),
+        )
+    raise StructureUnavailable("; ".join(errors))
+
+
+# ---------------------------------------------------------------- the plan
 
 @dataclass
 class Plan:
@@ -60,8 +140,48 @@ class Plan:
     def user_set(self, key: str) -> bool:
         return self.source(key) == "user"
 
+    def section(self, prefix: str) -> Any:
+        """A dotted group of settings as a nested dict: section("fsdp_config") ->
+        {"fsdp_version": 2, ...}; the value itself when `prefix` is a plain key; None when unset."""
+        if prefix in self.settings:
+            return self.get(prefix)
+        start = prefix + "."
+        out: dict[str, Any] = {}
+        for key, decision in self.settings.items():
+            if key.startswith(start):
+                node = out
+                *parents, leaf = key[len(start):].split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = decision.value
+        return out or None
+
+    def structure(self) -> ModelStructure | None:
+        """The model's meta-device skeleton (module and parameter names, classes), or None when
+        it cannot be built; `structure_problem()` then says why. Built once, only when asked."""
+        try:
+            return model_structure(self.model_config, self.family.auto_class)
+        except StructureUnavailable:
+            return None
+
+    def structure_problem(self) -> str:
+        try:
+            model_structure(self.model_config, self.family.auto_class)
+        except StructureUnavailable as exc:
+            return str(exc)
+        return ""
+
     # -- deciding (only rules and resolve call these)
     def set(self, key: str, value: Any, source: Source, reason: str) -> None:
+        """Record a decision. A dotted key replaces a whole-value parent (`fsdp_config: null`
+        gives way to `fsdp_config.fsdp_version`), and a key replaces its dotted children."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            self.settings.pop(".".join(parts[:i]), None)
+        for child in [k for k in self.settings if k.startswith(key + ".")]:
+            del self.settings[child]
         self.settings[key] = Decision(value, source, reason)
 
     def default(self, key: str, value: Any, source: Source, reason: str) -> None:
@@ -80,6 +200,7 @@ class Plan:
             raise UserError(list(self.errors))
 
     def to_json(self) -> dict:
+        """The `archtune check --json` object."""
         return {
             "family": self.family.name,
             "model_type": self.model_type,
@@ -98,45 +219,43 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def _config_settings(cfg: Config) -> dict[str, Decision]:
+def _config_settings(model: Any, prefix: str = "", explicit: bool = True) -> dict[str, Decision]:
+    """Every field of the config as a dotted setting, source user (written in the config or an
+    override) or default. A nested block (fsdp_config) is walked field by field, so its unwritten
+    fields stay defaults; lists (datasets, normalize_weight_scales) are one value each."""
     settings: dict[str, Decision] = {}
-    explicit = cfg.model_fields_set
-    for name in type(cfg).model_fields:
-        value = getattr(cfg, name)
-        if hasattr(value, "model_dump") or (isinstance(value, list) and value and hasattr(value[0], "model_dump")):
-            value = value.model_dump() if hasattr(value, "model_dump") else [v.model_dump() for v in value]
-        source: Source = "user" if name in explicit else "default"
+    for name in type(model).model_fields:
+        key = f"{prefix}{name}"
+        value = getattr(model, name)
+        user = explicit and name in model.model_fields_set
+        if hasattr(value, "model_fields_set"):
+            settings.update(_config_settings(value, key + ".", user))
+            continue
+        if isinstance(value, list) and value and hasattr(value[0], "model_dump"):
+            value = [v.model_dump() for v in value]
+        source: Source = "user" if user else "default"
         flat: dict[str, Any] = {}
-        _flatten(value, name, flat)
-        for key, v in flat.items():
-            settings[key] = Decision(v, source, "set in config" if source == "user" else "archtune default")
+        _flatten(value, key, flat)
+        for k, v in flat.items():
+            settings[k] = Decision(v, source, "set in config" if source == "user" else "archtune default")
     return settings
 
 
-def _resolve_lora_targets(plan: Plan) -> None:
-    """Generic LoRA target resolution; families refine it with their own rules."""
-    cfg = plan.config
-    if cfg.adapter is None:
-        return
-    if cfg.lora_target_linear:
-        plan.set("lora_target_modules", "all-linear", "auto", "lora_target_linear: true targets every linear layer")
-    elif not cfg.lora_target_modules and not cfg.lora_target_parameters:
-        if plan.family.lora_target_regex:
-            plan.set("lora_target_modules", plan.family.lora_target_regex, "family",
-                     f"no targets given: {plan.family.name}'s language-model-only regex")
-        else:
-            plan.set("lora_target_modules", "all-linear", "auto",
-                     "no targets given: every linear layer of the language model (lm_head excluded)")
-
-
 def resolve(cfg: Config, model_config: dict, world_size: int = 1) -> Plan:
-    """Config + the model's config.json (as a dict) -> Plan. Never loads weights."""
+    """Config + the model's config.json (as a dict) -> Plan. Never loads weights.
+
+    `world_size` is the number of processes the plan is for (`--nproc`). Problems are gathered
+    in `plan.errors` (nothing is raised); `plan.raise_errors()` raises them as one UserError.
+    """
+    from archtune.families.rules import GENERIC_RULES
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, not {world_size}")
     family = detect(model_config)
     types = model_types_of(model_config)
     plan = Plan(config=cfg, family=family, model_type=types[0] if types else "unknown",
                 model_config=model_config, world_size=world_size)
     plan.settings = _config_settings(cfg)
-    _resolve_lora_targets(plan)
-    for rule in family.rules:
+    for rule in (*GENERIC_RULES, *family.rules):
         rule.apply(plan)
     return plan

@@ -1,9 +1,23 @@
 """Batch rows of (input_ids, labels) into padded tensors.
 
-Right padding: input_ids with the pad id, labels with -100, attention_mask 1 on real
-tokens (so `batch["attention_mask"].sum()` counts the real tokens of a batch). Extra
-columns (length, ...) are left out; position_ids, when rows carry them (packing), are
-padded with 0.
+Right padding: input_ids with the pad id, labels with -100.
+
+Unpacked rows: attention_mask is 1 on real tokens (so `batch["attention_mask"].sum()` counts
+the real tokens of a batch).
+
+Packed rows (they carry position_ids, see data/packing.py): position_ids are padded with 0 and
+the batch has NO attention_mask, always. Why not keep it: a 2D mask can only say "padding", not
+where one document ends and the next begins, and when a mask is given transformers skips its
+packed-sequence detection (`masking_utils.find_packed_sequence_indices` runs only when
+attention_mask is None and there is no cache), so every document would attend to the ones
+before it in the row. Without the mask, the restarts in position_ids give a block-diagonal
+causal mask (eager and sdpa). Right padding needs no mask: a pad (position 0) is a document of
+its own that nothing real attends to, and its label is -100. A model that cannot build
+document masks from position_ids cannot pack exactly at all, with or without the mask, so the
+family refuses packing instead (plan: `sample_packing_drop_attention_mask`). Real tokens of a
+packed batch: `input_ids != pad id` (what the Trainer counts when there is no mask).
+
+Extra columns (length, num_docs, ...) are left out.
 """
 from __future__ import annotations
 
@@ -37,6 +51,10 @@ class DataCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("DataCollator got an empty batch")
+        packed = ["position_ids" in f for f in features]
+        if any(packed) and not all(packed):
+            raise ValueError("DataCollator got packed rows (with position_ids) and unpacked rows in one batch")
+        packed = packed[0]
         lengths = [len(f["input_ids"]) for f in features]
         width = max(lengths)
         m = self.pad_to_multiple_of
@@ -45,19 +63,21 @@ class DataCollator:
         n = len(features)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, width), self.label_pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        has_pos = "position_ids" in features[0]
-        position_ids = torch.zeros((n, width), dtype=torch.long) if has_pos else None
+        attention_mask = None if packed else torch.zeros((n, width), dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long) if packed else None
         for i, (f, k) in enumerate(zip(features, lengths)):
             ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
             input_ids[i, :k] = ids
             labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long) if "labels" in f else ids
-            attention_mask[i, :k] = 1
-            if position_ids is not None:
+            if packed:
                 position_ids[i, :k] = torch.as_tensor(f["position_ids"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        if position_ids is not None:
+            else:
+                attention_mask[i, :k] = 1
+        batch = {"input_ids": input_ids, "labels": labels}
+        if packed:
             batch["position_ids"] = position_ids
+        else:
+            batch["attention_mask"] = attention_mask
         return batch
 
 

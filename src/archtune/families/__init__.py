@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from archtune.families.base import Family, TinyModel
+from archtune.families.base import Family, Rule, TinyModel, text_config
 
 _REGISTRY: dict[str, Family] = {}
 GENERIC = "generic"
@@ -12,6 +12,13 @@ GENERIC = "generic"
 def register_family(family: Family) -> Family:
     if family.name in _REGISTRY:
         raise KeyError(f"family {family.name!r} is registered twice")
+    names = [r.name for r in family.rules]
+    if len(names) != len(set(names)):
+        raise KeyError(f"family {family.name!r} declares a rule twice: {sorted({n for n in names if names.count(n) > 1})}")
+    unknown = sorted(set(family.expert_param_aliases.values()) - set(family.expert_param_names))
+    if unknown:
+        raise KeyError(f"family {family.name!r}: expert_param_aliases point at {unknown}, "
+                       f"which are not in expert_param_names {list(family.expert_param_names)}")
     for other in _REGISTRY.values():
         clash = set(other.model_types) & set(family.model_types)
         if clash:
@@ -75,4 +82,4 @@ def _load_builtin() -> None:
     from archtune.families import gemma3, gemma4, generic, qwen3_5_moe  # noqa: F401
 
 
-__all__ = ["Family", "TinyModel", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]
+__all__ = ["Family", "Rule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]

@@ -11,6 +11,29 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+    from archtune.plan import Plan
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One decision a family (or every family) makes in `plan.resolve`.
+
+    `apply(plan)` reads the config, the model's config.json and the family's data, and calls
+    `plan.set` / `plan.default` / `plan.warn` / `plan.error`. Rules run in declaration order.
+    `doc` is one sentence -- what is set or refused, when, and why -- and is the line the rule
+    contributes to the generated docs/model_architectures.md.
+    """
+
+    name: str
+    doc: str
+    apply: Callable[["Plan"], None]
+
+
+def text_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The text model's part of a config.json dict: its `text_config`, or the config itself."""
+    text = model_config.get("text_config")
+    return text if isinstance(text, dict) else model_config
+
 
 @dataclass(frozen=True)
 class TinyModel:
@@ -47,10 +70,27 @@ class Family:
     # PEFT cannot wrap some custom linear wrappers: {wrapper class name: attribute of the inner
     # nn.Linear}. LoRA aimed at such a wrapper lands on its inner linear instead.
     lora_target_redirects: dict[str, str] = field(default_factory=dict)
+    # Short names accepted in lora_target_parameters -> the expert parameter they mean
+    # (e.g. gate_proj -> experts.gate_up_proj, where gate and up are fused in one tensor).
+    expert_param_aliases: dict[str, str] = field(default_factory=dict)
+    # Hook: does this config.json (as a dict) describe a mixture-of-experts model? None: never.
+    is_moe: Callable[[dict[str, Any]], bool] | None = None
+    # Keys of config.json whose (non-empty) sub-config means the model has that tower.
+    tower_config_keys: tuple[str, ...] = ("vision_config", "audio_config")
     tiny_models: tuple[TinyModel, ...] = ()
-    # Rules and patches (filled by the family-quirks work; see plan.py).
-    rules: list[Any] = field(default_factory=list)
+    # The family's own decisions (rule builders in families/rules.py), run after the generic
+    # rules of plan.py, in this order.
+    rules: list[Rule] = field(default_factory=list)
     patches: list[Any] = field(default_factory=list)
 
     def tiny(self, name: str) -> TinyModel | None:
         return next((t for t in self.tiny_models if t.name == name), None)
+
+    def has_towers(self, model_config: dict[str, Any]) -> bool:
+        """True when this family has multimodal towers and the config declares at least one."""
+        return bool(self.mm_module_prefixes) and any(
+            isinstance(model_config.get(k), dict) and bool(model_config.get(k)) for k in self.tower_config_keys)
+
+    def moe(self, model_config: dict[str, Any]) -> bool:
+        """True when the config describes a mixture-of-experts model (the family's `is_moe` hook)."""
+        return bool(self.is_moe(model_config)) if self.is_moe is not None else False

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from archtune.families import Family, TinyModel, register_family
+from archtune.families import Family, TinyModel, register_family, rules, text_config
 from archtune.models.tiny import special_token_ids
 
 # The seed's language-model-only target: never the towers (whose Gemma4ClippableLinear PEFT
@@ -29,6 +29,20 @@ from archtune.models.tiny import special_token_ids
 LORA_TARGET_REGEX = (
     r"model.language_model.layers.[\d]+.(_checkpoint_wrapped_module.)?(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"
 )
+
+# lora_target_parameters short names: gate and up projections are one fused tensor per layer.
+EXPERT_PARAM_ALIASES = {
+    "gate_proj": "experts.gate_up_proj",
+    "up_proj": "experts.gate_up_proj",
+    "gate_up_proj": "experts.gate_up_proj",
+    "down_proj": "experts.down_proj",
+}
+
+
+def _is_moe(model_config: dict[str, Any]) -> bool:
+    """26B-A4B: `enable_moe_block` in the text config (the dense models and E2B/E4B have none)."""
+    return bool(text_config(model_config).get("enable_moe_block"))
+
 
 # ---- tiny models: one base block, variants as overrides ------------------------------------
 # Layer mix as in the real configs (sliding and full attention; the last layer is full).
@@ -158,7 +172,25 @@ FAMILY = register_family(
         mm_module_prefixes=("model.vision_tower", "model.embed_vision", "model.audio_tower", "model.embed_audio"),
         lora_target_regex=LORA_TARGET_REGEX,
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
+        expert_param_aliases=EXPERT_PARAM_ALIASES,
+        is_moe=_is_moe,
+        lora_target_redirects={"Gemma4ClippableLinear": "linear"},
         packing_drop_attention_mask=True,
         tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name)) for name in _VARIANTS),
+        rules=[
+            rules.freeze_mm_modules(),
+            rules.non_reentrant_checkpointing(
+                "reentrant checkpointing silently gives wrong gradients on Gemma 4 (expert LoRA gets none, "
+                "gradient norms differ: FINDINGS.md), and its shared per-layer norms are \"marked ready twice\" "
+                "under DDP"),
+            rules.ddp_find_unused_parameters(
+                "text-only batches never reach the towers' and embedders' parameters, and DDP fails on step 2 "
+                "(\"Expected to have finished reduction in the prior iteration\") when any of them is trainable"),
+            rules.no_all_linear_into_towers(),
+            rules.confine_target_names(),
+            rules.fsdp1_refuses_quantized_base(
+                "runs out of memory while dequantizing and sharding Gemma 4's weights (the reference's FSDP1 + "
+                "QLoRA failure)"),
+        ],
     )
 )

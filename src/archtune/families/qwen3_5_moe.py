@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from archtune.families import Family, TinyModel, register_family
+from archtune.families import Family, TinyModel, register_family, rules, text_config
+from archtune.families.linear_attention import GATED_DELTANET_PACKING
 from archtune.models.tiny import special_token_ids
 
 # Language-model linears: full-attention q/k/v/o, DeltaNet's big projections (in_proj_qkv,
@@ -32,6 +33,20 @@ LORA_TARGET_REGEX = (
     r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj)"
     r"|mlp\.shared_expert\.(gate|up|down)_proj)"
 )
+
+# lora_target_parameters short names: gate and up projections are one fused tensor per layer.
+EXPERT_PARAM_ALIASES = {
+    "gate_proj": "experts.gate_up_proj",
+    "up_proj": "experts.gate_up_proj",
+    "gate_up_proj": "experts.gate_up_proj",
+    "down_proj": "experts.down_proj",
+}
+
+
+def _is_moe(model_config: dict[str, Any]) -> bool:
+    """Every layer's MLP is a sparse MoE block when the config has experts (num_experts > 0)."""
+    return (text_config(model_config).get("num_experts") or 0) > 0
+
 
 _TEXT: dict[str, Any] = dict(
     hidden_size=64,
@@ -104,6 +119,8 @@ FAMILY = register_family(
         mm_module_prefixes=("model.visual",),
         lora_target_regex=LORA_TARGET_REGEX,
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
+        expert_param_aliases=EXPERT_PARAM_ALIASES,
+        is_moe=_is_moe,
         packing_drop_attention_mask=False,
         tiny_models=(
             TinyModel(
@@ -113,5 +130,15 @@ FAMILY = register_family(
                 _build_config,
             ),
         ),
+        rules=[
+            rules.freeze_mm_modules(),
+            rules.non_reentrant_checkpointing(
+                "reentrant recompute gives the routed experts' LoRA no gradient (measured on a Gemma 4 MoE, "
+                "FINDINGS.md; the experts here are routed the same way)"),
+            rules.no_all_linear_into_towers(),
+            rules.confine_target_names(),
+        ],
+        # Packed rows: Gated DeltaNet's conv and recurrent state restart at every document.
+        patches=[GATED_DELTANET_PACKING],
     )
 )

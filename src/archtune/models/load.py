@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from archtune.errors import UserError
+from archtune.errors import Problem, UserError
 from archtune.plan import Plan
 
 TINY_PREFIX = "tiny:"
@@ -112,19 +112,78 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
             raise _unknown_tiny(name) from None
         return model.to(dtype)
     source = str(path or cfg.base_model)
-    model, info = _auto_class(plan).from_pretrained(
-        source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision,
-        output_loading_info=True)
-    problems = []
-    if info.get("missing_keys"):
-        problems.append(("missing", sorted(info["missing_keys"])))
-    if info.get("unexpected_keys"):
-        problems.append(("unexpected", sorted(info["unexpected_keys"])))
-    if problems:
-        text = "; ".join(f"{len(keys)} {kind} weight keys (e.g. {', '.join(keys[:3])})" for kind, keys in problems)
-        raise UserError.single("base_model", f"{source}: {text} — tensors would be silently re-initialised",
-                               "check that the checkpoint matches its config.json (model_type, layer counts)")
+    key = "base_model" if path is None else "output_dir"
+    try:
+        model, info = _auto_class(plan).from_pretrained(
+            source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision,
+            output_loading_info=True)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        # transformers printed a load report naming the tensors; it would re-initialise them.
+        raise UserError.single(key, f"{source}: weight shapes differ from the ones config.json describes "
+                               "(MISMATCH rows in the load report above); those tensors would be re-initialised",
+                               "use the config.json that belongs to these weights") from None
+    except OSError as exc:  # no weights file, unreadable safetensors
+        raise UserError.single(key, f"cannot load weights from {source}: {exc}",
+                               "point it at a directory written by save_pretrained (config.json + *.safetensors)") from None
+    check_loading_info(info, source, key)
     return model
+
+
+# What each kind of loading-info key means for the run.
+_LOAD_PROBLEMS = {
+    "missing_keys": ("missing", "not in the checkpoint: transformers would silently re-initialise them with random values"),
+    "unexpected_keys": ("unexpected", "in the checkpoint but not in the model: these weights would be silently dropped"),
+    "mismatched_keys": ("mismatched", "of another shape in the checkpoint: they would be re-initialised"),
+    "error_msgs": ("load error", "reported while loading the state dict"),
+}
+
+
+def check_loading_info(info: dict, source: str, key: str = "base_model") -> None:
+    """Raise one UserError listing every missing / unexpected / mismatched weight key of a load.
+
+    `info` is what `from_pretrained(..., output_loading_info=True)` returns. A weight is never
+    silently re-initialised or dropped: either the checkpoint matches the model, or the run stops.
+    """
+    problems = []
+    for field, (kind, meaning) in _LOAD_PROBLEMS.items():
+        entries = sorted(str(e if not isinstance(e, tuple) else e[0]) for e in (info.get(field) or ()))
+        if not entries:
+            continue
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        problems.append(Problem(key, f"{source}: {len(entries)} {kind} weight key(s) ({shown}) - {meaning}",
+                                "use the config.json that belongs to these weights (model_type, layer counts, "
+                                "sizes), or a complete, uncorrupted checkpoint"))
+    if problems:
+        raise UserError(problems)
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def apply_weight_scale_rules(model, plan: Plan, console=None):
+    """Run the Plan's `normalize_weight_scales` rules on the base weights, in place.
+
+    Call it right after `load_model`, before adapters are attached (and before any sharding):
+    every rank loads the same weights and computes the same result, so every rank does this and
+    ends with the same weights; only rank 0 prints the table (tensor, std, ratio, action) and the
+    warnings. Returns the `WeightScaleResult`, or None when the Plan has no rules.
+    """
+    rules = plan.get("normalize_weight_scales")
+    if not rules:
+        return None
+    from rich.markup import escape
+
+    from archtune.diagnostics.weight_scales import normalize_weight_scales, render_table
+
+    result = normalize_weight_scales(model, rules)
+    if console is not None and _is_rank0():
+        console.print(render_table(result, title="normalize_weight_scales (base weights, before adapters)"))
+        for warning in result.warnings:
+            console.print(f"[yellow]warning:[/] normalize_weight_scales: {escape(warning)}")
+    return result
 
 
 def trained_weights_kind(output_dir: str | os.PathLike) -> str | None:

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import ProgressCallback
 
+from archtune.adapters.freeze import freeze_multimodal
 from archtune.adapters.lora import apply_lora, count_params
 from archtune.config.schema import Config
 from archtune.data import PreparedData, prepare_data
 from archtune.data.collate import DataCollator
-from archtune.models.load import load_model, load_tokenizer, read_model_config
+from archtune.models.load import apply_weight_scale_rules, load_model, load_tokenizer, read_model_config
+from archtune.errors import UserError
 from archtune.plan import Plan, resolve
 from archtune.train.callbacks import LossBar, TrainClock
 from archtune.train.outputs import plot_losses, write_summary
@@ -35,14 +37,45 @@ def plan_for(cfg: Config, world_size: int = 1) -> Setup:
     return Setup(plan, tokenizer)
 
 
-def build_model(cfg: Config, plan: Plan, tokenizer):
-    """Base model with the Plan's adapters (LoRA) or all weights trainable (full fine-tune)."""
+def build_model(cfg: Config, plan: Plan, tokenizer, console=None):
+    """Base model, multimodal towers frozen (freeze_mm_modules), then the Plan's adapters (LoRA) or
+    every other weight trainable (full fine-tune)."""
     model = load_model(cfg, plan, tokenizer)
+    apply_weight_scale_rules(model, plan, console)  # base weights, before adapters (normalize_weight_scales)
+    freeze_multimodal(model, plan)
     if plan.get("adapter") == "lora":
         model = apply_lora(model, plan)
-    if plan.get("gradient_checkpointing"):
-        model.config.use_cache = False
+    _set_use_cache(model, bool(plan.get("use_cache")))
     return model
+
+
+def _set_use_cache(model, value: bool) -> None:
+    """The Plan's use_cache on the model config and its nested text config (multimodal wrappers)."""
+    config = model.config
+    for c in (config, getattr(config, "text_config", None)):
+        if c is not None and hasattr(c, "use_cache"):
+            c.use_cache = value
+
+
+# Settings `archtune check` accepts and plans, whose training path is not built yet.
+_NOT_YET_TRAINABLE = {
+    "load_in_4bit": "4-bit QLoRA training",
+    "load_in_8bit": "8-bit training",
+    "fsdp": "FSDP training",
+    "activation_offloading": "activation offloading",
+}
+
+
+def _refuse_not_yet_trainable(plan: Plan) -> None:
+    for key, what in _NOT_YET_TRAINABLE.items():
+        if plan.get(key):
+            raise UserError.single(key, f"{what} is planned by `archtune check` but not trainable in this release",
+                                   f"remove `{key}` to train, or use `archtune check` to validate the plan")
+    if plan.get("experts_implementation") == "scattermoe":
+        raise UserError.single("experts_implementation", "the scattermoe experts implementation is not available in this release",
+                               "remove experts_implementation / use_scattermoe (transformers' grouped_mm is used)")
+    if plan.get("adapter") == "qlora":
+        raise UserError.single("adapter", "QLoRA training is not available in this release", "use `adapter: lora`")
 
 
 def training_arguments(plan: Plan, has_eval: bool):
@@ -80,7 +113,7 @@ def training_arguments(plan: Plan, has_eval: bool):
         eval_strategy="steps" if (cfg.eval_steps and has_eval) else "no",
         eval_steps=cfg.eval_steps,
         activation_checkpointing=bool(plan.get("gradient_checkpointing")),
-        activation_checkpointing_kwargs=plan.config.gradient_checkpointing_kwargs,
+        activation_checkpointing_kwargs=plan.section("gradient_checkpointing_kwargs") or None,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to=report_to,
@@ -104,13 +137,14 @@ def train(cfg: Config, *, console=None) -> dict:
     """Run a fine-tune; returns the train summary (also written to output_dir)."""
     setup = plan_for(cfg)
     plan, tokenizer = setup.plan, setup.tokenizer
+    _refuse_not_yet_trainable(plan)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for warning in plan.warnings:
         _say(console, f"[yellow]warning:[/] {warning}")
 
     data: PreparedData = prepare_data(cfg, tokenizer)
-    model = build_model(cfg, plan, tokenizer)
+    model = build_model(cfg, plan, tokenizer, console=console)
     trainable, total = count_params(model)
 
     clock = TrainClock()

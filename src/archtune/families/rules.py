@@ -1,0 +1,528 @@
+"""The decisions `plan.resolve` makes, written once and driven by family data.
+
+Two kinds, both `Rule(name, doc, apply)`:
+
+- GENERIC_RULES run for every model, first. They name no family: what differs between
+  families comes from the family's data (decoder_layer_cls, expert_param_names and aliases,
+  the is_moe hook, packing_drop_attention_mask, ...).
+- Builders (`freeze_mm_modules()`, `non_reentrant_checkpointing(why)`, ...) return a rule a
+  family lists in `Family.rules`; they run after the generic rules, in the family's order, and
+  may refine what a generic rule decided.
+
+Each rule's `doc` is one sentence (what, when, why): docs/model_architectures.md is generated
+from them. Sources: "family" for a family's required setting, "auto" for a value archtune
+derived from other keys, "default" for a plain default.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from archtune.families.base import Rule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from archtune.plan import ModelStructure, Plan
+
+# ---------------------------------------------------------------- shared facts
+
+REENTRANT_KEY = "gradient_checkpointing_kwargs.use_reentrant"
+WRAP_KEY = "fsdp_config.fsdp_transformer_layer_cls_to_wrap"
+ALL_LINEAR = "all-linear"
+
+# Plugins archtune ships (no plugin code is imported from arbitrary paths), and the import
+# paths of other trainers they stand in for.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "archtune.kernels": "archtune's kernels plugin (use_kernels, use_scattermoe, experts_implementation)",
+}
+PLUGIN_ALIASES: dict[str, str] = {
+    "axolotl.integrations.kernels.KernelsPlugin": "archtune.kernels",
+}
+
+# Experts implementations archtune knows besides transformers' registry (which is read live).
+EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "grouped_mm", "batched_mm", "scattermoe")
+
+
+def experts_implementations() -> list[str]:
+    """Valid `experts_implementation` names: eager, transformers' registered ones, scattermoe."""
+    names = list(EXPERTS_IMPLEMENTATIONS)
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        names += [n for n in ALL_EXPERTS_FUNCTIONS.keys() if n not in names]
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+    return names
+
+
+def names_to_language_model_regex(names: list[str], language_model_prefix: str) -> str:
+    """A PEFT target-name list rewritten as a regex (full match) confined to the language model.
+
+    PEFT matches a list entry when it equals the module name or is its dotted end; the regex
+    keeps that meaning under `language_model_prefix` only. Any segments may sit between (layer
+    numbers, torch's `_checkpoint_wrapped_module.`):
+
+    >>> names_to_language_model_regex(["q_proj", "v_proj"], "model.language_model")
+    'model\\\\.language_model\\\\.(?:.*\\\\.)?(?:q_proj|v_proj)'
+
+    matches `model.language_model.layers.0.self_attn.q_proj` and
+    `model.language_model.layers.0._checkpoint_wrapped_module.self_attn.q_proj`, never
+    `model.vision_tower.encoder.layers.0.self_attn.q_proj`.
+    """
+    alternatives = "|".join(re.escape(str(n)) for n in names)
+    return rf"{re.escape(language_model_prefix)}\.(?:.*\.)?(?:{alternatives})"
+
+
+def fsdp_enabled(plan: "Plan") -> bool:
+    return bool(plan.get("fsdp"))
+
+
+def checkpoint_wrappers(plan: "Plan") -> list[str]:
+    """The keys that put activation-checkpointing wrappers around the layers (those set)."""
+    keys = ["gradient_checkpointing", "activation_offloading"]
+    if fsdp_enabled(plan):
+        keys.insert(1, "fsdp_config.fsdp_activation_checkpointing")
+    return [k for k in keys if plan.get(k)]
+
+
+def quantized_base(plan: "Plan") -> list[str]:
+    """The keys that quantize the base model (those set)."""
+    out = [k for k in ("load_in_4bit", "load_in_8bit") if plan.get(k)]
+    if plan.get("adapter") == "qlora":
+        out.append("adapter: qlora")
+    return out
+
+
+def _yaml_list(key: str, values: list[str]) -> str:
+    return f"{key}:\n" + "".join(f"  - {v}\n" for v in values)
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# ---------------------------------------------------------------- generic rules
+
+def _world_size(plan: "Plan") -> None:
+    n = plan.world_size
+    if n == 1:
+        plan.set("world_size", 1, "default", "single process")
+    else:
+        plan.set("world_size", n, "user", f"{n} processes (--nproc {n})")
+
+
+def _lora_target_modules(plan: "Plan") -> None:
+    cfg = plan.config
+    if cfg.adapter is None:
+        return
+    if cfg.lora_target_linear:
+        plan.set("lora_target_modules", ALL_LINEAR, "auto", "lora_target_linear: true targets every linear layer")
+    elif not cfg.lora_target_modules and not cfg.lora_target_parameters:
+        if plan.family.lora_target_regex:
+            plan.set("lora_target_modules", plan.family.lora_target_regex, "family",
+                     f"no targets given: {plan.family.name}'s language-model-only regex")
+        else:
+            plan.set("lora_target_modules", ALL_LINEAR, "auto",
+                     "no targets given: every linear layer (lm_head excluded)")
+
+
+def _expert_names_in_model(plan: "Plan", structure: "ModelStructure | None") -> list[str]:
+    """lora_target_parameters names this model accepts (full names, then short aliases)."""
+    fam = plan.family
+    if fam.expert_param_names:
+        present = [n for n in fam.expert_param_names if structure is None or structure.parameters_matching(n)]
+        return present + [a for a, full in fam.expert_param_aliases.items() if full in present]
+    if structure is None:
+        return []
+    # No family knowledge: the model's 3D tensors (stacked experts), by their last two segments.
+    return sorted({".".join(n.split(".")[-2:]) for n, shape in structure.parameters.items() if len(shape) == 3})
+
+
+def _lora_target_parameters(plan: "Plan") -> None:
+    cfg = plan.config
+    given = list(cfg.lora_target_parameters or [])
+    if cfg.adapter is None or not given:
+        return
+    fam = plan.family
+    resolved: list[str] = []
+    mapped: list[str] = []
+    for name in given:
+        full = fam.expert_param_aliases.get(name, name)
+        if full != name:
+            mapped.append(f"{name} -> {full}")
+        if full not in resolved:
+            resolved.append(full)
+    structure = plan.structure()
+    if structure is not None:
+        unknown = [n for n in resolved if not structure.parameters_matching(n)]
+    else:
+        unknown = [n for n in resolved if fam.expert_param_names and n not in fam.expert_param_names]
+    if unknown:
+        valid = _expert_names_in_model(plan, structure)
+        what = ", ".join(unknown)
+        if valid:
+            plan.error("lora_target_parameters", f"{what}: not a parameter of this model",
+                       f"use the expert tensors' names: {', '.join(valid)}")
+        else:
+            plan.error("lora_target_parameters", f"{what}: this model has no expert parameters "
+                       "(it is not a mixture-of-experts model)",
+                       "remove lora_target_parameters (LoRA on linear layers comes from lora_target_modules)")
+        return
+    if resolved != given:
+        reason = (f"short names mapped to {fam.name}'s expert tensors: {', '.join(mapped)}" if mapped
+                  else "duplicate names removed")
+        plan.set("lora_target_parameters", resolved, "auto", reason)
+
+
+def _lora_dropout_with_parameters(plan: "Plan") -> None:
+    cfg = plan.config
+    if cfg.adapter is not None and cfg.lora_target_parameters and cfg.lora_dropout > 0:
+        plan.error("lora_dropout", f"lora_dropout is {cfg.lora_dropout}, but LoRA on parameter tensors "
+                   "(lora_target_parameters) has no dropout path in PEFT: it needs lora_dropout 0",
+                   "set `lora_dropout: 0`")
+
+
+def _untrained_experts(plan: "Plan") -> None:
+    cfg, fam = plan.config, plan.family
+    if cfg.adapter is None or cfg.lora_target_parameters or not fam.expert_param_names:
+        return
+    if not fam.moe(plan.model_config):
+        return
+    add = _yaml_list("lora_target_parameters", list(fam.expert_param_names))
+    if cfg.lora_dropout:
+        add += "lora_dropout: 0\n"
+    plan.warn(f"{plan.model_type} is a mixture-of-experts model and lora_target_parameters is not set: the "
+              "experts (most of its weights) stay untrained and the adapter only holds the attention/MLP LoRA "
+              "(the reference's \"13.5 MB adapter\" trap). To train the experts too, add:\n" + add.rstrip())
+
+
+def _ddp_find_unused_parameters(plan: "Plan") -> None:
+    key = "ddp_find_unused_parameters"
+    if plan.world_size == 1:
+        plan.default(key, False, "default", "single process: no DDP")
+    elif fsdp_enabled(plan):
+        plan.default(key, False, "default", "FSDP shards the model: DDP's setting does not apply")
+    else:
+        gc = bool(plan.get("gradient_checkpointing"))
+        plan.default(key, not gc, "default",
+                     "transformers' rule: search for unused parameters unless gradient checkpointing is on"
+                     if not gc else "gradient checkpointing is on: transformers' rule turns the search off")
+
+
+def _use_reentrant(plan: "Plan") -> None:
+    plan.default(REENTRANT_KEY, False, "default",
+                 "non-reentrant checkpointing: PyTorch's recommended mode and transformers' default")
+
+
+def _fsdp_config(plan: "Plan") -> None:
+    from archtune.config.schema import FsdpConfig
+
+    if not fsdp_enabled(plan):
+        if plan.config.fsdp_config is not None:
+            plan.warn("fsdp_config is set but fsdp is not, so FSDP stays off; to shard the model add "
+                      "`fsdp: [full_shard, auto_wrap]`")
+        return
+    if plan.config.fsdp_config is None:
+        for k, v in FsdpConfig().model_dump().items():
+            plan.set(f"fsdp_config.{k}", v, "default", "archtune default (fsdp_config not given)")
+
+
+def _fsdp_wrap_class(plan: "Plan") -> None:
+    if not fsdp_enabled(plan) or plan.get("fsdp_config.fsdp_auto_wrap_policy") != "TRANSFORMER_BASED_WRAP":
+        return
+    fam = plan.family
+    structure = plan.structure()
+    if not plan.get(WRAP_KEY):
+        if fam.decoder_layer_cls:
+            plan.set(WRAP_KEY, fam.decoder_layer_cls, "family",
+                     f"{fam.name}'s text decoder layer: one FSDP unit per language-model layer (transformers' "
+                     "_no_split_modules also names tower layers, which a model may not have)")
+        else:
+            present = [c for c in (structure.no_split_modules if structure else ()) if c in structure.class_names]
+            if not present:
+                plan.error(WRAP_KEY, "no decoder layer class is known for this model, so FSDP cannot wrap by layer",
+                           "set fsdp_config.fsdp_transformer_layer_cls_to_wrap to the model's decoder layer "
+                           "class (e.g. LlamaDecoderLayer)")
+                return
+            plan.set(WRAP_KEY, ",".join(present), "auto", "the model's _no_split_modules (its layer classes)")
+    if structure is None:
+        plan.warn(f"could not check {WRAP_KEY} against the model: {plan.structure_problem()}")
+        return
+    wanted = [c.strip() for c in str(plan.get(WRAP_KEY)).split(",") if c.strip()]
+    missing = [c for c in wanted if c not in structure.class_names]
+    if not missing:
+        return
+    if fam.decoder_layer_cls and fam.decoder_layer_cls in structure.class_names:
+        suggestion = fam.decoder_layer_cls
+    else:
+        suggestion = ",".join(c for c in structure.no_split_modules if c in structure.class_names) or "its layer class"
+    notes = [f"{c} is in the model's _no_split_modules but this model has no such module (e.g. no audio tower)"
+             if c in structure.no_split_modules else f"no module of this model is a {c}" for c in missing]
+    plan.error(WRAP_KEY, "; ".join(notes) + ": FSDP would stop with \"Could not find the transformer layer class\"",
+               f"set `fsdp_config.fsdp_transformer_layer_cls_to_wrap: {suggestion}`"
+               + (" (or remove it: archtune uses the family's layer class)" if fam.decoder_layer_cls else ""))
+
+
+def _use_cache(plan: "Plan") -> None:
+    wrappers = checkpoint_wrappers(plan)
+    if wrappers:
+        plan.set("use_cache", False, "auto",
+                 f"{_and(wrappers)}: recomputing a layer in backward with the KV cache on fails with a size "
+                 "mismatch (FINDINGS.md)")
+    else:
+        plan.set("use_cache", False, "default", "training does not use the KV cache")
+
+
+def _packing_policy(plan: "Plan") -> None:
+    fam = plan.family
+    if fam.packing_drop_attention_mask:
+        plan.set("sample_packing_drop_attention_mask", True, "family",
+                 f"{fam.name}: transformers builds the block-diagonal mask of packed documents from position_ids "
+                 "only when attention_mask is None")
+    else:
+        plan.set("sample_packing_drop_attention_mask", False, "default", "packed rows keep their attention mask")
+
+
+def _experts_implementation(plan: "Plan") -> None:
+    cfg, fam = plan.config, plan.family
+    key = "experts_implementation"
+    given = cfg.experts_implementation
+    if cfg.use_scattermoe:
+        if not cfg.use_kernels:
+            plan.set("use_kernels", True, "auto", "use_scattermoe runs through the kernels plugin")
+        if given is None:
+            plan.set(key, "scattermoe", "auto", "use_kernels + use_scattermoe select the ScatterMoE experts kernel")
+        elif given != "scattermoe":
+            plan.error(key, f"use_scattermoe: true asks for ScatterMoE but experts_implementation is {given!r}",
+                       "set `experts_implementation: scattermoe`, or `use_scattermoe: false`")
+            return
+    elif given is not None:
+        valid = experts_implementations()
+        if given not in valid:
+            plan.error(key, f"{given!r} is not an experts implementation", f"use one of: {', '.join(valid)}")
+            return
+    if plan.get(key) is not None and fam.is_moe is not None and not fam.moe(plan.model_config):
+        plan.warn(f"experts_implementation: {plan.get(key)} has no effect: this {plan.model_type} model has no experts")
+
+
+def _plugins(plan: "Plan") -> None:
+    given = list(plan.config.plugins or [])
+    if not given:
+        return
+    resolved: list[str] = []
+    notes: list[str] = []
+    for path in given:
+        if path in BUILTIN_PLUGINS:
+            name = path
+        elif path in PLUGIN_ALIASES:
+            name = PLUGIN_ALIASES[path]
+            notes.append(f"{path} is Axolotl's; {BUILTIN_PLUGINS[name]} stands in for it")
+        else:
+            plan.error("plugins", f"{path!r} is not a built-in plugin: only built-in plugins are allowed for now",
+                       f"remove it; built-in plugins: {', '.join([*BUILTIN_PLUGINS, *PLUGIN_ALIASES])}")
+            continue
+        if name not in resolved:
+            resolved.append(name)
+    if resolved != given:
+        plan.set("plugins", resolved, "auto", "; ".join(notes) or "duplicates removed")
+
+
+def _freeze_default(plan: "Plan") -> None:
+    if not plan.family.has_towers(plan.model_config):
+        plan.default("freeze_mm_modules", False, "default", "the model has no multimodal towers")
+
+
+GENERIC_RULES: tuple[Rule, ...] = (
+    Rule("world_size", "The plan is resolved for the number of processes given by `--nproc` (1: single process).",
+         _world_size),
+    Rule("lora_target_modules",
+         "With an adapter and no targets, LoRA goes on the family's language-model-only regex, or on every linear "
+         "layer for models without one; `lora_target_linear: true` means every linear layer.",
+         _lora_target_modules),
+    Rule("lora_target_parameters",
+         "`lora_target_parameters` short names map to the family's expert tensors (gate_proj/up_proj -> "
+         "experts.gate_up_proj, down_proj -> experts.down_proj) and every name must be a parameter of the model, "
+         "checked on a weightless meta-device copy.",
+         _lora_target_parameters),
+    Rule("lora_dropout_with_parameters",
+         "`lora_target_parameters` with a nonzero `lora_dropout` is refused, because PEFT's LoRA on parameter "
+         "tensors has no dropout path.",
+         _lora_dropout_with_parameters),
+    Rule("untrained_experts",
+         "A mixture-of-experts model trained with LoRA but no `lora_target_parameters` gets a warning with the YAML "
+         "to add, because its experts would stay untrained (the \"13.5 MB adapter\" trap).",
+         _untrained_experts),
+    Rule("ddp_find_unused_parameters",
+         "`ddp_find_unused_parameters` is false for a single process or under FSDP, and otherwise follows "
+         "transformers' rule (true unless gradient checkpointing is on) unless the family decides.",
+         _ddp_find_unused_parameters),
+    Rule("use_reentrant",
+         "Gradient checkpointing is non-reentrant (`gradient_checkpointing_kwargs.use_reentrant: false`) unless the "
+         "config says otherwise, as PyTorch recommends.",
+         _use_reentrant),
+    Rule("fsdp_config",
+         "With `fsdp` set and no `fsdp_config`, FSDP2 defaults apply; an `fsdp_config` without `fsdp` leaves FSDP "
+         "off, with a warning.",
+         _fsdp_config),
+    Rule("fsdp_wrap_class",
+         "Under FSDP with transformer-based wrapping, `fsdp_config.fsdp_transformer_layer_cls_to_wrap` defaults to "
+         "the family's text decoder layer, and a class the model does not contain is refused before any process "
+         "starts (checked on a weightless meta-device copy).",
+         _fsdp_wrap_class),
+    Rule("use_cache",
+         "Training runs with `use_cache: false`; with gradient checkpointing, FSDP activation checkpointing or "
+         "activation offloading it is required, since recompute with the KV cache on fails with a size mismatch.",
+         _use_cache),
+    Rule("packing_policy",
+         "`sample_packing_drop_attention_mask` follows the family's packing policy: families whose packed "
+         "documents are separated by position_ids alone drop the attention mask.",
+         _packing_policy),
+    Rule("experts_implementation",
+         "`experts_implementation` must be eager, one of transformers' registered implementations, or scattermoe; "
+         "`use_scattermoe: true` selects scattermoe and turns on `use_kernels`.",
+         _experts_implementation),
+    Rule("plugins",
+         "Only built-in plugins load; Axolotl's `axolotl.integrations.kernels.KernelsPlugin` is accepted as an alias "
+         "of archtune's kernels plugin.",
+         _plugins),
+    Rule("freeze_mm_modules_default",
+         "`freeze_mm_modules` is false for models without multimodal towers (there is nothing to freeze).",
+         _freeze_default),
+)
+
+
+# ---------------------------------------------------------------- builders for Family.rules
+
+def freeze_mm_modules() -> Rule:
+    """Freeze the multimodal towers by default (when the config declares any)."""
+
+    def apply(plan: "Plan") -> None:
+        fam = plan.family
+        if plan.user_set("freeze_mm_modules") or not fam.has_towers(plan.model_config):
+            return
+        plan.set("freeze_mm_modules", True, "family",
+                 f"text-only training: the towers, embedders and projectors ({', '.join(fam.mm_module_prefixes)}) "
+                 "get no gradient from text batches; frozen, no adapter or optimizer state lands there")
+
+    return Rule("freeze_mm_modules",
+                "`freeze_mm_modules` defaults to true: the vision/audio towers, their embedders and projectors are "
+                "frozen for text-only training, so no adapter or optimizer state lands there.", apply)
+
+
+def non_reentrant_checkpointing(why: str) -> Rule:
+    """Gradient checkpointing must be non-reentrant; an explicit `use_reentrant: true` is an error."""
+
+    def apply(plan: "Plan") -> None:
+        if plan.user_set(REENTRANT_KEY):
+            if plan.get(REENTRANT_KEY):
+                plan.error(REENTRANT_KEY, f"use_reentrant: true on {plan.family.name}: {why}",
+                           "set `gradient_checkpointing_kwargs: {use_reentrant: false}`, or remove the key "
+                           "(archtune sets it)")
+            return
+        plan.set(REENTRANT_KEY, False, "family", why)
+
+    return Rule("non_reentrant_checkpointing",
+                f"Gradient checkpointing is non-reentrant (`use_reentrant: false`), and an explicit "
+                f"`use_reentrant: true` is refused: {why}.", apply)
+
+
+OFFLOADING_VS_FIND_UNUSED = ("activation_offloading wraps the layers in checkpoint wrappers, and DDP's unused-parameter "
+                             "search then fails with \"marked a variable ready twice\"")
+
+
+def ddp_find_unused_parameters(why: str) -> Rule:
+    """Under DDP, `ddp_find_unused_parameters: true` -- false with activation offloading."""
+
+    def apply(plan: "Plan") -> None:
+        if plan.world_size == 1 or fsdp_enabled(plan):
+            return
+        key = "ddp_find_unused_parameters"
+        want, reason = (False, OFFLOADING_VS_FIND_UNUSED) if plan.get("activation_offloading") else (True, why)
+        if plan.user_set(key):
+            if plan.get(key) is not None and bool(plan.get(key)) != want:
+                plan.warn(f"ddp_find_unused_parameters: {plan.get(key)} is kept as set, but {plan.family.name} "
+                          f"needs {str(want).lower()} here: {reason}")
+            return
+        plan.set(key, want, "family", reason)
+
+    return Rule("ddp_find_unused_parameters",
+                f"Under DDP (several processes, no FSDP) `ddp_find_unused_parameters` defaults to true, because {why}; "
+                "with `activation_offloading: true` it stays false, because its checkpoint wrappers make DDP "
+                "\"mark a variable ready twice\".", apply)
+
+
+def no_all_linear_into_towers() -> Rule:
+    """`lora_target_linear: true` (or 'all-linear') on a model with towers is an error."""
+
+    def apply(plan: "Plan") -> None:
+        fam = plan.family
+        targets = plan.get("lora_target_modules")
+        if plan.get("adapter") is None or not fam.has_towers(plan.model_config):
+            return
+        if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+            return
+        key = "lora_target_linear" if plan.config.lora_target_linear else "lora_target_modules"
+        fix = f"remove {key} (archtune then targets the language model only)"
+        if fam.lora_target_regex:
+            fix += f", or set:\nlora_target_modules: '{fam.lora_target_regex}'"
+        plan.error(key, f"every linear layer includes the vision/audio towers ({', '.join(fam.mm_module_prefixes)}): "
+                   "adapters there give the reference's \"loss ~12 instead of ~0.5\" trap in text-only training",
+                   fix)
+
+    return Rule("no_all_linear_into_towers",
+                "`lora_target_linear: true` (or `lora_target_modules: all-linear`) on a multimodal model is refused, "
+                "because adapters in the vision/audio towers give the \"loss ~12 instead of ~0.5\" trap; the "
+                "language-model-only regex is the fix.", apply)
+
+
+def confine_target_names() -> Rule:
+    """A plain target-name list becomes a regex confined to the language model."""
+
+    def apply(plan: "Plan") -> None:
+        fam = plan.family
+        targets = plan.get("lora_target_modules")
+        if plan.get("adapter") is None or not isinstance(targets, list) or not targets:
+            return
+        if not fam.language_model_prefix or not fam.has_towers(plan.model_config):
+            return
+        plan.set("lora_target_modules", names_to_language_model_regex(targets, fam.language_model_prefix), "auto",
+                 f"the names {', '.join(map(str, targets))} also occur in the multimodal towers: confined to the "
+                 f"language model ({fam.language_model_prefix}) so that no adapter lands in a tower")
+
+    return Rule("confine_target_names",
+                "A plain `lora_target_modules` name list (e.g. [q_proj, v_proj]) is rewritten into a regex confined to "
+                "the language model, because the towers have modules of the same names.", apply)
+
+
+def fsdp1_refuses_quantized_base(why: str) -> Rule:
+    """`fsdp_config.fsdp_version: 1` with a quantized base model is an error."""
+
+    def apply(plan: "Plan") -> None:
+        quantized = quantized_base(plan)
+        if not fsdp_enabled(plan) or plan.get("fsdp_config.fsdp_version") != 1 or not quantized:
+            return
+        plan.error("fsdp_config.fsdp_version",
+                   f"FSDP1 with a quantized base ({', '.join(quantized)}) on {plan.family.name}: {why}",
+                   "set `fsdp_config.fsdp_version: 2` (FSDP2, fully_shard), or train an unquantized base")
+
+    return Rule("fsdp1_refuses_quantized_base",
+                f"FSDP1 (`fsdp_config.fsdp_version: 1`) with a quantized base (QLoRA, load_in_4bit/8bit) is refused, "
+                f"because it {why}; FSDP2 works.", apply)
+
+
+__all__ = [
+    "GENERIC_RULES",
+    "BUILTIN_PLUGINS",
+    "PLUGIN_ALIASES",
+    "EXPERTS_IMPLEMENTATIONS",
+    "experts_implementations",
+    "names_to_language_model_regex",
+    "checkpoint_wrappers",
+    "quantized_base",
+    "fsdp_enabled",
+    "freeze_mm_modules",
+    "non_reentrant_checkpointing",
+    "ddp_find_unused_parameters",
+    "no_all_linear_into_towers",
+    "confine_target_names",
+    "fsdp1_refuses_quantized_base",
+]
