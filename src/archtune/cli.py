@@ -216,6 +216,25 @@ def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
     console.print(f"merged model written to {target}")
 
 
+@app.command("scan-weights")
+def scan_weights(model_dir: Path,
+                 rule: list[str] = typer.Option(..., "--rule", help="PATTERN=THRESHOLD, e.g. 'linear_attn\\.conv1d\\.weight=1.3' (repeatable)."),
+                 fix: Optional[Path] = typer.Option(None, "--fix", help="Write a repaired copy of the model here."),
+                 as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Find tensors whose std drifted from their peers' median (and rescale them into --fix)."""
+    from archtune.diagnostics.weight_scales import parse_rule_arg, render_table, scan_model_dir
+
+    result = scan_model_dir(model_dir, [parse_rule_arg(r) for r in rule], fix_out_dir=fix)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    console.print(render_table(result))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if fix is not None:
+        console.print(f"repaired model written to {fix} ({result.n_rescaled} tensors rescaled)")
+
+
 @app.command("init-tiny")
 def init_tiny(name: str, directory: Path, seed: int = typer.Option(0, "--seed")) -> None:
     """Write a tiny random model of a family (config, safetensors, tokenizer)."""
