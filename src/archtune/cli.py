@@ -148,7 +148,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     from archtune.data.collate import DataCollator
     from archtune.models.load import load_trained
     from archtune.train.evaluation import token_weighted_loss
-    from archtune.train.recipe import plan_for
+    from archtune.train.recipe import plan_for, prepare_packing
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
@@ -157,6 +157,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
         raise UserError.single("test_datasets", "there is no evaluation data",
                                "set test_datasets, or val_set_size > 0")
     model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    prepare_packing(model, setup.plan)
     result = token_weighted_loss(model, data.eval, DataCollator(setup.tokenizer), cfg.micro_batch_size)
     if as_json:
         print(json.dumps(result))
@@ -244,6 +245,34 @@ def init_tiny(name: str, directory: Path, seed: int = typer.Option(0, "--seed"))
         raise UserError.single("NAME", f"no tiny model named {name!r}", f"use one of: {', '.join(tiny_model_names())}")
     write_tiny_model(name, directory, seed=seed)
     console.print(f"tiny {name} written to {directory}")
+
+
+@app.command("docs")
+def docs_command(check_only: bool = typer.Option(False, "--check", help="Only verify the file is up to date (exit 2 if not)."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="The file to write or check "
+                                                    "(default: docs/model_architectures.md of this checkout).")) -> None:
+    """Regenerate docs/model_architectures.md from the family registry (or verify it with --check)."""
+    from archtune.docs import default_output, docs_diff, write_docs
+
+    path = out or default_output()
+    if out is None and not path.parent.is_dir():
+        raise UserError.single("--out", f"no docs/ directory next to the archtune sources ({path.parent})",
+                               "pass --out PATH (archtune is installed outside a source checkout)")
+    if check_only:
+        if not path.is_file():
+            raise UserError.single(str(path), "does not exist", "run `archtune docs` (and commit the file)")
+        diff = docs_diff(path)
+        if diff:
+            shown = diff[:40]
+            err_console.print("\n".join(shown) + ("\n..." if len(diff) > len(shown) else ""), markup=False,
+                              highlight=False, soft_wrap=True)
+            raise UserError.single(str(path), "is out of date: it differs from what the family registry and "
+                                   "rules generate (diff above)", "run `archtune docs` (and commit the file); "
+                                   "never edit it by hand")
+        console.print(f"{path} is up to date")
+        return
+    write_docs(path)
+    console.print(f"wrote {path}")
 
 
 def main() -> None:

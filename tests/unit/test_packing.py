@@ -251,14 +251,20 @@ def _packed_masks(position_ids):
 
 
 @pytest.mark.parametrize("window", [False, True])
-def test_document_attention_equals_sdpa_on_transformers_packed_masks(window):
+@pytest.mark.parametrize("min_block", [1, 4])
+def test_document_attention_equals_sdpa_on_transformers_packed_masks(window, min_block, monkeypatch):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from archtune.families import linear_attention
     from archtune.families.linear_attention import _document_blocks, document_sdpa_attention
 
-    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]])
+    monkeypatch.setattr(linear_attention, "_MIN_BLOCK", min_block)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2, 0, 1, 2, 3]])
     mask = _packed_masks(position_ids)[int(window)]
-    assert _document_blocks(mask, position_ids, 10, 10) == [[(0, 6), (6, 9), (9, 10)], [(0, 3), (3, 10)]]
+    # One block per document, or consecutive documents grouped into blocks of >= min_block tokens.
+    blocks = {1: [[(0, 6), (6, 9), (9, 10)], [(0, 3), (3, 6), (6, 10)]],
+              4: [[(0, 6), (6, 10)], [(0, 6), (6, 10)]]}[min_block]
+    assert _document_blocks(mask, position_ids, 10, 10) == blocks
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 10, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 2, 10, 8, generator=g, requires_grad=True) for _ in range(2))
@@ -272,8 +278,11 @@ def test_document_attention_equals_sdpa_on_transformers_packed_masks(window):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
 
 
-def test_document_attention_falls_back_to_sdpa_when_blocks_do_not_apply():
+def test_document_attention_falls_back_to_sdpa_when_blocks_do_not_apply(monkeypatch):
+    from archtune.families import linear_attention
     from archtune.families.linear_attention import _document_blocks
+
+    monkeypatch.setattr(linear_attention, "_MIN_BLOCK", 1)
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     mask = _packed_masks(position_ids)[0]

@@ -5,7 +5,9 @@
 - training: one optimizer step's adapter gradients, the loss being the mean over the label
   tokens of the whole step (num_items_in_batch), agree with gradient accumulation 1 and 2;
 - Qwen 3.5: without the Gated DeltaNet patch the packed loss leaks (differs), with it it matches,
-  activation checkpointing included.
+  activation checkpointing included;
+- the real Trainer step (ArchtuneTrainer, accumulation 2) updates the adapters identically;
+- per-document attention ("sdpa_packed") and plain sdpa over the packed row agree.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ LLAMA_TARGETS = r".*\.(q|k|v|o|gate|up|down)_proj"
 def make_docs(vocab: int, bos: int, n: int = 24, seed: int = 0) -> Dataset:
     """n documents of varied length (2..120): bos, a prompt (labels -100), an answer (labels = ids)."""
     rng = np.random.default_rng(seed)
-    lengths = np.concatenate([[2, 3, 120, 64, 65, 1 + 1], rng.integers(4, 110, n - 6)])
+    lengths = np.concatenate([[2, 3, 120, 64, 65, 2], rng.integers(4, 110, n - 6)])
     ids, labels = [], []
     for length in lengths.tolist():
         row = [bos] + rng.integers(32, vocab, length - 1).tolist()
@@ -229,3 +231,29 @@ def test_without_use_cache_false_llama_packing_leaks():
         exact = model(input_ids=ids, position_ids=pos).logits[:, 4:]
     assert (leaky - alone).abs().max() > 1e-2
     assert (exact - alone).abs().max() < 1e-5
+
+
+def test_packed_rows_run_attention_per_document_and_plain_sdpa_agrees(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model, tok = lora_model("gemma4-moe")
+    collator = DataCollator(tok)
+    docs = make_docs(model.get_base_model().config.get_text_config().vocab_size, tok.bos_token_id)
+    packed = pack_dataset(docs, SEQUENCE_LEN, seed=0)
+    unpacked = token_weighted_loss(model, docs, collator, batch_size=6)["eval_loss"]
+    assert prepare_model_for_packing(model, document_attention=False)["attention"] == "sdpa"
+    plain = token_weighted_loss(model, packed, collator, batch_size=3)["eval_loss"]
+    assert rel(plain, unpacked) < RTOL
+
+    lengths = []
+    original = sdpa.sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    assert prepare_model_for_packing(model)["attention"] == "sdpa_packed"
+    per_document = token_weighted_loss(model, packed, collator, batch_size=3)["eval_loss"]
+    assert rel(per_document, unpacked) < RTOL
+    assert lengths and max(lengths) < max(packed["length"])  # sdpa saw documents, never a whole row

@@ -383,9 +383,9 @@ def test_use_cache_is_off_for_training_and_forced_off_by_checkpoint_wrappers(key
 
 @pytest.mark.parametrize("name, value, source", [
     ("gemma4-moe", True, "family"), ("gemma4-e2b", True, "family"), ("gemma3", True, "family"),
-    ("qwen3_5-moe", False, "default"), ("llama", False, "default"),
+    ("qwen3_5-moe", True, "auto"), ("llama", True, "auto"),
 ])
-def test_packing_drops_the_attention_mask_for_gemma(name, value, source):
+def test_packed_rows_drop_the_attention_mask_with_the_family_reason_for_gemma(name, value, source):
     plan = plan_for(name)
     assert decision(plan, "sample_packing_drop_attention_mask") == (value, source)
     if value:

@@ -36,6 +36,7 @@ from archtune.config.schema import Config, DatasetConfig
 from archtune.data import cache, formats
 from archtune.data.collate import DataCollator
 from archtune.data.formats import DROP_REASONS, FIXES, render_prompt
+from archtune.data.packing import pack_dataset, packing_stats
 from archtune.data.tokenize import IGNORE_INDEX, RowEncoder, TokenizeSettings, check_tokenizer, encode_prompt
 from archtune.errors import Problem, UserError
 
@@ -507,6 +508,10 @@ def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path):
 
 # ================================================================ entry point
 
+def eval_packing(cfg: Config) -> bool:
+    return cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
+
+
 def prepare_data(cfg: Config, tokenizer, *, progress: bool = True) -> PreparedData:
     """Tokenized, masked, validated train (and eval) data, from the cache when it has them.
 
@@ -534,6 +539,13 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True) -> PreparedDa
         state = "hit"
     train, ev, stats = hit
     stats = {**stats, "cache": state, "cache_dir": str(entry)}
+    # Packing runs after the cache, so turning it on or off never re-tokenizes.
+    if cfg.sample_packing:
+        train = pack_dataset(train, cfg.sequence_len, seed=cfg.seed)
+        stats["packing"] = {"train": packing_stats(train, cfg.sequence_len)}
+    if ev is not None and eval_packing(cfg):
+        ev = pack_dataset(ev, cfg.sequence_len, seed=cfg.seed)
+        stats.setdefault("packing", {})["eval"] = packing_stats(ev, cfg.sequence_len)
     dropped = {r: n for r, n in stats["rows_dropped"].items() if n}
     log.info("data: %d train rows, %d eval rows, %d tokens (cache %s: %s)%s", stats["train_rows"],
              stats["eval_rows"], stats["tokens"], state, entry,

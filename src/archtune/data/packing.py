@@ -33,6 +33,7 @@ data.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -183,7 +184,10 @@ def pack_dataset(ds: "Dataset", sequence_len: int, seed: int = 42, *, window: in
         "length": pa.array(row_len, pa.int64()),
         "num_docs": pa.array(docs_per_row, pa.int64()),
     })
-    return Dataset(packed)
+    # An explicit fingerprint: datasets would otherwise hash every token of the table.
+    source = getattr(ds, "_fingerprint", None) or f"{len(ds)}-{int(lengths.sum())}"
+    key = hashlib.sha256(f"{source}|packed|{sequence_len}|{seed}|{window}".encode()).hexdigest()[:16]
+    return Dataset(packed, fingerprint=key)
 
 
 # ================================================================ statistics

@@ -302,7 +302,8 @@ def probe_batch(cfg, tokenizer, plan=None) -> dict:
     if (plan is not None and "position_ids" in batch and plan.get("sample_packing")
             and plan.get("sample_packing_drop_attention_mask")):
         # The family's packing policy: no attention mask, position_ids restart per document.
-        batch["real_token_mask"] = batch.pop("attention_mask")
+        mask = batch.pop("attention_mask", None)
+        batch["real_token_mask"] = mask if mask is not None else batch["input_ids"] != tokenizer.pad_token_id
     return batch
 
 
@@ -364,7 +365,9 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
     model.eval()
     try:
         with torch.no_grad():
-            ref_logits = _forward_logits(model, batch, use_cache=True)
+            # Packed rows: a KV cache makes transformers skip the per-document mask, so inference
+            # on packed rows is only meaningful without it.
+            ref_logits = _forward_logits(model, batch, use_cache="position_ids" not in batch)
             result.loss_reference = float(causal_lm_loss(ref_logits, labels))
     except Exception as exc:  # inference itself is broken: nothing to compare with
         result.problems.append(Problem(PROBE_KEY, f"the reference forward (eval mode, use_cache=true) failed: "

@@ -77,6 +77,14 @@ class Family:
     is_moe: Callable[[dict[str, Any]], bool] | None = None
     # Keys of config.json whose (non-empty) sub-config means the model has that tower.
     tower_config_keys: tuple[str, ...] = ("vision_config", "audio_config")
+    # Documentation data (rendered by `archtune docs`): real checkpoints, architecture notes,
+    # measured figures and recommendations, known issues (symptom, cause, fix), recommended
+    # normalize_weight_scales rules.
+    models: dict[str, str] = field(default_factory=dict)
+    architecture_notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    known_issues: tuple[tuple[str, str, str], ...] = ()
+    weight_scale_rules: tuple[dict, ...] = ()
     tiny_models: tuple[TinyModel, ...] = ()
     # The family's own decisions (rule builders in families/rules.py), run after the generic
     # rules of plan.py, in this order.

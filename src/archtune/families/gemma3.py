@@ -74,6 +74,8 @@ FAMILY = register_family(
         name="gemma3",
         model_types=("gemma3", "gemma3_text"),
         description="Gemma 3 (4B/12B/27B): multimodal wrapper over a text backbone, Siglip vision tower",
+        models={"google/gemma-3-1b-it": "text only, `gemma3_text`", "google/gemma-3-4b-it": "multimodal",
+                "google/gemma-3-12b-it": "multimodal", "google/gemma-3-27b-it": "multimodal"},
         auto_class="AutoModelForImageTextToText",
         language_model_prefix="model.language_model",
         decoder_layer_cls="Gemma3DecoderLayer",

@@ -166,6 +166,27 @@ FAMILY = register_family(
         name="gemma4",
         model_types=("gemma4", "gemma4_text"),
         description="Gemma 4 (26B-A4B MoE, 31B dense, E2B/E4B): multimodal wrapper over a text backbone",
+        models={"google/gemma-4-26B-A4B": "MoE", "google/gemma-4-31B": "dense",
+                "google/gemma-4-E2B": "dense, per-layer inputs", "google/gemma-4-E4B": "dense, per-layer inputs"},
+        architecture_notes=(
+            "Every Gemma 4 checkpoint has `model_type: gemma4` and loads as the multimodal wrapper with a vision "
+            "tower, text-only variants included",
+            "26B-A4B: `enable_moe_block: true`, 256 experts with top-k routing; there is no separate "
+            "`SparseMoeBlock`: the MoE sits beside the dense MLP inside each decoder layer",
+            "E2B/E4B: `hidden_size_per_layer_input: 256` (per-layer input embeddings), `attention_k_eq_v: False`, "
+            "and cross-layer KV sharing (`num_kv_shared_layers`)",
+        ),
+        notes=(
+            "FSDP2 wraps `Gemma4TextDecoderLayer`; `Gemma4DecoderLayer` does not exist in transformers",
+            "FSDP2 + activation_offloading gives the lowest VRAM: ~26 GiB per GPU for 26B-A4B (the reference "
+            "trainer's measurement)",
+        ),
+        known_issues=(
+            ("E2B/E4B loss starts near 12 instead of ~0.5",
+             "cross-layer KV sharing computed wrongly with use_cache=False or under checkpointing (transformers "
+             "5.5.0-5.5.1, fixed in 5.5.2); reentrant or offloaded checkpointing can hand a layer detached K/V",
+             "`archtune check --probe` compares the training settings with inference on one batch before training"),
+        ),
         auto_class="AutoModelForImageTextToText",
         language_model_prefix="model.language_model",
         decoder_layer_cls="Gemma4TextDecoderLayer",

@@ -32,9 +32,10 @@ has a state-carrying layer no patch covers (never a silent leak).
 Softmax attention needs no patch to be exact, but it can be made cheaper. sdpa over a packed
 row computes all L x L scores and masks most of them away (on CPU the masked kernel skips
 nothing). `document_sdpa_attention`, registered with transformers as the attention
-implementation "sdpa_packed", runs sdpa once per document on the diagonal blocks of the very
-mask transformers built (so sliding windows and any overlay inside a document are kept): the
-work drops from L^2 to the sum of the documents' squared lengths, and the result is the same
+implementation "sdpa_packed", runs sdpa per document (short neighbours grouped into one block)
+on the diagonal blocks of the very mask transformers built (so sliding windows and any overlay
+inside a document are kept): the work drops from L^2 to about the sum of the documents'
+squared lengths (-25% step time on the benchmark's packed rows), and the result is the same
 as over the whole row because transformers' packed mask has nothing outside those blocks
 (checked, once per mask; anything else falls back to plain sdpa). `prepare_model_for_packing`
 switches a text config from "sdpa" to it.
@@ -256,7 +257,7 @@ def patch_gated_deltanet_for_packing(model: torch.nn.Module) -> int:
     """
     patched = 0
     for parent in list(model.modules()):
-        for child_name, child in parent.named_children():
+        for child in parent.children():
             if not _is_gated_deltanet(child) or getattr(child, _PATCHED, False):
                 continue
             missing = [a for a in _DELTANET_ATTRS if not hasattr(child, a)]
@@ -280,12 +281,18 @@ _BLOCKS = "_archtune_document_blocks"
 # Per-document attention pays a Python loop over documents; when one document fills most of the
 # rows anyway (sum of squared lengths above this share of L^2) plain sdpa is as cheap.
 _DENSE_SHARE = 0.75
+_MIN_BLOCK = 64  # tokens: documents are grouped into blocks of at least this many (see _document_blocks)
 
 
 def _document_blocks(attention_mask, position_ids, q_len: int, kv_len: int) -> list[list[tuple[int, int]]] | None:
-    """[(start, end) per document] per row, when `attention_mask` is a packed mask with nothing
-    outside its documents' diagonal blocks and blocks pay off; else None (use plain sdpa).
-    Computed once per mask tensor (all layers of a type share it, checkpointing replays it)."""
+    """Per row, the (start, end) blocks to run attention on, or None (use plain sdpa).
+
+    Blocks never cut a document; consecutive documents are grouped until a block has at least
+    _MIN_BLOCK tokens. Given only when `attention_mask` is a packed mask with nothing allowed
+    across documents (so its diagonal blocks hold all of it) and the blocks save work (their
+    squared sizes under _DENSE_SHARE of L^2). Computed once per mask tensor: all layers of a
+    type share it, and checkpointing replays it.
+    """
     if (position_ids is None or attention_mask is None or not torch.is_tensor(attention_mask)
             or attention_mask.dtype != torch.bool or attention_mask.ndim != 4 or q_len != kv_len
             or attention_mask.shape[-2:] != (q_len, kv_len)):
@@ -302,8 +309,14 @@ def _document_blocks(attention_mask, position_ids, q_len: int, kv_len: int) -> l
             starts = torch.diff(seq_idx, dim=-1, prepend=seq_idx[:, :1] - 1) != 0
             blocks = []
             for row in starts:
-                edges = row.nonzero().flatten().tolist() + [q_len]
-                blocks.append(list(zip(edges[:-1], edges[1:])))
+                # Consecutive short documents (and padding, one "document" per token) share a block:
+                # the mask's slice keeps them apart, and one sdpa call costs less than many tiny ones.
+                spans, begin = [], 0
+                for end in row.nonzero().flatten().tolist()[1:] + [q_len]:
+                    if end - begin >= _MIN_BLOCK or end == q_len:
+                        spans.append((begin, end))
+                        begin = end
+                blocks.append(spans)
             work = sum((e - s) ** 2 for row in blocks for s, e in row)
             if work > _DENSE_SHARE * len(blocks) * q_len * q_len:
                 blocks = None
@@ -328,7 +341,7 @@ def document_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     blocks = _document_blocks(attention_mask, kwargs.get("position_ids"), query.shape[2], key.shape[2])
-    if blocks is None:
+    if blocks is None or len(blocks) != query.shape[0] or attention_mask.shape[0] != query.shape[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows = []
@@ -465,7 +478,8 @@ def prepare_model_for_packing(model: torch.nn.Module, patches=(), *, document_at
     return {"patches": applied, "use_cache": False, "attention": attention}
 
 
-__all__ = ["DOCUMENT_SDPA", "document_sdpa_attention", "register_document_attention", "SEQ_IDX_KWARG", "STATEFUL_LAYER_SUFFIXES", "packed_sequence_index", "segmented_causal_conv1d",
-           "segmented_chunk_gated_delta_rule", "patch_gated_deltanet_for_packing", "PackingPatch",
-           "register_packing_patch", "get_packing_patch", "GATED_DELTANET_PACKING", "PackingUnsupported",
-           "stateful_layers", "prepare_model_for_packing"]
+__all__ = ["SEQ_IDX_KWARG", "STATEFUL_LAYER_SUFFIXES", "packed_sequence_index", "segmented_causal_conv1d",
+           "segmented_chunk_gated_delta_rule", "patch_gated_deltanet_for_packing", "DOCUMENT_SDPA",
+           "document_sdpa_attention", "register_document_attention", "PackingPatch", "register_packing_patch",
+           "get_packing_patch", "GATED_DELTANET_PACKING", "PackingUnsupported", "stateful_layers",
+           "prepare_model_for_packing"]

@@ -111,6 +111,14 @@ FAMILY = register_family(
     Family(
         name="qwen3_5_moe",
         model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+        models={"Qwen/Qwen3.5-35B-A3B": "MoE: 35B parameters, 3B active"},
+        architecture_notes=(
+            "Hybrid: Gated DeltaNet linear attention in 30 layers and full attention in 10 (every fourth layer)",
+            "256 experts, 8 active per token, plus a shared expert in every layer",
+            "Known weight-scale drift in the late DeltaNet layers (36-38): rare experts get a larger effective "
+            "learning rate from AdamW",
+        ),
+        weight_scale_rules=({"name_pattern": r"linear_attn\.conv1d\.weight", "threshold": 1.3},),
         description="Qwen 3.5 MoE (35B-A3B): hybrid Gated DeltaNet / full attention, routed experts "
         "plus a shared expert, vision tower",
         auto_class="AutoModelForImageTextToText",

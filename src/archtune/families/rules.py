@@ -279,7 +279,9 @@ def _packing_policy(plan: "Plan") -> None:
                  f"{fam.name}: transformers builds the block-diagonal mask of packed documents from position_ids "
                  "only when attention_mask is None")
     else:
-        plan.set("sample_packing_drop_attention_mask", False, "default", "packed rows keep their attention mask")
+        plan.set("sample_packing_drop_attention_mask", True, "auto",
+                 "packed rows carry no 2D attention mask (it cannot mark document boundaries); the per-document "
+                 "mask comes from position_ids restarting at 0")
 
 
 def _experts_implementation(plan: "Plan") -> None:

@@ -46,7 +46,23 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None):
     if plan.get("adapter") == "lora":
         model = apply_lora(model, plan)
     _set_use_cache(model, bool(plan.get("use_cache")))
+    prepare_packing(model, plan)
     return model
+
+
+def prepare_packing(model, plan: Plan) -> None:
+    """Packed rows: the family's packing patches (e.g. DeltaNet state reset per document),
+    per-document attention, no KV cache. A family that cannot be made exact is refused."""
+    from archtune.data import eval_packing
+    from archtune.families.linear_attention import PackingUnsupported, prepare_model_for_packing
+
+    if not (plan.config.sample_packing or eval_packing(plan.config)):
+        return
+    try:
+        prepare_model_for_packing(model, plan.family.patches)
+    except PackingUnsupported as exc:
+        raise UserError.single("sample_packing", f"packing cannot be made exact for this model: {exc}",
+                               "set sample_packing: false") from None
 
 
 def _set_use_cache(model, value: bool) -> None:
@@ -172,6 +188,7 @@ def train(cfg: Config, *, console=None) -> dict:
         raise
     eval_final = trainer.evaluate()["eval_loss"] if data.eval is not None else None
 
+    _set_use_cache(model, True)  # the saved config is for inference: the cache was off only for training
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
     history = trainer.state.log_history
