@@ -111,10 +111,13 @@ def alpaca_row(rng: random.Random, words: tuple[str, ...]) -> dict[str, str]:
 def quickstart(rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Alpaca train and test rows; no word list of a test row occurs in train.
 
-    Measured with the tiny Gemma-4 MoE model (hidden 64, 4 layers, AdamW lr 5e-3, batch 16,
-    one CPU thread): the category task on 3-word lists is learned (held-out greedy answers
-    right) after 300-400 steps; the same task on 3-5 words, or reverse and category mixed,
-    was still mostly wrong after 600-1200 steps.
+    Measured with archtune's tiny:gemma4-moe (hidden 64, 4 layers, full fine-tuning, AdamW
+    lr 1e-3 betas (0.9, 0.999), 40 warmup steps then cosine, batch 16, CPU): the category task
+    on 3-word lists is learned (held-out greedy answers right for 124-150 of 150 rows, over 4
+    seeds) within 600-800 steps, and the held-out answer loss falls from 7.6 to below 0.2.
+    The same task on 3-5 words, or reverse and category mixed, was still mostly wrong after
+    600-1200 steps; lr 3e-3 or more often sat for 500+ steps on the plateau where the model
+    only knows the category frequencies (loss ~1.56).
     """
     # Test word lists first, so that train can avoid them entirely.
     test_lists: list[tuple[str, ...]] = []

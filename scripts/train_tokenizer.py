@@ -157,17 +157,17 @@ def tokenizer_config(tok: Tokenizer) -> dict:
                 "single_word": False, "special": True,
             }
     return {
-        "added_tokens_decoder": added,
-        "bos_token": BOS,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": EOS,
-        "extra_special_tokens": [t for t in SPECIAL_TOKENS if t not in (PAD, EOS, BOS, UNK)],
-        "model_max_length": MODEL_MAX_LENGTH,
-        "pad_token": PAD,
-        "padding_side": "right",
         "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": PAD,
+        "eos_token": EOS,
+        "bos_token": BOS,
         "unk_token": UNK,
+        "extra_special_tokens": [t for t in SPECIAL_TOKENS if t not in (PAD, EOS, BOS, UNK)],
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "padding_side": "right",
+        "added_tokens_decoder": added,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 
@@ -176,21 +176,22 @@ def special_tokens_map() -> dict:
         return {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
     return {
-        "additional_special_tokens": [entry(t) for t in SPECIAL_TOKENS[4:]],
-        "bos_token": entry(BOS),
-        "eos_token": entry(EOS),
         "pad_token": entry(PAD),
+        "eos_token": entry(EOS),
+        "bos_token": entry(BOS),
         "unk_token": entry(UNK),
+        "additional_special_tokens": [entry(t) for t in SPECIAL_TOKENS[4:]],
     }
 
 
 def _dump(obj: dict) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    # Key order as built (tokenizer.json: as the tokenizers library writes it, vocab by id).
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
 def write(tok: Tokenizer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Re-serialise through json so the file is stable (sorted keys, fixed indentation).
+    # Re-serialise through json for a fixed indentation (the content is already deterministic).
     (out_dir / "tokenizer.json").write_text(_dump(json.loads(tok.to_str())), encoding="utf-8", newline="\n")
     (out_dir / "tokenizer_config.json").write_text(_dump(tokenizer_config(tok)), encoding="utf-8", newline="\n")
     (out_dir / "special_tokens_map.json").write_text(_dump(special_tokens_map()), encoding="utf-8", newline="\n")
