@@ -50,15 +50,34 @@ def _load(config: Path, overrides: Optional[list[str]]):
 
 @app.command()
 def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
-          nproc: int = typer.Option(1, "--nproc", help="Processes (torchrun) on this node.")) -> None:
-    """Fine-tune as the config says; writes weights, train_summary.json, loss.png, TensorBoard logs."""
-    if nproc != 1:
-        raise UserError.single("--nproc", "multi-process training is not available yet", "run with --nproc 1")
+          nproc: int = typer.Option(1, "--nproc", help="Processes (torchrun) on this node."),
+          nnodes: int = typer.Option(1, "--nnodes", help="Nodes (machines) taking part; run the command on each."),
+          node_rank: int = typer.Option(0, "--node-rank", help="This node's number, 0 (the master) to nnodes-1."),
+          master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0 (several nodes)."),
+          master_port: Optional[int] = typer.Option(None, "--master-port", help="Port on node 0 (default: a free "
+                                                   "port on one node, 29500 on several).")) -> None:
+    """Fine-tune as the config says; writes weights, train_summary.json, loss.png, TensorBoard logs.
+
+    With --nproc N (or --nnodes > 1) this starts torchrun's workers, each running this command as
+    one rank; under torchrun (WORLD_SIZE set) it trains as that rank.
+    """
+    from archtune.train import distributed
+
+    if not distributed.is_distributed() and (nproc != 1 or nnodes != 1):
+        from archtune.train.launch import launch
+
+        _load(config, overrides)  # a bad config is reported once, here, not by every worker
+        code = launch(config, list(overrides or []), nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                      master_addr=master_addr, master_port=master_port, debug=_state["debug"])
+        if code:
+            sys.exit(code)
+        return
     from archtune.train.recipe import train as run_train
 
     cfg = _load(config, overrides)
-    summary = run_train(cfg, console=console)
-    _print_train_summary(summary, cfg.output_dir)
+    summary = run_train(cfg, console=console if distributed.is_main() else None)
+    if distributed.is_main():
+        _print_train_summary(summary, cfg.output_dir)
 
 
 def _fmt(v, digits=4):

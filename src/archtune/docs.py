@@ -552,9 +552,10 @@ def _multi_gpu(ctx: _Family) -> list[str]:
 
 def _scattermoe_block(ctx: _Family) -> tuple[dict[str, Any], Any]:
     """The kernel keys (Axolotl's plugin path, use_kernels, use_scattermoe) and the resulting plan."""
-    from archtune.families.rules import PLUGIN_ALIASES
+    from archtune.plugins import plugin_aliases
 
-    plugin = KERNEL_KEYS_FROM if KERNEL_KEYS_FROM in PLUGIN_ALIASES else sorted(PLUGIN_ALIASES)[0]
+    aliases = plugin_aliases()
+    plugin = KERNEL_KEYS_FROM if KERNEL_KEYS_FROM in aliases else sorted(aliases)[0]
     keys = {"plugins": [plugin], "use_kernels": True, "use_scattermoe": True}
     plan = ctx.plan(keys)
     return {**keys, "experts_implementation": plan.get("experts_implementation")}, plan

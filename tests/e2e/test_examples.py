@@ -17,7 +17,7 @@ import yaml
 from tests.e2e.conftest import REPO, run_cli
 
 EXAMPLES = REPO / "examples"
-NOT_MODEL_EXAMPLES = {"quickstart.yaml"}  # the CPU quickstart has its own tests
+NOT_MODEL_EXAMPLES = {"quickstart.yaml", "quickstart-lora.yaml"}  # the CPU quickstart has its own tests
 WRAP = "fsdp_config.fsdp_transformer_layer_cls_to_wrap"
 REENTRANT = "gradient_checkpointing_kwargs.use_reentrant"
 GEMMA4_REGEX = r"model.language_model.layers.[\d]+.(_checkpoint_wrapped_module.)?(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"
@@ -34,7 +34,7 @@ CASES: dict[str, tuple[str, str, str, dict, bool]] = {
         "lora_target_modules": (GEMMA4_REGEX, "user"),
         "lora_target_parameters": (EXPERTS, "user"),
         "lora_dropout": (0.0, "user"),
-        "plugins": (["archtune.kernels"], "auto"),
+        "plugins": (["archtune.plugins.KernelsPlugin"], "auto"),
         "use_kernels": (True, "user"),
         "use_scattermoe": (True, "user"),
         "experts_implementation": ("scattermoe", "user"),

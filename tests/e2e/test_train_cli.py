@@ -139,3 +139,19 @@ def test_console_script_error_has_no_traceback_unless_debug(tmp_path, small_data
     assert plain.returncode == 2 and "lora_rr" in plain.stderr and "Traceback" not in plain.stderr
     debug = subprocess.run([sys.executable, "-m", "archtune", "--debug", "train", str(cfg)], capture_output=True, text=True)
     assert "Traceback" in debug.stderr
+
+
+def test_evaluate_uses_the_kind_of_weights_the_last_run_wrote(tmp_path, small_data, capsys):
+    """A full fine-tune into a directory that still holds an earlier LoRA adapter: evaluate must use
+    the full weights the last run wrote, not the stale adapter."""
+    common = dict(base_model="tiny:llama", **small_data, sequence_len=128, micro_batch_size=8,
+                  learning_rate=0.003, output_dir=str(tmp_path / "out"), use_tensorboard=False)
+    lora = write_config(tmp_path / "lora.yaml", **common, adapter="lora", max_steps=2)
+    full = write_config(tmp_path / "full.yaml", **common, max_steps=6)
+    assert run_cli(capsys, "train", lora)[0] == 0
+    assert run_cli(capsys, "train", full)[0] == 0
+    assert list((tmp_path / "out").glob("previous-*/adapter_config.json"))  # set aside, not deleted
+    code, stdout, err = run_cli(capsys, "evaluate", full, "--json")
+    assert code == 0, err
+    evaluated = __import__("json").loads(stdout.strip().splitlines()[-1])["eval_loss"]
+    assert evaluated == pytest.approx(read_json(tmp_path / "out" / "train_summary.json")["eval_loss_final"], rel=1e-5)

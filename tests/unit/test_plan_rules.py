@@ -429,7 +429,7 @@ def test_axolotl_kernels_plugin_is_an_alias_of_the_builtin():
     plan = plan_for("gemma4-moe", plugins=["axolotl.integrations.kernels.KernelsPlugin"], use_kernels=True,
                     use_scattermoe=True, experts_implementation="scattermoe")
     assert not plan.errors
-    assert decision(plan, "plugins") == (["archtune.kernels"], "auto")
+    assert decision(plan, "plugins") == (["archtune.plugins.KernelsPlugin"], "auto")
     assert "axolotl.integrations.kernels.KernelsPlugin" in plan.settings["plugins"].reason
 
 

@@ -125,6 +125,8 @@ class Config(_Strict):
 
     # ---- kernels and plugins
     plugins: list[str] | None = Field(None, description="Plugin import paths (archtune's built-ins and Axolotl's KernelsPlugin alias).")
+    allow_external_plugins: bool = Field(
+        False, description="Allow plugins outside archtune's built-ins (importing a plugin module runs its code).")
     use_kernels: bool = Field(False, description="Use the kernels plugin's implementations.")
     use_scattermoe: bool = Field(False, description="Use the ScatterMoE experts implementation (with use_kernels).")
     experts_implementation: str | None = Field(

@@ -31,13 +31,6 @@ ALL_LINEAR = "all-linear"
 
 # Plugins archtune ships (no plugin code is imported from arbitrary paths), and the import
 # paths of other trainers they stand in for.
-BUILTIN_PLUGINS: dict[str, str] = {
-    "archtune.kernels": "archtune's kernels plugin (use_kernels, use_scattermoe, experts_implementation)",
-}
-PLUGIN_ALIASES: dict[str, str] = {
-    "axolotl.integrations.kernels.KernelsPlugin": "archtune.kernels",
-}
-
 # Experts implementations archtune knows besides transformers' registry (which is read live).
 EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "grouped_mm", "batched_mm", "scattermoe")
 
@@ -307,20 +300,28 @@ def _experts_implementation(plan: "Plan") -> None:
 
 
 def _plugins(plan: "Plan") -> None:
+    """Plugins resolve against archtune.plugins' registry (the one allow-list): built-ins and their
+    aliases load; other import paths only with allow_external_plugins, since importing runs code."""
+    from archtune.plugins import builtin_plugins, plugin_aliases
+
     given = list(plan.config.plugins or [])
     if not given:
         return
+    builtins, aliases = builtin_plugins(), plugin_aliases()
     resolved: list[str] = []
     notes: list[str] = []
     for path in given:
-        if path in BUILTIN_PLUGINS:
-            name = path
-        elif path in PLUGIN_ALIASES:
-            name = PLUGIN_ALIASES[path]
-            notes.append(f"{path} is Axolotl's; {BUILTIN_PLUGINS[name]} stands in for it")
+        name = aliases.get(path, path)
+        if name in builtins:
+            if name != path:
+                notes.append(f"{path} is accepted as an alias of archtune's built-in {name}")
+        elif plan.config.allow_external_plugins:
+            plan.warn(f"plugins: {path} is an external plugin: importing it runs its code (allow_external_plugins: true)")
         else:
-            plan.error("plugins", f"{path!r} is not a built-in plugin: only built-in plugins are allowed for now",
-                       f"remove it; built-in plugins: {', '.join([*BUILTIN_PLUGINS, *PLUGIN_ALIASES])}")
+            plan.error("plugins", f"{path!r} is not a built-in plugin; external plugins are refused by default "
+                       "because importing a module runs its code",
+                       f"remove it (built-ins: {', '.join(sorted([*builtins, *aliases]))}), or set "
+                       "allow_external_plugins: true if you trust it")
             continue
         if name not in resolved:
             resolved.append(name)
@@ -513,8 +514,6 @@ def fsdp1_refuses_quantized_base(why: str) -> Rule:
 
 __all__ = [
     "GENERIC_RULES",
-    "BUILTIN_PLUGINS",
-    "PLUGIN_ALIASES",
     "EXPERTS_IMPLEMENTATIONS",
     "experts_implementations",
     "names_to_language_model_regex",

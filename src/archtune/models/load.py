@@ -187,13 +187,27 @@ def apply_weight_scale_rules(model, plan: Plan, console=None):
 
 
 def trained_weights_kind(output_dir: str | os.PathLike) -> str | None:
-    """'adapter', 'full' or None: what a finished run left in output_dir."""
+    """'adapter', 'full' or None: what a finished run left in output_dir.
+
+    train_summary.json says which kind the last run wrote, so an earlier run's files of the other
+    kind in the same directory are never picked up by mistake.
+    """
     out = Path(output_dir)
-    if (out / "adapter_config.json").is_file():
+    has_adapter = (out / "adapter_config.json").is_file()
+    has_full = (out / "config.json").is_file() and any(out.glob("model*.safetensors"))
+    summary = out / "train_summary.json"
+    if summary.is_file():
+        try:
+            adapter = json.loads(summary.read_text()).get("adapter", "missing")
+        except (OSError, ValueError):
+            adapter = "missing"
+        if adapter != "missing":
+            kind = "adapter" if adapter else "full"
+            if (kind == "adapter" and has_adapter) or (kind == "full" and has_full):
+                return kind
+    if has_adapter:
         return "adapter"
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return "full"
-    return None
+    return "full" if has_full else None
 
 
 def load_trained(cfg, plan: Plan, tokenizer):

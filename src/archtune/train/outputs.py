@@ -42,3 +42,25 @@ def write_summary(path: Path, summary: dict) -> Path:
 
     path.write_text(json.dumps({k: clean(v) for k, v in summary.items()}, indent=2, sort_keys=True) + "\n")
     return path
+
+
+# Files a finished run leaves as its weights: an adapter, or full weights with their config.
+WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
+                "model.safetensors", "model.safetensors.index.json", "train_summary.json")
+
+
+def set_aside_previous_weights(output_dir: Path) -> Path | None:
+    """Move an earlier run's weights out of the way (into output_dir/previous-<time>/), so a new run
+    never mixes with them — e.g. transformers loads a stale adapter_config.json on top of new full
+    weights. Nothing is deleted. Returns where they went, or None when there were none."""
+    import time
+
+    found = [p for p in (output_dir / n for n in WEIGHT_FILES) if p.exists()]
+    found += sorted(output_dir.glob("model-*-of-*.safetensors"))
+    if not found:
+        return None
+    target = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for p in found:
+        p.rename(target / p.name)
+    return target

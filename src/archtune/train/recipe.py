@@ -18,8 +18,9 @@ from archtune.data.collate import DataCollator
 from archtune.models.load import apply_weight_scale_rules, load_model, load_tokenizer, read_model_config
 from archtune.errors import UserError
 from archtune.plan import Plan, resolve
+from archtune.train import distributed
 from archtune.train.callbacks import LossBar, TrainClock
-from archtune.train.outputs import plot_losses, write_summary
+from archtune.train.outputs import plot_losses, set_aside_previous_weights, write_summary
 from archtune.train.trainer import ArchtuneTrainer
 
 
@@ -38,16 +39,37 @@ def plan_for(cfg: Config, world_size: int = 1) -> Setup:
 
 
 def build_model(cfg: Config, plan: Plan, tokenizer, console=None):
-    """Base model, multimodal towers frozen (freeze_mm_modules), then the Plan's adapters (LoRA) or
-    every other weight trainable (full fine-tune)."""
-    model = load_model(cfg, plan, tokenizer)
+    """Base model (4-bit for QLoRA), multimodal towers frozen (freeze_mm_modules), then the Plan's
+    adapters (LoRA) or every other weight trainable (full fine-tune); activation offloading wraps
+    the decoder layers last."""
+    from archtune.models import quant
+
+    quantized = quant.is_quantized(plan)
+    model = quant.load_quantized(cfg, plan, tokenizer) if quantized else load_model(cfg, plan, tokenizer)
     apply_weight_scale_rules(model, plan, console)  # base weights, before adapters (normalize_weight_scales)
     freeze_multimodal(model, plan)
-    if plan.get("adapter") == "lora":
+    if quantized:
+        quant.prepare_for_training(model, plan)
+    if plan.get("adapter") in ("lora", "qlora"):
         model = apply_lora(model, plan)
     _set_use_cache(model, bool(plan.get("use_cache")))
     prepare_packing(model, plan)
+    if plan.get("activation_offloading"):
+        apply_activation_offloading(model, plan)
     return model
+
+
+def apply_activation_offloading(model, plan: Plan) -> None:
+    """`activation_offloading: true`: each decoder layer checkpointed (non-reentrant), its saved
+    inputs kept in CPU memory until backward (the Plan has turned use_cache off)."""
+    layers = [c.strip() for c in str(plan.get("fsdp_config.fsdp_transformer_layer_cls_to_wrap")
+                                     or plan.family.decoder_layer_cls or "").split(",") if c.strip()]
+    if not layers:
+        raise UserError.single("activation_offloading", "no decoder layer class is known for this model",
+                               "set fsdp_config.fsdp_transformer_layer_cls_to_wrap to its decoder layer class")
+    if distributed.apply_activation_offloading(model, layers) == 0:
+        raise UserError.single("activation_offloading", f"no module of this model is a {', '.join(layers)}",
+                               "set fsdp_config.fsdp_transformer_layer_cls_to_wrap to its decoder layer class")
 
 
 def prepare_packing(model, plan: Plan) -> None:
@@ -75,10 +97,7 @@ def _set_use_cache(model, value: bool) -> None:
 
 # Settings `archtune check` accepts and plans, whose training path is not built yet.
 _NOT_YET_TRAINABLE = {
-    "load_in_4bit": "4-bit QLoRA training",
     "load_in_8bit": "8-bit training",
-    "fsdp": "FSDP training",
-    "activation_offloading": "activation offloading",
 }
 
 
@@ -90,8 +109,12 @@ def _refuse_not_yet_trainable(plan: Plan) -> None:
     if plan.get("experts_implementation") == "scattermoe":
         raise UserError.single("experts_implementation", "the scattermoe experts implementation is not available in this release",
                                "remove experts_implementation / use_scattermoe (transformers' grouped_mm is used)")
-    if plan.get("adapter") == "qlora":
-        raise UserError.single("adapter", "QLoRA training is not available in this release", "use `adapter: lora`")
+    if plan.get("fsdp") and plan.get("fsdp_config.fsdp_version") == 1:
+        raise UserError.single("fsdp_config.fsdp_version", "FSDP1 is not trainable in this release",
+                               "set `fsdp_config.fsdp_version: 2` (fully_shard)")
+    if plan.get("fsdp") and plan.world_size == 1:
+        raise UserError.single("fsdp", "FSDP shards the model over several processes, but this run has one",
+                               "train with --nproc 2 or more, or remove `fsdp`")
 
 
 def training_arguments(plan: Plan, has_eval: bool):
@@ -136,12 +159,15 @@ def training_arguments(plan: Plan, has_eval: bool):
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=plan.get("ddp_find_unused_parameters"),
+        # Without a GPU, accelerate runs several processes only as "MULTI_CPU" (gloo), which use_cpu selects.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=distributed.backend() if distributed.is_distributed() else None,
     )
 
 
 def _callbacks(cfg: Config, clock: TrainClock) -> list:
-    callbacks = [clock]
-    if cfg.use_tensorboard:
+    callbacks = [clock, distributed.ExitAfterCheckpoint()]
+    if cfg.use_tensorboard and distributed.is_main():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
@@ -150,16 +176,38 @@ def _callbacks(cfg: Config, clock: TrainClock) -> list:
 
 
 def train(cfg: Config, *, console=None) -> dict:
-    """Run a fine-tune; returns the train summary (also written to output_dir)."""
-    setup = plan_for(cfg)
+    """Run a fine-tune; returns the train summary (also written to output_dir).
+
+    Under torchrun (WORLD_SIZE > 1) this process is one rank: it joins the process group (gloo on
+    CPU, NCCL on GPUs), the Plan is resolved for the real world size, and only rank 0 prints,
+    preprocesses first, and writes outputs. The process group is destroyed before returning.
+    """
+    created = distributed.init()
+    ok = False
+    try:
+        summary = _train(cfg, console if distributed.is_main() else None)
+        ok = True
+        return summary
+    finally:
+        if created:
+            distributed.shutdown(synchronize=ok)
+
+
+def _train(cfg: Config, console) -> dict:
+    setup = plan_for(cfg, world_size=distributed.world_size())
     plan, tokenizer = setup.plan, setup.tokenizer
     _refuse_not_yet_trainable(plan)
+    main = distributed.is_main()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume_from_checkpoint and (moved := set_aside_previous_weights(out)):
+            _say(console, f"an earlier run's weights in {out} were moved to {moved}")
     for warning in plan.warnings:
         _say(console, f"[yellow]warning:[/] {warning}")
 
-    data: PreparedData = prepare_data(cfg, tokenizer)
+    with distributed.main_process_first():  # rank 0 tokenizes and caches, the others read its cache
+        data: PreparedData = prepare_data(cfg, tokenizer, progress=main)
     model = build_model(cfg, plan, tokenizer, console=console)
     trainable, total = count_params(model)
 
@@ -172,13 +220,14 @@ def train(cfg: Config, *, console=None) -> dict:
         data_collator=DataCollator(tokenizer),
         processing_class=tokenizer,
         callbacks=_callbacks(cfg, clock),
+        fsdp=distributed.fsdp_settings(plan),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     eval_initial = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     resume = cfg.resume_from_checkpoint
     if resume == "auto":
-        resume = True
+        resume = _last_checkpoint(out)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
@@ -186,37 +235,72 @@ def train(cfg: Config, *, console=None) -> dict:
         trainer.save_model(str(out / "interrupted"))
         _say(console, f"[red]interrupted[/]: weights so far saved to {out / 'interrupted'}")
         raise
+    except RuntimeError as exc:
+        raise _ddp_error(exc, plan) from exc
     eval_final = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    distributed.dump_rank_state(trainer.model)
 
     _set_use_cache(model, True)  # the saved config is for inference: the cache was off only for training
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    trainer.save_model(str(out))  # written once, on rank 0 (FSDP: shards gathered once, here)
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
-    train_tokens = int(trainer.state.num_input_tokens_seen)
+    train_tokens = int(trainer.state.num_input_tokens_seen)  # summed over all processes by the Trainer
     summary = {
         "steps": int(trainer.state.global_step),
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
         "train_loss_mean": float(result.training_loss),
+        "train_losses": train_losses,
         "eval_loss_initial": eval_initial,
         "eval_loss_final": eval_final,
         "train_tokens": train_tokens,
         "train_seconds": round(clock.seconds, 3),
+        "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
         "tokens_per_second": train_tokens / clock.seconds if clock.seconds > 0 else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": trainable,
         "total_params": total,
         "world_size": plan.world_size,
+        "strategy": _strategy(plan),
+        "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
+        "sharded_params": distributed.sharded_parameters(trainer.model),
         "family": plan.family.name,
         "model_type": plan.model_type,
         "adapter": plan.get("adapter"),
         "data": data.stats,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_summary(out / "train_summary.json", summary)
-    plot_losses(history, out / "loss.png", f"{cfg.base_model} ({plan.family.name}, {plan.get('adapter') or 'full'})")
+    if main:
+        tokenizer.save_pretrained(str(out))
+        write_summary(out / "train_summary.json", summary)
+        plot_losses(history, out / "loss.png", f"{cfg.base_model} ({plan.family.name}, {plan.get('adapter') or 'full'})")
     return summary
+
+
+def _strategy(plan: Plan) -> str:
+    if plan.world_size == 1:
+        return "single"
+    name = "fsdp2" if plan.get("fsdp") else "ddp"
+    return name + ("+offload" if plan.get("activation_offloading") else "")
+
+
+def _last_checkpoint(out: Path):
+    """resume_from_checkpoint: auto -> the newest checkpoint-N in output_dir, else a fresh start."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out)) if out.is_dir() else None
+
+
+def _ddp_error(exc: RuntimeError, plan: Plan) -> Exception:
+    """DDP's unused-parameter failure as a user error naming the setting (other errors unchanged)."""
+    text = str(exc)
+    if "Expected to have finished reduction" not in text:
+        return exc
+    first = text.strip().splitlines()[0]
+    return UserError.single("ddp_find_unused_parameters",
+                            f"DDP failed: {first} (ddp_find_unused_parameters is "
+                            f"{plan.get('ddp_find_unused_parameters')}; some trainable parameters get no gradient)",
+                            "remove the ddp_find_unused_parameters override (the family sets it), or set it to true")
 
 
 def _say(console, text: str) -> None:

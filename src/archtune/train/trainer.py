@@ -15,6 +15,7 @@ No family is named here: what a model takes is read from the model itself.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,7 +90,105 @@ def text_only_extras(model: Any, batch: dict) -> dict[str, torch.Tensor]:
             if name in params and batch.get(name) is None}
 
 
+# Sharded (FSDP2) checkpoints: torch.distributed.checkpoint directories inside checkpoint-N/.
+SHARDED_MODEL_DIR = "model_dcp"
+SHARDED_OPTIMIZER_DIR = "optimizer_dcp"
+SCHEDULER_FILE = "scheduler.pt"
+
+
+def _drop_tied_copies(state: dict, model) -> dict:
+    """A gathered state dict holds tied weights (lm_head <- embed_tokens) as separate copies; drop
+    the tied targets that equal their source, as save_pretrained does for the unsharded model."""
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return state
+    out = dict(state)
+    for target, source in tied.items():
+        for key in [k for k in state if k == target or k.endswith("." + target)]:
+            src = key[: len(key) - len(target)] + source
+            if src in state and state[src].shape == state[key].shape and torch.equal(state[src], state[key]):
+                del out[key]
+    return out
+
+
 class ArchtuneTrainer(Trainer):
+    """`fsdp`: FSDP2 settings (archtune.train.distributed.fsdp_settings) or None. With them the model
+    is sharded here, right after the Trainer is built, and the Trainer treats it as a model that
+    owns its placement and gradient reduction (no DDP wrap; FSDP2 reduce-scatters). Checkpoints
+    are then sharded (torch.distributed.checkpoint: model, optimizer) and resumable; the final
+    `save_model` gathers the full weights once and rank 0 writes them as safetensors.
+    """
+
+    def __init__(self, *args, fsdp: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sharded = fsdp is not None
+        if self.sharded:
+            from archtune.train.distributed import shard_model
+
+            shard_model(self.model, fsdp)
+            self.model_wrapped = self.model
+            # transformers' path for models sharded before training: no accelerate DDP/FSDP wrap.
+            self.is_distributed_loading_by_transformers = True
+
+    # ------------------------------------------------------------------ sharded checkpoints
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        import os
+
+        from archtune.train import distributed
+
+        output_dir = output_dir or self.args.output_dir
+        if _internal_call:  # a checkpoint: each rank writes its shards
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            distributed.save_sharded({"model": get_model_state_dict(self.model)}, Path(output_dir) / SHARDED_MODEL_DIR)
+            return
+        state = distributed.full_state_dict(self.model)  # collective; the full dict on rank 0 only
+        if distributed.is_main():
+            os.makedirs(output_dir, exist_ok=True)
+            state = _drop_tied_copies(state, unwrap_model(self.model))
+            self.model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
+        distributed.barrier()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from archtune.train import distributed
+
+        optim = get_optimizer_state_dict(self.model, self.optimizer)
+        distributed.save_sharded({"optimizer": optim}, Path(output_dir) / SHARDED_OPTIMIZER_DIR)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.sharded:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        from archtune.train import distributed
+
+        state = {"model": get_model_state_dict(self.model)}
+        distributed.load_sharded(state, Path(resume_from_checkpoint) / SHARDED_MODEL_DIR)
+        set_model_state_dict(self.model, state["model"])
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.sharded or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from archtune.train import distributed
+
+        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        distributed.load_sharded(state, Path(checkpoint) / SHARDED_OPTIMIZER_DIR)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_FILE, weights_only=True))
+
+    # ------------------------------------------------------------------ text-only batches
+
     def _with_text_only_extras(self, model, inputs: dict) -> dict:
         extras = text_only_extras(model, inputs)
         return {**inputs, **extras} if extras else inputs

@@ -1,0 +1,166 @@
+"""QLoRA: a bitsandbytes 4-bit base (NF4 by default), k-bit preparation, LoRA on top.
+
+- Model directories and hub ids load through `from_pretrained(..., quantization_config=
+  BitsAndBytesConfig(load_in_4bit=True, ...))`. transformers' bnb quantizer replaces the
+  `nn.Linear` layers only: stacked 3D expert tensors (`experts.gate_up_proj`, ...) stay
+  unquantized, as do the modules in `llm_int8_skip_modules` (lm_head by default).
+- `tiny:NAME` models are built in memory: they are saved to a temporary directory and reloaded
+  the same way, so they are quantized exactly like a real checkpoint.
+- bitsandbytes' CPU backend runs Linear4bit forward and backward (FINDINGS.md): QLoRA trains on
+  a CPU machine too.
+
+`merge_adapter` is what `archtune merge-lora` needs for a QLoRA run: the base is loaded in 4 bit
+(the weights the adapter was trained against), dequantized into plain `nn.Linear` layers, and
+the adapter merged into those — the result is a regular full-precision model.
+"""
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import torch
+
+from archtune.errors import UserError
+from archtune.plan import Plan
+
+
+def is_quantized(plan: Plan) -> bool:
+    """True when the Plan trains a 4-bit base (`load_in_4bit`, or `adapter: qlora`)."""
+    return bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
+
+
+def _compute_dtype(cfg) -> torch.dtype:
+    from archtune.models.load import torch_dtype
+
+    return torch_dtype(cfg)
+
+
+def bnb_config(cfg, plan: Plan):
+    """transformers' BitsAndBytesConfig for the Plan: 4-bit NF4, double quantization, compute in
+    the run's dtype; lm_head stays in full precision."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError.single("load_in_4bit", "4-bit loading needs bitsandbytes, which is not installed",
+                               "pip install bitsandbytes (its CPU backend works without a GPU)") from None
+    from transformers import BitsAndBytesConfig
+
+    def setting(key: str, default: Any) -> Any:
+        value = plan.get(key)
+        if value is None:
+            value = getattr(plan.config, key, None)
+        return default if value is None else value
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=setting("bnb_4bit_quant_type", "nf4"),
+        bnb_4bit_use_double_quant=bool(setting("bnb_4bit_use_double_quant", True)),
+        bnb_4bit_compute_dtype=_compute_dtype(cfg),
+        llm_int8_skip_modules=["lm_head"],
+    )
+
+
+def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
+    """The base model with its linear layers in bitsandbytes 4 bit (on CPU, or this rank's GPU)."""
+    from archtune.models.load import _auto_class, check_loading_info, tiny_name
+
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    name = tiny_name(cfg.base_model) if path is None else None
+    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=_compute_dtype(cfg), device_map=device_map,
+                  output_loading_info=True)
+    if name is not None:
+        from archtune.models.load import load_model
+
+        full = load_model(cfg, plan, tokenizer)
+        with tempfile.TemporaryDirectory(prefix="archtune-qlora-") as tmp:
+            full.save_pretrained(tmp, safe_serialization=True)
+            del full
+            model, info = _auto_class(plan).from_pretrained(tmp, **kwargs)
+            check_loading_info(info, cfg.base_model)
+        model.config._name_or_path = cfg.base_model  # not the temporary directory (adapter_config names it)
+        _keep_training_layout(model)
+        return model
+    source = str(path or cfg.base_model)
+    model, info = _auto_class(plan).from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
+                                                    revision=cfg.model_revision, **kwargs)
+    check_loading_info(info, source)
+    _keep_training_layout(model)
+    return model
+
+
+def _keep_training_layout(model) -> None:
+    """bitsandbytes' CPU backend repacks a Linear4bit's weight for its AVX512-bf16 inference kernel
+    on the first no-grad forward (an evaluation), and asserts out_features % 32 == 0 while doing it
+    (tiny models fail). Training alternates with evaluation, so keep the one layout that trains."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantized_modules(model) -> list[str]:
+    """Names of the bitsandbytes 4-bit linear layers of `model`."""
+    import bitsandbytes as bnb
+
+    return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def prepare_for_training(model, plan: Plan) -> None:
+    """PEFT's k-bit preparation: base frozen, norms and other non-quantized weights in fp32, input
+    gradients enabled (for checkpointing through a frozen base). Checkpointing itself is left to
+    the Trainer (the Plan's gradient_checkpointing and its non-reentrant kwargs)."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if plan.get("gradient_checkpointing"):
+        model.enable_input_require_grads()
+
+
+def dequantize(model) -> int:
+    """Replace every bitsandbytes Linear4bit of `model` (a PEFT model's base too) by an nn.Linear
+    holding its dequantized weight, in place. Returns the number of layers replaced."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            weight = F.dequantize_4bit(child.weight.data, child.weight.quant_state)
+            dtype = child.compute_dtype or torch.float32
+            linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                     device=weight.device, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight.to(dtype))
+                if child.bias is not None:
+                    linear.bias.copy_(child.bias.data.to(dtype))
+            linear.requires_grad_(False)
+            setattr(module, child_name, linear)
+            count += 1
+    config = getattr(model, "config", None)
+    if config is not None:
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+    for attr in ("is_quantized", "is_loaded_in_4bit", "hf_quantizer"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr != "hf_quantizer" else None)
+            except AttributeError:
+                pass
+    return count
+
+
+def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
+    """A QLoRA run's adapter merged into its dequantized 4-bit base: a plain transformers model.
+
+    For `archtune merge-lora` on a run with `adapter: qlora` / `load_in_4bit: true`.
+    """
+    from peft import PeftModel
+
+    base = load_quantized(cfg, plan, tokenizer)
+    dequantize(base)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    return model.merge_and_unload()

@@ -1,0 +1,400 @@
+"""`scattermoe`: a sort-by-expert experts implementation for transformers' experts registry.
+
+Registered as `ALL_EXPERTS_FUNCTIONS["scattermoe"]` by `archtune.moe.register()` (run when
+`archtune.moe` is imported), so `model.set_experts_implementation("scattermoe")` and
+`from_pretrained(..., experts_implementation="scattermoe")` work. It has the experts' forward
+signature `(self, hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`
+and reads the same attributes as transformers' `grouped_mm` (`num_experts`, `gate_up_proj` /
+`up_proj`, `down_proj`, `_apply_gate`, `act_fn`, `has_gate`, `has_bias`, `is_transposed`,
+`has_post_expert_norm`), so it serves every class decorated with `use_experts_implementation`:
+Gemma 4 (experts beside the dense MLP; the router's renormalised, per-expert-scaled weights
+arrive as `top_k_weights`) and Qwen 3.5 MoE (the shared expert and its sigmoid gate are
+applied by `Qwen3_5MoeSparseMoeBlock` outside the experts module).
+
+Algorithm (ScatterMoE's, in PyTorch):
+1. flatten the T*K (token, expert) pairs and stable-sort them by expert;
+2. count pairs per expert (segment lengths);
+3. per expert with a non-empty segment: gather its tokens' hidden states, gate/up product,
+   the model's gate (`_apply_gate`: act(gate) * up for Gemma 4's gelu_pytorch_tanh and
+   Qwen 3.5's silu, both [gate; up] concatenated), routing weight, down product;
+4. `index_add_` the results back into token positions (per token the contributions are
+   added in ascending expert order, the order of the eager loop).
+
+Gated experts without biases or a post-expert norm (Gemma 4, Qwen 3.5, Aria, most MoEs) run
+as ONE autograd Function (`_FusedExperts`) that does steps 3-4 a segment at a time, so the
+gather, the gate and the scatter stay in cache; its backward recomputes the gather and the
+gate and computes only the gradients autograd asks for (no weight gradient for frozen
+experts). Other experts (biases, post-expert norm, no gate: gpt-oss) take the general path:
+the same algorithm as autograd steps around a per-expert product Function (`_ExpertLinear`).
+Both compute PEFT's expert LoRA as a low-rank product per segment instead of materialising
+W + BA (see `archtune.moe.lora`). The routing weight is applied to the down product's input
+(its [N, I] rows) rather than its output ([N, H]): the same value, half the element-wise work.
+
+CPU notes (bench/moe.py): `torch.nn.functional.grouped_mm` has a CPU kernel in torch 2.13,
+but it runs one GEMM per group: measured equal to this loop (and bitwise equal) at 64
+experts, and it refuses some strided operands (PEFT's permuted LoRA factors). The loop is
+used everywhere; there is no Triton path, and none is required. Not torch.compile-friendly
+(data-dependent Python loop): compiled models graph-break here.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from archtune.moe.lora import ExpertWeight, expert_weight
+
+
+# ---- routing: sort (token, expert) pairs by expert ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The (token, expert) pairs of one forward, sorted by expert.
+
+    Example: top_k_index = [[1, 0], [1, 2]] (T=2, K=2, E=3) flattens to experts [1, 0, 1, 2];
+    a stable sort gives perm = [1, 0, 2, 3] (pairs in expert order), token_idx = perm // K =
+    [0, 0, 1, 1], expert_idx = [0, 1, 1, 2], counts = [1, 2, 1].
+    Pairs routed to an expert id >= E (expert-parallel sentinels) are dropped.
+    """
+
+    perm: torch.Tensor  # [N] index into the flattened [T*K] pairs
+    token_idx: torch.Tensor  # [N] token of each sorted pair
+    expert_idx: torch.Tensor  # [N] expert of each sorted pair (non-decreasing)
+    counts: list[int]  # [E] pairs per expert; sum(counts) == N
+
+
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+    num_top_k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)
+    expert_sorted, perm = torch.sort(expert_ids, stable=True)
+    # One host sync for the segment lengths; the per-expert loop needs them on the host anyway.
+    counts = torch.bincount(expert_ids.clamp(0, num_experts), minlength=num_experts + 1)[:num_experts].tolist()
+    kept = sum(counts)
+    if kept != perm.numel():  # sentinels (id >= E) sort to the tail
+        perm, expert_sorted = perm[:kept], expert_sorted[:kept]
+    return Routing(perm=perm, token_idx=perm // num_top_k, expert_idx=expert_sorted, counts=counts)
+
+
+# ---- per-expert products, LoRA fused --------------------------------------------------------
+#
+# A projection is W [E, out, in] (transformers' usual layout; `transposed=True`: [E, in, out])
+# plus, optionally, PEFT's factors: effective W = W + s * lhs @ rhs. The low-rank update is two
+# more projections in the same layout: "A" maps in -> r and "B" maps r -> out, so
+#   y = x @ R(W) + s * (x @ R(A)) @ R(B),    R(M)_e = M_e^T (or M_e when transposed),
+# with (A, B) = (rhs, lhs), or (lhs, rhs) when transposed (see archtune.moe.lora).
+
+
+def _segments(counts: list[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
+@dataclass
+class _Proj:
+    weight: torch.Tensor
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    scaling: float
+    transposed: bool
+
+    @classmethod
+    def of(cls, w: ExpertWeight, transposed: bool, dtype: torch.dtype) -> "_Proj":
+        a = b = None
+        scaling = 0.0
+        if w.lora is not None:
+            lhs, rhs, scaling = w.lora
+            # Contiguous per-expert factors: PEFT's are permuted views of lora_B / lora_A.
+            lhs, rhs = lhs.to(dtype).contiguous(), rhs.to(dtype).contiguous()
+            a, b = (lhs, rhs) if transposed else (rhs, lhs)
+        return cls(w.weight.to(dtype), a, b, float(scaling), transposed)
+
+    @property
+    def lora(self) -> bool:
+        return self.a is not None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-1] if self.transposed else self.weight.shape[-2]
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else (self.a.shape[-1] if self.transposed else self.a.shape[-2])
+
+    # Per-expert operands, built once per call with one `unbind` each: indexing and transposing
+    # inside the expert loop costs a dispatcher round trip per use, which adds up at 64 experts.
+    def right(self, name: str) -> tuple[torch.Tensor, ...]:
+        """R(M)_e for every expert: y = x @ R(M)_e."""
+        m = getattr(self, name)
+        return (m if self.transposed else m.transpose(-2, -1)).unbind(0)
+
+    def left(self, name: str) -> tuple[torch.Tensor, ...]:
+        """R(M)_e^T for every expert: gx = gy @ R(M)_e^T."""
+        m = getattr(self, name)
+        return (m.transpose(-2, -1) if self.transposed else m).unbind(0)
+
+    def forward_loop(self):
+        """A function (x, e, y, z) writing y = x @ R(W)_e (+ LoRA, z = x @ R(A)_e)."""
+        w_r = self.right("weight")
+        if not self.lora:
+            return lambda x, e, y, z: torch.mm(x, w_r[e], out=y)
+        a_r, b_r, s = self.right("a"), self.right("b"), self.scaling
+
+        def step(x, e, y, z):
+            torch.mm(x, w_r[e], out=y)
+            torch.mm(x, a_r[e], out=z)
+            y.addmm_(z, b_r[e], alpha=s)
+
+        return step
+
+    def grad_buffers(self, need_w: bool, need_a: bool, need_b: bool, counts: list[int]) -> list:
+        """Gradient buffers for (W, A, B); None where not needed. `finish` turns them into grads."""
+        bufs = [_grad_buffer(self.weight, need_w, counts), _grad_buffer(self.a, need_a, counts), None]
+        if self.b is not None and need_b:
+            # B's gradient s * gy^T z ([out, r]) is computed as (z^T gy)^T: the [r, out] product is
+            # the faster GEMM for a rank-r z, so the buffer holds it transposed.
+            shape = self.b.shape if self.transposed else (*self.b.shape[:-2], self.b.shape[-1], self.b.shape[-2])
+            bufs[2] = _grad_buffer(self.b, True, counts, shape)
+        return bufs
+
+    def backward_loop(self, bufs, need_x: bool):
+        """A function (e, x, z, gy, gx) writing gx (when need_x) and expert e's rows of the
+        `grad_buffers`; call `finish(bufs)` after the loop."""
+        gw, ga, gb = (None if g is None else g.unbind(0) for g in bufs)
+        w_l = self.left("weight")
+        lora = self.lora
+        if lora:
+            a_l = self.left("a")
+            b_scaled = self.b * self.scaling
+            b_l_scaled = (b_scaled.transpose(-2, -1) if self.transposed else b_scaled).unbind(0)
+        need_gz = lora and (need_x or ga is not None)
+        transposed = self.transposed
+
+        def grad_into(out, x, gy):  # d(x @ R(M_e))/dM_e in M's own layout
+            if transposed:
+                torch.mm(x.t(), gy, out=out)
+            else:
+                torch.mm(gy.t(), x, out=out)
+
+        def step(e, x, z, gy, gx):
+            gz = torch.mm(gy, b_l_scaled[e]) if need_gz else None  # s * gy @ R(B)_e^T
+            if need_x:
+                torch.mm(gy, w_l[e], out=gx)
+                if gz is not None:
+                    gx.addmm_(gz, a_l[e])
+            if gw is not None:
+                grad_into(gw[e], x, gy)
+            if ga is not None:
+                grad_into(ga[e], x, gz)
+            if gb is not None:
+                torch.mm(z.t(), gy, out=gb[e])  # [r, out]; scaled once, in finish()
+
+        return step
+
+    def finish(self, bufs) -> tuple:
+        gw, ga, gb = bufs
+        if gb is not None:
+            gb.mul_(self.scaling)
+            if not self.transposed:
+                gb = gb.transpose(-2, -1)
+        return gw, ga, gb
+
+
+def _grad_buffer(like: torch.Tensor | None, needed: bool, counts: list[int], shape=None) -> torch.Tensor | None:
+    """A contiguous [E, ...] gradient shaped like `like` (or `shape`), zero for experts without tokens."""
+    if like is None or not needed:
+        return None
+    buf = torch.empty(like.shape if shape is None else shape, dtype=like.dtype, device=like.device)
+    for e, n in enumerate(counts):
+        if n == 0:
+            buf[e].zero_()
+    return buf
+
+
+class _ExpertLinear(torch.autograd.Function):
+    """y[seg_e] = x[seg_e] @ R(W)_e (+ LoRA) for each expert: one projection, rows sorted by expert.
+
+    The general path (experts with biases, a post-expert norm, or no gate); Gemma 4 and
+    Qwen 3.5 take `_FusedExperts`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, proj: _Proj, counts: list[int]):
+        y = x.new_empty(x.shape[0], proj.out_features)
+        z = x.new_empty(x.shape[0], proj.rank) if proj.lora else None
+        with torch.autocast(x.device.type, enabled=False):
+            step = proj.forward_loop()
+            for e, s, t in _segments(counts):
+                step(x[s:t], e, y[s:t], None if z is None else z[s:t])
+        ctx.save_for_backward(x, z)
+        ctx.proj, ctx.counts = proj, counts
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, z = ctx.saved_tensors
+        proj, counts = ctx.proj, ctx.counts
+        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+        gy = gy.contiguous()
+        gx = x.new_empty(x.shape) if need_x else None
+        bufs = proj.grad_buffers(need_w, need_a, need_b, counts)
+        with torch.autocast(x.device.type, enabled=False):
+            step = proj.backward_loop(bufs, need_x)
+            for e, s, t in _segments(counts):
+                step(e, x[s:t], None if z is None else z[s:t], gy[s:t], None if gx is None else gx[s:t])
+        return (gx, *proj.finish(bufs), None, None)
+
+
+def expert_linear(x: torch.Tensor, w: ExpertWeight, counts: list[int], transposed: bool) -> torch.Tensor:
+    """Per-expert linear over expert-sorted rows, LoRA factors fused when `w.lora` is set."""
+    proj = _Proj.of(w, transposed, _compute_dtype(x, w.weight))
+    return _ExpertLinear.apply(x.to(proj.weight.dtype), proj.weight, proj.a, proj.b, proj, counts)
+
+
+class _FusedExperts(torch.autograd.Function):
+    """The whole gated expert MLP, one expert segment at a time (ScatterMoE's fusion, on CPU).
+
+    Per expert e with rows s:t of the sorted pairs (tokens idx = token_idx[s:t]):
+        h   = hidden[idx] @ R(W1)_e (+ LoRA)            gather fused in, h saved
+        mw  = gate(h) * routing_weight                   the weight is folded in before the
+        out[idx] += mw @ R(W2)_e (+ LoRA)                down product ([N, I], not [N, H])
+    The backward recomputes the gather, gate(h) (with autograd, so any `_apply_gate` works) and
+    the LoRA inner products, so only h [N, 2I] and the rank-r activations are kept. Working on
+    one segment at a time keeps the element-wise work in cache: on CPU it costs as much as the
+    products otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weights, w1, a1, b1, w2, a2, b2, token_idx, p1: _Proj, p2: _Proj,
+                gate, counts: list[int]):
+        dtype = p1.weight.dtype
+        n_pairs = token_idx.shape[0]
+        h = hidden.new_empty(n_pairs, p1.out_features, dtype=dtype)
+        z1 = hidden.new_empty(n_pairs, p1.rank, dtype=dtype) if p1.lora else None
+        z2 = hidden.new_empty(n_pairs, p2.rank, dtype=dtype) if p2.lora else None
+        out = torch.zeros_like(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            step1, step2 = p1.forward_loop(), p2.forward_loop()
+            for e, s, t in _segments(counts):
+                idx = token_idx[s:t]
+                x = hidden.index_select(0, idx).to(dtype)
+                step1(x, e, h[s:t], None if z1 is None else z1[s:t])
+                mw = (gate(h[s:t]) * weights[s:t, None]).to(dtype)
+                y = x.new_empty(t - s, p2.out_features)
+                step2(mw, e, y, None if z2 is None else z2[s:t])
+                out.index_add_(0, idx, y.to(out.dtype))
+        ctx.save_for_backward(hidden, weights, token_idx, h, z1, z2)
+        ctx.p1, ctx.p2, ctx.gate, ctx.counts = p1, p2, gate, counts
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weights, token_idx, h, z1, z2 = ctx.saved_tensors
+        p1, p2, gate, counts = ctx.p1, ctx.p2, ctx.gate, ctx.counts
+        need = ctx.needs_input_grad
+        need_hidden, need_weights = need[0], need[1]
+        dtype = p1.weight.dtype
+        g1 = p1.grad_buffers(need[2], need[3], need[4], counts)
+        g2 = p2.grad_buffers(need[5], need[6], need[7], counts)
+        # gradient needed at the gate/up output h (for anything in or before the first product)
+        need_h = need_hidden or any(g is not None for g in g1)
+        need_mw = need_h or need_weights
+        g_hidden = torch.zeros_like(hidden) if need_hidden else None
+        g_weights = torch.zeros_like(weights) if need_weights else None
+        grad_out = grad_out.contiguous()
+        step1, step2 = p1.backward_loop(g1, need_hidden), p2.backward_loop(g2, need_mw)
+        for e, s, t in _segments(counts):
+            idx = token_idx[s:t]
+            gy = grad_out.index_select(0, idx).to(dtype)
+            # recompute the gate and the routing scale with autograd, in cache
+            with torch.enable_grad():
+                hh = h[s:t].detach().requires_grad_(need_h)
+                ww = weights[s:t].detach().requires_grad_(need_weights)
+                mw = (gate(hh) * ww[:, None]).to(dtype)
+            with torch.autocast(hidden.device.type, enabled=False):
+                g_mw = gy.new_empty(t - s, mw.shape[1]) if need_mw else None
+                step2(e, mw.detach(), None if z2 is None else z2[s:t], gy, g_mw)
+                if not (need_h or need_weights):
+                    continue
+                inputs = [x for x, needed in ((hh, need_h), (ww, need_weights)) if needed]
+                grads = torch.autograd.grad(mw, inputs, g_mw)
+                gh = grads[0] if need_h else None
+                if need_weights:
+                    g_weights[s:t] = grads[-1]
+                if not need_h:
+                    continue
+                x = hidden.index_select(0, idx).to(dtype) if any(g is not None for g in g1) else None
+                gx = gy.new_empty(t - s, hidden.shape[1]) if need_hidden else None
+                step1(e, x, None if z1 is None else z1[s:t], gh.to(dtype).contiguous(), gx)
+                if need_hidden:
+                    g_hidden.index_add_(0, idx, gx.to(g_hidden.dtype))
+        return (g_hidden, g_weights, *p1.finish(g1), *p2.finish(g2), None, None, None, None, None)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # Under autocast, F.linear in the eager loop runs in the autocast dtype: do the same.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+# ---- the experts forward --------------------------------------------------------------------
+
+
+def _gate(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def scattermoe_experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers experts forward: sort pairs by expert, per-segment products, scatter back."""
+    transposed = bool(getattr(self, "is_transposed", False))
+    has_gate = getattr(self, "has_gate", True)
+    has_bias = getattr(self, "has_bias", False)
+    post_norm = getattr(self, "has_post_expert_norm", False)
+
+    routing = sort_by_expert(top_k_index, self.num_experts)
+    weights = top_k_weights.reshape(-1)[routing.perm]  # [N]
+    up = expert_weight(self, "gate_up_proj" if has_gate else "up_proj")
+    down = expert_weight(self, "down_proj")
+    dtype = _compute_dtype(hidden_states, up.weight)
+
+    if has_gate and not has_bias and not post_norm:
+        p1, p2 = _Proj.of(up, transposed, dtype), _Proj.of(down, transposed, dtype)
+        gate = functools.partial(_gate, self)
+        return _FusedExperts.apply(hidden_states, weights, p1.weight, p1.a, p1.b, p2.weight, p2.a, p2.b,
+                                   routing.token_idx, p1, p2, gate, routing.counts)
+
+    # General path: the same algorithm as separate autograd steps.
+    num_tokens, hidden_dim = hidden_states.shape
+    x = hidden_states[routing.token_idx]  # [N, H]
+    proj = expert_linear(x, up, routing.counts, transposed)
+    if has_bias:
+        proj = proj + getattr(self, "gate_up_proj_bias" if has_gate else "up_proj_bias")[routing.expert_idx]
+    proj = _gate(self, proj) if has_gate else self.act_fn(proj)
+    out = expert_linear(proj, down, routing.counts, transposed)
+    if has_bias:
+        out = out + self.down_proj_bias[routing.expert_idx]
+    if post_norm:
+        out = self.post_expert_norm(out)
+    # As the eager loop: scale in the weights' precision, cast, accumulate in the states' dtype.
+    out = (out * weights.unsqueeze(-1)).to(hidden_states.dtype)
+    final = hidden_states.new_zeros(num_tokens, hidden_dim)
+    return final.index_add_(0, routing.token_idx, out)
+
+
+__all__ = ["Routing", "sort_by_expert", "expert_linear", "scattermoe_experts_forward"]

@@ -1,0 +1,253 @@
+"""Several processes (torchrun): process group, rank-0-only side effects, FSDP2 arguments,
+activation offloading, sharded-to-full final weights.
+
+The DDP/FSDP plumbing itself is transformers' Trainer + accelerate (DistributedDataParallel with
+the Plan's `ddp_find_unused_parameters`; FSDP2 `fully_shard` per wrap-class module, then the
+root; torch.distributed.checkpoint for sharded checkpoints). What is here is what they leave to
+the caller: which backend (NCCL on GPUs, gloo on CPU), preprocessing once on rank 0, a clean
+`destroy_process_group` at exit (gloo may otherwise abort at interpreter exit, FINDINGS.md),
+the final weights gathered once, and the activation-offloading wrappers.
+
+Every function is a no-op (or the single-process answer) when WORLD_SIZE is unset or 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+# Debug/test hooks (environment variables), read on every rank.
+DUMP_RANK_STATE_ENV = "ARCHTUNE_DUMP_RANK_STATE"  # dir: each rank writes rank{R}.safetensors of its trainable params
+EXIT_AFTER_CHECKPOINT_ENV = "ARCHTUNE_EXIT_AFTER_CHECKPOINT"  # step: every rank exits (code 17) once that checkpoint is saved
+EXIT_AFTER_CHECKPOINT_CODE = 17
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def backend() -> str:
+    """NCCL when this process has a GPU, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init() -> bool:
+    """Join the process group torchrun describes (env://). True when this call created it."""
+    import torch.distributed as dist
+
+    if not is_distributed() or not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend())
+    return True
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(synchronize: bool = True) -> None:
+    """Destroy the process group; after a barrier when all went well (so no rank tears it down
+    under another), at once after an error (the other ranks may be gone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if synchronize:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. tokenize and write the data cache); the other ranks wait,
+    then run it and find rank 0's cache. If rank 0 fails, torchrun stops the waiting ranks."""
+    if is_distributed() and not is_main():
+        barrier()
+    yield
+    if is_distributed() and is_main():
+        barrier()
+
+
+def exit_after_checkpoint_step() -> int | None:
+    value = os.environ.get(EXIT_AFTER_CHECKPOINT_ENV)
+    return int(value) if value else None
+
+
+def _exit_after_checkpoint_callback():
+    from transformers import TrainerCallback
+
+    class ExitAfterCheckpoint(TrainerCallback):
+        """ARCHTUNE_EXIT_AFTER_CHECKPOINT=STEP: once checkpoint-STEP is written, every rank exits at
+        once (code 17) without cleanup, like a killed job — for resume tests."""
+
+        def on_save(self, args, state, control, **kwargs):
+            step = exit_after_checkpoint_step()
+            if step is not None and state.global_step == step:
+                barrier()  # every rank has finished writing its shard
+                os._exit(EXIT_AFTER_CHECKPOINT_CODE)
+
+    return ExitAfterCheckpoint()
+
+
+def ExitAfterCheckpoint():  # noqa: N802 (a callback factory: transformers loads lazily)
+    return _exit_after_checkpoint_callback()
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def fsdp_settings(plan) -> dict | None:
+    """The Plan's FSDP2 settings (None when FSDP is off): wrap classes, resharding, offload."""
+    if not plan.get("fsdp"):
+        return None
+    wrap = plan.get("fsdp_config.fsdp_transformer_layer_cls_to_wrap") or plan.family.decoder_layer_cls or ""
+    reshard = plan.get("fsdp_config.fsdp_reshard_after_forward")
+    return {
+        "layer_classes": [c.strip() for c in str(wrap).split(",") if c.strip()],
+        "reshard_after_forward": True if reshard is None else bool(reshard),
+        "offload_params": bool(plan.get("fsdp_config.fsdp_offload_params")),
+    }
+
+
+def shard_model(model, settings: dict) -> int:
+    """FSDP2: `fully_shard` on every module of the wrap classes, then on the root, over a 1-D
+    device mesh of all ranks (cpu + gloo, or cuda + NCCL). Returns the number of layer units.
+
+    accelerate's FSDP2 path is GPU-only (its "MULTI_CPU" mode always wraps DDP), so the sharding
+    is done here, by torch's own `fully_shard`, the same way on CPU and GPU.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
+    offload = CPUOffloadPolicy() if settings.get("offload_params") and torch.cuda.is_available() else OffloadPolicy()
+    kwargs = dict(mesh=mesh, reshard_after_forward=settings.get("reshard_after_forward", True),
+                  offload_policy=offload)
+    wanted = set(settings["layer_classes"])
+    layers = [m for m in model.modules() if type(m).__name__ in wanted]
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return len(layers)
+
+
+def save_sharded(state: dict, directory: Path) -> None:
+    """torch.distributed.checkpoint: every rank writes its own shards (no full gather)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_sharded(state: dict, directory: Path) -> None:
+    """Read shards written by `save_sharded` into `state` (in place; resharded if the layout differs)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=str(directory))
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value: DTensor shards (FSDP2) are gathered (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu").contiguous()
+
+
+def sharded_parameters(model) -> int:
+    """How many parameters of `model` are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The model's full state dict, gathered on rank 0 only (None on other ranks), on CPU.
+
+    One gather at the end of training for the final weights; checkpoints stay sharded.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    return state if is_main() else None
+
+
+def dump_rank_state(model) -> None:
+    """ARCHTUNE_DUMP_RANK_STATE=DIR: every rank writes DIR/rank{R}.safetensors with its trainable
+    parameters (full values) — to check that the ranks hold identical weights."""
+    target = os.environ.get(DUMP_RANK_STATE_ENV)
+    if not target:
+        return
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            state[name] = _full(param).clone()
+    Path(target).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(Path(target) / f"rank{rank()}.safetensors"))
+
+
+# ----------------------------------------------------------------------------- activation offloading
+
+def apply_activation_offloading(model, layer_classes: list[str]) -> int:
+    """Checkpoint every decoder layer (non-reentrant) and keep what the checkpoint saves (the layer
+    inputs) in CPU memory until backward: torch's checkpoint wrapper inside an offload wrapper.
+
+    Returns the number of layers wrapped. State-dict keys are unchanged (torch's wrappers strip
+    their `_checkpoint_wrapped_module.` segment). Needs `use_cache: false` (the Plan sets it).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        ActivationWrapper,
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    class OffloadedCheckpoint(ActivationWrapper):
+        """The inner (checkpointed) layer runs under save_on_cpu: saved tensors go to CPU memory."""
+
+        def forward(self, *args, **kwargs):
+            # Pinned memory needs an accelerator; on a CPU machine the tensors are already there.
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return self._checkpoint_wrapped_module(*args, **kwargs)
+
+    wanted = set(layer_classes)
+    count = [0]
+
+    def check(module) -> bool:
+        hit = type(module).__name__ in wanted
+        count[0] += hit
+        return hit
+
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda m: OffloadedCheckpoint(checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT)),
+        check_fn=check,
+    )
+    return count[0]
