@@ -1,0 +1,118 @@
+"""DDP, FSDP2, activation offloading on 2 gloo processes (torchrun via `archtune train --nproc 2`)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.dist.conftest import max_rel_diff
+
+# Tiny gemma4-moe, towers trainable, full fine-tune: text-only batches never reach the towers.
+TOWERS = {"freeze_mm_modules": False}
+LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8}
+FSDP = {"fsdp": ["full_shard", "auto_wrap"]}
+
+
+def _ok(run):
+    assert run.rc == 0, run.stderr[-4000:]
+    return run
+
+
+# ----------------------------------------------------------------------------- launch
+
+def test_torchrun_arguments_pass_multi_node_flags_through():
+    from archtune.train.launch import torchrun_argv
+
+    argv = torchrun_argv("c.yaml", ["lr=1"], nproc=4, nnodes=2, node_rank=1, master_addr="10.0.0.1",
+                         master_port=29400)
+    assert argv == ["--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                    "--master-port", "29400", "-m", "archtune", "train", "c.yaml", "lr=1"]
+    from archtune.errors import UserError
+
+    with pytest.raises(UserError, match="master-addr"):
+        torchrun_argv("c.yaml", [], nproc=2, nnodes=2, node_rank=0)
+
+
+# ----------------------------------------------------------------------------- DDP
+
+def test_ddp_with_trainable_towers_trains_because_the_plan_turns_find_unused_on(train_run):
+    run = _ok(train_run("ddp_full", **TOWERS))
+    s = run.summary
+    assert s["world_size"] == 2 and s["strategy"] == "ddp" and s["steps"] == 4
+    assert s["ddp_find_unused_parameters"] is True
+    assert s["eval_loss_final"] < s["eval_loss_initial"]
+    # Rank 0 alone prints and writes outputs.
+    assert run.stdout.count("training finished") == 1
+    assert (run.out / "loss.png").is_file() and (run.out / "model.safetensors").is_file()
+
+
+def test_ddp_without_the_family_rule_fails_the_way_users_report(train_run):
+    run = train_run("ddp_full_no_find_unused", ddp_find_unused_parameters=False, **TOWERS)
+    assert run.rc != 0
+    assert "Expected to have finished reduction" in run.stderr
+    assert "ddp_find_unused_parameters" in run.stderr
+
+
+def test_ddp_ranks_hold_identical_parameters(train_run):
+    run = _ok(train_run("ddp_full", **TOWERS))
+    rank0, rank1 = run.rank_states()
+    assert rank0 and set(rank0) == set(rank1)
+    assert max_rel_diff(rank0, rank1) == 0.0
+
+
+def test_ddp_loss_curve_equals_one_process_with_the_same_global_batch(train_run):
+    ddp = _ok(train_run("ddp_full", **TOWERS)).summary
+    single = _ok(train_run("single_full", nproc=1, micro_batch_size=4, **TOWERS)).summary
+    assert single["world_size"] == 1 and len(ddp["train_losses"]) == len(single["train_losses"]) == 4
+    assert ddp["train_losses"] == pytest.approx(single["train_losses"], rel=1e-4)
+    assert ddp["train_tokens"] == single["train_tokens"]  # counted over both processes
+
+
+def test_ddp_with_activation_offloading_trains_with_find_unused_off(train_run):
+    run = _ok(train_run("ddp_lora_offload", activation_offloading=True, **LORA))
+    s = run.summary
+    assert s["strategy"] == "ddp+offload" and s["ddp_find_unused_parameters"] is False
+    # Checkpointed, offloaded layers compute the same numbers as plain ones.
+    plain = _ok(train_run("ddp_lora", **LORA)).summary
+    assert s["train_losses"] == pytest.approx(plain["train_losses"], rel=1e-5)
+    rank0, rank1 = run.rank_states()
+    assert max_rel_diff(rank0, rank1) == 0.0
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+@pytest.mark.parametrize("model", ["gemma4-moe", "qwen3_5-moe"])
+def test_fsdp2_lora_equals_ddp(train_run, model):
+    keys = {**LORA, "base_model": f"tiny:{model}"}
+    fsdp = _ok(train_run(f"fsdp_lora_{model}", **FSDP, **keys))
+    ddp = _ok(train_run(f"ddp_lora_{model}" if model != "gemma4-moe" else "ddp_lora", **keys))
+    assert fsdp.summary["strategy"] == "fsdp2" and fsdp.summary["sharded_params"] > 0
+    assert ddp.summary["sharded_params"] == 0
+    assert fsdp.summary["train_losses"] == pytest.approx(ddp.summary["train_losses"], rel=1e-4)
+    assert max_rel_diff(fsdp.weights(), ddp.weights()) < 1e-4
+
+
+def test_fsdp2_full_fine_tune_equals_ddp(train_run):
+    fsdp = _ok(train_run("fsdp_full", **FSDP, **TOWERS))
+    ddp = _ok(train_run("ddp_full", **TOWERS))
+    assert fsdp.summary["sharded_params"] > 0
+    # Final weights gathered once and written by rank 0, in the same layout as DDP's.
+    assert max_rel_diff(fsdp.weights(), ddp.weights()) < 1e-4
+    rank0, rank1 = fsdp.rank_states()
+    assert max_rel_diff(rank0, rank1) == 0.0
+
+
+def test_fsdp2_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(train_run, tmp_path):
+    from archtune.train.distributed import EXIT_AFTER_CHECKPOINT_CODE, EXIT_AFTER_CHECKPOINT_ENV
+
+    out = tmp_path / "resumed"
+    killed = train_run("fsdp_full_killed", output_dir=out, save_steps=2, env={EXIT_AFTER_CHECKPOINT_ENV: "2"},
+                       **FSDP, **TOWERS)
+    assert killed.rc == EXIT_AFTER_CHECKPOINT_CODE, killed.stderr[-3000:]
+    checkpoint = out / "checkpoint-2"
+    # Sharded: torch.distributed.checkpoint directories, no full model file.
+    assert (checkpoint / "model_dcp" / ".metadata").is_file() and (checkpoint / "optimizer_dcp" / ".metadata").is_file()
+    assert not list(checkpoint.glob("*.safetensors")) and not (out / "train_summary.json").exists()
+    resumed = _ok(train_run("fsdp_full_resumed", output_dir=out, save_steps=2, resume_from_checkpoint="auto",
+                            **FSDP, **TOWERS))
+    assert resumed.summary["steps"] == 4
+    straight = _ok(train_run("fsdp_full", **FSDP, **TOWERS))
+    assert max_rel_diff(resumed.weights(), straight.weights()) < 1e-4
