@@ -225,11 +225,17 @@ def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
-    if kind != "adapter":
+    from archtune.models import quant
+    from archtune.models.load import trained_weights_kind
+
+    if trained_weights_kind(cfg.output_dir) != "adapter":
         raise UserError.single("output_dir", f"{cfg.output_dir} holds no LoRA adapter (adapter_config.json)",
                                "train with adapter: lora first, or point output_dir at the run")
-    merged = model.merge_and_unload()
+    if quant.is_quantized(setup.plan):
+        merged = quant.merge_adapter(cfg, setup.plan, setup.tokenizer, cfg.output_dir)  # dequantized base + adapter
+    else:
+        model, _ = load_trained(cfg, setup.plan, setup.tokenizer)
+        merged = model.merge_and_unload()
     target = out or Path(cfg.output_dir) / "merged"
     merged.save_pretrained(str(target))
     setup.tokenizer.save_pretrained(str(target))

@@ -37,3 +37,25 @@ def test_quickstart_lora_variant_plans_expert_lora(capsys, monkeypatch):
     assert code == 0, err
     settings = json.loads(out)["settings"]
     assert settings["lora_target_parameters"]["value"] == ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def test_quickstart_lora_trains_with_scattermoe_like_eager_and_logs_expert_load(tmp_path, capsys, monkeypatch):
+    """The LoRA quickstart (expert LoRA, use_scattermoe) trains through archtune's scattermoe; its
+    loss curve equals transformers' eager experts, and train_summary.json carries experts_load."""
+    monkeypatch.chdir(REPO)
+    losses = {}
+    for impl in ("scattermoe", "eager"):
+        out = tmp_path / impl
+        code, _, err = run_cli(capsys, "train", REPO / "examples" / "quickstart-lora.yaml", "max_steps=6",
+                               "logging_steps=1", "eval_steps=null", f"output_dir={out}", f"experts_implementation={impl}",
+                               f"use_scattermoe={'true' if impl == 'scattermoe' else 'false'}",
+                               f"dataset_prepared_path={tmp_path / 'prepared'}", "use_tensorboard=false")
+        assert code == 0, err
+        summary = read_json(out / "train_summary.json")
+        assert summary["experts_implementation"] == impl
+        losses[impl] = summary["train_losses"]
+    assert len(losses["eager"]) == 6
+    for a, b in zip(losses["scattermoe"], losses["eager"]):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    load = read_json(tmp_path / "scattermoe" / "train_summary.json")["experts_load"]
+    assert load and all(layer["tokens"] > 0 for layer in load["layers"].values())

@@ -19,6 +19,8 @@ from archtune.models.load import apply_weight_scale_rules, load_model, load_toke
 from archtune.errors import UserError
 from archtune.plan import Plan, resolve
 from archtune.train import distributed
+from archtune.moe.routing_stats import RoutingStats
+from archtune.plugins import load_plugins, run_hook
 from archtune.train.callbacks import LossBar, TrainClock
 from archtune.train.outputs import plot_losses, set_aside_previous_weights, write_summary
 from archtune.train.trainer import ArchtuneTrainer
@@ -38,25 +40,54 @@ def plan_for(cfg: Config, world_size: int = 1) -> Setup:
     return Setup(plan, tokenizer)
 
 
-def build_model(cfg: Config, plan: Plan, tokenizer, console=None):
+def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     """Base model (4-bit for QLoRA), multimodal towers frozen (freeze_mm_modules), then the Plan's
     adapters (LoRA) or every other weight trainable (full fine-tune); activation offloading wraps
     the decoder layers last."""
     from archtune.models import quant
 
+    plugins = load_plugins(cfg) if plugins is None else plugins
+    run_hook(plugins, "pre_model_load", cfg, plan)
     quantized = quant.is_quantized(plan)
     model = quant.load_quantized(cfg, plan, tokenizer) if quantized else load_model(cfg, plan, tokenizer)
+    run_hook(plugins, "post_model_load", model, plan)
+    _set_experts_implementation(model, plan)
     apply_weight_scale_rules(model, plan, console)  # base weights, before adapters (normalize_weight_scales)
     freeze_multimodal(model, plan)
     if quantized:
         quant.prepare_for_training(model, plan)
     if plan.get("adapter") in ("lora", "qlora"):
         model = apply_lora(model, plan)
+    run_hook(plugins, "post_adapters", model, plan)
     _set_use_cache(model, bool(plan.get("use_cache")))
     prepare_packing(model, plan)
     if plan.get("activation_offloading"):
         apply_activation_offloading(model, plan)
     return model
+
+
+def _set_experts_implementation(model, plan: Plan) -> None:
+    """The Plan's experts implementation (transformers' eager / grouped_mm / batched_mm, or
+    archtune's scattermoe, registered by importing archtune.moe)."""
+    name = plan.get("experts_implementation")
+    if not name or not hasattr(model, "set_experts_implementation"):
+        return
+    import archtune.moe  # noqa: F401  (registers "scattermoe")
+
+    model.set_experts_implementation(name)
+
+
+def _experts_implementation_in_use(model) -> str | None:
+    """What the model's (text) config says its experts run with (None: not an MoE model)."""
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "_experts_implementation", None) if routing_has_experts(model) else None
+
+
+def routing_has_experts(model) -> bool:
+    from archtune.moe.routing_stats import experts_modules
+
+    return bool(experts_modules(model))
 
 
 def apply_activation_offloading(model, plan: Plan) -> None:
@@ -106,9 +137,6 @@ def _refuse_not_yet_trainable(plan: Plan) -> None:
         if plan.get(key):
             raise UserError.single(key, f"{what} is planned by `archtune check` but not trainable in this release",
                                    f"remove `{key}` to train, or use `archtune check` to validate the plan")
-    if plan.get("experts_implementation") == "scattermoe":
-        raise UserError.single("experts_implementation", "the scattermoe experts implementation is not available in this release",
-                               "remove experts_implementation / use_scattermoe (transformers' grouped_mm is used)")
     if plan.get("fsdp") and plan.get("fsdp_config.fsdp_version") == 1:
         raise UserError.single("fsdp_config.fsdp_version", "FSDP1 is not trainable in this release",
                                "set `fsdp_config.fsdp_version: 2` (fully_shard)")
@@ -208,8 +236,10 @@ def _train(cfg: Config, console) -> dict:
 
     with distributed.main_process_first():  # rank 0 tokenizes and caches, the others read its cache
         data: PreparedData = prepare_data(cfg, tokenizer, progress=main)
-    model = build_model(cfg, plan, tokenizer, console=console)
+    plugins = load_plugins(cfg)
+    model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
     trainable, total = count_params(model)
+    routing = RoutingStats.attach(model)  # MoE models: per-layer expert load (no experts: no hooks)
 
     clock = TrainClock()
     trainer = ArchtuneTrainer(
@@ -219,11 +249,13 @@ def _train(cfg: Config, console) -> dict:
         eval_dataset=data.eval,
         data_collator=DataCollator(tokenizer),
         processing_class=tokenizer,
-        callbacks=_callbacks(cfg, clock),
+        callbacks=_callbacks(cfg, clock) + run_hook(plugins, "callbacks", plan),
         fsdp=distributed.fsdp_settings(plan),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
+    if routing.layers:
+        routing.install(trainer)
     eval_initial = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     resume = cfg.resume_from_checkpoint
     if resume == "auto":
@@ -257,6 +289,8 @@ def _train(cfg: Config, console) -> dict:
         "train_seconds": round(clock.seconds, 3),
         "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
         "tokens_per_second": train_tokens / clock.seconds if clock.seconds > 0 else None,
+        "experts_load": routing.summary() if routing.layers else None,
+        "experts_implementation": _experts_implementation_in_use(model),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": trainable,
         "total_params": total,
