@@ -274,7 +274,9 @@ def _train(cfg: Config, console) -> dict:
 
     _set_use_cache(model, True)  # the saved config is for inference: the cache was off only for training
     trainer.save_model(str(out))  # written once, on rank 0 (FSDP: shards gathered once, here)
-    history = trainer.state.log_history
+    history = trainer.state.log_history  # train() starts a fresh state: the step-0 evaluation is added back
+    if eval_initial is not None:
+        history = [{"step": 0, "eval_loss": eval_initial}] + [h for h in history if h.get("step") != 0 or "eval_loss" not in h]
     train_losses = [h["loss"] for h in history if "loss" in h]
     train_tokens = int(trainer.state.num_input_tokens_seen)  # summed over all processes by the Trainer
     summary = {
