@@ -90,9 +90,12 @@ def test_fsdp2_lora_equals_ddp(train_run, model):
     assert max_rel_diff(fsdp.weights(), ddp.weights()) < 1e-4
 
 
-def test_fsdp2_full_fine_tune_equals_ddp(train_run):
-    fsdp = _ok(train_run("fsdp_full", **FSDP, **TOWERS))
-    ddp = _ok(train_run("ddp_full", **TOWERS))
+@pytest.mark.parametrize("model", ["gemma4-moe", "qwen3_5-moe"])
+def test_fsdp2_full_fine_tune_equals_ddp(train_run, model):
+    keys = {**TOWERS, "base_model": f"tiny:{model}"}
+    suffix = "" if model == "gemma4-moe" else f"_{model}"  # the gemma4 runs are shared with other tests
+    fsdp = _ok(train_run(f"fsdp_full{suffix}", **FSDP, **keys))
+    ddp = _ok(train_run(f"ddp_full{suffix}", **keys))
     assert fsdp.summary["sharded_params"] > 0
     # Final weights gathered once and written by rank 0, in the same layout as DDP's.
     assert max_rel_diff(fsdp.weights(), ddp.weights()) < 1e-4
