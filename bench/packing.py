@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sequence_len": SEQUENCE_LEN,
         "micro_batch_size": args.micro_batch_size,
         "torch_threads": args.threads,
-        "device": "cpu (shared with other processes: compare the arms, not absolute numbers)",
+        "device": "cpu (compare the arms measured side by side, not absolute numbers)",
         "data": {"docs": len(docs), "tokens": int(lengths.sum()), "median_doc_len": float(np.median(lengths)),
                  "docs_over_256_tokens": int((lengths > 256).sum())},
         "padded": padded,
