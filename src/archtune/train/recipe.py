@@ -78,16 +78,10 @@ def _set_experts_implementation(model, plan: Plan) -> None:
 
 
 def _experts_implementation_in_use(model) -> str | None:
-    """What the model's (text) config says its experts run with (None: not an MoE model)."""
+    """What the model's (text) config says its experts run with."""
     config = model.config
     text = getattr(config, "text_config", None) or config
-    return getattr(text, "_experts_implementation", None) if routing_has_experts(model) else None
-
-
-def routing_has_experts(model) -> bool:
-    from archtune.moe.routing_stats import experts_modules
-
-    return bool(experts_modules(model))
+    return getattr(text, "_experts_implementation", None)
 
 
 def apply_activation_offloading(model, plan: Plan) -> None:
@@ -292,7 +286,7 @@ def _train(cfg: Config, console) -> dict:
         "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
         "tokens_per_second": train_tokens / clock.seconds if clock.seconds > 0 else None,
         "experts_load": routing.summary() if routing.layers else None,
-        "experts_implementation": _experts_implementation_in_use(model),
+        "experts_implementation": _experts_implementation_in_use(model) if routing.layers else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": trainable,
         "total_params": total,
