@@ -79,7 +79,7 @@ def build_model():
     from peft import LoraConfig, get_peft_model
 
     from archtune.families import find_tiny
-    from archtune.families.linear_attention import prepare_model_for_packing
+    from archtune.patches.packing import prepare_model_for_packing
     from archtune.models import build_tiny_model
 
     family, _ = find_tiny(MODEL)

@@ -79,7 +79,7 @@ class KernelsPlugin(BasePlugin):
     `experts_implementation` decision comes from plan.resolve (filled in here only if missing).
     post_model_load: `model.set_experts_implementation("scattermoe")`.
     post_adapters: with PEFT expert LoRA, skips PEFT's per-forward parametrization check
-    (archtune.moe.lora); the LoRA product is fused into scattermoe either way.
+    (archtune.patches.expert_lora); the LoRA product is fused into scattermoe either way.
     """
 
     name = "kernels"
@@ -122,7 +122,7 @@ class KernelsPlugin(BasePlugin):
     def post_adapters(self, model, plan) -> None:
         if not self._active(plan):
             return
-        from archtune.moe.lora import has_expert_lora, skip_parametrization_check
+        from archtune.patches.expert_lora import has_expert_lora, skip_parametrization_check
 
         if has_expert_lora(model):
             n = skip_parametrization_check(model)

@@ -17,6 +17,7 @@ from archtune.config import (
     parse_override,
 )
 from archtune.config import load as load_mod
+from archtune.config import problems as problems_mod
 from archtune.config.axolotl_keys import AXOLOTL_DATASET_KEYS, AXOLOTL_KEYS
 from archtune.errors import Problem, UserError
 
@@ -80,7 +81,7 @@ def test_axolotl_key_that_is_a_schema_field_is_accepted(tmp_path, monkeypatch):
     shared = sorted(AXOLOTL_KEYS & set(Config.model_fields))
     assert {"lora_r", "sequence_len", "bf16", "datasets"} <= set(shared)
     # "unsupported" is computed against the schema, so a key listed both ways is simply a field
-    monkeypatch.setattr(load_mod, "AXOLOTL_KEYS", AXOLOTL_KEYS | {"lora_r"})
+    monkeypatch.setattr(problems_mod, "AXOLOTL_KEYS", AXOLOTL_KEYS | {"lora_r"})
     cfg = load_config(write(tmp_path, MINIMAL + "lora_r: 4\nsequence_len: 512\n"))
     assert (cfg.lora_r, cfg.sequence_len) == (4, 512)
 

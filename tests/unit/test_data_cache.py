@@ -91,14 +91,14 @@ def test_data_bytes_tokenizer_and_dataset_entries_change_the_key(tmp_path, tok):
 
 
 def test_a_crash_while_writing_leaves_no_entry(tmp_path, tok, monkeypatch):
-    import archtune.data as data
+    import archtune.data.pipeline as pipeline
 
     cfg = base_cfg(tmp_path, val_set_size=2)
 
     def crash(*a, **kw):
         raise RuntimeError("killed while writing")
 
-    monkeypatch.setattr(data, "_label_tokens", crash)  # runs after train/ and eval/ are on disk
+    monkeypatch.setattr(pipeline, "_label_tokens", crash)  # runs after train/ and eval/ are on disk
     with pytest.raises(RuntimeError):
         prepare_data(cfg, tok, progress=False)
     assert entries(tmp_path) == []

@@ -17,7 +17,8 @@ import yaml
 
 from archtune.docs import DOCS_FILE, default_output, render_model_architectures, yaml_block
 from archtune.families import all_families, get_family
-from archtune.families.rules import GENERIC_RULES
+from archtune.patches.packing import get_packing_patch
+from archtune.plan.rules import GENERIC_RULES, family_rules
 from tests.e2e.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,10 +140,10 @@ def test_every_family_rule_patch_and_tiny_model_appears(rendered):
         assert f"Family `{fam.name}`" in text
         for t in fam.model_types:
             assert f"`{t}`" in text
-        for rule in fam.rules:
+        for rule in family_rules(fam):
             assert f"**{rule.name}**: {flat(rule.doc)}" in text, (fam.name, rule.name)
-        for patch in fam.patches:
-            assert flat(patch.doc) in text, (fam.name, patch.name)
+        for name in fam.patches:
+            assert flat(get_packing_patch(name).doc) in text, (fam.name, name)
         for tiny in fam.tiny_models:
             assert f"`tiny:{tiny.name}`" in text and flat(tiny.description) in text
         for value in (fam.decoder_layer_cls, fam.lora_target_regex, fam.auto_class, *fam.mm_module_prefixes,

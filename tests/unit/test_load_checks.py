@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from archtune.config.schema import Config
-from archtune.diagnostics.weight_scales import lower_median, tensor_std
+from archtune.models.weight_scales import lower_median, tensor_std
 from archtune.errors import UserError
 from archtune.models.load import apply_weight_scale_rules, check_loading_info
 from archtune.models.tiny import write_tiny_model

@@ -10,7 +10,7 @@ from datasets import Dataset
 from archtune.data.collate import DataCollator
 from archtune.data.packing import (best_fit_decreasing, doc_length_histogram, pack_dataset, packing_stats,
                                    plan_bins)
-from archtune.families.linear_attention import (GATED_DELTANET_PACKING, PackingPatch, PackingUnsupported,
+from archtune.patches.packing import (GATED_DELTANET_PACKING, PackingPatch, PackingUnsupported,
                                                 get_packing_patch, packed_sequence_index, prepare_model_for_packing,
                                                 register_packing_patch, segmented_causal_conv1d,
                                                 segmented_chunk_gated_delta_rule, stateful_layers)
@@ -255,10 +255,10 @@ def _packed_masks(position_ids):
 def test_document_attention_equals_sdpa_on_transformers_packed_masks(window, min_block, monkeypatch):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from archtune.families import linear_attention
-    from archtune.families.linear_attention import _document_blocks, document_sdpa_attention
+    from archtune.patches import packing as packing_patch
+    from archtune.patches.packing import _document_blocks, document_sdpa_attention
 
-    monkeypatch.setattr(linear_attention, "_MIN_BLOCK", min_block)
+    monkeypatch.setattr(packing_patch, "_MIN_BLOCK", min_block)
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2, 0, 1, 2, 3]])
     mask = _packed_masks(position_ids)[int(window)]
     # One block per document, or consecutive documents grouped into blocks of >= min_block tokens.
@@ -279,10 +279,10 @@ def test_document_attention_equals_sdpa_on_transformers_packed_masks(window, min
 
 
 def test_document_attention_falls_back_to_sdpa_when_blocks_do_not_apply(monkeypatch):
-    from archtune.families import linear_attention
-    from archtune.families.linear_attention import _document_blocks
+    from archtune.patches import packing as packing_patch
+    from archtune.patches.packing import _document_blocks
 
-    monkeypatch.setattr(linear_attention, "_MIN_BLOCK", 1)
+    monkeypatch.setattr(packing_patch, "_MIN_BLOCK", 1)
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     mask = _packed_masks(position_ids)[0]

@@ -19,7 +19,7 @@ from datasets import Dataset
 from archtune.data.collate import DataCollator
 from archtune.data.packing import pack_dataset
 from archtune.families import find_tiny
-from archtune.families.linear_attention import GATED_DELTANET_PACKING, PackingUnsupported, prepare_model_for_packing
+from archtune.patches.packing import GATED_DELTANET_PACKING, PackingUnsupported, prepare_model_for_packing
 from archtune.models import build_tiny_model
 from archtune.train.evaluation import token_weighted_loss
 
@@ -213,8 +213,8 @@ def test_a_trainer_step_on_packed_rows_is_the_unpacked_step(tmp_path):
 
 def test_the_qwen3_5_family_declares_the_deltanet_patch():
     family, _ = find_tiny("qwen3_5-moe")
-    assert GATED_DELTANET_PACKING in family.patches, (
-        "families/qwen3_5_moe.py must declare patches=[GATED_DELTANET_PACKING] (archtune.families.linear_attention)")
+    assert GATED_DELTANET_PACKING.name in family.patches, (
+        "families/qwen3_5_moe.py must declare patches=[\"gated_deltanet_packing\"] (archtune.patches.packing)")
 
 
 def test_without_use_cache_false_llama_packing_leaks():

@@ -14,7 +14,7 @@ import torch
 
 from archtune.config import config_from_dict
 from archtune.families import all_families, get_family
-from archtune.families.rules import GENERIC_RULES, names_to_language_model_regex
+from archtune.plan.rules import GENERIC_RULES, family_rules, names_to_language_model_regex
 from archtune.models.tiny import build_tiny_config
 from archtune.plan import Plan, model_structure, resolve
 
@@ -478,7 +478,7 @@ def test_plan_json_has_every_key_and_is_serialisable(name):
 
 
 def test_every_rule_has_a_one_line_doc_and_a_unique_name():
-    groups = [list(GENERIC_RULES)] + [f.rules for f in all_families()]
+    groups = [list(GENERIC_RULES)] + [family_rules(f) for f in all_families()]
     for rules in groups:
         names = [r.name for r in rules]
         assert len(names) == len(set(names))

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from archtune.models.tiny import build_tiny_model
-from archtune.train.trainer import ArchtuneTrainer, text_only_extras, unwrap_model
+from archtune.patches.text_only import text_only_extras, unwrap_model
+from archtune.train.trainer import ArchtuneTrainer
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_ddp_without_unwrapping_fails_like_users_report(gloo, trainer_args, monk
 
     # Without unwrapping, the DDP wrapper hides config and signature: nothing is supplied and the
     # model raises the error users reported.
-    monkeypatch.setattr("archtune.train.trainer.unwrap_model", lambda m: m)
+    monkeypatch.setattr("archtune.patches.text_only.unwrap_model", lambda m: m)
     assert text_only_extras(ddp, batch) == {}
     with pytest.raises(ValueError, match="mm_token_type_ids` is required as a model input when training"):
         trainer.compute_loss(ddp, dict(batch))

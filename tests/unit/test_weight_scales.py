@@ -20,7 +20,7 @@ from archtune.diagnostics import (
     scan_model_dir,
     scan_weight_scales,
 )
-from archtune.diagnostics.weight_scales import lower_median, tensor_std
+from archtune.models.weight_scales import lower_median, tensor_std
 from archtune.errors import UserError
 
 REL = 1e-6
@@ -176,7 +176,7 @@ def test_even_count_uses_lower_median():
 
 
 def test_tensor_std_matches_torch_and_is_chunk_independent(monkeypatch):
-    import archtune.diagnostics.weight_scales as ws
+    import archtune.models.weight_scales as ws
 
     t = torch.randn(1000, 37, generator=torch.Generator().manual_seed(3))
     ref = float(t.to(torch.float64).std())

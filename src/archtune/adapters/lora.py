@@ -6,8 +6,8 @@ gets verbatim. Doing the matching ourselves, once, lets us
 
 - keep adapters out of frozen multimodal towers (`freeze_mm_modules`), for `all-linear` too
   (PEFT's all-linear would wrap the towers' linears: the "loss ~12" trap);
-- apply the family's `lora_target_redirects` in one place: a target whose class PEFT cannot
-  wrap (Gemma 4's `Gemma4ClippableLinear`) becomes its inner `nn.Linear`;
+- apply the family's `lora_target_redirects` (archtune.patches.lora_redirect): a target whose
+  class PEFT cannot wrap (Gemma 4's `Gemma4ClippableLinear`) becomes its inner `nn.Linear`;
 - report a target set that matches nothing as a UserError naming the key, before PEFT runs.
 
 PEFT matches a list entry against a module name by equality or by suffix (`name.endswith("." +
@@ -24,6 +24,7 @@ import torch
 
 from archtune.adapters.freeze import canonical_name, check_towers_frozen, tower_prefixes, under_prefix
 from archtune.errors import UserError
+from archtune.patches.lora_redirect import redirect_targets
 from archtune.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -110,18 +111,7 @@ def resolve_lora_targets(model: torch.nn.Module, plan: Plan) -> list[str]:
     in_towers = [n for n in picked if under_prefix(n, excluded)]
     kept = [n for n in picked if not under_prefix(n, excluded)]
 
-    redirects = plan.family.lora_target_redirects or {}
-    targets: set[str] = set()
-    for name in kept:
-        attr = redirects.get(type(modules[name]).__name__)
-        if attr is None:
-            targets.add(name)
-            continue
-        inner = f"{name}.{attr}"
-        if inner not in modules:
-            raise RuntimeError(f"family {plan.family.name!r} redirects {type(modules[name]).__name__} to "
-                               f"`.{attr}`, but {name} has no such submodule")
-        targets.add(inner)
+    targets = redirect_targets(modules, kept, plan.family.lora_target_redirects or {})
 
     if not targets:
         if in_towers:

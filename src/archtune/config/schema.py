@@ -1,7 +1,7 @@
 """The config schema: Axolotl's key names and meanings.
 
 Every field carries a description (it is the documentation). Cross-field rules that do
-not depend on the model live here; model-dependent decisions live in families/ and plan.py.
+not depend on the model live here; model-dependent decisions live in families/ and plan/.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ What makes a packed row equal to its documents run one by one:
   row's first label is never a target either (nothing precedes it): the objectives agree.
 - Layers that keep state along the sequence (Qwen 3.5's Gated DeltaNet: a convolution and a
   recurrent state) ignore both masks and positions; families with such layers need the patch in
-  `archtune.families.linear_attention` before they may pack.
+  `archtune.patches.packing` before they may pack.
 
 The bins. Best-fit decreasing (the tightest open row that still fits each document, longest
 documents first): the same O(n log L) cost as first-fit decreasing, and never a worse fill

@@ -328,7 +328,7 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
     """
     from archtune.models.load import load_tokenizer, tiny_name
     from archtune.train.recipe import build_model
-    from archtune.train.trainer import text_only_extras, unwrap_model
+    from archtune.patches.text_only import text_only_extras, unwrap_model
 
     result = ProbeResult(reference_settings=dict(REFERENCE_SETTINGS))
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from archtune.families.base import Family, Rule, TinyModel, text_config
+from archtune.families.base import Family, FamilyRule, Rule, TinyModel, text_config
 
 _REGISTRY: dict[str, Family] = {}
 GENERIC = "generic"
@@ -82,4 +82,4 @@ def _load_builtin() -> None:
     from archtune.families import gemma3, gemma4, generic, qwen3_5_moe  # noqa: F401
 
 
-__all__ = ["Family", "Rule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]
+__all__ = ["Family", "FamilyRule", "Rule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]

@@ -15,6 +15,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass(frozen=True)
+class FamilyRule:
+    """A rule a family asks for by name: one of the rule builders of plan/rules.py
+    (`FAMILY_RULE_BUILDERS`), given the family's reason when the builder takes one.
+
+    The family declares; the plan builds and runs the rule (`plan.rules.family_rules`).
+    """
+
+    name: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Rule:
     """One decision a family (or every family) makes in `plan.resolve`.
 
@@ -46,6 +58,58 @@ class TinyModel:
     name: str
     description: str
     build_config: Callable[["PreTrainedTokenizerBase"], "PretrainedConfig"]
+
+
+# Special tokens every tiny config may point its multimodal ids at (archtune's tokenizer has them all).
+SPECIAL_TOKENS = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+    "<image_soft_token>", "<audio_soft_token>", "<video_soft_token>",
+    "<start_of_image>", "<end_of_image>", "<start_of_audio>", "<end_of_audio>",
+    "<vision_start>", "<vision_end>",
+)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Vocabulary size and special token ids of a tokenizer, for tiny configs.
+
+    `ids["<image_soft_token>"]` raises KeyError when the tokenizer lacks the token (instead of
+    silently mapping it to `<unk>` as `convert_tokens_to_ids` does).
+    """
+
+    vocab_size: int
+    pad: int
+    bos: int
+    eos: int
+    by_token: dict[str, int]
+
+    def __getitem__(self, token: str) -> int:
+        try:
+            return self.by_token[token]
+        except KeyError:
+            raise KeyError(f"the tokenizer has no special token {token!r}") from None
+
+
+def special_token_ids(tokenizer: "PreTrainedTokenizerBase") -> TokenIds:
+    vocab = tokenizer.get_vocab()
+    by_token = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS if tok in vocab}
+
+    def required(attr: str, fallback: str) -> int:
+        value = getattr(tokenizer, attr)
+        if value is None:
+            value = by_token.get(fallback)
+        if value is None:
+            raise KeyError(f"the tokenizer has no {attr.removesuffix('_id')} ({fallback})")
+        return int(value)
+
+    return TokenIds(
+        vocab_size=len(tokenizer),
+        pad=required("pad_token_id", "<pad>"),
+        bos=required("bos_token_id", "<bos>"),
+        eos=required("eos_token_id", "<eos>"),
+        by_token=by_token,
+    )
+
 
 
 @dataclass
@@ -86,10 +150,11 @@ class Family:
     known_issues: tuple[tuple[str, str, str], ...] = ()
     weight_scale_rules: tuple[dict, ...] = ()
     tiny_models: tuple[TinyModel, ...] = ()
-    # The family's own decisions (rule builders in families/rules.py), run after the generic
-    # rules of plan.py, in this order.
-    rules: list[Rule] = field(default_factory=list)
-    patches: list[Any] = field(default_factory=list)
+    # The family's own decisions (names of rule builders in plan/rules.py), run after the
+    # generic rules, in this order.
+    rules: list[FamilyRule] = field(default_factory=list)
+    # Names of the patches (archtune.patches) the family's model needs, e.g. for packing.
+    patches: list[str] = field(default_factory=list)
 
     def tiny(self, name: str) -> TinyModel | None:
         return next((t for t in self.tiny_models if t.name == name), None)

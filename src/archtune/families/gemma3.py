@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from archtune.families import Family, TinyModel, register_family, rules
-from archtune.models.tiny import special_token_ids
+from archtune.families import Family, FamilyRule, TinyModel, register_family
+from archtune.families.base import special_token_ids
 
 # Language-model linears only: Gemma 4's seed regex (same module names) with dots escaped.
 # The optional `language_model.` also covers text-only checkpoints (gemma-3-1b, model_type
@@ -90,15 +90,15 @@ FAMILY = register_family(
             ),
         ),
         rules=[
-            rules.freeze_mm_modules(),
-            rules.non_reentrant_checkpointing(
+            FamilyRule("freeze_mm_modules"),
+            FamilyRule("non_reentrant_checkpointing",
                 "reentrant recompute conflicts with the DDP unused-parameter search Gemma 3 needs (\"marked a "
                 "variable ready twice\"), and gives no gradient to a layer whose inputs do not require grad"),
-            rules.ddp_find_unused_parameters(
+            FamilyRule("ddp_find_unused_parameters",
                 "text-only batches never reach the vision tower's and projector's parameters, and DDP fails on "
                 "step 2 (\"Expected to have finished reduction in the prior iteration\") when any of them is trainable"),
-            rules.no_all_linear_into_towers(),
-            rules.confine_target_names(),
+            FamilyRule("no_all_linear_into_towers"),
+            FamilyRule("confine_target_names"),
         ],
     )
 )

@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from archtune.families import Family, TinyModel, register_family, rules, text_config
-from archtune.models.tiny import special_token_ids
+from archtune.families import Family, FamilyRule, TinyModel, register_family, text_config
+from archtune.families.base import special_token_ids
 
 # The seed's language-model-only target: never the towers (whose Gemma4ClippableLinear PEFT
 # rejects, and whose adapters give the "loss ~12" trap of `lora_target_linear`).
@@ -199,17 +199,17 @@ FAMILY = register_family(
         packing_drop_attention_mask=True,
         tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name)) for name in _VARIANTS),
         rules=[
-            rules.freeze_mm_modules(),
-            rules.non_reentrant_checkpointing(
+            FamilyRule("freeze_mm_modules"),
+            FamilyRule("non_reentrant_checkpointing",
                 "reentrant checkpointing silently gives wrong gradients on Gemma 4 (expert LoRA gets none, "
                 "gradient norms differ: FINDINGS.md), and its shared per-layer norms are \"marked ready twice\" "
                 "under DDP"),
-            rules.ddp_find_unused_parameters(
+            FamilyRule("ddp_find_unused_parameters",
                 "text-only batches never reach the towers' and embedders' parameters, and DDP fails on step 2 "
                 "(\"Expected to have finished reduction in the prior iteration\") when any of them is trainable"),
-            rules.no_all_linear_into_towers(),
-            rules.confine_target_names(),
-            rules.fsdp1_refuses_quantized_base(
+            FamilyRule("no_all_linear_into_towers"),
+            FamilyRule("confine_target_names"),
+            FamilyRule("fsdp1_refuses_quantized_base",
                 "runs out of memory while dequantizing and sharding Gemma 4's weights (the reference's FSDP1 + "
                 "QLoRA failure)"),
         ],

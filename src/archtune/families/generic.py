@@ -7,7 +7,7 @@ architecture, and the defaults elsewhere (e.g. a user's `lora_target_modules`) a
 from __future__ import annotations
 
 from archtune.families import GENERIC, Family, TinyModel, register_family
-from archtune.models.tiny import special_token_ids
+from archtune.families.base import special_token_ids
 
 
 def _llama_config(tokenizer):

@@ -16,9 +16,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from archtune.families import Family, TinyModel, register_family, rules, text_config
-from archtune.families.linear_attention import GATED_DELTANET_PACKING
-from archtune.models.tiny import special_token_ids
+from archtune.families import Family, FamilyRule, TinyModel, register_family, text_config
+from archtune.families.base import special_token_ids
 
 # Language-model linears: full-attention q/k/v/o, DeltaNet's big projections (in_proj_qkv,
 # in_proj_z, out_proj) and the shared expert. Left out on purpose: the router (`mlp.gate`) and
@@ -139,14 +138,14 @@ FAMILY = register_family(
             ),
         ),
         rules=[
-            rules.freeze_mm_modules(),
-            rules.non_reentrant_checkpointing(
+            FamilyRule("freeze_mm_modules"),
+            FamilyRule("non_reentrant_checkpointing",
                 "reentrant recompute gives the routed experts' LoRA no gradient (measured on a Gemma 4 MoE, "
                 "FINDINGS.md; the experts here are routed the same way)"),
-            rules.no_all_linear_into_towers(),
-            rules.confine_target_names(),
+            FamilyRule("no_all_linear_into_towers"),
+            FamilyRule("confine_target_names"),
         ],
         # Packed rows: Gated DeltaNet's conv and recurrent state restart at every document.
-        patches=[GATED_DELTANET_PACKING],
+        patches=["gated_deltanet_packing"],
     )
 )

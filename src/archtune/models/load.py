@@ -176,7 +176,7 @@ def apply_weight_scale_rules(model, plan: Plan, console=None):
         return None
     from rich.markup import escape
 
-    from archtune.diagnostics.weight_scales import normalize_weight_scales, render_table
+    from archtune.models.weight_scales import normalize_weight_scales, render_table
 
     result = normalize_weight_scales(model, rules)
     if console is not None and _is_rank0():

@@ -7,64 +7,15 @@ names a family.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from archtune.families.base import special_token_ids
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-# Special tokens every tiny config may point its multimodal ids at (archtune's tokenizer has them all).
-SPECIAL_TOKENS = (
-    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
-    "<image_soft_token>", "<audio_soft_token>", "<video_soft_token>",
-    "<start_of_image>", "<end_of_image>", "<start_of_audio>", "<end_of_audio>",
-    "<vision_start>", "<vision_end>",
-)
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """Vocabulary size and special token ids of a tokenizer, for tiny configs.
-
-    `ids["<image_soft_token>"]` raises KeyError when the tokenizer lacks the token (instead of
-    silently mapping it to `<unk>` as `convert_tokens_to_ids` does).
-    """
-
-    vocab_size: int
-    pad: int
-    bos: int
-    eos: int
-    by_token: dict[str, int]
-
-    def __getitem__(self, token: str) -> int:
-        try:
-            return self.by_token[token]
-        except KeyError:
-            raise KeyError(f"the tokenizer has no special token {token!r}") from None
-
-
-def special_token_ids(tokenizer: "PreTrainedTokenizerBase") -> TokenIds:
-    vocab = tokenizer.get_vocab()
-    by_token = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS if tok in vocab}
-
-    def required(attr: str, fallback: str) -> int:
-        value = getattr(tokenizer, attr)
-        if value is None:
-            value = by_token.get(fallback)
-        if value is None:
-            raise KeyError(f"the tokenizer has no {attr.removesuffix('_id')} ({fallback})")
-        return int(value)
-
-    return TokenIds(
-        vocab_size=len(tokenizer),
-        pad=required("pad_token_id", "<pad>"),
-        bos=required("bos_token_id", "<bos>"),
-        eos=required("eos_token_id", "<eos>"),
-        by_token=by_token,
-    )
 
 
 def tiny_model_names() -> list[str]:
@@ -139,9 +90,6 @@ def write_tiny_model(name: str, out_dir: str | os.PathLike, seed: int | None = 0
 
 
 __all__ = [
-    "SPECIAL_TOKENS",
-    "TokenIds",
-    "special_token_ids",
     "tiny_model_names",
     "build_tiny_config",
     "build_tiny_model",

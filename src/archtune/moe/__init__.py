@@ -7,7 +7,7 @@ Importing this package registers `scattermoe` in transformers' experts registry
 """
 from __future__ import annotations
 
-from archtune.moe.lora import (
+from archtune.patches.expert_lora import (
     ExpertWeight,
     expert_weight,
     has_expert_lora,

@@ -27,7 +27,7 @@ gate and computes only the gradients autograd asks for (no weight gradient for f
 experts). Other experts (biases, post-expert norm, no gate: gpt-oss) take the general path:
 the same algorithm as autograd steps around a per-expert product Function (`_ExpertLinear`).
 Both compute PEFT's expert LoRA as a low-rank product per segment instead of materialising
-W + BA (see `archtune.moe.lora`). The routing weight is applied to the down product's input
+W + BA (see `archtune.patches.expert_lora`). The routing weight is applied to the down product's input
 (its [N, I] rows) rather than its output ([N, H]): the same value, half the element-wise work.
 
 CPU notes (bench/moe.py): `torch.nn.functional.grouped_mm` has a CPU kernel in torch 2.13,
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from archtune.moe.lora import ExpertWeight, expert_weight
+from archtune.patches.expert_lora import ExpertWeight, expert_weight
 
 
 # ---- routing: sort (token, expert) pairs by expert ------------------------------------------
@@ -83,7 +83,7 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> Routing:
 # plus, optionally, PEFT's factors: effective W = W + s * lhs @ rhs. The low-rank update is two
 # more projections in the same layout: "A" maps in -> r and "B" maps r -> out, so
 #   y = x @ R(W) + s * (x @ R(A)) @ R(B),    R(M)_e = M_e^T (or M_e when transposed),
-# with (A, B) = (rhs, lhs), or (lhs, rhs) when transposed (see archtune.moe.lora).
+# with (A, B) = (rhs, lhs), or (lhs, rhs) when transposed (see archtune.patches.expert_lora).
 
 
 def _segments(counts: list[int]):

@@ -101,7 +101,7 @@ def prepare_packing(model, plan: Plan) -> None:
     """Packed rows: the family's packing patches (e.g. DeltaNet state reset per document),
     per-document attention, no KV cache. A family that cannot be made exact is refused."""
     from archtune.data import eval_packing
-    from archtune.families.linear_attention import PackingUnsupported, prepare_model_for_packing
+    from archtune.patches.packing import PackingUnsupported, prepare_model_for_packing
 
     if not (plan.config.sample_packing or eval_packing(plan.config)):
         return

@@ -1,6 +1,6 @@
 """The Plan: every resolved setting with its value, source and reason.
 
-Only `resolve` makes decisions. The generic rules (families/rules.py: GENERIC_RULES, driven by
+Only `resolve` makes decisions. The generic rules (plan/rules.py: GENERIC_RULES, driven by
 each family's data) run first, then the family's own rules (`Family.rules`); nothing else
 decides. Later stages read the Plan and never look at the model's type again.
 `archtune check` prints it.
@@ -11,14 +11,14 @@ key back as a dict.
 """
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
 from archtune.families import Family, Rule, detect, model_types_of
+from archtune.plan.rules import GENERIC_RULES, family_rules
+from archtune.plan.structure import ModelStructure, StructureUnavailable, model_structure
 
 Source = Literal["user", "default", "family", "auto"]
 SOURCES: tuple[str, ...] = ("user", "default", "family", "auto")
@@ -35,84 +35,6 @@ class Decision:
 
     def to_dict(self) -> dict:
         return {"value": self.value, "source": self.source, "reason": self.reason}
-
-
-# ---------------------------------------------------------------- the model's skeleton
-
-class StructureUnavailable(Exception):
-    """The model could not be built on the meta device (unknown model_type, remote code, ...)."""
-
-
-@dataclass(frozen=True)
-class ModelStructure:
-    """What the model built from config.json contains, found without weights or memory.
-
-    The model is instantiated on torch's meta device (tensors have shapes, no storage), so even
-    a 30B config takes about a second and allocates nothing.
-    """
-
-    auto_class: str
-    module_names: tuple[str, ...]
-    class_names: frozenset[str]
-    parameters: dict[str, tuple[int, ...]]  # parameter name -> shape
-    no_split_modules: tuple[str, ...]  # transformers' `_no_split_modules` (may name absent classes)
-
-    def parameters_matching(self, target: str) -> list[str]:
-        """Parameter names PEFT's `target_parameters` entry `target` hits (equal, or a dotted suffix)."""
-        return [n for n in self.parameters if n == target or n.endswith("." + target)]
-
-
-_STRUCTURES: dict[str, ModelStructure | StructureUnavailable] = {}
-
-
-def model_structure(model_config: dict[str, Any], auto_class: str) -> ModelStructure:
-    """The meta-device skeleton of the model `model_config` describes (cached per config).
-
-    `auto_class` is the transformers Auto class the model trains with; AutoModelForCausalLM is
-    tried next (e.g. a text-only checkpoint of a multimodal family). Raises StructureUnavailable.
-    """
-    key = json.dumps([auto_class, model_config], sort_keys=True, default=str)
-    cached = _STRUCTURES.get(key)
-    if cached is None:
-        try:
-            cached = _build_structure(copy.deepcopy(model_config), auto_class)
-        except StructureUnavailable as exc:
-            cached = exc
-        _STRUCTURES[key] = cached
-    if isinstance(cached, StructureUnavailable):
-        raise cached
-    return cached
-
-
-def _build_structure(model_config: dict[str, Any], auto_class: str) -> ModelStructure:
-    import torch
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = model_config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise StructureUnavailable(f"transformers {transformers.__version__} has no model_type {model_type!r}")
-    try:
-        config = CONFIG_MAPPING[model_type].from_dict(model_config)
-    except Exception as exc:  # a config.json transformers rejects
-        raise StructureUnavailable(f"config.json does not load as {model_type!r}: {exc}") from None
-    errors = []
-    for name in dict.fromkeys((auto_class, "AutoModelForCausalLM")):
-        try:
-            # fork_rng: weight init on meta tensors must not touch the caller's random state.
-            with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                model = getattr(transformers, name).from_config(config)
-        except Exception as exc:  # e.g. the Auto class has no mapping for this config
-            errors.append(f"{name}: {exc}")
-            continue
-        return ModelStructure(
-            auto_class=name,
-            module_names=tuple(n for n, _ in model.named_modules()),
-            class_names=frozenset(type(m).__name__ for m in model.modules()),
-            parameters={n: tuple(p.shape) for n, p in model.named_parameters()},
-            no_split_modules=tuple(getattr(model, "_no_split_modules", None) or ()),
-        )
-    raise StructureUnavailable("; ".join(errors))
 
 
 # ---------------------------------------------------------------- the plan
@@ -247,8 +169,6 @@ def resolve(cfg: Config, model_config: dict, world_size: int = 1) -> Plan:
     `world_size` is the number of processes the plan is for (`--nproc`). Problems are gathered
     in `plan.errors` (nothing is raised); `plan.raise_errors()` raises them as one UserError.
     """
-    from archtune.families.rules import GENERIC_RULES
-
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, not {world_size}")
     family = detect(model_config)
@@ -256,6 +176,6 @@ def resolve(cfg: Config, model_config: dict, world_size: int = 1) -> Plan:
     plan = Plan(config=cfg, family=family, model_type=types[0] if types else "unknown",
                 model_config=model_config, world_size=world_size)
     plan.settings = _config_settings(cfg)
-    for rule in (*GENERIC_RULES, *family.rules):
+    for rule in (*GENERIC_RULES, *family_rules(family)):
         rule.apply(plan)
     return plan

@@ -6,8 +6,9 @@ Two kinds, both `Rule(name, doc, apply)`:
   families comes from the family's data (decoder_layer_cls, expert_param_names and aliases,
   the is_moe hook, packing_drop_attention_mask, ...).
 - Builders (`freeze_mm_modules()`, `non_reentrant_checkpointing(why)`, ...) return a rule a
-  family lists in `Family.rules`; they run after the generic rules, in the family's order, and
-  may refine what a generic rule decided.
+  family asks for by name in `Family.rules` (`FamilyRule("non_reentrant_checkpointing", why)`);
+  `family_rules(family)` builds them. They run after the generic rules, in the family's order,
+  and may refine what a generic rule decided.
 
 Each rule's `doc` is one sentence (what, when, why): docs/model_architectures.md is generated
 from them. Sources: "family" for a family's required setting, "auto" for a value archtune
@@ -16,9 +17,9 @@ derived from other keys, "default" for a plain default.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from archtune.families.base import Rule
+from archtune.families.base import Family, Rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import ModelStructure, Plan
@@ -512,8 +513,34 @@ def fsdp1_refuses_quantized_base(why: str) -> Rule:
                 f"because it {why}; FSDP2 works.", apply)
 
 
+# The builders a family may name in `Family.rules`: name -> builder (taking the family's reason
+# when the rule states one).
+FAMILY_RULE_BUILDERS: dict[str, Callable[..., Rule]] = {
+    "freeze_mm_modules": freeze_mm_modules,
+    "non_reentrant_checkpointing": non_reentrant_checkpointing,
+    "ddp_find_unused_parameters": ddp_find_unused_parameters,
+    "no_all_linear_into_towers": no_all_linear_into_towers,
+    "confine_target_names": confine_target_names,
+    "fsdp1_refuses_quantized_base": fsdp1_refuses_quantized_base,
+}
+
+
+def family_rules(family: Family) -> list[Rule]:
+    """The rules `family` declares (`Family.rules`), built, in its order."""
+    out = []
+    for ref in family.rules:
+        builder = FAMILY_RULE_BUILDERS.get(ref.name)
+        if builder is None:
+            raise KeyError(f"family {family.name!r} asks for rule {ref.name!r}, which src/archtune/plan/rules.py "
+                           f"does not define; known: {', '.join(sorted(FAMILY_RULE_BUILDERS))}")
+        out.append(builder(ref.why) if ref.why else builder())
+    return out
+
+
 __all__ = [
     "GENERIC_RULES",
+    "FAMILY_RULE_BUILDERS",
+    "family_rules",
     "EXPERTS_IMPLEMENTATIONS",
     "experts_implementations",
     "names_to_language_model_regex",

@@ -5,7 +5,7 @@ Nothing model-specific is written here: every fact comes from the code that enfo
 - a family's data (`Family` fields: model_types, auto_class, language_model_prefix,
   decoder_layer_cls, mm_module_prefixes, lora_target_regex, expert parameters and aliases,
   packing policy, lora_target_redirects, patches, tiny models) and its rules' one-line `doc`;
-- the rules for every model (families/rules.py GENERIC_RULES), each by its `doc`;
+- the rules for every model (plan/rules.py GENERIC_RULES), each by its `doc`;
 - the Plan itself: the YAML blocks, the multi-GPU table and the list of refused or rewritten
   configurations are `plan.resolve` run on the family's tiny model for a set of scenarios
   (SCENARIOS below), so each cell is the decision, reason, warning or error `archtune check`
@@ -23,14 +23,15 @@ The output is deterministic: no timestamps, sets sorted, families in a fixed ord
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
+from archtune.docs.markdown import (_cell, _code, _fence, _first_paragraph, _flow, _nest, _one_line, _sentence,
+                                     _yaml_scalar, yaml_block)
+from archtune.docs.scenarios import (FSDP2, KERNEL_KEYS_FROM, SCENARIOS, Outcome, Scenario, _Family, _model_config,
+                                     _skeleton)
 
 DOCS_FILE = "model_architectures.md"
 
@@ -72,282 +73,6 @@ def docs_diff(path: str | Path, context: int = 2) -> list[str]:
         return []
     return list(difflib.unified_diff(current.splitlines(), rendered.splitlines(), fromfile=str(path),
                                      tofile="archtune docs", n=context, lineterm=""))
-
-
-# ================================================================ small formatting helpers
-
-_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
-_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
-
-
-def _yaml_scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value)
-    if _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS:
-        return text
-    return "'" + text.replace("'", "''") + "'"
-
-
-def yaml_block(data: dict[str, Any], indent: int = 0) -> str:
-    """Block-style YAML of a nested dict (lists of scalars or dicts), strings quoted only when
-    needed (a regex always is): the style of the reference's snippets. yaml.safe_load gives
-    `data` back."""
-    pad = " " * indent
-    lines: list[str] = []
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            lines.append(f"{pad}{key}:")
-            lines.append(yaml_block(value, indent + 2))
-        elif isinstance(value, list) and value:
-            lines.append(f"{pad}{key}:")
-            for item in value:
-                if isinstance(item, dict):
-                    first, *rest = yaml_block(item, indent + 4).splitlines()
-                    lines.append(f"{pad}  - {first.strip()}")
-                    lines.extend(rest)
-                else:
-                    lines.append(f"{pad}  - {_yaml_scalar(item)}")
-        else:
-            lines.append(f"{pad}{key}: {_yaml_scalar(value)}")
-    return "\n".join(lines)
-
-
-def _fence(text: str, lang: str = "yaml") -> str:
-    return f"```{lang}\n{text}\n```"
-
-
-def _flow(value: Any) -> str:
-    """A value as inline YAML: scalars as in yaml_block, lists as [a, b], dicts as {k: v}."""
-    if isinstance(value, list):
-        return "[" + ", ".join(_flow(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
-    return _yaml_scalar(value)
-
-
-def _code(text: str) -> str:
-    ticks = "``" if "`" in text else "`"
-    return f"{ticks}{text}{ticks}"
-
-
-def _cell(text: str) -> str:
-    """Text fit for one Markdown table cell (one line, pipes escaped)."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _sentence(text: str) -> str:
-    text = _inline_yaml(str(text))
-    return text if text.endswith((".", "!", "?", "`")) else text + "."
-
-
-def _inline_yaml(text: str) -> str:
-    """A message whose tail after the first line is YAML to add ("...add:\nkey:\n  - a") on one
-    line, the YAML as inline code (`key: [a]`)."""
-    head, sep, tail = text.partition("\n")
-    if sep:
-        try:
-            data = yaml.safe_load(tail)
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict) and data:
-            return _one_line(head) + " " + ", ".join(_code(f"{k}: {_flow(v)}") for k, v in data.items())
-    return _one_line(text)
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def _first_paragraph(doc: str | None) -> str:
-    return _one_line((doc or "").strip().split("\n\n")[0])
-
-
-# ================================================================ the model's skeleton (meta device)
-
-@dataclass(frozen=True)
-class Skeleton:
-    """What a tiny model looks like when built on the meta device (no weights, no memory)."""
-
-    model_class: str
-    auto_class: str
-    modules: dict[str, str]  # module name -> class name
-    no_split_modules: tuple[str, ...]
-
-    def class_of(self, prefix: str) -> str | None:
-        return self.modules.get(prefix)
-
-    @property
-    def class_names(self) -> set[str]:
-        return set(self.modules.values())
-
-
-_SKELETONS: dict[str, Skeleton] = {}
-
-
-def _skeleton(family, tiny_name: str) -> Skeleton:
-    if tiny_name not in _SKELETONS:
-        import torch
-        import transformers
-
-        from archtune.models.tiny import build_tiny_config
-
-        config = build_tiny_config(tiny_name)
-        model, auto = None, None
-        for auto in dict.fromkeys((family.auto_class, "AutoModelForCausalLM")):
-            try:
-                with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                    model = getattr(transformers, auto).from_config(config)
-                break
-            except Exception:  # noqa: BLE001 - e.g. no mapping for this config in that Auto class
-                continue
-        if model is None:  # pragma: no cover - every tiny model builds (tests/unit/test_tiny_models.py)
-            raise RuntimeError(f"tiny model {tiny_name!r} does not build on the meta device")
-        _SKELETONS[tiny_name] = Skeleton(
-            model_class=type(model).__name__,
-            auto_class=auto,
-            modules={n: type(m).__name__ for n, m in model.named_modules() if n},
-            no_split_modules=tuple(sorted(getattr(model, "_no_split_modules", None) or ())),
-        )
-    return _SKELETONS[tiny_name]
-
-
-_MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
-
-
-def _model_config(tiny_name: str) -> dict[str, Any]:
-    """config.json of a tiny model as a dict (a fresh copy: plans may keep it)."""
-    if tiny_name not in _MODEL_CONFIGS:
-        from archtune.models.tiny import build_tiny_config
-
-        _MODEL_CONFIGS[tiny_name] = build_tiny_config(tiny_name).to_dict()
-    return copy.deepcopy(_MODEL_CONFIGS[tiny_name])
-
-
-# ================================================================ scenarios: the Plan for a configuration
-
-BASE_KEYS: dict[str, Any] = {"datasets": [{"path": "data.jsonl"}], "adapter": "lora", "gradient_checkpointing": True}
-FSDP2 = {"fsdp": ["full_shard", "auto_wrap"],
-         "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
-FSDP1_QLORA = {"fsdp": ["full_shard", "auto_wrap"],
-               "fsdp_config": {"fsdp_version": 1, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"},
-               "adapter": "qlora", "load_in_4bit": True}
-KERNEL_KEYS_FROM = "axolotl.integrations.kernels.KernelsPlugin"
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A configuration on top of the family's base (LoRA, gradient checkpointing, expert LoRA on a
-    MoE model), the number of processes, and the setting whose decision the docs show."""
-
-    title: str
-    keys: dict[str, Any]
-    world_size: int = 1
-    shows: str | None = None
-    moe_only: bool = False
-    drop: tuple[str, ...] = ()  # base keys removed first
-    # Written as the config excerpt in the docs; default: `keys`.
-    excerpt: str | None = None
-
-
-SCENARIOS: dict[str, tuple[Scenario, ...]] = {
-    "multi_gpu": (
-        Scenario("DDP", {}, 2, "ddp_find_unused_parameters", excerpt="--nproc 2"),
-        Scenario("DDP + activation offloading", {"activation_offloading": True}, 2, "ddp_find_unused_parameters",
-                 excerpt="--nproc 2, activation_offloading: true"),
-        Scenario("FSDP1 + QLoRA", FSDP1_QLORA, 2, "fsdp_config.fsdp_transformer_layer_cls_to_wrap",
-                 excerpt="fsdp_version: 1, adapter: qlora, load_in_4bit: true"),
-        Scenario("FSDP2", FSDP2, 2, "fsdp_config.fsdp_transformer_layer_cls_to_wrap", excerpt="fsdp_version: 2"),
-        Scenario("FSDP2 + activation offloading", {**FSDP2, "activation_offloading": True}, 2, "use_cache",
-                 excerpt="fsdp_version: 2, activation_offloading: true"),
-    ),
-    "issues": (
-        Scenario("All linear layers", {"lora_target_linear": True}, shows="lora_target_modules",
-                 excerpt="lora_target_linear: true"),
-        Scenario("A plain target-name list", {"lora_target_modules": ["q_proj", "v_proj"]},
-                 shows="lora_target_modules", excerpt="lora_target_modules: [q_proj, v_proj]"),
-        Scenario("Reentrant checkpointing", {"gradient_checkpointing_kwargs": {"use_reentrant": True}},
-                 shows="gradient_checkpointing_kwargs.use_reentrant",
-                 excerpt="gradient_checkpointing_kwargs: {use_reentrant: true}"),
-        Scenario("Find-unused-parameters with activation offloading",
-                 {"activation_offloading": True, "ddp_find_unused_parameters": True}, 2, "ddp_find_unused_parameters",
-                 excerpt="--nproc 2, activation_offloading: true, ddp_find_unused_parameters: true"),
-        Scenario("Experts left out", {}, shows="lora_target_parameters", moe_only=True,
-                 drop=("lora_target_parameters",), excerpt="adapter: lora without lora_target_parameters"),
-        Scenario("Expert short names", {"lora_target_parameters": ["gate_proj", "up_proj", "down_proj"]},
-                 shows="lora_target_parameters", moe_only=True,
-                 excerpt="lora_target_parameters: [gate_proj, up_proj, down_proj]"),
-        Scenario("Dropout on expert LoRA", {"lora_dropout": 0.05}, shows="lora_target_parameters", moe_only=True,
-                 excerpt="lora_target_parameters with lora_dropout: 0.05"),
-    ),
-}
-
-
-@dataclass
-class Outcome:
-    scenario: Scenario
-    errors: list[Any] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    decision: Any = None  # plan Decision of scenario.shows (None when unset)
-
-
-class _Family:
-    """A family and its primary tiny model, with the plans the docs need (built once)."""
-
-    def __init__(self, family):
-        self.family = family
-        self.tiny = self._primary_tiny()
-        self.model_config = _model_config(self.tiny.name) if self.tiny else None
-        self.moe = bool(self.model_config and family.moe(self.model_config))
-
-    def _primary_tiny(self):
-        """The first tiny model that is a mixture of experts when the family has experts, else the first."""
-        tinies = list(self.family.tiny_models)
-        if not tinies:
-            return None
-        if self.family.expert_param_names:
-            for tiny in tinies:
-                if self.family.moe(_model_config(tiny.name)):
-                    return tiny
-        return tinies[0]
-
-    def base_keys(self) -> dict[str, Any]:
-        keys = copy.deepcopy(BASE_KEYS)
-        if self.moe:
-            keys["lora_target_parameters"] = list(self.family.expert_param_names)
-        return keys
-
-    def plan(self, keys: dict[str, Any], world_size: int = 1, drop: Iterable[str] = ()):
-        from archtune.config.load import config_from_dict
-        from archtune.plan import resolve
-
-        data = self.base_keys()
-        for key in drop:
-            data.pop(key, None)
-        data.update(copy.deepcopy(keys))
-        data["base_model"] = f"tiny:{self.tiny.name}"
-        cfg = config_from_dict(data, source="archtune docs")
-        return resolve(cfg, copy.deepcopy(self.model_config), world_size=world_size)
-
-    def outcome(self, scenario: Scenario) -> Outcome:
-        plan = self.plan(scenario.keys, scenario.world_size, scenario.drop)
-        return Outcome(scenario, list(plan.errors), list(plan.warnings),
-                       plan.settings.get(scenario.shows) if scenario.shows else None)
 
 
 # ================================================================ rendering
@@ -473,9 +198,10 @@ def _architecture(ctx: _Family) -> list[str]:
         out.append(f"- **PEFT and `{wrapper}`**: PEFT rejects `{wrapper}` as a LoRA target (\"Target module "
                    f"{wrapper}(...) is not supported\"); archtune patches this in one place: LoRA aimed at a "
                    f"`{wrapper}` lands on the `nn.Linear` it wraps (`.{inner}`).")
-    for patch in fam.patches:
-        name = getattr(patch, "name", str(patch))
-        doc = getattr(patch, "doc", "")
+    from archtune.patches.packing import get_packing_patch
+
+    for name in fam.patches:
+        doc = get_packing_patch(name).doc
         out.append(f"- **Patch `{name}`**: {_sentence(doc)}" if doc else f"- **Patch `{name}`**.")
     for note in _optional(fam, "architecture_notes") or ():
         out.append(f"- {_sentence(note)}")
@@ -503,11 +229,14 @@ def _required_settings(ctx: _Family) -> list[str]:
 
 def _rules(ctx: _Family) -> list[str]:
     fam = ctx.family
-    if not fam.rules:
+    from archtune.plan.rules import family_rules
+
+    rules = family_rules(fam)
+    if not rules:
         return []
     out = ["### What archtune decides and refuses", "",
            "The family's rules, run after the rules for every model (below), in this order:", ""]
-    out += [f"- **{r.name}**: {_sentence(r.doc)}" for r in fam.rules]
+    out += [f"- **{r.name}**: {_sentence(r.doc)}" for r in rules]
     out.append("")
     return out
 
@@ -602,7 +331,7 @@ def _issues(ctx: _Family) -> list[str]:
         out.append(f"- {scenario.title}, {_code(scenario.excerpt)}: {_outcome_text(o)}")
     fam = ctx.family
     if fam.mm_module_prefixes:
-        from archtune.train.trainer import TEXT_ONLY_ZERO_INPUTS
+        from archtune.patches.text_only import TEXT_ONLY_ZERO_INPUTS
 
         out.append("- Text-only batches on the multimodal wrapper (DDP/FSDP-wrapped included): `compute_loss` and "
                    "`prediction_step` read the model's config through `unwrap_model`, and give a text-only batch "
@@ -667,7 +396,7 @@ def _family_section(ctx: _Family) -> list[str]:
 
 
 def _generic_rules() -> list[str]:
-    from archtune.families.rules import GENERIC_RULES
+    from archtune.plan.rules import GENERIC_RULES
 
     out = ["## Rules for every model", "",
            "These run first for every model, whatever its family; what differs between families comes from the "
@@ -680,7 +409,7 @@ def _generic_rules() -> list[str]:
 
 def _general_moe(contexts: list[_Family]) -> list[str]:
     from archtune.config.schema import Config, WeightScaleRule
-    from archtune.families import rules
+    from archtune.plan import rules
 
     out = ["## Mixture-of-experts and multimodal notes", ""]
     out.append(f"- {_sentence(rules.no_all_linear_into_towers().doc)}")

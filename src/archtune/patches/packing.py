@@ -385,7 +385,7 @@ _PACKING_PATCHES: dict[str, PackingPatch] = {}
 
 def register_packing_patch(patch: PackingPatch) -> PackingPatch:
     if patch.name in _PACKING_PATCHES:
-        raise KeyError(f"packing patch {patch.name!r} is registered twice (archtune/families/linear_attention.py)")
+        raise KeyError(f"packing patch {patch.name!r} is registered twice (archtune/patches/packing.py)")
     if not patch.name.isidentifier() or patch.name != patch.name.lower():
         raise KeyError(f"packing patch name {patch.name!r} must be a lower-case identifier")
     _PACKING_PATCHES[patch.name] = patch

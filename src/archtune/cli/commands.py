@@ -104,7 +104,7 @@ def check(config: Path, overrides: Optional[list[str]] = OverridesArg,
           nproc: int = typer.Option(1, "--nproc", help="Resolve as for N processes (DDP/FSDP decisions)."),
           probe: bool = typer.Option(False, "--probe", help="Also load the model and run the consistency probe.")) -> None:
     """Resolve the Plan without loading weights: what the family and auto-detection set, and why."""
-    from archtune.check import check_plan, render_plan, render_verdict
+    from archtune.cli.check import check_plan, render_plan, render_verdict
 
     if nproc < 1:
         raise UserError.single("--nproc", f"--nproc must be at least 1, not {nproc}", "use --nproc 1 or more")
@@ -248,7 +248,8 @@ def scan_weights(model_dir: Path,
                  fix: Optional[Path] = typer.Option(None, "--fix", help="Write a repaired copy of the model here."),
                  as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
     """Find tensors whose std drifted from their peers' median (and rescale them into --fix)."""
-    from archtune.diagnostics.weight_scales import parse_rule_arg, render_table, scan_model_dir
+    from archtune.diagnostics.scan_weights import parse_rule_arg, scan_model_dir
+    from archtune.models.weight_scales import render_table
 
     result = scan_model_dir(model_dir, [parse_rule_arg(r) for r in rule], fix_out_dir=fix)
     if as_json:

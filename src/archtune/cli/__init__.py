@@ -1,0 +1,7 @@
+"""archtune's command line: the typer commands (commands.py) and the rendering of a plan (check.py).
+
+The console script `archtune` runs `archtune.cli:main`.
+"""
+from archtune.cli.commands import app, generate_text, main
+
+__all__ = ["app", "generate_text", "main"]

@@ -1,0 +1,267 @@
+"""The data pipeline: load -> format -> tokenize + mask -> validate -> split -> cache.
+
+    prepared = prepare_data(cfg, tokenizer)
+    prepared.train  # datasets.Dataset: input_ids, labels (-100 = no loss), length
+    prepared.eval   # same columns, or None
+    prepared.stats  # JSON-able counts (see STATS_KEYS)
+
+Reading. Local files and directories (JSON, JSONL, Parquet, CSV; the type from the
+extension or `ds_type`) or a hub id (sources.py), read row by row as written (readers.py).
+
+Validation. A malformed row is dropped and counted by reason (formats.DROP_REASONS); with
+`strict_data: true` every malformed row is reported at once as a UserError instead. Rows
+longer than sequence_len follow excess_length_strategy (not an error under strict_data).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from archtune.config.schema import Config
+from archtune.data import cache, formats
+from archtune.data.formats import DROP_REASONS, FIXES
+from archtune.data.packing import pack_dataset, packing_stats
+from archtune.data.readers import _read_source
+from archtune.data.sources import Source, resolve_source
+from archtune.data.tokenize import IGNORE_INDEX, RowEncoder, TokenizeSettings, check_tokenizer
+from archtune.errors import Problem, UserError
+
+log = logging.getLogger(__name__)
+
+STATS_KEYS: tuple[str, ...] = (
+    "rows_in", "rows_kept", "rows_dropped", "tokens", "label_tokens", "train_rows", "eval_rows",
+    "train_tokens", "eval_tokens", "truncated", "mask_realigned", "sources", "cache", "cache_dir")
+# Reasons that strict_data turns into errors: everything but too_long, which
+# excess_length_strategy governs.
+STRICT_REASONS = frozenset(DROP_REASONS) - {formats.TOO_LONG}
+MAX_LISTED_PROBLEMS = 50
+_CHUNK_ROWS = 100_000
+_META = ("_drop", "_detail", "_src", "_truncated", "_realigned")
+
+
+@dataclass
+class PreparedData:
+    train: "datasets.Dataset"  # noqa: F821
+    eval: "datasets.Dataset | None"  # noqa: F821
+    stats: dict = field(default_factory=dict)
+
+
+# ================================================================ tokenizing
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    from datasets.utils import logging as dlog
+
+    was = dlog.is_progress_bar_enabled()
+    (dlog.enable_progress_bar if enabled else dlog.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (dlog.enable_progress_bar if was else dlog.disable_progress_bar)()
+
+
+def _tokenize_source(src: Source, tokenizer, settings: TokenizeSettings, work: Path, tag: str):
+    from datasets import concatenate_datasets
+
+    from archtune.data.tokenize import output_features
+
+    encoder = RowEncoder(tokenizer, src.cfg, settings)
+    parts = []
+    for n, (raw, origin) in enumerate(_read_source(src, work)):
+        # One process: the Rust tokenizer already encodes each batch on all cores.
+        parts.append(raw.map(
+            encoder, batched=True, batch_size=1000, with_indices=True, fn_kwargs={"origin": origin},
+            remove_columns=raw.column_names, features=output_features(),
+            cache_file_name=str(work / f"{tag}-{n}.arrow"), load_from_cache_file=False,
+            new_fingerprint=f"archtune-{tag}-{n}", desc=f"Tokenizing {src.key} ({Path(origin).name})"))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+@dataclass
+class _Tally:
+    """Counts over the tokenized rows of some sources, and the ones to keep."""
+
+    kept: object  # Dataset of kept rows, meta columns removed
+    rows_in: int
+    dropped: Counter
+    truncated: int
+    realigned: int
+    problems: list[Problem]
+    sources: list[dict]
+
+
+def _tally(parts: list[tuple[Source, object]], strict: bool) -> _Tally:
+    from datasets import concatenate_datasets
+
+    dropped: Counter = Counter()
+    problems: list[Problem] = []
+    sources = []
+    kept_parts = []
+    rows_in = truncated = realigned = 0
+    for src, tok in parts:
+        drops = tok["_drop"][:]
+        here = Counter(d for d in drops if d)
+        keep = [i for i, d in enumerate(drops) if not d]
+        if strict and any(r in STRICT_REASONS for r in here):
+            bad = [i for i, d in enumerate(drops) if d in STRICT_REASONS]
+            for i in bad[: MAX_LISTED_PROBLEMS + 1]:
+                row = tok[i]
+                problems.append(Problem(row["_src"], f"{row['_drop']}: {row['_detail']}", FIXES[row["_drop"]]))
+        kept_rows = _select(tok, keep)
+        truncated += sum(kept_rows["_truncated"][:]) if keep else 0
+        realigned += sum(kept_rows["_realigned"][:]) if keep else 0
+        rows_in += len(drops)
+        dropped += here
+        sources.append({"key": src.key, "path": src.cfg.path, "rows_in": len(drops), "rows_kept": len(keep),
+                        "rows_dropped": dict(sorted(here.items()))})
+        kept_parts.append(kept_rows.remove_columns(list(_META)))
+    kept = kept_parts[0] if len(kept_parts) == 1 else concatenate_datasets(kept_parts)
+    return _Tally(kept, rows_in, dropped, truncated, realigned, problems, sources)
+
+
+def _select(ds, indices: list[int]):
+    # An explicit fingerprint: datasets would otherwise hash the whole index list.
+    return ds.select(indices, new_fingerprint=f"{ds._fingerprint}-sel-{len(indices)}-{hash(tuple(indices))}")
+
+
+def _saved_tokens(path: Path) -> tuple[int, int]:
+    """(tokens, label tokens) of a saved split, counted by Arrow over the memory-mapped file."""
+    from datasets import load_from_disk
+
+    if not path.is_dir():
+        return 0, 0
+    return _label_tokens(load_from_disk(str(path)))
+
+
+def _label_tokens(ds) -> tuple[int, int]:
+    import pyarrow.compute as pc
+
+    if len(ds) == 0:
+        return 0, 0
+    labels = pc.list_flatten(ds.data.column("labels"))
+    return (int(pc.sum(ds.data.column("length")).as_py()),
+            int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0))
+
+
+def _split(train, cfg: Config):
+    """Hold out val_set_size rows, chosen by cfg.seed; both parts keep the file order."""
+    import numpy as np
+
+    n = len(train)
+    size = cfg.val_set_size
+    n_eval = int(size) if size >= 1 else math.ceil(n * size)
+    if n_eval >= n:
+        raise UserError.single("val_set_size", f"holds out {n_eval} of the {n} usable rows, leaving none to train on",
+                               "lower val_set_size (a fraction < 1, or a row count)")
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    return _select(train, sorted(order[n_eval:].tolist())), _select(train, sorted(order[:n_eval].tolist()))
+
+
+def _no_rows_error(key: str, tally: _Tally) -> UserError:
+    why = ", ".join(f"{r} {c}" for r, c in tally.dropped.most_common()) or "the data is empty"
+    return UserError.single(key, f"no usable rows ({tally.rows_in} read; dropped: {why})",
+                            "fix the data (strict_data: true lists every bad row as FILE:LINE)")
+
+
+def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path):
+    settings = TokenizeSettings(sequence_len=cfg.sequence_len, excess_length_strategy=cfg.excess_length_strategy,
+                                train_on_inputs=cfg.train_on_inputs, chat_template=cfg.chat_template)
+    work = tmp / "_work"
+    work.mkdir()
+    train_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"train{i}")) for i, s in enumerate(train_srcs)]
+    eval_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"eval{i}")) for i, s in enumerate(eval_srcs)]
+    t = _tally(train_parts, cfg.strict_data)
+    e = _tally(eval_parts, cfg.strict_data) if eval_parts else None
+    problems = t.problems + (e.problems if e else [])
+    if problems:
+        total = sum(n for r, n in t.dropped.items() if r in STRICT_REASONS)
+        total += sum(n for r, n in e.dropped.items() if r in STRICT_REASONS) if e else 0
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        if total > len(listed):
+            listed.append(Problem("strict_data", f"... {total - len(listed)} more malformed rows not listed",
+                                  "set strict_data: false to drop and count malformed rows instead"))
+        raise UserError(listed)
+    if len(t.kept) == 0:
+        raise _no_rows_error("datasets", t)
+    if e is not None and len(e.kept) == 0:
+        raise _no_rows_error("test_datasets", e)
+    train, ev = t.kept, (e.kept if e else None)
+    if ev is None and cfg.val_set_size > 0:
+        train, ev = _split(train, cfg)
+    train.save_to_disk(str(tmp / "train"))
+    if ev is not None:
+        ev.save_to_disk(str(tmp / "eval"))
+    shutil.rmtree(work, ignore_errors=True)
+
+    dropped = t.dropped + (e.dropped if e else Counter())
+    (train_tokens, train_labels), (eval_tokens, eval_labels) = _saved_tokens(tmp / "train"), _saved_tokens(tmp / "eval")
+    return {
+        "rows_in": t.rows_in + (e.rows_in if e else 0),
+        "rows_kept": len(t.kept) + (len(e.kept) if e else 0),
+        "rows_dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
+        "tokens": train_tokens + eval_tokens,
+        "label_tokens": train_labels + eval_labels,
+        "train_rows": len(train),
+        "eval_rows": len(ev) if ev is not None else 0,
+        "train_tokens": train_tokens,
+        "eval_tokens": eval_tokens,
+        "truncated": t.truncated + (e.truncated if e else 0),
+        "mask_realigned": t.realigned + (e.realigned if e else 0),
+        "sources": t.sources + (e.sources if e else []),
+    }
+
+
+# ================================================================ entry point
+
+def eval_packing(cfg: Config) -> bool:
+    return cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
+
+
+def prepare_data(cfg: Config, tokenizer, *, progress: bool = True) -> PreparedData:
+    """Tokenized, masked, validated train (and eval) data, from the cache when it has them.
+
+    Raises UserError naming the key (datasets.N.path, val_set_size, ...) or FILE:LINE.
+    """
+    check_tokenizer(tokenizer)
+    train_srcs = [resolve_source(ds, f"datasets.{i}") for i, ds in enumerate(cfg.datasets)]
+    eval_srcs = [resolve_source(ds, f"test_datasets.{i}") for i, ds in enumerate(cfg.test_datasets or [])]
+    key, material = cache.cache_key(cfg, tokenizer, [s.describe() for s in train_srcs + eval_srcs])
+    root = cache.cache_root(cfg)
+    entry = (root / key).resolve()
+    hit = cache.load(entry)
+    if hit is None:
+        with _progress_bars(progress), cache.staging(root, key) as tmp:
+            stats = _build(cfg, tokenizer, train_srcs, eval_srcs, tmp)
+            cache.write_json(tmp / "key.json", material)
+            cache.write_json(tmp / cache.STATS_FILE, stats)
+            cache.commit(tmp, entry)
+        hit = cache.load(entry)
+        if hit is None:
+            raise UserError.single("dataset_prepared_path", f"could not read back the cache entry {entry}",
+                                   "check that the directory is writable and not full")
+        state = "miss"
+    else:
+        state = "hit"
+    train, ev, stats = hit
+    stats = {**stats, "cache": state, "cache_dir": str(entry)}
+    # Packing runs after the cache, so turning it on or off never re-tokenizes.
+    if cfg.sample_packing:
+        train = pack_dataset(train, cfg.sequence_len, seed=cfg.seed)
+        stats["packing"] = {"train": packing_stats(train, cfg.sequence_len)}
+    if ev is not None and eval_packing(cfg):
+        ev = pack_dataset(ev, cfg.sequence_len, seed=cfg.seed)
+        stats.setdefault("packing", {})["eval"] = packing_stats(ev, cfg.sequence_len)
+    dropped = {r: n for r, n in stats["rows_dropped"].items() if n}
+    log.info("data: %d train rows, %d eval rows, %d tokens (cache %s: %s)%s", stats["train_rows"],
+             stats["eval_rows"], stats["tokens"], state, entry,
+             f"; dropped {dropped}" if dropped else "")
+    return PreparedData(train=train, eval=ev, stats=stats)
+
+
+__all__ = ["PreparedData", "prepare_data", "eval_packing", "STATS_KEYS"]

@@ -1,0 +1,109 @@
+"""Markdown and YAML formatting for the generated docs (deterministic: keys in order, sets sorted)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS:
+        return text
+    return "'" + text.replace("'", "''") + "'"
+
+
+def yaml_block(data: dict[str, Any], indent: int = 0) -> str:
+    """Block-style YAML of a nested dict (lists of scalars or dicts), strings quoted only when
+    needed (a regex always is): the style of the reference's snippets. yaml.safe_load gives
+    `data` back."""
+    pad = " " * indent
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{pad}{key}:")
+            lines.append(yaml_block(value, indent + 2))
+        elif isinstance(value, list) and value:
+            lines.append(f"{pad}{key}:")
+            for item in value:
+                if isinstance(item, dict):
+                    first, *rest = yaml_block(item, indent + 4).splitlines()
+                    lines.append(f"{pad}  - {first.strip()}")
+                    lines.extend(rest)
+                else:
+                    lines.append(f"{pad}  - {_yaml_scalar(item)}")
+        else:
+            lines.append(f"{pad}{key}: {_yaml_scalar(value)}")
+    return "\n".join(lines)
+
+
+def _fence(text: str, lang: str = "yaml") -> str:
+    return f"```{lang}\n{text}\n```"
+
+
+def _flow(value: Any) -> str:
+    """A value as inline YAML: scalars as in yaml_block, lists as [a, b], dicts as {k: v}."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    return _yaml_scalar(value)
+
+
+def _code(text: str) -> str:
+    ticks = "``" if "`" in text else "`"
+    return f"{ticks}{text}{ticks}"
+
+
+def _cell(text: str) -> str:
+    """Text fit for one Markdown table cell (one line, pipes escaped)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _sentence(text: str) -> str:
+    text = _inline_yaml(str(text))
+    return text if text.endswith((".", "!", "?", "`")) else text + "."
+
+
+def _inline_yaml(text: str) -> str:
+    """A message whose tail after the first line is YAML to add ("...add:\nkey:\n  - a") on one
+    line, the YAML as inline code (`key: [a]`)."""
+    head, sep, tail = text.partition("\n")
+    if sep:
+        try:
+            data = yaml.safe_load(tail)
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict) and data:
+            return _one_line(head) + " " + ", ".join(_code(f"{k}: {_flow(v)}") for k, v in data.items())
+    return _one_line(text)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _first_paragraph(doc: str | None) -> str:
+    return _one_line((doc or "").strip().split("\n\n")[0])
