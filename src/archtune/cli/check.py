@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from archtune.config.schema import Config
+from archtune.errors import UserError
 from archtune.plan import Plan, resolve
 
 SHOWN_SOURCES = ("family", "auto")
@@ -22,6 +23,13 @@ def check_plan(cfg: Config, world_size: int = 1) -> Plan:
     from archtune.models.load import read_model_config
 
     return resolve(cfg, read_model_config(cfg), world_size=world_size)
+
+
+def error_json(exc: UserError, world_size: int = 1) -> dict:
+    """The `check --json` object for a config that never became a Plan (schema, YAML, file errors):
+    the Plan's shape, nothing resolved, `errors` filled."""
+    return {"family": None, "model_type": None, "world_size": world_size, "settings": {}, "warnings": [],
+            "errors": [p.to_dict() for p in exc.problems]}
 
 
 def show_value(value: Any) -> str:
@@ -72,4 +80,4 @@ def render_verdict(plan: Plan, console: Console) -> None:
         console.print(Text("check passed", style="bold green"))
 
 
-__all__ = ["check_plan", "render_plan", "render_verdict", "changed_settings", "show_value"]
+__all__ = ["check_plan", "error_json", "render_plan", "render_verdict", "changed_settings", "show_value"]

@@ -104,12 +104,18 @@ def check(config: Path, overrides: Optional[list[str]] = OverridesArg,
           nproc: int = typer.Option(1, "--nproc", help="Resolve as for N processes (DDP/FSDP decisions)."),
           probe: bool = typer.Option(False, "--probe", help="Also load the model and run the consistency probe.")) -> None:
     """Resolve the Plan without loading weights: what the family and auto-detection set, and why."""
-    from archtune.cli.check import check_plan, render_plan, render_verdict
+    from archtune.cli.check import check_plan, error_json, render_plan, render_verdict
 
-    if nproc < 1:
-        raise UserError.single("--nproc", f"--nproc must be at least 1, not {nproc}", "use --nproc 1 or more")
-    cfg = _load(config, overrides)
-    plan = check_plan(cfg, world_size=nproc)
+    try:
+        if nproc < 1:
+            raise UserError.single("--nproc", f"--nproc must be at least 1, not {nproc}", "use --nproc 1 or more")
+        cfg = _load(config, overrides)
+        plan = check_plan(cfg, world_size=nproc)
+    except UserError as exc:
+        if not as_json or _state["debug"]:
+            raise
+        print(json.dumps(error_json(exc, world_size=nproc), default=str))  # the same shape, errors filled
+        sys.exit(2)
     if not as_json:
         render_plan(plan, console)
     if probe and not plan.errors:

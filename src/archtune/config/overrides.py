@@ -44,7 +44,7 @@ def _apply_overrides(data: dict, overrides: list[str], lines: dict[KeyPath, int]
         try:
             key, value = parse_override(text)
         except ValueError:
-            problems.append(Problem(text, "an override must be `key=value`",
+            problems.append(Problem(text if text.strip() else repr(text), "an override must be `key=value`",
                                     "write it as key=value, e.g. max_steps=10 or datasets.0.path=data.jsonl"))
             continue
         segs = key.split(".")

@@ -190,6 +190,12 @@ def _group_problems(path: KeyPath, group: list[_Err], where: _Where) -> list[Pro
 def _unknown_key(path: KeyPath, model: type[BaseModel] | None, at: str) -> Problem:
     name = str(path[-1])
     key = ".".join(str(p) for p in path)
+    if not name.strip():  # an empty or blank key would print as nothing: show it quoted
+        key = ".".join([*(str(p) for p in path[:-1]), repr(name)])
+        return Problem(key, f"a key is blank ({name!r})" + at, "remove it, or write the key's name")
+    if not name.isprintable():  # control characters would act on the terminal
+        return Problem(key, f"unknown key {name!r} (it holds control characters)" + at,
+                       "remove it, or retype the key's name")
     fields = list(model.model_fields) if model is not None else []
     axolotl: frozenset[str] = frozenset()
     if model is not None and issubclass(model, Config):
@@ -207,7 +213,7 @@ def _unknown_key(path: KeyPath, model: type[BaseModel] | None, at: str) -> Probl
     elif model is DatasetConfig:
         fix = "remove it; a dataset entry takes: " + ", ".join(fields)
     else:
-        fix = "remove it, or check the spelling (every key is described in archtune/config/schema.py)"
+        fix = "remove it, or check the spelling (`archtune check --json` lists every key archtune knows)"
     return Problem(key, f"unknown key `{name}`" + at, fix)
 
 

@@ -21,6 +21,10 @@ def _check_regex(pattern: str) -> str:
     return pattern
 
 
+# The names transformers' add_special_tokens takes for single tokens.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -173,6 +177,16 @@ class Config(_Strict):
     def _nonempty(cls, v: list[DatasetConfig]) -> list[DatasetConfig]:
         if not v:
             raise ValueError("at least one dataset is needed")
+        return v
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _special_token_names(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for name, token in (v or {}).items():
+            if name not in SPECIAL_TOKEN_NAMES:
+                raise ValueError(f"{name!r} is not a special token name (use {', '.join(SPECIAL_TOKEN_NAMES)})")
+            if not token:
+                raise ValueError(f"{name} is empty: give the token's text, e.g. {name}: '<eos>'")
         return v
 
     @field_validator("lora_target_modules")

@@ -45,16 +45,24 @@ def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError.single(where, f"cannot read the config: {e}", "pass a readable UTF-8 YAML file") from None
 
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # checks the characters first (ReaderError)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         raise UserError([_yaml_problem(where, e)]) from None
-    except yaml.YAMLError as e:  # pragma: no cover - every PyYAML parse error is marked
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise UserError.single(f"{where}:{line}", f"the character {chr(e.character)!r} is not allowed in YAML",
+                               "remove it (control characters cannot appear in a YAML file, even quoted)") from None
+    except yaml.YAMLError as e:  # pragma: no cover - every other PyYAML parse error is marked
         raise UserError.single(where, f"invalid YAML: {e}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise _too_deep(where) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
     if data is None:
         data = {}
@@ -64,10 +72,18 @@ def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     lines: dict[KeyPath, int] = {}
     dupes: list[Problem] = []
     if node is not None:
-        _walk_nodes(node, (), lines, dupes, where)
+        try:
+            _walk_nodes(node, (), lines, dupes, where)
+        except RecursionError:
+            raise _too_deep(where) from None
     if dupes:
         raise UserError(dupes)
     return data, lines
+
+
+def _too_deep(where: str) -> UserError:
+    return UserError.single(where, "the YAML nests lists or mappings too deeply to read",
+                            "flatten the deeply nested value (brackets opened hundreds of levels deep)")
 
 
 def _yaml_problem(where: str, e: yaml.MarkedYAMLError) -> Problem:

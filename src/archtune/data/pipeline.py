@@ -67,13 +67,16 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _tokenize_source(src: Source, tokenizer, settings: TokenizeSettings, work: Path, tag: str):
-    from datasets import concatenate_datasets
+    from datasets import Dataset, concatenate_datasets
 
-    from archtune.data.tokenize import output_features
+    from archtune.data.tokenize import OUTPUT_COLUMNS, output_features
 
     encoder = RowEncoder(tokenizer, src.cfg, settings)
     parts = []
     for n, (raw, origin) in enumerate(_read_source(src, work)):
+        if len(raw) == 0:  # an empty file: map would return it without the output columns
+            parts.append(Dataset.from_dict({c: [] for c in OUTPUT_COLUMNS}, features=output_features()))
+            continue
         # One process: the Rust tokenizer already encodes each batch on all cores.
         parts.append(raw.map(
             encoder, batched=True, batch_size=1000, with_indices=True, fn_kwargs={"origin": origin},

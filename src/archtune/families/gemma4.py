@@ -201,9 +201,8 @@ FAMILY = register_family(
         rules=[
             FamilyRule("freeze_mm_modules"),
             FamilyRule("non_reentrant_checkpointing",
-                "reentrant checkpointing silently gives wrong gradients on Gemma 4 (expert LoRA gets none, "
-                "gradient norms differ: FINDINGS.md), and its shared per-layer norms are \"marked ready twice\" "
-                "under DDP"),
+                "the reference setup for Gemma 4 requires non-reentrant recompute: with reentrant recompute its "
+                "shared per-layer norms are \"marked ready twice\" under DDP"),
             FamilyRule("ddp_find_unused_parameters",
                 "text-only batches never reach the towers' and embedders' parameters, and DDP fails on step 2 "
                 "(\"Expected to have finished reduction in the prior iteration\") when any of them is trainable"),

@@ -140,8 +140,8 @@ FAMILY = register_family(
         rules=[
             FamilyRule("freeze_mm_modules"),
             FamilyRule("non_reentrant_checkpointing",
-                "reentrant recompute gives the routed experts' LoRA no gradient (measured on a Gemma 4 MoE, "
-                "FINDINGS.md; the experts here are routed the same way)"),
+                "the reference setup for these MoE models requires non-reentrant recompute, and archtune's "
+                "training paths (routed-expert LoRA, DDP, FSDP2) are tested with it only"),
             FamilyRule("no_all_linear_into_towers"),
             FamilyRule("confine_target_names"),
         ],

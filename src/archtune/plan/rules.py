@@ -261,7 +261,7 @@ def _use_cache(plan: "Plan") -> None:
     if wrappers:
         plan.set("use_cache", False, "auto",
                  f"{_and(wrappers)}: recomputing a layer in backward with the KV cache on fails with a size "
-                 "mismatch (FINDINGS.md)")
+                 "mismatch")
     else:
         plan.set("use_cache", False, "default", "training does not use the KV cache")
 
