@@ -35,10 +35,10 @@ def check_json(capsys, *args) -> tuple[int, dict]:
 def test_json_has_the_design_shape_and_every_key(tmp_path, capsys):
     cfg = config(tmp_path, adapter="lora", lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"],
                  gradient_checkpointing=True, **SEED_FSDP2)
-    code, data = check_json(capsys, cfg)
+    code, data = check_json(capsys, cfg, "--nproc", "2")
     assert code == 0, data["errors"]
     assert list(data) == ["family", "model_type", "world_size", "settings", "warnings", "errors"]
-    assert (data["family"], data["model_type"], data["world_size"]) == ("gemma4", "gemma4", 1)
+    assert (data["family"], data["model_type"], data["world_size"]) == ("gemma4", "gemma4", 2)
     assert DESIGN_KEYS <= set(data["settings"])
     assert all(set(d) == {"value", "source", "reason"} and d["source"] in {"user", "default", "family", "auto"}
                for d in data["settings"].values())
@@ -112,7 +112,7 @@ def test_check_needs_only_config_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_weights)
     cfg = config(tmp_path, base_model=str(model_dir), adapter="lora", fsdp=["full_shard", "auto_wrap"],
                  fsdp_config={"fsdp_transformer_layer_cls_to_wrap": "Gemma4AudioLayer"})
-    code, data = check_json(capsys, cfg)
+    code, data = check_json(capsys, cfg, "--nproc", "2")
     assert code == 0, data["errors"]  # the E2B shape has an audio tower: the class exists
     assert data["family"] == "gemma4"
     assert not list(model_dir.glob("*.safetensors"))

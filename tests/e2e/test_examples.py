@@ -118,6 +118,10 @@ def test_example_passes_check_on_its_tiny_counterpart(capsys, example, nproc):
     from archtune.families import get_family
 
     tiny, _, family, expected, fsdp = CASES[example]
+    if fsdp and nproc == 1:  # FSDP shards over several processes: one process is refused, saying so
+        code, out, _ = run_cli(capsys, "check", EXAMPLES / example, f"base_model=tiny:{tiny}", "--json")
+        assert code == 2 and [e["key"] for e in json.loads(out)["errors"]] == ["fsdp"]
+        return
     data = check_json(capsys, example, tiny, "--nproc", str(nproc))
     assert (data["family"], data["world_size"]) == (family, nproc)
     assert data["warnings"] == []
@@ -190,6 +194,6 @@ def test_example_keys_a_family_refuses_are_really_checked(capsys):
                            "load_in_4bit=true")
     assert code == 2 and "fsdp_config.fsdp_version" in {e["key"] for e in json.loads(out)["errors"]}
     code, out, _ = run_cli(capsys, "check", EXAMPLES / "gemma4-26b-a4b-moe.yaml", "base_model=tiny:gemma4-moe",
-                           "--json", "fsdp_config.fsdp_transformer_layer_cls_to_wrap=Gemma4AudioLayer")
+                           "--json", "--nproc", "2", "fsdp_config.fsdp_transformer_layer_cls_to_wrap=Gemma4AudioLayer")
     errors = json.loads(out)["errors"]
     assert code == 2 and [e["key"] for e in errors] == [WRAP] and "Gemma4TextDecoderLayer" in errors[0]["fix"]

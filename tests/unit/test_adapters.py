@@ -40,10 +40,12 @@ MULTIMODAL = ["gemma4-moe", "gemma4-e2b", "gemma3", "qwen3_5-moe"]
 # ---------------------------------------------------------------- helpers
 
 def make_plan(name: str, model, family=None, **settings) -> Plan:
-    """A Plan for tiny model `name` with exactly the given settings (no family rules run)."""
-    fam = family or find_tiny(name)[0]
+    """The Plan resolved for tiny model `name` (a config without adapter), then exactly the given
+    settings on top (set as the user's, after the rules ran: no rule rewrites them)."""
     cfg = Config(base_model=f"tiny:{name}", datasets=[{"path": "unused.jsonl"}], seed=0)
-    plan = Plan(config=cfg, family=fam, model_type=model.config.model_type, model_config={})
+    plan = resolve(cfg, model.config.to_dict())
+    if family is not None:
+        plan.family = family
     for key, value in settings.items():
         plan.set(key, value, "user", "test")
     return plan
@@ -133,7 +135,11 @@ def test_freeze_default_is_the_familys():
     gemma, _ = build_tiny_model("gemma3")
     assert freeze_enabled(make_plan("gemma3", gemma)) is True  # unset -> the family has towers
     assert freeze_enabled(make_plan("gemma3", gemma, freeze_mm_modules=False)) is False
-    assert freeze_enabled(make_plan("gemma3", gemma, freeze_mm_modules=None)) is True
+    # The stage reads the plan's decision and never guesses one: a plan without it is a bug.
+    cfg = Config(base_model="tiny:gemma3", datasets=[{"path": "unused.jsonl"}])
+    bare = Plan(config=cfg, family=find_tiny("gemma3")[0], model_type="gemma3", model_config={})
+    with pytest.raises(KeyError, match="freeze_mm_modules"):
+        freeze_enabled(bare)
 
 
 # ---------------------------------------------------------------- rule 1: full fine-tuning

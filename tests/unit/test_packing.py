@@ -140,6 +140,16 @@ def test_collator_drops_the_attention_mask_of_packed_rows_and_pads_positions_wit
     assert packed_sequence_index(batch["position_ids"]).tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 2, 3]]
 
 
+def test_collator_follows_the_plans_packing_mask_decision():
+    rows = [{"input_ids": [2, 10, 11, 2, 12], "labels": [-100, 10, 11, -100, 12], "position_ids": [0, 1, 2, 0, 1]},
+            {"input_ids": [2, 13], "labels": [-100, 13], "position_ids": [0, 1]}]
+    kept = DataCollator(pad_token_id=0, drop_attention_mask=False)(rows)
+    assert set(kept) == {"input_ids", "labels", "position_ids", "attention_mask"}
+    assert kept["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    dropped = DataCollator(pad_token_id=0, drop_attention_mask=True)(rows)
+    assert "attention_mask" not in dropped and torch.equal(dropped["position_ids"], kept["position_ids"])
+
+
 def test_collator_keeps_the_attention_mask_of_unpacked_rows_and_refuses_a_mix():
     rows = [{"input_ids": [2, 10], "labels": [-100, 10]}, {"input_ids": [2], "labels": [-100]}]
     batch = DataCollator(pad_token_id=0)(rows)

@@ -344,7 +344,11 @@ def test_fsdp_config_without_fsdp_warns_that_fsdp_stays_off():
 ])
 def test_fsdp1_with_a_quantized_gemma4_is_refused(name, keys, refused):
     plan = plan_for(name, world_size=2, fsdp=["full_shard", "auto_wrap"], fsdp_config={"fsdp_version": 1}, **keys)
-    assert ("fsdp_config.fsdp_version" in error_keys(plan)) is refused
+    messages = [p.message for p in plan.errors if p.key == "fsdp_config.fsdp_version"]
+    # FSDP1 is refused for every model (not supported in this release), once; Gemma 4 with a
+    # quantized base gets its own reason (the reference's out-of-memory failure) instead.
+    assert len(messages) == 1
+    assert ("dequantizing" in messages[0]) is refused
     fsdp2 = plan_for(name, world_size=2, fsdp=["full_shard", "auto_wrap"], fsdp_config={"fsdp_version": 2}, **keys)
     assert "fsdp_config.fsdp_version" not in error_keys(fsdp2)
 

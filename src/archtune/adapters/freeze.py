@@ -2,8 +2,8 @@
 
 Text-only fine-tuning of a multimodal wrapper must leave its towers alone: their weights get no
 gradient from a text batch anyway, and adapters placed there (e.g. by `all-linear`) are the
-"loss ~12" trap of the reference. The Plan says whether to freeze (`freeze_mm_modules`), the
-family says where the towers are (`Family.mm_module_prefixes`); this module only acts on both.
+"loss ~12" trap of the reference. The Plan says whether to freeze (`freeze_mm_modules`) and where
+the towers are (`plan.frozen_prefixes`); this module only acts on it.
 
 Names seen here come in several spellings of the same module, all handled by `canonical_name`:
 
@@ -48,16 +48,13 @@ def under_prefix(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def freeze_enabled(plan: Plan) -> bool:
-    """The Plan's `freeze_mm_modules`; unset means the family default (freeze when it has towers)."""
-    value = plan.get("freeze_mm_modules")
-    if value is None:
-        return bool(plan.family.mm_module_prefixes)
-    return bool(value)
+    """The Plan's `freeze_mm_modules` (decided for every model)."""
+    return plan.freeze_mm_modules
 
 
 def tower_prefixes(plan: Plan) -> tuple[str, ...]:
     """The module prefixes that are frozen (empty when freezing is off or the model has no towers)."""
-    return tuple(plan.family.mm_module_prefixes) if freeze_enabled(plan) else ()
+    return plan.frozen_prefixes
 
 
 def _is_adapter_tensor(name: str) -> bool:

@@ -32,13 +32,6 @@ log = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"
 
 
-def _setting(plan: Plan, key: str) -> Any:
-    """A resolved setting, falling back to the config's value when the Plan lacks the key."""
-    if key in plan.settings:
-        return plan.get(key)
-    return getattr(plan.config, key, None)
-
-
 def _linear_classes() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
@@ -88,7 +81,7 @@ def resolve_lora_targets(model: torch.nn.Module, plan: Plan) -> list[str]:
     Names are spelled as `model.named_modules()` spells them (checkpoint-wrapper segments kept),
     so PEFT matches them exactly; `model` is the base model (not yet a PeftModel).
     """
-    spec = _setting(plan, "lora_target_modules")
+    spec = plan.decided("lora_target_modules")
     if spec is None or (not _is_all_linear(spec) and len(spec) == 0):
         return []
     modules = {name: module for name, module in model.named_modules() if name}
@@ -111,7 +104,7 @@ def resolve_lora_targets(model: torch.nn.Module, plan: Plan) -> list[str]:
     in_towers = [n for n in picked if under_prefix(n, excluded)]
     kept = [n for n in picked if not under_prefix(n, excluded)]
 
-    targets = redirect_targets(modules, kept, plan.family.lora_target_redirects or {})
+    targets = redirect_targets(modules, kept, plan.lora_target_redirects)
 
     if not targets:
         if in_towers:
@@ -137,7 +130,7 @@ def resolve_lora_parameters(model: torch.nn.Module, plan: Plan) -> list[str]:
     tower parameters are dropped when freezing is on. [] when unset; an entry set that matches
     nothing is a UserError on `lora_target_parameters`.
     """
-    entries = _setting(plan, "lora_target_parameters")
+    entries = plan.decided("lora_target_parameters")
     if not entries:
         return []
     excluded = tower_prefixes(plan)
@@ -147,7 +140,7 @@ def resolve_lora_parameters(model: torch.nn.Module, plan: Plan) -> list[str]:
     if not picked:
         experts = sorted({canonical_name(n) for n, p in model.named_parameters()
                           if p.dim() == 3 and not under_prefix(n, excluded)})
-        known = plan.family.expert_param_names
+        known = plan.expert_param_names
         hint = (f"use {list(known)}" if known else
                 f"3D parameters of this model: {', '.join(experts[:6])}" if experts else
                 "this model has no 3D expert parameters: remove lora_target_parameters")
@@ -160,19 +153,18 @@ def lora_config(plan: Plan, target_modules: Iterable[str], target_parameters: It
     """PEFT's LoraConfig with explicit, resolved target lists."""
     from peft import LoraConfig
 
-    cfg = plan.config
-    modules_to_save = _setting(plan, "lora_modules_to_save")
+    modules_to_save = plan.decided("lora_modules_to_save")
     return LoraConfig(
-        r=_setting(plan, "lora_r"),
-        lora_alpha=_setting(plan, "lora_alpha"),
-        lora_dropout=_setting(plan, "lora_dropout"),
+        r=plan.decided("lora_r"),
+        lora_alpha=plan.decided("lora_alpha"),
+        lora_dropout=plan.decided("lora_dropout"),
         # [] (not None): None would make PEFT fall back to its own per-model_type defaults.
         target_modules=list(target_modules),
         target_parameters=list(target_parameters) or None,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type="CAUSAL_LM",
         # A saved lm_head / embed_tokens stays tied to its twin (Gemma ties them), also when merged.
-        ensure_weight_tying=bool(cfg.lora_modules_to_save),
+        ensure_weight_tying=bool(modules_to_save),
     )
 
 
@@ -212,13 +204,13 @@ def apply_lora(model, plan: Plan):
     if not targets and not parameters:
         raise UserError.single("lora_target_modules", "adapter is lora but nothing is targeted",
                                "set lora_target_modules (names, a regex or 'all-linear') and/or lora_target_parameters")
-    dropout = _setting(plan, "lora_dropout") or 0.0
+    dropout = plan.decided("lora_dropout") or 0.0
     if parameters and dropout:
         raise UserError.single("lora_dropout", f"lora_dropout is {dropout}, but LoRA on parameter tensors "
                                "(lora_target_parameters) only works without dropout", "set `lora_dropout: 0`")
     config = lora_config(plan, targets, parameters)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.config.seed)
+        torch.manual_seed(plan.decided("seed"))
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as exc:

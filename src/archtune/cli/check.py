@@ -13,16 +13,17 @@ from rich.text import Text
 
 from archtune.config.schema import Config
 from archtune.errors import UserError
-from archtune.plan import Plan, resolve
+from archtune.plan import Plan
 
 SHOWN_SOURCES = ("family", "auto")
 
 
 def check_plan(cfg: Config, world_size: int = 1) -> Plan:
-    """The Plan for `cfg` as for `world_size` processes; reads config.json only (no weights)."""
-    from archtune.models.load import read_model_config
+    """The Plan for `cfg` as for `world_size` processes; reads config.json only (no weights).
+    The same resolve as `archtune train` (models.load.resolve_plan)."""
+    from archtune.models.load import resolve_plan
 
-    return resolve(cfg, read_model_config(cfg), world_size=world_size)
+    return resolve_plan(cfg, world_size=world_size)
 
 
 def error_json(exc: UserError, world_size: int = 1) -> dict:

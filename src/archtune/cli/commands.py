@@ -66,7 +66,10 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
     if not distributed.is_distributed() and (nproc != 1 or nnodes != 1):
         from archtune.train.launch import launch
 
-        _load(config, overrides)  # a bad config is reported once, here, not by every worker
+        from archtune.models.load import resolve_plan
+
+        # A bad config or a refused plan is reported once, here, before any worker starts.
+        resolve_plan(_load(config, overrides), world_size=nproc * nnodes).raise_errors()
         code = launch(config, list(overrides or []), nproc=nproc, nnodes=nnodes, node_rank=node_rank,
                       master_addr=master_addr, master_port=master_port, debug=_state["debug"])
         if code:
@@ -183,7 +186,8 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
                                "set test_datasets, or val_set_size > 0")
     model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
     prepare_packing(model, setup.plan)
-    result = token_weighted_loss(model, data.eval, DataCollator(setup.tokenizer), cfg.micro_batch_size)
+    collator = DataCollator(setup.tokenizer, drop_attention_mask=setup.plan.drop_attention_mask)
+    result = token_weighted_loss(model, data.eval, collator, cfg.micro_batch_size)
     if as_json:
         print(json.dumps(result))
     else:

@@ -6,7 +6,8 @@ Unpacked rows: attention_mask is 1 on real tokens (so `batch["attention_mask"].s
 the real tokens of a batch).
 
 Packed rows (they carry position_ids, see data/packing.py): position_ids are padded with 0 and
-the batch has NO attention_mask, always. Why not keep it: a 2D mask can only say "padding", not
+the batch has NO attention_mask when the plan says so (`sample_packing_drop_attention_mask`,
+`drop_attention_mask` here; true for every model archtune plans). Why not keep it: a 2D mask can only say "padding", not
 where one document ends and the next begins, and when a mask is given transformers skips its
 packed-sequence detection (`masking_utils.find_packed_sequence_indices` runs only when
 attention_mask is None and there is no cache), so every document would attend to the ones
@@ -35,6 +36,8 @@ class DataCollator:
     pad_token_id: int | None = None  # default: tokenizer.pad_token_id, else its eos id, else 0
     pad_to_multiple_of: int | None = None  # e.g. 8 for tensor cores
     label_pad_token_id: int = IGNORE_INDEX
+    # Packed rows: leave the attention mask out (the plan's sample_packing_drop_attention_mask).
+    drop_attention_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
@@ -63,7 +66,8 @@ class DataCollator:
         n = len(features)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, width), self.label_pad_token_id, dtype=torch.long)
-        attention_mask = None if packed else torch.zeros((n, width), dtype=torch.long)
+        keep_mask = not packed or not self.drop_attention_mask
+        attention_mask = torch.zeros((n, width), dtype=torch.long) if keep_mask else None
         position_ids = torch.zeros((n, width), dtype=torch.long) if packed else None
         for i, (f, k) in enumerate(zip(features, lengths)):
             ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
@@ -71,12 +75,12 @@ class DataCollator:
             labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long) if "labels" in f else ids
             if packed:
                 position_ids[i, :k] = torch.as_tensor(f["position_ids"], dtype=torch.long)
-            else:
+            if keep_mask:
                 attention_mask[i, :k] = 1
         batch = {"input_ids": input_ids, "labels": labels}
         if packed:
             batch["position_ids"] = position_ids
-        else:
+        if keep_mask:
             batch["attention_mask"] = attention_mask
         return batch
 

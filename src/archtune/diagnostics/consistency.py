@@ -168,7 +168,7 @@ class TrainingSettings:
     gradient_checkpointing: bool
     gradient_checkpointing_kwargs: dict[str, Any]
     wrapper: str | None  # None, "checkpoint" or "offload": torch checkpoint_wrapper on decoder layers
-    wrap_cls: str | None
+    wrap_cls: tuple[str, ...]  # decoder layer classes the wrapper goes on (empty: no wrapper)
     use_cache: bool
 
     def describe(self) -> dict[str, Any]:
@@ -177,7 +177,7 @@ class TrainingSettings:
         if self.gradient_checkpointing:
             d["gradient_checkpointing_kwargs"] = dict(self.gradient_checkpointing_kwargs)
         if self.wrapper:
-            d["activation_checkpointing_wrapper"] = f"{self.wrapper} on {self.wrap_cls}"
+            d["activation_checkpointing_wrapper"] = f"{self.wrapper} on {', '.join(self.wrap_cls)}"
         return d
 
 
@@ -187,17 +187,8 @@ def training_settings(plan, base_model) -> TrainingSettings:
     offload = bool(plan.get("activation_offloading"))
     fsdp_ac = bool(plan.get("fsdp_config.fsdp_activation_checkpointing"))
     wrapper = "offload" if offload else ("checkpoint" if fsdp_ac else None)
-    wrap_cls = plan.get("fsdp_config.fsdp_transformer_layer_cls_to_wrap") or plan.family.decoder_layer_cls
-    use_cache = plan.get("use_cache")
-    if use_cache is None:
-        if gc or wrapper:
-            use_cache = False  # what build_model / the Trainer do under checkpointing
-        else:
-            config = getattr(base_model, "config", None)
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            use_cache = bool(getattr(text, "use_cache", True))
     return TrainingSettings(gc, _prefixed(plan, "gradient_checkpointing_kwargs"), wrapper,
-                            wrap_cls if wrapper else None, bool(use_cache))
+                            plan.decoder_layer_classes if wrapper else (), plan.use_cache)
 
 
 REFERENCE_SETTINGS = {"mode": "eval", "use_cache": True, "gradient_checkpointing": False}
@@ -253,7 +244,7 @@ def _apply_wrappers(model: torch.nn.Module, settings: TrainingSettings) -> int:
     )
 
     def is_layer(module: torch.nn.Module) -> bool:
-        return type(module).__name__ == settings.wrap_cls
+        return type(module).__name__ in settings.wrap_cls
 
     count = sum(1 for m in model.modules() if is_layer(m))
     if count:
@@ -298,9 +289,10 @@ def probe_batch(cfg, tokenizer, plan=None) -> dict:
     n = min(cfg.micro_batch_size, len(data.train))
     rows = data.train.select(range(n))
     features = [rows[i] for i in range(n)]
-    batch = DataCollator(tokenizer)(features)
+    drop = plan.drop_attention_mask if plan is not None else True
+    batch = DataCollator(tokenizer, drop_attention_mask=drop)(features)
     if (plan is not None and "position_ids" in batch and plan.get("sample_packing")
-            and plan.get("sample_packing_drop_attention_mask")):
+            and plan.drop_attention_mask):
         # The family's packing policy: no attention mask, position_ids restart per document.
         mask = batch.pop("attention_mask", None)
         batch["real_token_mask"] = mask if mask is not None else batch["input_ids"] != tokenizer.pad_token_id
@@ -389,8 +381,8 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
         if settings.wrapper:
             wrapped = _apply_wrappers(model, settings)
             if not wrapped:
-                result.warnings.append(f"probe: no {settings.wrap_cls} module to wrap for activation checkpointing; "
-                                       "the training forward ran without the wrappers")
+                result.warnings.append(f"probe: no {', '.join(settings.wrap_cls)} module to wrap for activation "
+                                       "checkpointing; the training forward ran without the wrappers")
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
                    if settings.wrapper == "offload" else contextlib.nullcontext())
         for p in model.parameters():

@@ -396,13 +396,16 @@ def _family_section(ctx: _Family) -> list[str]:
 
 
 def _generic_rules() -> list[str]:
-    from archtune.plan.rules import GENERIC_RULES
+    from archtune.plan.rules import GENERIC_RULES, REFUSALS
 
     out = ["## Rules for every model", "",
            "These run first for every model, whatever its family; what differs between families comes from the "
            "family's data. Each is a line of `archtune check` (sources: `user` written in the config, `default`, "
            "`family` a family's required setting, `auto` derived from other keys):", ""]
     out += [f"- **{r.name}**: {_sentence(r.doc)}" for r in GENERIC_RULES]
+    out += ["", "Last, after the family's rules, what this release cannot train is refused; `archtune check` and "
+            "`archtune train` refuse exactly the same configurations (exit code 2, the key and the fix):", ""]
+    out += [f"- **{r.name}**: {_sentence(r.doc)}" for r in REFUSALS]
     out.append("")
     return out
 

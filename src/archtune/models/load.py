@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from archtune.errors import Problem, UserError
-from archtune.plan import Plan
+from archtune.plan import Plan, resolve
 
 TINY_PREFIX = "tiny:"
 
@@ -59,6 +59,15 @@ def read_model_config(cfg) -> dict[str, Any]:
     return json.loads(Path(file).read_text())
 
 
+def resolve_plan(cfg, world_size: int = 1) -> Plan:
+    """The Plan for `cfg` as for `world_size` processes, from config.json alone (no weights).
+
+    `archtune check` and `archtune train` both resolve through here, so they accept and refuse the
+    same configurations. Problems stay in `plan.errors` (nothing is raised for them).
+    """
+    return resolve(cfg, read_model_config(cfg), world_size=world_size)
+
+
 def load_tokenizer(cfg):
     name = tiny_name(cfg.base_model)
     if name is not None and cfg.tokenizer_config is None:
@@ -93,7 +102,7 @@ def torch_dtype(cfg) -> torch.dtype:
 def _auto_class(plan: Plan):
     import transformers
 
-    return getattr(transformers, plan.family.auto_class)
+    return getattr(transformers, plan.auto_class)
 
 
 def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):

@@ -1,8 +1,9 @@
 """The Plan: every resolved setting with its value, source and reason.
 
 Only `resolve` makes decisions. The generic rules (plan/rules.py: GENERIC_RULES, driven by
-each family's data) run first, then the family's own rules (`Family.rules`); nothing else
-decides. Later stages read the Plan and never look at the model's type again.
+each family's data) run first, then the family's own rules (`Family.rules`), then the refusals
+of what this release cannot train (REFUSALS); nothing else decides, and `archtune check` and
+`archtune train` refuse exactly the same configurations. Later stages read the Plan and never look at the model's type again.
 `archtune check` prints it.
 
 Settings are flat, nested keys dotted: `gradient_checkpointing_kwargs.use_reentrant`,
@@ -17,7 +18,7 @@ from typing import Any, Literal
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
 from archtune.families import Family, Rule, detect, model_types_of
-from archtune.plan.rules import GENERIC_RULES, family_rules
+from archtune.plan.rules import GENERIC_RULES, LAYER_CLASSES_KEY, REFUSALS, family_rules
 from archtune.plan.structure import ModelStructure, StructureUnavailable, model_structure
 
 Source = Literal["user", "default", "family", "auto"]
@@ -77,6 +78,65 @@ class Plan:
                     node = node.setdefault(part, {})
                 node[leaf] = decision.value
         return out or None
+
+    # -- typed views: what later stages read. Each is a decision some rule makes for every model,
+    # so a missing one is a bug in plan/rules.py, never a reason for a stage to guess.
+    def decided(self, key: str) -> Any:
+        """The value of a setting every plan must hold; KeyError naming the key when no rule set it."""
+        if key not in self.settings:
+            raise KeyError(f"the plan has no decision for {key!r}: a rule in src/archtune/plan/rules.py must set it")
+        return self.settings[key].value
+
+    @property
+    def use_cache(self) -> bool:
+        return bool(self.decided("use_cache"))
+
+    @property
+    def freeze_mm_modules(self) -> bool:
+        return bool(self.decided("freeze_mm_modules"))
+
+    @property
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Module prefixes of the multimodal towers that stay frozen (empty when freezing is off)."""
+        return tuple(self.family.mm_module_prefixes) if self.freeze_mm_modules else ()
+
+    @property
+    def decoder_layer_classes(self) -> tuple[str, ...]:
+        """Class names of the text decoder layers (FSDP2 units, activation checkpointing/offloading)."""
+        return tuple(self.decided(LAYER_CLASSES_KEY) or ())
+
+    @property
+    def drop_attention_mask(self) -> bool:
+        """Packed batches carry no attention mask (documents are told apart by position_ids)."""
+        return bool(self.decided("sample_packing_drop_attention_mask"))
+
+    @property
+    def eval_sample_packing(self) -> bool:
+        return bool(self.decided("eval_sample_packing"))
+
+    @property
+    def packs(self) -> bool:
+        """Some data this run sees is packed (training or evaluation): the model needs its packing patches."""
+        return bool(self.get("sample_packing")) or self.eval_sample_packing
+
+    @property
+    def packing_patches(self) -> tuple[str, ...]:
+        """Names of the patches (archtune.patches) the model needs before it sees packed rows."""
+        return tuple(self.family.patches)
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers Auto class the model trains with (e.g. the multimodal wrapper's)."""
+        return self.family.auto_class
+
+    @property
+    def lora_target_redirects(self) -> dict[str, str]:
+        """{wrapper class PEFT cannot adapt: attribute of the nn.Linear inside it}."""
+        return dict(self.family.lora_target_redirects)
+
+    @property
+    def expert_param_names(self) -> tuple[str, ...]:
+        return tuple(self.family.expert_param_names)
 
     def structure(self) -> ModelStructure | None:
         """The model's meta-device skeleton (module and parameter names, classes), or None when
@@ -176,6 +236,6 @@ def resolve(cfg: Config, model_config: dict, world_size: int = 1) -> Plan:
     plan = Plan(config=cfg, family=family, model_type=types[0] if types else "unknown",
                 model_config=model_config, world_size=world_size)
     plan.settings = _config_settings(cfg)
-    for rule in (*GENERIC_RULES, *family_rules(family)):
+    for rule in (*GENERIC_RULES, *family_rules(family), *REFUSALS):
         rule.apply(plan)
     return plan

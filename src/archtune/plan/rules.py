@@ -16,6 +16,7 @@ derived from other keys, "default" for a plain default.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from typing import TYPE_CHECKING, Callable
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # ---------------------------------------------------------------- shared facts
 
 REENTRANT_KEY = "gradient_checkpointing_kwargs.use_reentrant"
+LAYER_CLASSES_KEY = "decoder_layer_classes"
 WRAP_KEY = "fsdp_config.fsdp_transformer_layer_cls_to_wrap"
 ALL_LINEAR = "all-linear"
 
@@ -267,15 +269,20 @@ def _use_cache(plan: "Plan") -> None:
 
 
 def _packing_policy(plan: "Plan") -> None:
+    # One decision for every model: a 2D mask can only mark padding, not where one packed document
+    # ends, and transformers derives the per-document mask from position_ids only when
+    # attention_mask is None. A family that states this policy is named as its source.
     fam = plan.family
-    if fam.packing_drop_attention_mask:
-        plan.set("sample_packing_drop_attention_mask", True, "family",
-                 f"{fam.name}: transformers builds the block-diagonal mask of packed documents from position_ids "
-                 "only when attention_mask is None")
-    else:
-        plan.set("sample_packing_drop_attention_mask", True, "auto",
-                 "packed rows carry no 2D attention mask (it cannot mark document boundaries); the per-document "
-                 "mask comes from position_ids restarting at 0")
+    reason = ("packed rows carry no 2D attention mask (it cannot mark document boundaries); transformers builds "
+              "the block-diagonal mask of packed documents from position_ids restarting at 0 only when "
+              "attention_mask is None")
+    plan.set("sample_packing_drop_attention_mask", True, "family" if fam.packing_drop_attention_mask else "auto",
+             f"{fam.name}: {reason}" if fam.packing_drop_attention_mask else reason)
+
+
+def _eval_sample_packing(plan: "Plan") -> None:
+    plan.default("eval_sample_packing", bool(plan.get("sample_packing")), "auto",
+                 "follows sample_packing (eval_sample_packing not given)")
 
 
 def _experts_implementation(plan: "Plan") -> None:
@@ -331,8 +338,30 @@ def _plugins(plan: "Plan") -> None:
 
 
 def _freeze_default(plan: "Plan") -> None:
+    if plan.user_set("freeze_mm_modules") and plan.get("freeze_mm_modules") is not None:
+        return
     if not plan.family.has_towers(plan.model_config):
-        plan.default("freeze_mm_modules", False, "default", "the model has no multimodal towers")
+        plan.set("freeze_mm_modules", False, "default", "the model has no multimodal towers")
+    else:
+        plan.set("freeze_mm_modules", True, "default",
+                 "the model has multimodal towers, which text-only batches never reach: frozen")
+
+
+def _decoder_layer_classes(plan: "Plan") -> None:
+    key = LAYER_CLASSES_KEY
+    wrap = [c.strip() for c in str(plan.get(WRAP_KEY) or "").split(",") if c.strip()]
+    fam = plan.family
+    if wrap:
+        plan.set(key, wrap, plan.source(WRAP_KEY) or "auto", f"the FSDP wrap classes ({WRAP_KEY})")
+    elif fam.decoder_layer_cls:
+        plan.set(key, [fam.decoder_layer_cls], "family", f"{fam.name}'s text decoder layer")
+    else:
+        structure = plan.structure() if checkpoint_wrappers(plan) else None
+        present = [c for c in (structure.no_split_modules if structure else ()) if c in structure.class_names]
+        if present:
+            plan.set(key, present, "auto", "the model's _no_split_modules (its layer classes)")
+        else:
+            plan.set(key, [], "default", "no decoder layer class is known for this model")
 
 
 GENERIC_RULES: tuple[Rule, ...] = (
@@ -377,9 +406,12 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "activation offloading it is required, since recompute with the KV cache on fails with a size mismatch.",
          _use_cache),
     Rule("packing_policy",
-         "`sample_packing_drop_attention_mask` follows the family's packing policy: families whose packed "
-         "documents are separated by position_ids alone drop the attention mask.",
+         "Packed batches carry no attention mask (`sample_packing_drop_attention_mask: true`), because transformers "
+         "builds the per-document mask from position_ids only when there is none.",
          _packing_policy),
+    Rule("eval_sample_packing",
+         "`eval_sample_packing` follows `sample_packing` unless the config sets it.",
+         _eval_sample_packing),
     Rule("experts_implementation",
          "`experts_implementation` must be eager, one of transformers' registered implementations, or scattermoe; "
          "`use_scattermoe: true` selects scattermoe and turns on `use_kernels`.",
@@ -389,8 +421,106 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "of archtune's kernels plugin.",
          _plugins),
     Rule("freeze_mm_modules_default",
-         "`freeze_mm_modules` is false for models without multimodal towers (there is nothing to freeze).",
+         "`freeze_mm_modules` is false for models without multimodal towers (there is nothing to freeze) and true "
+         "for models with them, unless the config says otherwise.",
          _freeze_default),
+    Rule("decoder_layer_classes",
+         "The decoder layer classes that FSDP2, activation checkpointing and offloading wrap are the FSDP wrap classes "
+         "when given, else the family's text decoder layer, else the model's `_no_split_modules`.",
+         _decoder_layer_classes),
+)
+
+
+# ---------------------------------------------------------------- refusals (run last)
+#
+# What this release cannot train, refused in the plan so that `archtune check` and `archtune train`
+# refuse the same configurations. They run after the family's rules, and a key a family already
+# refused (with its more specific reason) is not refused twice.
+
+def _refused(plan: "Plan", key: str) -> bool:
+    return any(p.key == key for p in plan.errors)
+
+
+def _refuse_8bit(plan: "Plan") -> None:
+    if plan.get("load_in_8bit") and not _refused(plan, "load_in_8bit"):
+        plan.error("load_in_8bit", "8-bit training is not supported in this release",
+                   "remove `load_in_8bit` (QLoRA: `adapter: qlora` with `load_in_4bit: true`)")
+
+
+def _refuse_fsdp1(plan: "Plan") -> None:
+    key = "fsdp_config.fsdp_version"
+    if fsdp_enabled(plan) and plan.get(key) == 1 and not _refused(plan, key):
+        plan.error(key, "FSDP1 is not supported in this release", "set `fsdp_config.fsdp_version: 2` (fully_shard)")
+
+
+def _refuse_fsdp_one_process(plan: "Plan") -> None:
+    if fsdp_enabled(plan) and plan.world_size == 1 and not _refused(plan, "fsdp"):
+        plan.error("fsdp", "FSDP shards the model over several processes, but this run has one",
+                   "run with --nproc 2 or more (`archtune check --nproc N` plans for N), or remove `fsdp`")
+
+
+def optimizer_names() -> list[str]:
+    """transformers' optimizer names (`TrainingArguments(optim=...)`)."""
+    from transformers.training_args import OptimizerNames
+
+    return [o.value for o in OptimizerNames]
+
+
+def scheduler_names() -> list[str]:
+    """transformers' learning-rate scheduler names (`TrainingArguments(lr_scheduler_type=...)`)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType]
+
+
+def _refuse_unknown_name(key: str, names: "Callable[[], list[str]]", what: str) -> Callable[["Plan"], None]:
+    def apply(plan: "Plan") -> None:
+        value = plan.get(key)
+        if value is None or _refused(plan, key):
+            return
+        valid = names()
+        if value not in valid:
+            close = difflib.get_close_matches(str(value), valid, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            plan.error(key, f"{value!r} is not a {what} transformers knows", f"{hint}use one of: {', '.join(valid)}")
+
+    return apply
+
+
+CHAT_TEMPLATE_DEFAULT = "tokenizer_default"
+
+
+def _refuse_chat_template_name(plan: "Plan") -> None:
+    value = plan.get("chat_template")
+    if value is None or value == CHAT_TEMPLATE_DEFAULT or "{" in str(value):
+        return
+    plan.error("chat_template", f"{value!r} is not a chat template archtune knows: named templates are not "
+               "built in", f"use `{CHAT_TEMPLATE_DEFAULT}` (the tokenizer's own) or a Jinja template string")
+
+
+def _refuse_offloading_without_layers(plan: "Plan") -> None:
+    if plan.get("activation_offloading") and not plan.get(LAYER_CLASSES_KEY):
+        plan.error("activation_offloading", "no decoder layer class is known for this model, so there is nothing "
+                   "to offload by layer", f"set {WRAP_KEY} to its decoder layer class (e.g. LlamaDecoderLayer)")
+
+
+REFUSALS: tuple[Rule, ...] = (
+    Rule("refuse_load_in_8bit", "`load_in_8bit: true` is refused: 8-bit training is not supported in this release "
+         "(4-bit QLoRA is).", _refuse_8bit),
+    Rule("refuse_fsdp1", "`fsdp_config.fsdp_version: 1` is refused: FSDP1 is not supported in this release "
+         "(FSDP2 is).", _refuse_fsdp1),
+    Rule("refuse_fsdp_one_process", "`fsdp` with a single process is refused: FSDP needs `--nproc 2` or more.",
+         _refuse_fsdp_one_process),
+    Rule("refuse_unknown_optimizer", "An `optimizer` that is not one of transformers' optimizer names is refused.",
+         _refuse_unknown_name("optimizer", optimizer_names, "optimizer")),
+    Rule("refuse_unknown_lr_scheduler",
+         "An `lr_scheduler` that is not one of transformers' scheduler names is refused.",
+         _refuse_unknown_name("lr_scheduler", scheduler_names, "learning-rate scheduler")),
+    Rule("refuse_chat_template_name", "A `chat_template` that is neither `tokenizer_default` nor a Jinja template "
+         "string (a template name such as `llama3`) is refused: named templates are not built in.",
+         _refuse_chat_template_name),
+    Rule("refuse_offloading_without_layers", "`activation_offloading: true` on a model with no known decoder layer "
+         "class is refused (set the FSDP wrap class to name it).", _refuse_offloading_without_layers),
 )
 
 
@@ -539,6 +669,10 @@ def family_rules(family: Family) -> list[Rule]:
 
 __all__ = [
     "GENERIC_RULES",
+    "REFUSALS",
+    "LAYER_CLASSES_KEY",
+    "optimizer_names",
+    "scheduler_names",
     "FAMILY_RULE_BUILDERS",
     "family_rules",
     "EXPERTS_IMPLEMENTATIONS",

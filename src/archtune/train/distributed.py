@@ -124,10 +124,9 @@ def fsdp_settings(plan) -> dict | None:
     """The Plan's FSDP2 settings (None when FSDP is off): wrap classes, resharding, offload."""
     if not plan.get("fsdp"):
         return None
-    wrap = plan.get("fsdp_config.fsdp_transformer_layer_cls_to_wrap") or plan.family.decoder_layer_cls or ""
     reshard = plan.get("fsdp_config.fsdp_reshard_after_forward")
     return {
-        "layer_classes": [c.strip() for c in str(wrap).split(",") if c.strip()],
+        "layer_classes": list(plan.decoder_layer_classes),
         "reshard_after_forward": True if reshard is None else bool(reshard),
         "offload_params": bool(plan.get("fsdp_config.fsdp_offload_params")),
     }

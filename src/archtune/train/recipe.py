@@ -15,9 +15,9 @@ from archtune.adapters.lora import apply_lora, count_params
 from archtune.config.schema import Config
 from archtune.data import PreparedData, prepare_data
 from archtune.data.collate import DataCollator
-from archtune.models.load import apply_weight_scale_rules, load_model, load_tokenizer, read_model_config
+from archtune.models.load import apply_weight_scale_rules, load_model, load_tokenizer, resolve_plan
 from archtune.errors import UserError
-from archtune.plan import Plan, resolve
+from archtune.plan import Plan
 from archtune.train import distributed
 from archtune.moe.routing_stats import RoutingStats
 from archtune.plugins import load_plugins, run_hook
@@ -33,9 +33,9 @@ class Setup:
 
 
 def plan_for(cfg: Config, world_size: int = 1) -> Setup:
-    """Tokenizer + resolved Plan (raises the Plan's errors as one UserError)."""
+    """Tokenizer + the Plan `archtune check` resolves (raises the Plan's errors as one UserError)."""
     tokenizer = load_tokenizer(cfg)
-    plan = resolve(cfg, read_model_config(cfg), world_size=world_size)
+    plan = resolve_plan(cfg, world_size=world_size)
     plan.raise_errors()
     return Setup(plan, tokenizer)
 
@@ -59,7 +59,7 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     if plan.get("adapter") in ("lora", "qlora"):
         model = apply_lora(model, plan)
     run_hook(plugins, "post_adapters", model, plan)
-    _set_use_cache(model, bool(plan.get("use_cache")))
+    _set_use_cache(model, plan.use_cache)
     prepare_packing(model, plan)
     if plan.get("activation_offloading"):
         apply_activation_offloading(model, plan)
@@ -87,11 +87,7 @@ def _experts_implementation_in_use(model) -> str | None:
 def apply_activation_offloading(model, plan: Plan) -> None:
     """`activation_offloading: true`: each decoder layer checkpointed (non-reentrant), its saved
     inputs kept in CPU memory until backward (the Plan has turned use_cache off)."""
-    layers = [c.strip() for c in str(plan.get("fsdp_config.fsdp_transformer_layer_cls_to_wrap")
-                                     or plan.family.decoder_layer_cls or "").split(",") if c.strip()]
-    if not layers:
-        raise UserError.single("activation_offloading", "no decoder layer class is known for this model",
-                               "set fsdp_config.fsdp_transformer_layer_cls_to_wrap to its decoder layer class")
+    layers = list(plan.decoder_layer_classes)  # the plan refuses offloading when there are none
     if distributed.apply_activation_offloading(model, layers) == 0:
         raise UserError.single("activation_offloading", f"no module of this model is a {', '.join(layers)}",
                                "set fsdp_config.fsdp_transformer_layer_cls_to_wrap to its decoder layer class")
@@ -100,13 +96,12 @@ def apply_activation_offloading(model, plan: Plan) -> None:
 def prepare_packing(model, plan: Plan) -> None:
     """Packed rows: the family's packing patches (e.g. DeltaNet state reset per document),
     per-document attention, no KV cache. A family that cannot be made exact is refused."""
-    from archtune.data import eval_packing
     from archtune.patches.packing import PackingUnsupported, prepare_model_for_packing
 
-    if not (plan.config.sample_packing or eval_packing(plan.config)):
+    if not plan.packs:
         return
     try:
-        prepare_model_for_packing(model, plan.family.patches)
+        prepare_model_for_packing(model, plan.packing_patches)
     except PackingUnsupported as exc:
         raise UserError.single("sample_packing", f"packing cannot be made exact for this model: {exc}",
                                "set sample_packing: false") from None
@@ -120,59 +115,40 @@ def _set_use_cache(model, value: bool) -> None:
             c.use_cache = value
 
 
-# Settings `archtune check` accepts and plans, whose training path is not built yet.
-_NOT_YET_TRAINABLE = {
-    "load_in_8bit": "8-bit training",
-}
-
-
-def _refuse_not_yet_trainable(plan: Plan) -> None:
-    for key, what in _NOT_YET_TRAINABLE.items():
-        if plan.get(key):
-            raise UserError.single(key, f"{what} is planned by `archtune check` but not trainable in this release",
-                                   f"remove `{key}` to train, or use `archtune check` to validate the plan")
-    if plan.get("fsdp") and plan.get("fsdp_config.fsdp_version") == 1:
-        raise UserError.single("fsdp_config.fsdp_version", "FSDP1 is not trainable in this release",
-                               "set `fsdp_config.fsdp_version: 2` (fully_shard)")
-    if plan.get("fsdp") and plan.world_size == 1:
-        raise UserError.single("fsdp", "FSDP shards the model over several processes, but this run has one",
-                               "train with --nproc 2 or more, or remove `fsdp`")
-
-
 def training_arguments(plan: Plan, has_eval: bool):
     from transformers import TrainingArguments
 
-    cfg = plan.config
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0.0)
-    report_to = ["wandb"] if cfg.wandb_project and cfg.wandb_mode != "disabled" else []
-    if cfg.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
-        if cfg.wandb_mode:
-            os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+    setting = plan.decided
+    warmup = setting("warmup_steps") if setting("warmup_steps") is not None else (setting("warmup_ratio") or 0.0)
+    report_to = ["wandb"] if setting("wandb_project") and setting("wandb_mode") != "disabled" else []
+    if setting("wandb_project"):
+        os.environ.setdefault("WANDB_PROJECT", setting("wandb_project"))
+        if setting("wandb_mode"):
+            os.environ.setdefault("WANDB_MODE", setting("wandb_mode"))
     return TrainingArguments(
-        output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps if cfg.max_steps else -1,
-        learning_rate=cfg.learning_rate,
-        optim=cfg.optimizer,
-        lr_scheduler_type=cfg.lr_scheduler,
+        output_dir=setting("output_dir"),
+        per_device_train_batch_size=setting("micro_batch_size"),
+        per_device_eval_batch_size=setting("micro_batch_size"),
+        gradient_accumulation_steps=setting("gradient_accumulation_steps"),
+        num_train_epochs=setting("num_epochs"),
+        max_steps=setting("max_steps") if setting("max_steps") else -1,
+        learning_rate=setting("learning_rate"),
+        optim=setting("optimizer"),
+        lr_scheduler_type=setting("lr_scheduler"),
         warmup_steps=warmup,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        bf16=cfg.bf16 is True,
-        fp16=cfg.fp16,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
+        weight_decay=setting("weight_decay"),
+        max_grad_norm=setting("max_grad_norm"),
+        bf16=setting("bf16") is True,
+        fp16=setting("fp16"),
+        seed=setting("seed"),
+        data_seed=setting("seed"),
+        logging_steps=setting("logging_steps"),
         logging_first_step=True,
-        save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if (cfg.eval_steps and has_eval) else "no",
-        eval_steps=cfg.eval_steps,
+        save_strategy="steps" if setting("save_steps") else "no",
+        save_steps=setting("save_steps") or 500,
+        save_total_limit=setting("save_total_limit"),
+        eval_strategy="steps" if (setting("eval_steps") and has_eval) else "no",
+        eval_steps=setting("eval_steps"),
         activation_checkpointing=bool(plan.get("gradient_checkpointing")),
         activation_checkpointing_kwargs=plan.section("gradient_checkpointing_kwargs") or None,
         include_num_input_tokens_seen="non_padding",
@@ -218,7 +194,6 @@ def train(cfg: Config, *, console=None) -> dict:
 def _train(cfg: Config, console) -> dict:
     setup = plan_for(cfg, world_size=distributed.world_size())
     plan, tokenizer = setup.plan, setup.tokenizer
-    _refuse_not_yet_trainable(plan)
     main = distributed.is_main()
     out = Path(cfg.output_dir)
     if main:
@@ -241,7 +216,7 @@ def _train(cfg: Config, console) -> dict:
         args=training_arguments(plan, has_eval=data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=DataCollator(tokenizer),
+        data_collator=DataCollator(tokenizer, drop_attention_mask=plan.drop_attention_mask),
         processing_class=tokenizer,
         callbacks=_callbacks(cfg, clock) + run_hook(plugins, "callbacks", plan),
         fsdp=distributed.fsdp_settings(plan),

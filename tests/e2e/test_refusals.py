@@ -1,0 +1,89 @@
+"""Every refusal of the plan, run through both `archtune check` and `archtune train`.
+
+`check` and `train` resolve the same plan (models.load.resolve_plan), so a configuration one of
+them refuses the other refuses too, with the same key, exit code 2, and before any weight is
+loaded or any worker started. The table has one case per rule that can refuse; a rule that gains
+a `plan.error` without a case here fails `test_every_refusing_rule_has_a_case`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+
+from archtune.assets import TOKENIZER_DIR
+from archtune.families import all_families
+from archtune.plan.rules import GENERIC_RULES, REFUSALS, WRAP_KEY, family_rules
+from tests.e2e.conftest import run_cli, write_config
+
+FSDP = {"fsdp": ["full_shard", "auto_wrap"]}
+FSDP2_WRAP = {**FSDP, "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
+UNKNOWN_MODEL = "unknown-model"  # a local model directory whose model_type transformers does not know
+
+# rule name -> (base_model, config keys, --nproc, the key refused)
+REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
+    "lora_target_parameters": ("tiny:gemma4-moe", {"adapter": "lora", "lora_dropout": 0,
+                                                   "lora_target_parameters": ["experts.nope_proj"]},
+                               1, "lora_target_parameters"),
+    "lora_dropout_with_parameters": ("tiny:gemma4-moe", {"adapter": "lora", "lora_dropout": 0.1,
+                                                         "lora_target_parameters": ["experts.gate_up_proj"]},
+                                     1, "lora_dropout"),
+    "fsdp_wrap_class": ("tiny:gemma4-moe", {**FSDP2_WRAP, "fsdp_config": {
+        **FSDP2_WRAP["fsdp_config"], "fsdp_transformer_layer_cls_to_wrap": "Gemma4AudioLayer"}}, 2, WRAP_KEY),
+    "experts_implementation": ("tiny:gemma4-moe", {"experts_implementation": "no_such_kernel"}, 1,
+                               "experts_implementation"),
+    "plugins": ("tiny:llama", {"plugins": ["some_package.SomePlugin"]}, 1, "plugins"),
+    "non_reentrant_checkpointing": ("tiny:gemma4-moe", {"gradient_checkpointing": True,
+                                                        "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+                                    1, "gradient_checkpointing_kwargs.use_reentrant"),
+    "no_all_linear_into_towers": ("tiny:gemma3", {"adapter": "lora", "lora_target_linear": True}, 1,
+                                  "lora_target_linear"),
+    "fsdp1_refuses_quantized_base": ("tiny:gemma4-dense", {**FSDP, "fsdp_config": {"fsdp_version": 1},
+                                                           "adapter": "qlora", "load_in_4bit": True},
+                                     2, "fsdp_config.fsdp_version"),
+    "refuse_load_in_8bit": ("tiny:llama", {"adapter": "lora", "load_in_8bit": True}, 1, "load_in_8bit"),
+    "refuse_fsdp1": ("tiny:llama", {**FSDP, "fsdp_config": {"fsdp_version": 1}}, 2, "fsdp_config.fsdp_version"),
+    "refuse_fsdp_one_process": ("tiny:llama", FSDP2_WRAP, 1, "fsdp"),
+    "refuse_unknown_optimizer": ("tiny:llama", {"optimizer": "adamw_torchh"}, 1, "optimizer"),
+    "refuse_unknown_lr_scheduler": ("tiny:llama", {"lr_scheduler": "cosin"}, 1, "lr_scheduler"),
+    "refuse_chat_template_name": ("tiny:llama", {"chat_template": "llama3"}, 1, "chat_template"),
+    "refuse_offloading_without_layers": (UNKNOWN_MODEL, {"activation_offloading": True}, 1,
+                                         "activation_offloading"),
+}
+
+
+def _refusing_rules() -> set[str]:
+    rules = [*GENERIC_RULES, *REFUSALS, *(r for f in all_families() for r in family_rules(f))]
+    return {r.name for r in rules if "plan.error(" in inspect.getsource(r.apply)}
+
+
+def test_every_refusing_rule_has_a_case():
+    assert _refusing_rules() == set(REFUSAL_CASES)
+
+
+def _config(tmp_path, base_model: str, keys: dict):
+    if base_model == UNKNOWN_MODEL:
+        model_dir = tmp_path / UNKNOWN_MODEL
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+        base = {"base_model": str(model_dir), "tokenizer_config": str(TOKENIZER_DIR)}
+    else:
+        base = {"base_model": base_model}
+    return write_config(tmp_path / "refused.yaml", **base, datasets=[{"path": str(tmp_path / "data.jsonl")}],
+                        output_dir=str(tmp_path / "out"), **keys)
+
+
+@pytest.mark.parametrize("rule", sorted(REFUSAL_CASES))
+def test_check_and_train_refuse_alike(tmp_path, capsys, rule):
+    base_model, keys, nproc, key = REFUSAL_CASES[rule]
+    config = _config(tmp_path, base_model, keys)
+
+    code, out, err = run_cli(capsys, "check", config, "--json", "--nproc", str(nproc))
+    assert code == 2, (rule, out, err)
+    assert key in {e["key"] for e in json.loads(out)["errors"]}, (rule, out)
+
+    code, out, err = run_cli(capsys, "train", config, "--nproc", str(nproc))
+    assert code == 2, (rule, out, err)
+    assert f"{key}:" in err and "Traceback" not in err, (rule, err)
+    assert not (tmp_path / "out").exists()  # refused before the run started
