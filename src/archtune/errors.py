@@ -33,3 +33,12 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)
+
+
+class RunStopped(Exception):
+    """A training run that ended early on purpose (a signal, a non-finite loss): the CLI prints
+    `message`, no traceback, and exits with `exit_code` (not 2: the config was fine)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code

@@ -147,7 +147,7 @@ def test_evaluate_uses_the_kind_of_weights_the_last_run_wrote(tmp_path, small_da
     common = dict(base_model="tiny:llama", **small_data, sequence_len=128, micro_batch_size=8,
                   learning_rate=0.003, output_dir=str(tmp_path / "out"), use_tensorboard=False)
     lora = write_config(tmp_path / "lora.yaml", **common, adapter="lora", max_steps=2)
-    full = write_config(tmp_path / "full.yaml", **common, max_steps=6)
+    full = write_config(tmp_path / "full.yaml", **common, max_steps=6, overwrite_output_dir=True)
     assert run_cli(capsys, "train", lora)[0] == 0
     assert run_cli(capsys, "train", full)[0] == 0
     assert list((tmp_path / "out").glob("previous-*/adapter_config.json"))  # set aside, not deleted

@@ -59,7 +59,8 @@ def test_malformed_jsonl_rows_are_dropped_and_counted_by_reason(tmp_path, tok):
         "<bos>### Instruction:\nSay 3\n\n### Response:\nThe number 3.<eos>"]
     assert s["tokens"] == sum(p.train["length"]) == sum(len(r) for r in p.train["input_ids"])
     assert s["label_tokens"] == sum(sum(x != -100 for x in r) for r in p.train["labels"])
-    assert set(p.train.column_names) == {"input_ids", "labels", "length"}
+    assert set(p.train.column_names) == {"input_ids", "labels", "length", "source"}
+    assert all(src.startswith(f"{data}:") for src in p.train["source"])  # FILE:LINE of each row
     json.dumps(s)  # JSON-able
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from archtune.errors import UserError
+from archtune.errors import RunStopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune Gemma 4, Gemma 3, Qwen 3.5 MoE (and any causal LM) from one YAML file.")
@@ -322,6 +322,11 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except RunStopped as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(escape(exc.message), highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code if isinstance(code, int) else 1)

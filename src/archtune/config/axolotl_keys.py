@@ -122,7 +122,6 @@ UNSUPPORTED_KEY_HINTS: dict[str, str] = {
     "evaluation_strategy": "use `eval_steps: N`",
     "saves_per_epoch": "use `save_steps: N` (checkpoint every N optimizer steps)",
     "save_strategy": "use `save_steps: N`",
-    "auto_resume_from_checkpoints": "use `resume_from_checkpoint: auto` (latest checkpoint in output_dir)",
     "use_wandb": "set `wandb_project: NAME` to log to Weights & Biases",
     "model_config": "set `base_model_config` to where config.json is read from",
     "dataset_num_proc": "archtune chooses the number of preprocessing workers",

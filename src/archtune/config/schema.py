@@ -167,7 +167,16 @@ class Config(_Strict):
     save_total_limit: int | None = Field(None, description="Keep at most N checkpoints.")
     eval_steps: int | None = Field(None, description="Evaluate every N steps (always before the first and after the last).")
     logging_steps: int = Field(1, gt=0, description="Log the training loss every N steps.")
-    resume_from_checkpoint: str | None = Field(None, description="Checkpoint directory to resume from ('auto' = latest in output_dir).")
+    resume_from_checkpoint: bool | str | None = Field(
+        None, description="true: continue from the last complete checkpoint in output_dir; a checkpoint directory; "
+                          "'auto': as auto_resume_from_checkpoints.")
+    auto_resume_from_checkpoints: bool = Field(
+        False, description="Continue from the last complete checkpoint in output_dir when there is one, else start fresh.")
+    overwrite_output_dir: bool = Field(
+        False, description="Train into an output_dir that holds a finished run or checkpoints (they are moved aside).")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A step whose loss or gradient norm is NaN/Inf: stop the run (keeping the last good "
+                            "checkpoint), or skip the step (no weight changes).")
     use_tensorboard: bool = Field(True, description="Write TensorBoard logs to output_dir/runs.")
     wandb_project: str | None = Field(None, description="Weights & Biases project (logging to W&B when set).")
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")

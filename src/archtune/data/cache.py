@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # Bump when the tokenization code changes what it produces for the same inputs.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows keep their "source" (FILE:LINE)
 DEFAULT_DIR = "last_run_prepared"
 TOKEN_KEYS: tuple[str, ...] = (
     "datasets", "test_datasets", "val_set_size", "seed", "sequence_len", "excess_length_strategy",

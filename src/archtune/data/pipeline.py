@@ -123,7 +123,8 @@ def _tally(parts: list[tuple[Source, object]], strict: bool) -> _Tally:
         dropped += here
         sources.append({"key": src.key, "path": src.cfg.path, "rows_in": len(drops), "rows_kept": len(keep),
                         "rows_dropped": dict(sorted(here.items()))})
-        kept_parts.append(kept_rows.remove_columns(list(_META)))
+        # Each kept row remembers its FILE:LINE ("source"): a training step that goes wrong names its rows.
+        kept_parts.append(kept_rows.remove_columns([c for c in _META if c != "_src"]).rename_column("_src", "source"))
     kept = kept_parts[0] if len(kept_parts) == 1 else concatenate_datasets(kept_parts)
     return _Tally(kept, rows_in, dropped, truncated, realigned, problems, sources)
 

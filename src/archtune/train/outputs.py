@@ -1,7 +1,6 @@
 """Run outputs besides the weights: train_summary.json and loss.png."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -40,8 +39,9 @@ def write_summary(path: Path, summary: dict) -> Path:
     def clean(v):
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    path.write_text(json.dumps({k: clean(v) for k, v in summary.items()}, indent=2, sort_keys=True) + "\n")
-    return path
+    from archtune.train.checkpoints import write_json_atomic
+
+    return write_json_atomic(path, {k: clean(v) for k, v in summary.items()})
 
 
 # Files a finished run leaves as its weights: an adapter, or full weights with their config.
@@ -49,14 +49,21 @@ WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json
                 "model.safetensors", "model.safetensors.index.json", "train_summary.json")
 
 
-def set_aside_previous_weights(output_dir: Path) -> Path | None:
-    """Move an earlier run's weights out of the way (into output_dir/previous-<time>/), so a new run
-    never mixes with them — e.g. transformers loads a stale adapter_config.json on top of new full
-    weights. Nothing is deleted. Returns where they went, or None when there were none."""
+def set_aside_previous_weights(output_dir: Path, checkpoints: bool = False) -> Path | None:
+    """Move an earlier run's weights (and with `checkpoints`, its checkpoints and run record) out of
+    the way, into output_dir/previous-<time>/, so a new run never mixes with them — e.g.
+    transformers loads a stale adapter_config.json on top of new full weights, or a resume picks an
+    old run's checkpoint. Nothing is deleted. Returns where they went, or None when there were none."""
     import time
+
+    from archtune.train.checkpoints import STAGING, checkpoint_step
+    from archtune.train.run_record import RECORD
 
     found = [p for p in (output_dir / n for n in WEIGHT_FILES) if p.exists()]
     found += sorted(output_dir.glob("model-*-of-*.safetensors"))
+    if checkpoints:
+        found += [p for p in sorted(output_dir.iterdir()) if checkpoint_step(p) is not None]
+        found += [p for p in (output_dir / RECORD, output_dir / STAGING) if p.exists()]
     if not found:
         return None
     target = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")

@@ -22,7 +22,20 @@ from archtune.train import distributed
 from archtune.moe.routing_stats import RoutingStats
 from archtune.plugins import load_plugins, run_hook
 from archtune.train.callbacks import LossBar, TrainClock
+from archtune.train import checkpoints
+from archtune.train.guards import (
+    EXIT_NONFINITE,
+    EXIT_STOPPED,
+    NonFinite,
+    NonFiniteGuard,
+    NonFiniteWatch,
+    RunStopped,
+    StopOnSignal,
+    StopRequest,
+    batch_rows,
+)
 from archtune.train.outputs import plot_losses, set_aside_previous_weights, write_summary
+from archtune.train.run_record import refuse_reuse, resume_checkpoint, write_run_record
 from archtune.train.trainer import ArchtuneTrainer
 
 
@@ -192,14 +205,13 @@ def train(cfg: Config, *, console=None) -> dict:
 
 
 def _train(cfg: Config, console) -> dict:
+    # 1. Everything is checked before output_dir is touched: config, plan, resume, data, model.
     setup = plan_for(cfg, world_size=distributed.world_size())
     plan, tokenizer = setup.plan, setup.tokenizer
     main = distributed.is_main()
     out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume_from_checkpoint and (moved := set_aside_previous_weights(out)):
-            _say(console, f"an earlier run's weights in {out} were moved to {moved}")
+    resume = resume_checkpoint(cfg, out)
+    refuse_reuse(cfg, out, resume)
     for warning in plan.warnings:
         _say(console, f"[yellow]warning:[/] {warning}")
 
@@ -210,7 +222,15 @@ def _train(cfg: Config, console) -> dict:
     trainable, total = count_params(model)
     routing = RoutingStats.attach(model)  # MoE models: per-layer expert load (no experts: no hooks)
 
+    # 2. Only now: output_dir is claimed (an earlier run set aside) and the run record written.
+    if main:
+        _claim_output_dir(cfg, plan, out, resume, data, console)
+    distributed.barrier()
+
     clock = TrainClock()
+    watch = NonFiniteWatch(cfg.on_nonfinite)
+    stop = StopRequest(say=(lambda text: _say(console, text)) if console is not None else None)
+    stop_callback = StopOnSignal(stop)
     trainer = ArchtuneTrainer(
         model=model,
         args=training_arguments(plan, has_eval=data.eval is not None),
@@ -218,31 +238,37 @@ def _train(cfg: Config, console) -> dict:
         eval_dataset=data.eval,
         data_collator=DataCollator(tokenizer, drop_attention_mask=plan.drop_attention_mask),
         processing_class=tokenizer,
-        callbacks=_callbacks(cfg, clock) + run_hook(plugins, "callbacks", plan),
+        callbacks=_callbacks(cfg, clock) + [NonFiniteGuard(watch), stop_callback] + run_hook(plugins, "callbacks", plan),
         fsdp=distributed.fsdp_settings(plan),
+        nonfinite=watch,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     if routing.layers:
         routing.install(trainer)
     eval_initial = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    resume = cfg.resume_from_checkpoint
-    if resume == "auto":
-        resume = _last_checkpoint(out)
+    if resume is not None:
+        _say(console, f"resuming from {resume.name} (in {out})")
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        # Nothing lost: keep what was trained so far, then stop.
-        trainer.save_model(str(out / "interrupted"))
-        _say(console, f"[red]interrupted[/]: weights so far saved to {out / 'interrupted'}")
-        raise
+        with stop:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except NonFinite as exc:
+        raise _nonfinite_stop(exc, data, trainer, out) from None
     except RuntimeError as exc:
         raise _ddp_error(exc, plan) from exc
+    if stop.signum is not None:
+        raise _signal_stop(stop, trainer, out)
+    if watch.skipped:
+        _say(console, f"[yellow]warning:[/] skipped {len(watch.skipped)} steps whose loss or gradient norm was not "
+                      f"finite (on_nonfinite: skip): {', '.join(map(str, watch.skipped[:20]))}")
     eval_final = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     distributed.dump_rank_state(trainer.model)
 
+    # 3. Final outputs: written under output_dir/.staging, renamed into place, the summary last.
     _set_use_cache(model, True)  # the saved config is for inference: the cache was off only for training
-    trainer.save_model(str(out))  # written once, on rank 0 (FSDP: shards gathered once, here)
+    staged = checkpoints.clear_staging(out, "final") if main else checkpoints.staging_dir(out) / "final"
+    distributed.barrier()
+    trainer.save_model(str(staged))  # written once, on rank 0 (FSDP: shards gathered once, here)
     history = trainer.state.log_history  # train() starts a fresh state: the step-0 evaluation is added back
     if eval_initial is not None:
         history = [{"step": 0, "eval_loss": eval_initial}] + [h for h in history if h.get("step") != 0 or "eval_loss" not in h]
@@ -273,13 +299,49 @@ def _train(cfg: Config, console) -> dict:
         "model_type": plan.model_type,
         "adapter": plan.get("adapter"),
         "data": data.stats,
+        "skipped_steps": watch.skipped,
+        "resumed_from": resume.name if resume is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if main:
-        tokenizer.save_pretrained(str(out))
-        write_summary(out / "train_summary.json", summary)
-        plot_losses(history, out / "loss.png", f"{cfg.base_model} ({plan.family.name}, {plan.get('adapter') or 'full'})")
+        tokenizer.save_pretrained(str(staged))
+        plot_losses(history, staged / "loss.png", f"{cfg.base_model} ({plan.family.name}, {plan.get('adapter') or 'full'})")
+        checkpoints.publish_outputs(staged, out)
+        write_summary(out / checkpoints.SUMMARY, summary)  # last: its presence marks a finished run
     return summary
+
+
+def _claim_output_dir(cfg: Config, plan: Plan, out: Path, resume, data: PreparedData, console) -> None:
+    """Rank 0, after every check passed: set an earlier run's outputs aside (a fresh start) and
+    write the run record."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is None and (moved := set_aside_previous_weights(out, checkpoints=cfg.overwrite_output_dir)):
+        _say(console, f"an earlier run's outputs in {out} were moved to {moved}")
+    cache_dir = data.stats.get("cache_dir")
+    write_run_record(out, config=cfg.model_dump(mode="json", exclude_unset=True), plan=plan.to_json(),
+                     cache_key=Path(cache_dir).name if cache_dir else None, world_size=plan.world_size,
+                     resumed_from=resume)
+
+
+def _last_good(out: Path) -> str:
+    last = checkpoints.last_complete_checkpoint(out)
+    return (f"the last good checkpoint is {last} (resume_from_checkpoint: true continues from it)" if last
+            else "no checkpoint was written yet (save_steps sets how often)")
+
+
+def _nonfinite_stop(exc: NonFinite, data: PreparedData, trainer, out: Path) -> RunStopped:
+    rows = batch_rows(exc.batches, data.train, getattr(trainer.data_collator, "pad_token_id", None))
+    distributed.barrier()
+    return RunStopped(
+        f"archtune: stopped at step {exc.step}: {exc.what}. The batch held: {', '.join(rows) or 'no rows'}.\n"
+        f"Nothing of this step was applied; {_last_good(out)}.\n"
+        "fix: lower learning_rate (or raise warmup_steps), check those rows, or set on_nonfinite: skip to skip "
+        "such steps", EXIT_NONFINITE)
+
+
+def _signal_stop(stop: StopRequest, trainer, out: Path) -> RunStopped:
+    return RunStopped(f"archtune: stopped by {stop.name} after step {trainer.state.global_step}; "
+                      f"{_last_good(out)}", EXIT_STOPPED)
 
 
 def _strategy(plan: Plan) -> str:
@@ -287,13 +349,6 @@ def _strategy(plan: Plan) -> str:
         return "single"
     name = "fsdp2" if plan.get("fsdp") else "ddp"
     return name + ("+offload" if plan.get("activation_offloading") else "")
-
-
-def _last_checkpoint(out: Path):
-    """resume_from_checkpoint: auto -> the newest checkpoint-N in output_dir, else a fresh start."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(out)) if out.is_dir() else None
 
 
 def _ddp_error(exc: RuntimeError, plan: Plan) -> Exception:

@@ -1,5 +1,7 @@
-"""A thin transformers.Trainer subclass: token-weighted evaluation and text-only batches for
-multimodal wrappers (archtune.patches.text_only), nothing else re-invented."""
+"""A thin transformers.Trainer subclass: token-weighted evaluation, text-only batches for
+multimodal wrappers (archtune.patches.text_only), checkpoints written under a temporary name and
+renamed when complete (train/checkpoints.py), and what the non-finite guard needs to see
+(train/guards.py); nothing else re-invented."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +10,9 @@ import torch
 from transformers import Trainer
 
 from archtune.patches.text_only import text_only_extras, unwrap_model
+from archtune.train import checkpoints
 from archtune.train.evaluation import token_weighted_loss
+from archtune.train.guards import NonFiniteWatch
 
 # Sharded (FSDP2) checkpoints: torch.distributed.checkpoint directories inside checkpoint-N/.
 SHARDED_MODEL_DIR = "model_dcp"
@@ -39,8 +43,10 @@ class ArchtuneTrainer(Trainer):
     `save_model` gathers the full weights once and rank 0 writes them as safetensors.
     """
 
-    def __init__(self, *args, fsdp: dict | None = None, **kwargs):
+    def __init__(self, *args, fsdp: dict | None = None, nonfinite: NonFiniteWatch | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.nonfinite = nonfinite
+        self._staging = False
         self.sharded = fsdp is not None
         if self.sharded:
             from archtune.train.distributed import shard_model
@@ -49,6 +55,49 @@ class ArchtuneTrainer(Trainer):
             self.model_wrapped = self.model
             # transformers' path for models sharded before training: no accelerate DDP/FSDP wrap.
             self.is_distributed_loading_by_transformers = True
+
+    # ------------------------------------------------------------------ complete checkpoints only
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return str(checkpoints.staging_dir(Path(run_dir))) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer writes checkpoint-N into output_dir/.staging/; once every rank's files are
+        there, rank 0 renames it into output_dir and applies save_total_limit (never deleting the
+        newest complete checkpoint). A kill before the rename leaves no checkpoint-N at all."""
+        from archtune.train import distributed
+
+        out = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            checkpoints.clear_staging(out, name)  # what a killed save left
+        distributed.barrier()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        distributed.barrier()  # every rank has written its part
+        if self.args.should_save:
+            checkpoints.publish_checkpoint(checkpoints.staging_dir(out) / name, out)
+            checkpoints.rotate(out, self.args.save_total_limit)
+        distributed.barrier()
+
+    # ------------------------------------------------------------------ non-finite steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.nonfinite is not None:
+            self.nonfinite.saw_loss(loss, inputs)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The global gradient norm of the step (the Trainer's own, before the optimizer steps).
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.nonfinite is not None:
+            self.nonfinite.saw_grad_norm(grad_norm)
+        return grad_norm
 
     # ------------------------------------------------------------------ sharded checkpoints
 

@@ -1,0 +1,216 @@
+"""Stopping a run cleanly: on SIGTERM/SIGINT (a preempted job, Ctrl-C) and on a loss or gradient
+norm that is NaN or infinite.
+
+Signals. The first SIGTERM or SIGINT asks the run to stop: the current optimizer step finishes,
+a checkpoint is written (atomically, see checkpoints.py), and archtune exits with EXIT_STOPPED
+after one line saying where the checkpoint is. A second signal ends the process at once (the
+checkpoint being written, if any, stays in staging and is never resumed from). Under torchrun
+every rank gets the signal; the ranks agree on it at each step end, so all stop at the same step.
+
+Non-finite values. `on_nonfinite: stop` (default): before the optimizer would apply a step whose
+loss or gradient norm is not finite, the run stops with one message naming the step and the rows
+of its batch, and exits with EXIT_NONFINITE; the weights were not touched and the last checkpoint
+stays the last good one. `on_nonfinite: skip`: that step's gradients are dropped (the optimizer
+leaves every weight and its own state as they were), the step is counted and reported at the end.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+
+import torch
+from transformers import TrainerCallback
+
+from archtune.errors import RunStopped
+
+EXIT_NONFINITE = 3
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
+
+
+# ---------------------------------------------------------------- signals
+
+class StopRequest:
+    """Catches SIGTERM and SIGINT while training (installed from the main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, say=None) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second signal: stop now, the way the signal would
+            self._say(f"archtune: {signal.Signals(signum).name} again: stopping at once, without a checkpoint")
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        self._say(f"archtune: {self.name} received: finishing this step, saving a checkpoint, then stopping "
+                  f"(send it again to stop at once)")
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any process (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopOnSignal(TrainerCallback):
+    """At each step end: when any rank got a signal, save a checkpoint and end training."""
+
+    def __init__(self, request: StopRequest):
+        self.request = request
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_rank(self.request.signum is not None):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+# ---------------------------------------------------------------- non-finite loss / gradient norm
+
+class NonFinite(Exception):
+    """A step whose loss or gradient norm is not finite (raised before the optimizer applies it)."""
+
+    def __init__(self, step: int, what: str, batches: list):
+        super().__init__(f"step {step}: {what}")
+        self.step, self.what, self.batches = step, what, batches
+
+
+def _finite(value) -> bool:
+    if value is None:
+        return True
+    if torch.is_tensor(value):
+        return bool(torch.isfinite(value.detach()).all())
+    return math.isfinite(float(value))
+
+
+class NonFiniteWatch:
+    """What the Trainer saw during the current optimizer step: each micro-batch's loss (and its
+    input ids, to name the rows), then the gradient norm. `ArchtuneTrainer` feeds it; the
+    `NonFiniteGuard` callback decides before the optimizer steps."""
+
+    def __init__(self, policy: str = "stop"):
+        self.policy = policy
+        self.bad_losses: list[str] = []
+        self.batches: list[dict] = []
+        self.grad_norm = None
+        self.skipped: list[int] = []
+
+    def start_step(self) -> None:
+        self.bad_losses, self.batches, self.grad_norm = [], [], None
+
+    def saw_loss(self, loss, inputs: dict) -> None:
+        self.batches.append({k: v.detach().cpu() for k, v in inputs.items()
+                             if k in ("input_ids", "attention_mask", "position_ids") and torch.is_tensor(v)})
+        if not _finite(loss):
+            self.bad_losses.append(str(float(loss.detach().float().mean())) if torch.is_tensor(loss) else str(loss))
+
+    def saw_grad_norm(self, grad_norm) -> None:
+        self.grad_norm = grad_norm
+
+    def problem(self) -> str | None:
+        """What is not finite in this step (agreed over all ranks), or None."""
+        local = bool(self.bad_losses) or not _finite(self.grad_norm)
+        if not _any_rank(local):
+            return None
+        parts = []
+        if self.bad_losses:
+            parts.append(f"the loss is {self.bad_losses[0]}")
+        if not _finite(self.grad_norm):
+            parts.append(f"the gradient norm is {float(self.grad_norm)}")
+        return " and ".join(parts) or "the loss on another process is not finite"
+
+
+class NonFiniteGuard(TrainerCallback):
+    def __init__(self, watch: NonFiniteWatch):
+        self.watch = watch
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.watch.start_step()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        what = self.watch.problem()
+        if what is None:
+            return
+        step = state.global_step + 1
+        if self.watch.policy == "skip":
+            for p in model.parameters():  # the optimizer leaves parameters without gradients alone
+                p.grad = None
+            self.watch.skipped.append(step)
+            return
+        raise NonFinite(step, what, self.watch.batches)
+
+
+def batch_rows(batches: list[dict], dataset, pad_id: int | None, limit: int = 16) -> list[str]:
+    """Where each row of `batches` came from: its FILE:LINE (the prepared data keeps a row's
+    `source`), else "training row I" (packed rows). Rows are found by their token ids; this runs
+    only when a step went wrong."""
+    import numpy as np
+
+    lengths = np.asarray(dataset["length"])
+    sources = dataset["source"] if "source" in dataset.column_names else None
+    names: list[str] = []
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        for r in range(ids.shape[0]):
+            row = ids[r].tolist()
+            if mask is not None:
+                low = high = int(mask[r].sum())
+            else:  # packed: right padding with the pad id, which may also end a document (eos)
+                high = len(row)
+                low = high
+                while low > 0 and row[low - 1] == pad_id:
+                    low -= 1
+            found = None
+            for i in np.flatnonzero((lengths >= low) & (lengths <= high)).tolist():
+                n = int(lengths[i])
+                if dataset[i]["input_ids"] == row[:n]:
+                    found = i
+                    break
+            if found is None:
+                names.append(f"a row of {low} tokens (not found in the training data)")
+            else:
+                names.append(sources[found] if sources is not None else f"training row {found}")
+            if len(names) >= limit:
+                return names + ["..."]
+    return names
+
+
+__all__ = ["batch_rows", "EXIT_NONFINITE", "EXIT_STOPPED", "RunStopped", "StopRequest", "StopOnSignal", "NonFinite",
+           "NonFiniteWatch", "NonFiniteGuard"]
