@@ -9,6 +9,9 @@ has on its own. eval_rows counts documents (a packed row's `num_docs`), not pack
 The forward runs with `use_cache=False`: a loss needs no KV cache, and with a cache
 transformers skips its packed-sequence detection (documents of a packed row would see each
 other; e.g. Llama, whose config defaults to use_cache=True).
+
+With the chunked cross-entropy installed (train/losses.py) the same sum is computed without the
+[tokens x vocab] logits.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ def token_weighted_loss(model, dataset, collator, batch_size: int, device: torch
     eval_loss = sum of the per-token cross-entropies over every label token (token t predicts
     label t+1) / eval_tokens, the number of those label tokens; eval_rows = documents.
     """
+    from archtune.train.losses import ChunkedCrossEntropy
+
+    chunked = ChunkedCrossEntropy.of(model)
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -46,6 +52,13 @@ def token_weighted_loss(model, dataset, collator, batch_size: int, device: torch
             features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(features).items()}
             labels = batch["labels"]
+            if chunked is not None:  # the same sum without the [tokens x vocab] logits
+                with chunked.labels(labels):
+                    chunked.check_probe(model(**_model_inputs(batch), use_cache=False).logits)
+                    result = chunked.result()
+                total += result.sum64
+                tokens += int(result.count)
+                continue
             logits = model(**_model_inputs(batch), use_cache=False).logits.float()
             # Causal shift: token t predicts label t+1.
             shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))

@@ -4,6 +4,7 @@ renamed when complete (train/checkpoints.py), and what the non-finite guard need
 (train/guards.py); nothing else re-invented."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from archtune.patches.text_only import text_only_extras, unwrap_model
 from archtune.train import checkpoints
 from archtune.train.evaluation import token_weighted_loss
 from archtune.train.guards import NonFiniteWatch
+from archtune.train.losses import ChunkedCrossEntropy
 
 # Sharded (FSDP2) checkpoints: torch.distributed.checkpoint directories inside checkpoint-N/.
 SHARDED_MODEL_DIR = "model_dcp"
@@ -164,8 +166,13 @@ class ArchtuneTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         inputs = self._with_text_only_extras(model, inputs)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        # The chunked loss (train/losses.py) needs the labels before lm_head runs; the model then
+        # normalizes its sum in its own loss hook, as it would the stock loss.
+        chunked = ChunkedCrossEntropy.of(model)
+        labels = inputs.get("labels") if self.label_smoother is None and self.compute_loss_func is None else None
+        with chunked.labels(labels) if chunked is not None else contextlib.nullcontext():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         inputs = self._with_text_only_extras(model, inputs)
