@@ -162,6 +162,25 @@ register_plugin(
 )
 
 
+class ChunkedCrossEntropyPlugin(BasePlugin):
+    """Stands in for other trainers' fused-loss plugins (Axolotl's Cut Cross Entropy and Liger):
+    their loss is archtune's chunked cross-entropy, which the Plan turns on (`chunked_cross_entropy`,
+    from `cut_cross_entropy` / `liger_fused_linear_cross_entropy`) and the recipe installs. The
+    plugin itself changes nothing."""
+
+    name = "chunked_cross_entropy"
+
+
+def _register_fused_loss_aliases() -> None:
+    from archtune.plan.rules import CUT_CROSS_ENTROPY_PLUGIN, LIGER_PLUGIN
+
+    register_plugin("archtune.plugins.ChunkedCrossEntropyPlugin", ChunkedCrossEntropyPlugin,
+                    aliases=(CUT_CROSS_ENTROPY_PLUGIN, LIGER_PLUGIN))
+
+
+_register_fused_loss_aliases()
+
+
 class _Adapter(BasePlugin):
     """An external plugin object with some hooks missing: the missing ones do nothing."""
 
@@ -252,6 +271,7 @@ def run_hook(plugins: list[Plugin], hook: str, *args) -> list:
 __all__ = [
     "HOOKS",
     "BasePlugin",
+    "ChunkedCrossEntropyPlugin",
     "KernelsPlugin",
     "Plugin",
     "builtin_plugins",

@@ -119,3 +119,16 @@ def test_fsdp2_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(tra
     assert resumed.summary["steps"] == 4
     straight = _ok(train_run("fsdp_full", **FSDP, **TOWERS))
     assert max_rel_diff(resumed.weights(), straight.weights()) < 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_chunked_cross_entropy_equals_the_stock_loss_under_fsdp2_and_ddp(train_run, strategy):
+    """Tiny gemma4-moe, full fine-tune: lm_head is tied to the embeddings (a root parameter FSDP2
+    gathers) and final_logit_softcapping 30 is applied inside the chunked loss."""
+    keys = {**TOWERS, **(FSDP if strategy == "fsdp2" else {})}
+    stock = _ok(train_run("fsdp_full" if strategy == "fsdp2" else "ddp_full", **keys))
+    chunked = _ok(train_run(f"{strategy}_full_chunked", chunked_cross_entropy=True,
+                            chunked_cross_entropy_num_chunks=3, **keys))
+    assert chunked.summary["chunked_cross_entropy"] is True and chunked.summary["world_size"] == 2
+    assert chunked.summary["train_losses"] == pytest.approx(stock.summary["train_losses"], rel=1e-5)
+    assert max_rel_diff(chunked.weights(), stock.weights()) < 1e-4

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from archtune.models.tiny import build_tiny_model
-from archtune.train.losses import ChunkedCrossEntropy, ChunkedLossUnsupported
+from archtune.models.tiny import build_tiny_config, build_tiny_model
+from archtune.errors import UserError
+from archtune.train.losses import ChunkedCrossEntropy
 
 
 class LargestTensor(TorchDispatchMode):
@@ -126,6 +127,45 @@ def test_a_logit_transform_the_config_does_not_declare_is_refused():
     ids, labels = _batch(chunked)
     loss = ChunkedCrossEntropy.install(chunked)
     chunked.config.get_text_config().final_logit_softcapping = 5.0
-    with pytest.raises(ChunkedLossUnsupported, match="final_logit_softcapping 30"):
+    with pytest.raises(UserError, match="final_logit_softcapping 30"):
         with loss.labels(labels):
             chunked(input_ids=ids, labels=labels)
+
+
+# ---------------------------------------------------------------- the Plan's chunked_cross_entropy
+
+def _plan(name: str = "gemma4-dense", vocab: int | None = None, **keys):
+    from archtune.config import config_from_dict
+    from archtune.plan import resolve
+
+    model_config = build_tiny_config(name).to_dict()
+    if vocab is not None:
+        (model_config.get("text_config") or model_config)["vocab_size"] = vocab
+    cfg = config_from_dict({"base_model": f"tiny:{name}", "datasets": [{"path": "d.jsonl"}], **keys})
+    return resolve(cfg, model_config)
+
+
+@pytest.mark.parametrize("vocab,keys,value,source", [
+    (262_144, {}, True, "auto"),  # Gemma's vocabulary: on, with the softcap inside
+    (2048, {}, False, "default"),
+    (2048, {"chunked_cross_entropy": True}, True, "user"),
+    (262_144, {"chunked_cross_entropy": False}, False, "user"),
+    (2048, {"cut_cross_entropy": True}, True, "auto"),
+    (2048, {"liger_fused_linear_cross_entropy": True}, True, "auto"),
+    (2048, {"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]}, True, "auto"),
+    (2048, {"plugins": ["axolotl.integrations.liger.LigerPlugin"]}, False, "default"),  # Liger: needs its key
+])
+def test_plan_decides_chunked_cross_entropy(vocab, keys, value, source):
+    plan = _plan(vocab=vocab, **keys)
+    d = plan.settings["chunked_cross_entropy"]
+    assert (d.value, d.source) == (value, source) and not plan.errors
+    assert plan.get("chunked_cross_entropy_num_chunks") == (8 if value else None)
+    if source == "auto" and keys:
+        assert "maps to archtune's chunked cross-entropy" in d.reason
+    if vocab == 262_144 and source == "auto":
+        assert "262,144" in d.reason and "final_logit_softcapping 30.0 is applied inside" in d.reason
+
+
+def test_plan_refuses_a_fused_loss_key_against_chunked_false():
+    plan = _plan(chunked_cross_entropy=False, cut_cross_entropy=True)
+    assert [p.key for p in plan.errors] == ["chunked_cross_entropy"]

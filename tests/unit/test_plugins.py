@@ -94,7 +94,7 @@ def test_external_plugin_loads_with_opt_in(external_module):
 
 def test_problems_are_gathered_into_one_error():
     with pytest.raises(UserError) as ei:
-        load_plugins(cfg(plugins=["axolotl.integrations.liger.LigerPlugin", "x.y.Z", ""]))
+        load_plugins(cfg(plugins=["axolotl.integrations.spectrum.SpectrumPlugin", "x.y.Z", ""]))
     assert [p.key for p in ei.value.problems] == ["plugins"] * 3
 
 

@@ -176,7 +176,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     from archtune.data.collate import DataCollator
     from archtune.models.load import load_trained
     from archtune.train.evaluation import token_weighted_loss
-    from archtune.train.recipe import plan_for, prepare_packing
+    from archtune.train.recipe import plan_for, prepare_loss, prepare_packing
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
@@ -186,6 +186,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
                                "set test_datasets, or val_set_size > 0")
     model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
     prepare_packing(model, setup.plan)
+    prepare_loss(model, setup.plan)
     collator = DataCollator(setup.tokenizer, drop_attention_mask=setup.plan.drop_attention_mask)
     result = token_weighted_loss(model, data.eval, collator, cfg.micro_batch_size)
     if as_json:

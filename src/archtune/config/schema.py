@@ -136,6 +136,17 @@ class Config(_Strict):
     experts_implementation: str | None = Field(
         None, description="transformers experts implementation: eager, grouped_mm, batched_mm, or scattermoe.")
 
+    # ---- loss
+    chunked_cross_entropy: bool | None = Field(
+        None, description="Compute lm_head and the loss in chunks of tokens, so the [tokens x vocab] logits never exist "
+                          "(default: on for vocabularies of 65,536 tokens or more).")
+    chunked_cross_entropy_num_chunks: int | None = Field(
+        None, gt=0, description="Chunks of label tokens per forward for the chunked cross-entropy (default 8).")
+    cut_cross_entropy: bool | None = Field(
+        None, description="Axolotl's Cut Cross Entropy: archtune runs its chunked cross-entropy instead.")
+    liger_fused_linear_cross_entropy: bool | None = Field(
+        None, description="Axolotl's Liger fused linear cross-entropy: archtune runs its chunked cross-entropy instead.")
+
     # ---- multi-process
     ddp_find_unused_parameters: bool | None = Field(
         None, description="DDP find_unused_parameters (family default: true for Gemma 3/4 multimodal models).")

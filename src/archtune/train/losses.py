@@ -39,8 +39,10 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from archtune.errors import UserError
+from archtune.plan.rules import CHUNKED_CE_DEFAULT_CHUNKS as DEFAULT_NUM_CHUNKS
+
 IGNORE_INDEX = -100
-DEFAULT_NUM_CHUNKS = 8
 # Values the probe carries through the model's logit post-processing (exact in bf16 and fp16).
 PROBE_VALUES = (-48.0, -6.0, -0.5, 0.0, 0.25, 3.0, 20.0, 64.0)
 
@@ -142,10 +144,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, projec
     return LossSum(total, torch.tensor(keep.numel(), device=flat.device), float(stats["sum64"]))
 
 
-class ChunkedLossUnsupported(RuntimeError):
-    """The model post-processes its logits in a way the chunked loss does not reproduce."""
-
-
 class ChunkedCrossEntropy:
     """Installed on one model (`install`); see the module docstring."""
 
@@ -174,7 +172,8 @@ class ChunkedCrossEntropy:
             return existing
         head = base.get_output_embeddings()
         if head is None:
-            raise ChunkedLossUnsupported(f"{type(base).__name__} has no output embeddings (lm_head)")
+            raise UserError.single("chunked_cross_entropy", f"{type(base).__name__} has no output embeddings (lm_head) "
+                                   "to compute the loss from", "set `chunked_cross_entropy: false`")
         text_config = base.config.get_text_config()
         loss = cls(head, base.loss_function, getattr(text_config, "final_logit_softcapping", None), num_chunks)
         head.forward = loss._head_forward
@@ -240,9 +239,11 @@ class ChunkedCrossEntropy:
         got = logits.detach().float().reshape(-1).cpu()
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-2, atol=1e-2):
             what = f"final_logit_softcapping {self.cap}" if self.cap is not None else "no logit post-processing"
-            raise ChunkedLossUnsupported(
-                f"the model transforms lm_head's output differently from what its config declares ({what}); "
-                f"probe {list(PROBE_VALUES)} came back as {[round(v, 3) for v in got.tolist()[:8]]}")
+            raise UserError.single(
+                "chunked_cross_entropy",
+                f"the model transforms lm_head's output differently from what its config declares ({what}): probe "
+                f"{list(PROBE_VALUES)} came back as {[round(v, 3) for v in got.tolist()[:8]]}, so the chunked loss "
+                "would differ from the model's own", "set `chunked_cross_entropy: false`")
 
     def loss_function(self, logits, labels, vocab_size: int | None = None, num_items_in_batch=None,
                       ignore_index: int = IGNORE_INDEX, shift_labels=None, **kwargs) -> torch.Tensor:
@@ -264,7 +265,6 @@ class ChunkedCrossEntropy:
 
 __all__ = [
     "ChunkedCrossEntropy",
-    "ChunkedLossUnsupported",
     "DEFAULT_NUM_CHUNKS",
     "IGNORE_INDEX",
     "LossSum",

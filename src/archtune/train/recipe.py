@@ -55,8 +55,8 @@ def plan_for(cfg: Config, world_size: int = 1) -> Setup:
 
 def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     """Base model (4-bit for QLoRA), multimodal towers frozen (freeze_mm_modules), then the Plan's
-    adapters (LoRA) or every other weight trainable (full fine-tune); activation offloading wraps
-    the decoder layers last."""
+    adapters (LoRA) or every other weight trainable (full fine-tune), the chunked loss; activation
+    offloading wraps the decoder layers last."""
     from archtune.models import quant
 
     plugins = load_plugins(cfg) if plugins is None else plugins
@@ -74,6 +74,7 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     run_hook(plugins, "post_adapters", model, plan)
     _set_use_cache(model, plan.use_cache)
     prepare_packing(model, plan)
+    prepare_loss(model, plan)
     if plan.get("activation_offloading"):
         apply_activation_offloading(model, plan)
     return model
@@ -118,6 +119,16 @@ def prepare_packing(model, plan: Plan) -> None:
     except PackingUnsupported as exc:
         raise UserError.single("sample_packing", f"packing cannot be made exact for this model: {exc}",
                                "set sample_packing: false") from None
+
+
+def prepare_loss(model, plan: Plan) -> None:
+    """`chunked_cross_entropy`: lm_head and the loss in chunks (train/losses.py), for training and
+    evaluation. After the adapters: a LoRA on lm_head is part of what each chunk runs."""
+    if not plan.get("chunked_cross_entropy"):
+        return
+    from archtune.train.losses import ChunkedCrossEntropy
+
+    ChunkedCrossEntropy.install(model, num_chunks=int(plan.get("chunked_cross_entropy_num_chunks")))
 
 
 def _set_use_cache(model, value: bool) -> None:
@@ -294,6 +305,7 @@ def _train(cfg: Config, console) -> dict:
         "world_size": plan.world_size,
         "strategy": _strategy(plan),
         "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
+        "chunked_cross_entropy": _chunked_loss_installed(trainer.model),
         "sharded_params": distributed.sharded_parameters(trainer.model),
         "family": plan.family.name,
         "model_type": plan.model_type,
@@ -342,6 +354,12 @@ def _nonfinite_stop(exc: NonFinite, data: PreparedData, trainer, out: Path) -> R
 def _signal_stop(stop: StopRequest, trainer, out: Path) -> RunStopped:
     return RunStopped(f"archtune: stopped by {stop.name} after step {trainer.state.global_step}; "
                       f"{_last_good(out)}", EXIT_STOPPED)
+
+
+def _chunked_loss_installed(model) -> bool:
+    from archtune.train.losses import ChunkedCrossEntropy
+
+    return ChunkedCrossEntropy.of(model) is not None
 
 
 def _strategy(plan: Plan) -> str:
