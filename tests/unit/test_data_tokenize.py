@@ -212,3 +212,10 @@ def test_collator_pads_and_masks(tok):
     wide = DataCollator(tok, pad_to_multiple_of=8)(rows)
     assert wide["input_ids"].shape == (2, 8) and wide["labels"][0, 4:].eq(-100).all()
     assert DataCollator(pad_token_id=7)(rows)["input_ids"][1, 2:].tolist() == [7, 7]
+
+
+def test_a_lone_surrogate_is_dropped_as_undecodable_not_a_crash(tok):
+    """JSON "\\ud800" decodes to a str the Rust tokenizer refuses (TypeError before this check)."""
+    encoder = RowEncoder(tok, DatasetConfig(path="x", type="completion"), TokenizeSettings(sequence_len=64))
+    bad, good = encoder.encode_many([{"text": "\ud800"}, {"text": "a b c"}])
+    assert bad["_drop"] == "undecodable" and good["_drop"] == ""

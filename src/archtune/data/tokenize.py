@@ -82,9 +82,14 @@ class RowEncoder:
                 items.append(row.result)
                 continue
             try:
-                items.append(self.format(row, self.ds, self.ctx))
+                fm = self.format(row, self.ds, self.ctx)
             except RowError as exc:
                 items.append(_dropped(exc.reason, exc.detail))
+                continue
+            if not _is_utf8(fm.text):  # a lone surrogate (JSON "\ud800"): the tokenizer cannot take it
+                items.append(_dropped(formats.UNDECODABLE, "the text holds a lone UTF-16 surrogate"))
+                continue
+            items.append(fm)
         todo = [fm for fm in items if isinstance(fm, Formatted)]
         encoded = iter(self._tokenize_many(todo))
         return [self._finish(fm, *next(encoded)) if isinstance(fm, Formatted) else fm for fm in items]
@@ -216,6 +221,14 @@ def _first(n: int, pred) -> int:
 
 def _chars(enc, i: int) -> tuple[int, int]:
     return enc.token_to_chars(i) or enc.offsets[i]
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _plain_backend(tokenizer):
