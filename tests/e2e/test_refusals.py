@@ -48,6 +48,8 @@ REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
     "refuse_unknown_optimizer": ("tiny:llama", {"optimizer": "adamw_torchh"}, 1, "optimizer"),
     "refuse_unknown_lr_scheduler": ("tiny:llama", {"lr_scheduler": "cosin"}, 1, "lr_scheduler"),
     "refuse_chat_template_name": ("tiny:llama", {"chat_template": "llama3"}, 1, "chat_template"),
+    "chunked_cross_entropy": ("tiny:llama", {"chunked_cross_entropy": False, "cut_cross_entropy": True}, 1,
+                              "chunked_cross_entropy"),
     "refuse_offloading_without_layers": (UNKNOWN_MODEL, {"activation_offloading": True}, 1,
                                          "activation_offloading"),
 }
