@@ -90,12 +90,14 @@ def _tower_problem(kind: str, names: list[str], prefixes: tuple[str, ...]) -> Us
 
 def check_towers_frozen(model: torch.nn.Module, plan: Plan) -> None:
     """With freezing on: no adapter and no trainable parameter under a tower, else a UserError
-    listing them. Run after LoRA is applied (a no-op when freezing is off)."""
+    listing them. Run after LoRA is applied (a no-op when freezing is off). The Plan's
+    `mm_trainable_modules` (projectors named in lora_modules_to_save) are exempt."""
+    exempt = tuple(plan.get("mm_trainable_modules") or ())
     prefixes = tower_prefixes(plan)
-    adapters = adapters_in_towers(model, prefixes)
+    adapters = [n for n in adapters_in_towers(model, prefixes) if not under_prefix(n, exempt)]
     if adapters:
         raise _tower_problem("adapter tensors landed", adapters, prefixes)
-    trainable = trainable_in_towers(model, prefixes)
+    trainable = [n for n in trainable_in_towers(model, prefixes) if not under_prefix(n, exempt)]
     if trainable:
         raise _tower_problem("parameters are trainable", trainable, prefixes)
 

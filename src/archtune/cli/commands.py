@@ -155,10 +155,11 @@ def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
                as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON.")) -> None:
     """Tokenize, validate and cache the data; print statistics."""
     from archtune.data import prepare_data
-    from archtune.models.load import load_tokenizer
+    from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)
-    data = prepare_data(cfg, load_tokenizer(cfg), progress=not as_json)
+    setup = plan_for(cfg)
+    data = prepare_data(cfg, setup.tokenizer, progress=not as_json, media=setup.media)
     if as_json:
         print(json.dumps(data.stats))
         return
@@ -173,22 +174,20 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
              as_json: bool = typer.Option(False, "--json", help="Print {eval_loss, eval_tokens, eval_rows}.")) -> None:
     """Token-weighted mean loss over the evaluation data, with the trained weights if any."""
     from archtune.data import prepare_data
-    from archtune.data.collate import DataCollator
     from archtune.models.load import load_trained
     from archtune.train.evaluation import token_weighted_loss
-    from archtune.train.recipe import plan_for, prepare_loss, prepare_packing
+    from archtune.train.recipe import data_collator, plan_for, prepare_loss, prepare_packing
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    data = prepare_data(cfg, setup.tokenizer, progress=not as_json)
+    data = prepare_data(cfg, setup.tokenizer, progress=not as_json, media=setup.media)
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data",
                                "set test_datasets, or val_set_size > 0")
     model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
     prepare_packing(model, setup.plan)
     prepare_loss(model, setup.plan)
-    collator = DataCollator(setup.tokenizer, drop_attention_mask=setup.plan.drop_attention_mask)
-    result = token_weighted_loss(model, data.eval, collator, cfg.micro_batch_size)
+    result = token_weighted_loss(model, data.eval, data_collator(setup), cfg.micro_batch_size)
     if as_json:
         print(json.dumps(result))
     else:
@@ -200,19 +199,47 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
 def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The user prompt (alpaca: the instruction)."),
              input_text: str = typer.Option("", "--input", help="alpaca: the input block."),
              overrides: Optional[list[str]] = OverridesArg,
+             image: Optional[list[Path]] = typer.Option(None, "--image", help="An image for the prompt (repeatable)."),
              max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
-    """Greedy generation with the trained weights, the prompt rendered as the first dataset's format."""
+    """Greedy generation with the trained weights, the prompt rendered as the first dataset's format
+    (with --image: one user turn holding the images, then the prompt)."""
     from archtune.data import encode_prompt
     from archtune.models.load import load_trained
     from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
+    inputs = _image_prompt(cfg, setup, prompt, image) if image else None
     model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
-    ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
-    text = generate_text(model, setup.tokenizer, ids, max_new_tokens)
-    console.print(f"[bold]prompt:[/] {prompt}" + (f"\n[bold]input:[/]  {input_text}" if input_text else ""))
+    if inputs is None:
+        ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
+        text = generate_text(model, setup.tokenizer, ids, max_new_tokens)
+    else:
+        text = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens)
+    shown = "".join(f"\n[bold]image:[/]  {p}" for p in image or ())
+    console.print(f"[bold]prompt:[/] {prompt}" + (f"\n[bold]input:[/]  {input_text}" if input_text else "") + shown)
     console.print(f"[bold]output:[/] {text}   [dim]({kind or 'base'} weights)[/]")
+
+
+def _image_prompt(cfg, setup, prompt: str, paths: list[Path]) -> dict:
+    from archtune.data.media import MediaRefused, prompt_inputs
+
+    media = setup.media.processor
+    if media is None:
+        raise UserError.single("--image", f"this run cannot read images: {setup.media.refusal}",
+                               "give a multimodal base_model with its processor files (or processor_type)")
+    images = []
+    for path in paths:
+        try:
+            images.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise UserError.single("--image", f"cannot read {path}: {exc.strerror or exc}", "give an image file") from None
+    try:
+        from archtune.data.formats import RowError
+
+        return prompt_inputs(media, setup.tokenizer, prompt, images, cfg.chat_template)
+    except (RowError, MediaRefused) as exc:
+        raise UserError.single("--image", str(exc), "give a PNG/JPEG/WebP image the model's processor reads") from None
 
 
 def generate_text(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
@@ -220,11 +247,20 @@ def generate_text(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
     import torch
 
     input_ids = torch.tensor([ids])
+    return generate_from_inputs(model, tokenizer, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
+                                max_new_tokens)
+
+
+def generate_from_inputs(model, tokenizer, inputs: dict, max_new_tokens: int) -> str:
+    """Greedy continuation of a batch of one (input_ids plus any image inputs), decoded without
+    special tokens."""
+    import torch
+
     model.eval()
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 @app.command("merge-lora")

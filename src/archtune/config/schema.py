@@ -109,6 +109,14 @@ class Config(_Strict):
     chat_template: str | None = Field(None, description="'tokenizer_default' or a Jinja template string; default: the tokenizer's.")
     special_tokens: dict[str, str] | None = Field(None, description="Override special tokens (bos_token, eos_token, pad_token, ...).")
 
+    # ---- images (rows whose messages hold image parts)
+    processor_type: str | None = Field(
+        None, description="transformers processor class for image rows (e.g. AutoProcessor); default: the model's own.")
+    image_size: int | list[int] | None = Field(
+        None, description="Resize every image to this size (an int: square; [height, width]) before the processor.")
+    image_resize_algorithm: Literal["bilinear", "bicubic", "lanczos", "nearest"] | None = Field(
+        None, description="Resampling filter for image_size (default bilinear).")
+
     # ---- adapter
     adapter: Literal["lora", "qlora"] | None = Field(None, description="'lora', 'qlora' (with load_in_4bit), or unset for full fine-tuning.")
     lora_r: int = Field(8, gt=0, description="LoRA rank.")

@@ -18,6 +18,12 @@ document masks from position_ids cannot pack exactly at all, with or without the
 family refuses packing instead (plan: `sample_packing_drop_attention_mask`). Real tokens of a
 packed batch: `input_ids != pad id` (what the Trainer counts when there is no mask).
 
+Rows with images (data/media.py) carry their encoded image files and the processor's per-token
+type ids: the batch gets the image processor's outputs for every image of its rows, in row order
+(pixel_values, image_grid_thw, ...), and the per-token type ids under the names the processor
+gave them (token_type_ids, mm_token_type_ids), padded with 0 (text). A batch of text-only rows
+gets no image inputs, so batches of text-only and image rows mix freely.
+
 Extra columns (length, num_docs, ...) are left out.
 """
 from __future__ import annotations
@@ -38,6 +44,7 @@ class DataCollator:
     label_pad_token_id: int = IGNORE_INDEX
     # Packed rows: leave the attention mask out (the plan's sample_packing_drop_attention_mask).
     drop_attention_mask: bool = True
+    media: Any = None  # data.media.MediaProcessor for runs that train on images
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
@@ -78,11 +85,24 @@ class DataCollator:
             if keep_mask:
                 attention_mask[i, :k] = 1
         batch = {"input_ids": input_ids, "labels": labels}
+        if self.media is not None and any("token_types" in f for f in features):
+            batch.update(self._media_inputs(features, width))
         if packed:
             batch["position_ids"] = position_ids
         if keep_mask:
             batch["attention_mask"] = attention_mask
         return batch
+
+    def _media_inputs(self, features: list[dict], width: int) -> dict[str, torch.Tensor]:
+        types = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            row = f.get("token_types") or []
+            types[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        out = {name: types.clone() for name in self.media.token_type_names}
+        images = [img for f in features for img in (f.get("images") or [])]
+        if images:
+            out.update(self.media.batch_inputs(images))
+        return out
 
 
 __all__ = ["DataCollator"]

@@ -31,8 +31,13 @@ EMPTY = "empty"                  # the answer (or text) is empty
 TEMPLATE_ERROR = "template_error"  # the chat template refused the conversation (e.g. roles do not alternate)
 NO_LABELS = "no_labels"          # nothing left to train on after masking
 TOO_LONG = "too_long"            # longer than sequence_len (excess_length_strategy: drop)
+IMAGE_MISSING = "image_missing"          # no such file, a remote URL, or fewer images than image parts
+IMAGE_UNDECODABLE = "image_undecodable"  # bytes Pillow cannot read as an image
+IMAGE_MODE = "image_mode"                # a pixel mode with no RGB conversion (e.g. 16-bit, float)
+IMAGE_DROP_REASONS: tuple[str, ...] = (IMAGE_MISSING, IMAGE_UNDECODABLE, IMAGE_MODE)
 DROP_REASONS: tuple[str, ...] = (
-    BAD_JSON, UNDECODABLE, MISSING_FIELD, WRONG_TYPE, EMPTY, TEMPLATE_ERROR, NO_LABELS, TOO_LONG)
+    BAD_JSON, UNDECODABLE, MISSING_FIELD, WRONG_TYPE, EMPTY, TEMPLATE_ERROR, NO_LABELS, TOO_LONG,
+    *IMAGE_DROP_REASONS)
 
 FIXES: dict[str, str] = {
     BAD_JSON: "write one JSON object per line",
@@ -43,7 +48,11 @@ FIXES: dict[str, str] = {
     EMPTY: "remove the row or give it an answer",
     TEMPLATE_ERROR: "fix the conversation (e.g. roles alternate user/assistant) or set chat_template",
     NO_LABELS: "give the row a turn in roles_to_train (or set train_on_inputs: true)",
-    TOO_LONG: "raise sequence_len or set excess_length_strategy: truncate",
+    TOO_LONG: "raise sequence_len or set excess_length_strategy: truncate (rows with images are never truncated)",
+    IMAGE_MISSING: "give every image part a readable local path, base64 data or bytes (remote URLs are not "
+                   "fetched), and as many `images` as image parts",
+    IMAGE_UNDECODABLE: "replace the file with a PNG/JPEG/WebP image Pillow can open",
+    IMAGE_MODE: "save the image as 8-bit RGB, RGBA, grayscale or palette",
 }
 
 
@@ -67,6 +76,8 @@ class Formatted:
     # A rendered prefix did not line up with the full rendering and the boundary was
     # recovered from the longest common prefix (counted in stats["mask_realigned"]).
     realigned: bool = False
+    # Encoded image files, in the order of their placeholders in `text` (data/media.py).
+    images: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +87,11 @@ class FormatContext:
     tokenizer: Any
     chat_template: str | None = None  # Jinja string; None means the tokenizer's own
     special_tokens: tuple[str, ...] = ()  # strings of the tokenizer's special tokens
+    # Rows with images: the model's processor (data/media.MediaProcessor), or None with the
+    # reason this run cannot train on images (such rows are refused, never trained as text).
+    media: Any = None
+    media_refusal: str = "this model has no image support in archtune"
+    base_dir: Any = None  # directory of the data file being read (relative image paths)
     _render: Any = field(default=None, repr=False)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -284,6 +300,7 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
     is counted in stats["mask_realigned"].
     """
     messages = _messages(row, ds)
+    messages, images = _media(messages, row, ctx)
     train_roles = {ROLE_ALIASES.get(r, r) for r in ds.roles_to_train}
     trained = [i for i, m in enumerate(messages) if m["role"] in train_roles]
     if trained and all(_is_blank(messages[i]["content"]) for i in trained):
@@ -326,7 +343,23 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
         end = _strip_after_end_marker(full, start, end_of(i), ctx.special_tokens)
         if end > start:
             spans.append((start, end))
-    return Formatted(text=full, spans=spans, realigned=realigned)
+    return Formatted(text=full, spans=spans, realigned=realigned, images=images)
+
+
+def _media(messages: list[dict], row: dict, ctx: FormatContext) -> tuple[list[dict], list[bytes]]:
+    """Messages for the template and the row's images; a row with media this run cannot train
+    on raises MediaRefused (the whole run stops: such rows are never trained as text)."""
+    from archtune.data.media import MediaRefused, extract_media
+
+    has_list = any(isinstance(m["content"], list) for m in messages)
+    if not has_list and not row.get("images"):
+        return messages, []
+    messages, found = extract_media(messages, row, base_dir=ctx.base_dir)
+    if found.kinds:
+        if ctx.media is None:
+            raise MediaRefused(f"rows carry {', '.join(sorted(found.kinds))} content, but {ctx.media_refusal}")
+        ctx.media.check_kinds(found.kinds)
+    return messages, found.images
 
 
 register_format("alpaca", alpaca)

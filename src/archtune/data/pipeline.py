@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 STATS_KEYS: tuple[str, ...] = (
     "rows_in", "rows_kept", "rows_dropped", "tokens", "label_tokens", "train_rows", "eval_rows",
-    "train_tokens", "eval_tokens", "truncated", "mask_realigned", "sources", "cache", "cache_dir")
+    "train_tokens", "eval_tokens", "truncated", "mask_realigned", "image_rows", "sources", "cache", "cache_dir")
 # Reasons that strict_data turns into errors: everything but too_long, which
 # excess_length_strategy governs.
 STRICT_REASONS = frozenset(DROP_REASONS) - {formats.TOO_LONG}
@@ -66,21 +66,22 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         (dlog.enable_progress_bar if was else dlog.disable_progress_bar)()
 
 
-def _tokenize_source(src: Source, tokenizer, settings: TokenizeSettings, work: Path, tag: str):
+def _tokenize_source(src: Source, tokenizer, settings: TokenizeSettings, work: Path, tag: str, media=None):
     from datasets import Dataset, concatenate_datasets
 
-    from archtune.data.tokenize import OUTPUT_COLUMNS, output_features
+    from archtune.data.tokenize import output_features
 
-    encoder = RowEncoder(tokenizer, src.cfg, settings)
+    encoder = RowEncoder(tokenizer, src.cfg, settings, media=media.processor if media else None,
+                         media_refusal=media.refusal if media else None)
     parts = []
     for n, (raw, origin) in enumerate(_read_source(src, work)):
         if len(raw) == 0:  # an empty file: map would return it without the output columns
-            parts.append(Dataset.from_dict({c: [] for c in OUTPUT_COLUMNS}, features=output_features()))
+            parts.append(Dataset.from_dict({c: [] for c in encoder.columns}, features=output_features(encoder.media is not None)))
             continue
         # One process: the Rust tokenizer already encodes each batch on all cores.
         parts.append(raw.map(
             encoder, batched=True, batch_size=1000, with_indices=True, fn_kwargs={"origin": origin},
-            remove_columns=raw.column_names, features=output_features(),
+            remove_columns=raw.column_names, features=output_features(encoder.media is not None),
             cache_file_name=str(work / f"{tag}-{n}.arrow"), load_from_cache_file=False,
             new_fingerprint=f"archtune-{tag}-{n}", desc=f"Tokenizing {src.key} ({Path(origin).name})"))
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
@@ -173,13 +174,15 @@ def _no_rows_error(key: str, tally: _Tally) -> UserError:
                             "fix the data (strict_data: true lists every bad row as FILE:LINE)")
 
 
-def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path):
+def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path, media=None):
     settings = TokenizeSettings(sequence_len=cfg.sequence_len, excess_length_strategy=cfg.excess_length_strategy,
                                 train_on_inputs=cfg.train_on_inputs, chat_template=cfg.chat_template)
     work = tmp / "_work"
     work.mkdir()
-    train_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"train{i}")) for i, s in enumerate(train_srcs)]
-    eval_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"eval{i}")) for i, s in enumerate(eval_srcs)]
+    train_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"train{i}", media))
+                   for i, s in enumerate(train_srcs)]
+    eval_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"eval{i}", media))
+                  for i, s in enumerate(eval_srcs)]
     t = _tally(train_parts, cfg.strict_data)
     e = _tally(eval_parts, cfg.strict_data) if eval_parts else None
     problems = t.problems + (e.problems if e else [])
@@ -217,17 +220,48 @@ def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path):
         "eval_tokens": eval_tokens,
         "truncated": t.truncated + (e.truncated if e else 0),
         "mask_realigned": t.realigned + (e.realigned if e else 0),
+        "image_rows": {"train": _image_rows(train), "eval": _image_rows(ev) if ev is not None else 0},
         "sources": t.sources + (e.sources if e else []),
     }
 
 
+def _image_rows(ds) -> int:
+    """Rows of a split that carry images (0 when the run reads no images)."""
+    import pyarrow.compute as pc
+
+    if ds is None or len(ds) == 0 or "images" not in ds.column_names:
+        return 0
+    return int(pc.sum(pc.greater(pc.list_value_length(ds.data.column("images")), 0)).as_py() or 0)
+
+
 # ================================================================ entry point
+
+def _refuse_packed_images(cfg: Config, stats: dict, media: MediaSetup | None) -> None:
+    """Packing would drop the image columns (or, exactly done, needs the model's per-document
+    image attention): rows with images are never packed unless the family says it is exact."""
+    images = stats.get("image_rows") or {}
+    for split, key, on in (("train", "sample_packing", cfg.sample_packing), ("eval", "eval_sample_packing", eval_packing(cfg))):
+        if on and images.get(split) and (media is None or media.packing_refusal):
+            why = media.packing_refusal if media is not None else "packing does not carry images"
+            raise UserError.single(key, f"{images[split]} {split} rows carry images, which are not packed: {why}",
+                                   f"set {key}: false for this data")
 
 def eval_packing(cfg: Config) -> bool:
     return cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
 
 
-def prepare_data(cfg: Config, tokenizer, *, progress: bool = True) -> PreparedData:
+@dataclass
+class MediaSetup:
+    """How a run reads rows with images: the model's processor (data.media.MediaProcessor), or
+    None and the reason such rows are refused; `packing_refusal`: why packed batches cannot hold
+    image rows for this model (None: packing them is exact)."""
+
+    processor: object = None
+    refusal: str | None = None
+    packing_refusal: str | None = None
+
+
+def prepare_data(cfg: Config, tokenizer, *, progress: bool = True, media: MediaSetup | None = None) -> PreparedData:
     """Tokenized, masked, validated train (and eval) data, from the cache when it has them.
 
     Raises UserError naming the key (datasets.N.path, val_set_size, ...) or FILE:LINE.
@@ -235,13 +269,16 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True) -> PreparedDa
     check_tokenizer(tokenizer)
     train_srcs = [resolve_source(ds, f"datasets.{i}") for i, ds in enumerate(cfg.datasets)]
     eval_srcs = [resolve_source(ds, f"test_datasets.{i}") for i, ds in enumerate(cfg.test_datasets or [])]
-    key, material = cache.cache_key(cfg, tokenizer, [s.describe() for s in train_srcs + eval_srcs])
+    described = [s.describe() for s in train_srcs + eval_srcs]
+    if media is not None and media.processor is not None:
+        described.append({"processor": media.processor.fingerprint()})
+    key, material = cache.cache_key(cfg, tokenizer, described)
     root = cache.cache_root(cfg)
     entry = (root / key).resolve()
     hit = cache.load(entry)
     if hit is None:
         with _progress_bars(progress), cache.staging(root, key) as tmp:
-            stats = _build(cfg, tokenizer, train_srcs, eval_srcs, tmp)
+            stats = _build(cfg, tokenizer, train_srcs, eval_srcs, tmp, media)
             cache.write_json(tmp / "key.json", material)
             cache.write_json(tmp / cache.STATS_FILE, stats)
             cache.commit(tmp, entry)
@@ -254,6 +291,7 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True) -> PreparedDa
         state = "hit"
     train, ev, stats = hit
     stats = {**stats, "cache": state, "cache_dir": str(entry)}
+    _refuse_packed_images(cfg, stats, media)
     # Packing runs after the cache, so turning it on or off never re-tokenizes.
     if cfg.sample_packing:
         train = pack_dataset(train, cfg.sequence_len, seed=cfg.seed)

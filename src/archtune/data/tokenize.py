@@ -55,14 +55,28 @@ def bos_to_add(tokenizer) -> int | None:
 class RowEncoder:
     """Formats and tokenizes rows of one dataset entry (a datasets.map function)."""
 
-    def __init__(self, tokenizer, ds: DatasetConfig, settings: TokenizeSettings):
+    def __init__(self, tokenizer, ds: DatasetConfig, settings: TokenizeSettings, media=None,
+                 media_refusal: str | None = None):
+        """`media`: the model's processor (data/media.MediaProcessor) when this run trains on
+        images, else None and `media_refusal` says why rows with images are refused."""
         self.tokenizer = tokenizer
         self.ds = ds
         self.settings = settings
         self.format = formats.get_format(ds.type)
-        template = formats.resolve_chat_template(settings.chat_template, tokenizer) if ds.type == "chat_template" else None
+        self.media = media
+        # Rows with images render with the processor's chat template (the tokenizer's may not
+        # render image parts), unless the config names one.
+        template_owner = media.processor if media is not None and getattr(media.processor, "chat_template", None) \
+            and settings.chat_template in (None, "tokenizer_default") else tokenizer
+        template = (formats.resolve_chat_template(settings.chat_template, template_owner)
+                    if ds.type == "chat_template" else None)
+        if template is None and template_owner is not tokenizer:
+            template = template_owner.chat_template
         self.ctx = FormatContext(tokenizer=tokenizer, chat_template=template,
-                                 special_tokens=special_token_strings(tokenizer))
+                                 special_tokens=special_token_strings(tokenizer), media=media)
+        if media_refusal:
+            self.ctx.media_refusal = media_refusal
+        self.columns = OUTPUT_COLUMNS + (MEDIA_COLUMNS if media is not None else ())
         self.bos_id = bos_to_add(tokenizer)
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
         self.eos_text = getattr(tokenizer, "eos_token", None)
@@ -92,7 +106,20 @@ class RowEncoder:
             items.append(fm)
         todo = [fm for fm in items if isinstance(fm, Formatted)]
         encoded = iter(self._tokenize_many(todo))
-        return [self._finish(fm, *next(encoded)) if isinstance(fm, Formatted) else fm for fm in items]
+        out = []
+        for fm in items:
+            if not isinstance(fm, Formatted):
+                out.append(fm)
+                continue
+            try:
+                out.append(self._finish(fm, *next(encoded)))
+            except RowError as exc:  # an image that does not decode
+                out.append(_dropped(exc.reason, exc.detail, fm.realigned))
+        if self.media is not None:
+            for result in out:
+                result.setdefault("images", [])
+                result.setdefault("token_types", [0] * len(result["input_ids"]))
+        return out
 
     def _finish(self, fm: Formatted, ids: list[int], ranges: list[tuple[int, int]]) -> dict:
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
@@ -110,19 +137,25 @@ class RowEncoder:
             labels = [IGNORE_INDEX] * len(ids)
             for a, b in ranges:
                 labels[a:b] = ids[a:b]
+        extra = {}
+        if fm.images:
+            # The processor's tokens: images expanded, their tokens never labels (data/media.py).
+            ids, labels, types = self.media.encode(fm.text, fm.images, ids, labels)
+            extra = {"images": fm.images, "token_types": types}
         if all(lab == IGNORE_INDEX for lab in labels):
             return _dropped(formats.NO_LABELS, "no tokens left to train on after masking", fm.realigned)
         truncated = False
         limit = self.settings.sequence_len
         if len(ids) > limit:
-            if self.settings.excess_length_strategy != "truncate":
-                return _dropped(formats.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit}", fm.realigned)
+            if self.settings.excess_length_strategy != "truncate" or fm.images:
+                why = " (a row with images is never truncated: its image tokens must stay whole)" if fm.images else ""
+                return _dropped(formats.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit}{why}", fm.realigned)
             ids, labels, truncated = ids[:limit], labels[:limit], True
             if all(lab == IGNORE_INDEX for lab in labels):
                 return _dropped(formats.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit} and "
                                                   "truncating leaves nothing to train on", fm.realigned)
         return {"input_ids": ids, "labels": labels, "length": len(ids), "_drop": "", "_detail": "",
-                "_truncated": truncated, "_realigned": fm.realigned}
+                "_truncated": truncated, "_realigned": fm.realigned, **extra}
 
     def _tokenize_many(self, fms: list[Formatted]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """(ids, trained token ranges) per formatted row, from one tokenization of its text."""
@@ -163,6 +196,11 @@ class RowEncoder:
     # -- a datasets.map batch
 
     def __call__(self, batch: dict[str, list], indices: list[int], *, origin: str) -> dict[str, list]:
+        from pathlib import Path
+
+        from archtune.data.media import MediaRefused
+
+        self.ctx.base_dir = Path(origin).parent  # relative image paths are read from the data file's directory
         if "_raw" in batch:
             srcs = batch["_src"]
             rows = [_Dropped(_dropped(err, detail or "")) if err else _parse_json(raw)
@@ -171,12 +209,26 @@ class RowEncoder:
             columns = [c for c in batch if not c.startswith("_")]
             srcs = [f"{origin}:row {idx + 1}" for idx in indices]
             rows = [{c: batch[c][j] for c in columns} for j in range(len(indices))]
-        out: dict[str, list] = {k: [] for k in OUTPUT_COLUMNS}
-        for src, result in zip(srcs, self.encode_many(rows)):
+        try:
+            results = self.encode_many(rows)
+        except MediaRefused:
+            for src, row in zip(srcs, rows):  # name the first row refused
+                try:
+                    self.encode_many([row])
+                except MediaRefused as exc:
+                    raise UserError.single(src, str(exc), _REFUSAL_FIX) from None
+            raise
+        out: dict[str, list] = {k: [] for k in self.columns}
+        for src, result in zip(srcs, results):
             result["_src"] = src
-            for k in OUTPUT_COLUMNS:
+            for k in self.columns:
                 out[k].append(result[k])
         return out
+
+
+_REFUSAL_FIX = ("train a multimodal model whose processor archtune can load (processor files beside the weights, "
+                "or processor_type) on these rows, remove their media, or set a chat_template that renders "
+                "the model's image placeholder")
 
 
 class _Dropped:
@@ -247,14 +299,19 @@ def _plain_backend(tokenizer):
 
 
 OUTPUT_COLUMNS = ("input_ids", "labels", "length", "_drop", "_detail", "_src", "_truncated", "_realigned")
+# Added when the run trains on images: the encoded image files, the processor's per-token type ids.
+MEDIA_COLUMNS = ("images", "token_types")
 
 
-def output_features():
+def output_features(media: bool = False):
     from datasets import Features, List, Value
 
-    return Features({"input_ids": List(Value("int64")), "labels": List(Value("int64")),
-                     "length": Value("int64"), "_drop": Value("string"), "_detail": Value("string"),
-                     "_src": Value("string"), "_truncated": Value("bool"), "_realigned": Value("bool")})
+    features = {"input_ids": List(Value("int64")), "labels": List(Value("int64")),
+                "length": Value("int64"), "_drop": Value("string"), "_detail": Value("string"),
+                "_src": Value("string"), "_truncated": Value("bool"), "_realigned": Value("bool")}
+    if media:
+        features.update(images=List(Value("binary")), token_types=List(Value("int64")))
+    return Features(features)
 
 
 def _dropped(reason: str, detail: str, realigned: bool = False) -> dict:

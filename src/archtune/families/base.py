@@ -58,6 +58,9 @@ class TinyModel:
     name: str
     description: str
     build_config: Callable[["PreTrainedTokenizerBase"], "PretrainedConfig"]
+    # The model's processor (image processor at the tiny image size, tokenizer, chat template
+    # that renders media placeholders), built from the tiny config; None: text only.
+    build_processor: Callable[["PretrainedConfig"], Any] | None = None
 
 
 # Special tokens every tiny config may point its multimodal ids at (archtune's tokenizer has them all).
@@ -139,6 +142,13 @@ class Family:
     expert_param_aliases: dict[str, str] = field(default_factory=dict)
     # Hook: does this config.json (as a dict) describe a mixture-of-experts model? None: never.
     is_moe: Callable[[dict[str, Any]], bool] | None = None
+    # Media the model trains on when its processor and towers are there ("image", "audio").
+    # A row carrying another kind of media is refused, never trained as text.
+    modalities: tuple[str, ...] = ()
+    # The projectors/embedders among mm_module_prefixes (vision/audio features -> text hidden
+    # size). Frozen with the towers by default; `lora_modules_to_save` or `unfrozen_parameters`
+    # naming them trains them fully.
+    mm_projector_prefixes: tuple[str, ...] = ()
     # Keys of config.json whose (non-empty) sub-config means the model has that tower.
     tower_config_keys: tuple[str, ...] = ("vision_config", "audio_config")
     # Documentation data (rendered by `archtune docs`): real checkpoints, architecture notes,

@@ -13,6 +13,7 @@ from typing import Any
 
 from archtune.families import Family, FamilyRule, TinyModel, register_family
 from archtune.families.base import special_token_ids
+from archtune.families.media import media_chat_template, media_tokenizer
 
 # Language-model linears only: Gemma 4's seed regex (same module names) with dots escaped.
 # The optional `language_model.` also covers text-only checkpoints (gemma-3-1b, model_type
@@ -44,7 +45,7 @@ _VISION: dict[str, Any] = dict(
     intermediate_size=64,
     num_hidden_layers=1,
     num_attention_heads=2,
-    image_size=16,
+    image_size=32,
     patch_size=4,
     vision_use_head=False,  # as in the real checkpoints
 )
@@ -60,12 +61,28 @@ def _build_config(tokenizer):
     return Gemma3Config(
         text_config=text,
         vision_config=copy.deepcopy(_VISION),
-        # 16x16 image, 4x4 patches -> 4x4 grid, pooled to 2x2 soft tokens.
-        mm_tokens_per_image=4,
+        # 32x32 image, 4x4 patches -> 8x8 grid, pooled to 4x4 soft tokens.
+        mm_tokens_per_image=16,
         image_token_index=ids["<image_soft_token>"],
         boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"],
         tie_word_embeddings=True,
+    )
+
+
+def _build_processor(config):
+    """Gemma3Processor at the tiny image size: `<start_of_image>` in the text (what Gemma 3's chat
+    template renders for an image) expands to boi, mm_tokens_per_image soft tokens, eoi."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    size = config.vision_config.image_size
+    tokenizer = media_tokenizer({"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                 "eoi_token": "<end_of_image>"})
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        image_seq_length=config.mm_tokens_per_image,
+        chat_template=media_chat_template({"image": "<start_of_image>"}),
     )
 
 
@@ -80,6 +97,8 @@ FAMILY = register_family(
         language_model_prefix="model.language_model",
         decoder_layer_cls="Gemma3DecoderLayer",
         mm_module_prefixes=("model.vision_tower", "model.multi_modal_projector"),
+        mm_projector_prefixes=("model.multi_modal_projector",),
+        modalities=("image",),
         lora_target_regex=LORA_TARGET_REGEX,
         packing_drop_attention_mask=True,
         tiny_models=(
@@ -87,6 +106,7 @@ FAMILY = register_family(
                 "gemma3",
                 "Gemma 3 shape: 4 layers (3 sliding : 1 full), Siglip vision tower (1 layer) and projector",
                 _build_config,
+                _build_processor,
             ),
         ),
         rules=[

@@ -99,6 +99,44 @@ def torch_dtype(cfg) -> torch.dtype:
     return torch.float32
 
 
+def load_processor(cfg, plan: Plan):
+    """(processor, None) for a model that trains on images, else (None, why not).
+
+    The processor comes from `processor_type` (a transformers class name, e.g. AutoProcessor)
+    or the model's own files; a tiny model builds its own. Nothing is loaded for a family
+    without modalities or a config without towers.
+    """
+    family = plan.family
+    if not family.modalities:
+        return None, f"this model ({plan.model_type or family.name}) trains on text only in archtune"
+    if not family.has_towers(plan.model_config):
+        return None, "the model's config.json declares no vision or audio tower"
+    name = tiny_name(cfg.base_model)
+    if name is not None and cfg.processor_type is None:
+        from archtune.models.tiny import build_tiny_processor
+
+        processor = build_tiny_processor(name)
+        return (processor, None) if processor is not None else (None, f"tiny:{name} has no processor")
+    import transformers
+
+    cls_name = cfg.processor_type or "AutoProcessor"
+    cls = getattr(transformers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise UserError.single("processor_type", f"transformers has no processor class {cls_name!r}",
+                               "use AutoProcessor or the model's processor class (e.g. what processor_config.json names)")
+    source = cfg.tokenizer_config or cfg.base_model
+    try:
+        processor = cls.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # no processor files, a class that does not match them
+        if cfg.processor_type:
+            raise UserError.single("processor_type", f"cannot load {cls_name} from {source}: {exc}",
+                                   "use AutoProcessor, or the class the model's processor_config.json names") from None
+        return None, f"no processor could be loaded from {source} ({type(exc).__name__}: {exc})"
+    if getattr(processor, "image_processor", None) is None:
+        return None, f"the processor loaded from {source} ({type(processor).__name__}) has no image processor"
+    return processor, None
+
+
 def _auto_class(plan: Plan):
     import transformers
 

@@ -75,17 +75,30 @@ def build_tiny_model(
     return model, tokenizer
 
 
-def write_tiny_model(name: str, out_dir: str | os.PathLike, seed: int | None = 0) -> Path:
-    """Write config.json, model.safetensors and the tokenizer of tiny model `name` to `out_dir`.
+def build_tiny_processor(name: str, config=None):
+    """The processor of tiny model `name` (None when the tiny model is text only)."""
+    _, tiny = _find(name)
+    if tiny.build_processor is None:
+        return None
+    return tiny.build_processor(config if config is not None else tiny.build_config(_tokenizer()))
 
-    `transformers.<the family's auto_class>.from_pretrained(out_dir)` and
-    `AutoTokenizer.from_pretrained(out_dir)` load it back with identical weights.
+
+def write_tiny_model(name: str, out_dir: str | os.PathLike, seed: int | None = 0) -> Path:
+    """Write config.json, model.safetensors, the tokenizer and (multimodal tiny models) the
+    processor of tiny model `name` to `out_dir`.
+
+    `transformers.<the family's auto_class>.from_pretrained(out_dir)`,
+    `AutoTokenizer.from_pretrained(out_dir)` and `AutoProcessor.from_pretrained(out_dir)` load it
+    back with identical weights.
     """
     model, tokenizer = build_tiny_model(name, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    processor = build_tiny_processor(name, model.config)
+    if processor is not None:
+        processor.save_pretrained(out)
     return out
 
 
@@ -93,5 +106,6 @@ __all__ = [
     "tiny_model_names",
     "build_tiny_config",
     "build_tiny_model",
+    "build_tiny_processor",
     "write_tiny_model",
 ]

@@ -579,15 +579,24 @@ def freeze_mm_modules() -> Rule:
 
     def apply(plan: "Plan") -> None:
         fam = plan.family
-        if plan.user_set("freeze_mm_modules") or not fam.has_towers(plan.model_config):
+        if not fam.has_towers(plan.model_config):
             return
-        plan.set("freeze_mm_modules", True, "family",
-                 f"text-only training: the towers, embedders and projectors ({', '.join(fam.mm_module_prefixes)}) "
-                 "get no gradient from text batches; frozen, no adapter or optimizer state lands there")
+        if not plan.user_set("freeze_mm_modules"):
+            plan.set("freeze_mm_modules", True, "family",
+                     f"text-only training: the towers, embedders and projectors ({', '.join(fam.mm_module_prefixes)}) "
+                     "get no gradient from text batches; frozen, no adapter or optimizer state lands there")
+        saved = plan.config.lora_modules_to_save or []
+        trained = [p for p in fam.mm_projector_prefixes
+                   if any(p == name or p.endswith("." + name) for name in saved)]
+        if trained and plan.get("freeze_mm_modules"):
+            plan.set("mm_trainable_modules", trained, "user",
+                     "lora_modules_to_save names them: each trains fully (a saved copy) while the towers stay "
+                     "frozen; image rows need a trained projector to reach the language model")
 
     return Rule("freeze_mm_modules",
                 "`freeze_mm_modules` defaults to true: the vision/audio towers, their embedders and projectors are "
-                "frozen for text-only training, so no adapter or optimizer state lands there.", apply)
+                "frozen for text-only training, so no adapter or optimizer state lands there; a projector named in "
+                "`lora_modules_to_save` trains fully (`mm_trainable_modules`) while the towers stay frozen.", apply)
 
 
 def non_reentrant_checkpointing(why: str) -> Rule:

@@ -71,3 +71,27 @@ def token_weighted_loss(model, dataset, collator, batch_size: int, device: torch
         model.train(was_training)
     loss = total / tokens if tokens else math.nan
     return {"eval_loss": loss, "eval_tokens": tokens, "eval_rows": _documents(dataset)}
+
+
+@torch.no_grad()
+def greedy_exact_match(model, dataset, collator, batch_size: int, device: torch.device | None = None) -> dict:
+    """{"exact_match", "rows"}: the fraction of rows whose every label token is the model's most
+    likely next token. For an answer that ends the row (with its end-of-turn token) this is
+    exactly "greedy generation from the prompt returns the answer", computed in one forward per
+    batch instead of a decoding loop. Unpacked rows only (one document per row).
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    hits = 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(features).items()}
+            labels = batch["labels"][:, 1:]
+            predicted = model(**_model_inputs(batch), use_cache=False).logits[:, :-1].argmax(-1)
+            wrong = ((predicted != labels) & (labels != -100)).any(dim=1)
+            hits += int((~wrong).sum())
+    finally:
+        model.train(was_training)
+    return {"exact_match": hits / len(dataset) if len(dataset) else math.nan, "rows": len(dataset)}

@@ -43,6 +43,14 @@ from archtune.train.trainer import ArchtuneTrainer
 class Setup:
     plan: Plan
     tokenizer: object
+    _media: object = None
+
+    @property
+    def media(self):
+        """How this run reads rows with images (data.MediaSetup); the processor is loaded once."""
+        if self._media is None:
+            self._media = media_setup(self.plan)
+        return self._media
 
 
 def plan_for(cfg: Config, world_size: int = 1) -> Setup:
@@ -51,6 +59,29 @@ def plan_for(cfg: Config, world_size: int = 1) -> Setup:
     plan = resolve_plan(cfg, world_size=world_size)
     plan.raise_errors()
     return Setup(plan, tokenizer)
+
+
+# Why packed rows never hold images (the packer keeps token ids and labels only; exact packing
+# would also need each document's image attention kept per document).
+PACKING_IMAGES_REFUSED = ("packed rows keep token ids and labels only, and per-document image attention is "
+                          "not built for packed batches")
+
+
+def media_setup(plan: Plan):
+    """The model's processor for rows with images (data.MediaSetup), or why such rows are refused."""
+    from archtune.data import MediaSetup
+    from archtune.data.media import ImageSettings, MediaProcessor
+    from archtune.models.load import load_processor
+
+    processor, refusal = load_processor(plan.config, plan)
+    if processor is None:
+        return MediaSetup(refusal=refusal, packing_refusal=PACKING_IMAGES_REFUSED)
+    media = MediaProcessor(processor, ImageSettings.from_config(plan.config), modalities=plan.family.modalities)
+    return MediaSetup(processor=media, packing_refusal=PACKING_IMAGES_REFUSED)
+
+
+def data_collator(setup: Setup) -> DataCollator:
+    return DataCollator(setup.tokenizer, drop_attention_mask=setup.plan.drop_attention_mask, media=setup.media.processor)
 
 
 def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
@@ -227,7 +258,7 @@ def _train(cfg: Config, console) -> dict:
         _say(console, f"[yellow]warning:[/] {warning}")
 
     with distributed.main_process_first():  # rank 0 tokenizes and caches, the others read its cache
-        data: PreparedData = prepare_data(cfg, tokenizer, progress=main)
+        data: PreparedData = prepare_data(cfg, tokenizer, progress=main, media=setup.media)
     plugins = load_plugins(cfg)
     model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
     trainable, total = count_params(model)
@@ -247,7 +278,7 @@ def _train(cfg: Config, console) -> dict:
         args=training_arguments(plan, has_eval=data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=DataCollator(tokenizer, drop_attention_mask=plan.drop_attention_mask),
+        data_collator=data_collator(setup),
         processing_class=tokenizer,
         callbacks=_callbacks(cfg, clock) + [NonFiniteGuard(watch), stop_callback] + run_hook(plugins, "callbacks", plan),
         fsdp=distributed.fsdp_settings(plan),

@@ -1,0 +1,122 @@
+"""Images through the CLI on the tiny Gemma 3: bad images dropped by reason, image tokens never
+labels, projector trained while the tower stays frozen, mixed text/image batches, evaluate,
+generate --image, check --probe; image rows refused where they cannot be trained."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import REPO, read_json, run_cli, write_config
+
+VISION = REPO / "examples" / "data" / "vision"
+
+
+def _rows(name: str, n: int) -> list[dict]:
+    """The first n rows of a bundled vision split, image paths made absolute."""
+    out = []
+    for line in (VISION / name).read_text().splitlines()[:n]:
+        row = json.loads(line)
+        for msg in row["messages"]:
+            for part in msg["content"]:
+                if part.get("type") == "image":
+                    part["path"] = str(VISION / part["path"])
+        out.append(row)
+    return out
+
+
+def _bad_rows(tmp: Path) -> list[dict]:
+    (tmp / "junk.png").write_bytes(b"this is not an image")
+    buf = io.BytesIO()
+    Image.new("I;16", (8, 8)).save(buf, format="PNG")
+    (tmp / "deep.png").write_bytes(buf.getvalue())
+
+    def row(path):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "path": str(path)},
+                                                          {"type": "text", "text": "What color is the shape?"}]},
+                             {"role": "assistant", "content": "red"}]}
+
+    return [row(tmp / "missing.png"), row(tmp / "junk.png"), row(tmp / "deep.png")]
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vision")
+    train = _rows("train.jsonl", 30) + _bad_rows(tmp)
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows("test.jsonl", 8)))
+    config = write_config(
+        tmp / "config.yaml", base_model="tiny:gemma3",
+        datasets=[{"path": str(tmp / "train.jsonl"), "type": "chat_template"}],
+        test_datasets=[{"path": str(tmp / "test.jsonl"), "type": "chat_template"}],
+        sequence_len=64, adapter="lora", lora_r=8, lora_alpha=16,
+        lora_modules_to_save=["multi_modal_projector"], micro_batch_size=4, max_steps=4,
+        learning_rate=0.01, output_dir=str(tmp / "out"), dataset_prepared_path=str(tmp / "prepared"),
+        logging_steps=1, use_tensorboard=False)
+    return tmp, config
+
+
+def test_vision_training_end_to_end(vision_run, capsys):
+    import torch
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    tmp, config = vision_run
+    code, out, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    summary = read_json(tmp / "out" / "train_summary.json")
+    data = summary["data"]
+    # three bad images, each dropped and counted by its reason
+    assert {k: v for k, v in data["rows_dropped"].items() if v} == {
+        "image_missing": 1, "image_undecodable": 1, "image_mode": 1}
+    assert data["image_rows"] == {"train": 27, "eval": 8}  # 3 of the 30 bundled rows are text-only
+
+    # image tokens (typed by the processor) never carry a label; each image row has its 16 tokens
+    train = load_from_disk(str(Path(data["cache_dir"]) / "train"))
+    soft = 6  # <image_soft_token> in archtune's tokenizer
+    for row in train:
+        if row["images"]:
+            assert sum(row["token_types"]) == row["input_ids"].count(soft) == 16
+        assert all(lab == -100 for lab, t in zip(row["labels"], row["token_types"]) if t)
+        assert soft not in row["labels"]
+
+    # the projector trained (saved with the adapter), the tower did not
+    adapter = load_file(str(tmp / "out" / "adapter_model.safetensors"))
+    projector = [k for k in adapter if "multi_modal_projector" in k]
+    assert projector and not [k for k in adapter if "vision_tower" in k]
+    weight = next(adapter[k] for k in projector if k.endswith("mm_input_projection_weight"))
+    assert torch.count_nonzero(weight) > 0  # transformers initialises it to zeros
+
+    code, out, err = run_cli(capsys, "evaluate", config, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["eval_rows"] == 8 and abs(result["eval_loss"] - summary["eval_loss_final"]) < 1e-4
+
+    image = VISION / "images" / "0600.png"
+    code, out, err = run_cli(capsys, "generate", config, "--image", str(image), "--prompt", "What color is the shape?",
+                             "--max-new-tokens", "3")
+    assert code == 0, err
+    assert "output:" in out
+
+    code, out, err = run_cli(capsys, "check", config, "--probe", "--json")
+    assert code == 0, err
+    assert json.loads(out)["errors"] == []
+
+
+def test_image_rows_are_refused_for_a_text_only_model(vision_run, capsys, tmp_path):
+    tmp, config = vision_run
+    code, out, err = run_cli(capsys, "preprocess", config, "base_model=tiny:llama",
+                             f"dataset_prepared_path={tmp_path / 'p'}")
+    assert code == 2
+    assert f"{tmp / 'train.jsonl'}:1" in err and "image" in err
+
+
+def test_packing_is_refused_for_image_rows(vision_run, capsys, tmp_path):
+    tmp, config = vision_run
+    code, out, err = run_cli(capsys, "preprocess", config, "sample_packing=true",
+                             f"dataset_prepared_path={tmp_path / 'p'}")
+    assert code == 2
+    assert "sample_packing" in err and "carry images" in err
