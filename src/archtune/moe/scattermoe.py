@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from archtune.patches.expert_lora import ExpertWeight, expert_weight
+from archtune.moe.quant4 import expert_weight_4bit
 
 
 # ---- routing: sort (token, expert) pairs by expert ------------------------------------------
@@ -130,11 +131,15 @@ class _Proj:
     def right(self, name: str) -> tuple[torch.Tensor, ...]:
         """R(M)_e for every expert: y = x @ R(M)_e."""
         m = getattr(self, name)
+        if hasattr(m, "per_expert"):  # per-expert weight provider (4-bit experts): one expert per index
+            return m.per_expert(right=True, transposed=self.transposed)
         return (m if self.transposed else m.transpose(-2, -1)).unbind(0)
 
     def left(self, name: str) -> tuple[torch.Tensor, ...]:
         """R(M)_e^T for every expert: gx = gy @ R(M)_e^T."""
         m = getattr(self, name)
+        if hasattr(m, "per_expert"):
+            return m.per_expert(right=False, transposed=self.transposed)
         return (m.transpose(-2, -1) if self.transposed else m).unbind(0)
 
     def forward_loop(self):
@@ -355,6 +360,11 @@ def _gate(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     return module.act_fn(gate) * up
 
 
+def _weight(module: torch.nn.Module, name: str) -> ExpertWeight:
+    # Hook: a 4-bit expert tensor (quantize_moe_experts) comes as a per-expert weight provider.
+    return expert_weight_4bit(module, name) or expert_weight(module, name)
+
+
 def scattermoe_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -369,8 +379,8 @@ def scattermoe_experts_forward(
 
     routing = sort_by_expert(top_k_index, self.num_experts)
     weights = top_k_weights.reshape(-1)[routing.perm]  # [N]
-    up = expert_weight(self, "gate_up_proj" if has_gate else "up_proj")
-    down = expert_weight(self, "down_proj")
+    up = _weight(self, "gate_up_proj" if has_gate else "up_proj")
+    down = _weight(self, "down_proj")
     dtype = _compute_dtype(hidden_states, up.weight)
 
     if has_gate and not has_bias and not post_norm:
