@@ -5,8 +5,7 @@
   (output and every gradient, fp32, 1e-5 relative), with and without PEFT expert LoRA, for the
   usual [E, out, in] layout (Gemma 4, Qwen 3.5) and the transposed one (Aria), and never
   dequantizes a whole tensor;
-* the stored bytes are what `expert_4bit_bytes` says, and a 64-expert tiny MoE shrinks below
-  0.30x of its bf16 size.
+* the stored bytes are what `expert_4bit_bytes` says (whole models: test_quant4_train.py).
 """
 from __future__ import annotations
 
@@ -151,33 +150,3 @@ class Holder(nn.Module):
 
     def forward(self, x, index, weights):
         return self.experts(x, index, weights)
-
-
-# 64 experts, as in the MoE families' real checkpoints (128-256), instead of the tiny models' 8.
-WIDE = {"gemma4-moe": dict(num_experts=64, top_k_experts=4, moe_intermediate_size=128),
-        "qwen3_5-moe": dict(num_experts=64, num_experts_per_tok=4, moe_intermediate_size=128)}
-
-
-def wide_config(name: str):
-    from archtune.models.tiny import build_tiny_config
-
-    config = build_tiny_config(name)
-    for key, value in WIDE[name].items():
-        setattr(config.text_config, key, value)
-    return config
-
-
-@pytest.mark.parametrize("name", sorted(WIDE))
-def test_64_expert_tiny_moe_shrinks_below_0_30x_of_bf16(name):
-    """Experts quantized, everything else left in bf16 (QLoRA's 4-bit linears only lower it further)."""
-    import transformers
-
-    config = wide_config(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    bf16 = quant4.model_bytes(model)
-    names = quant4.quantize_experts(model, TARGETS)
-    assert len(names) == 2 * config.text_config.num_hidden_layers
-    ratio = quant4.model_bytes(model) / bf16
-    assert ratio <= 0.30, ratio

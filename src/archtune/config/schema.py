@@ -134,6 +134,8 @@ class Config(_Strict):
         None, description="Rules that detect (and unless dry_run rescale) tensors whose std drifted from their peers' median.")
     load_in_4bit: bool = Field(False, description="Quantize the base model to 4 bit (QLoRA).")
     load_in_8bit: bool = Field(False, description="Quantize the base model to 8 bit.")
+    quantize_moe_experts: bool | None = Field(
+        None, description="Store the MoE expert tensors in 4 bit too (NF4); default: on with load_in_4bit for MoE models.")
 
     # ---- kernels and plugins
     plugins: list[str] | None = Field(None, description="Plugin import paths (archtune's built-ins and Axolotl's KernelsPlugin alias).")

@@ -29,10 +29,12 @@ def is_quantized(plan: Plan) -> bool:
     return bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
 
 
-def _compute_dtype(cfg) -> torch.dtype:
+def compute_dtype(cfg) -> torch.dtype:
+    """The dtype 4-bit weights are dequantized to (the run's dtype)."""
     from archtune.models.load import torch_dtype
 
     return torch_dtype(cfg)
+
 
 
 def bnb_config(cfg, plan: Plan):
@@ -55,7 +57,7 @@ def bnb_config(cfg, plan: Plan):
         load_in_4bit=True,
         bnb_4bit_quant_type=setting("bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=bool(setting("bnb_4bit_use_double_quant", True)),
-        bnb_4bit_compute_dtype=_compute_dtype(cfg),
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
         llm_int8_skip_modules=["lm_head"],
     )
 
@@ -66,7 +68,7 @@ def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     name = tiny_name(cfg.base_model) if path is None else None
-    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=_compute_dtype(cfg), device_map=device_map,
+    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=compute_dtype(cfg), device_map=device_map,
                   output_loading_info=True)
     if name is not None:
         from archtune.models.load import load_model
@@ -106,13 +108,44 @@ def quantized_modules(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
-def prepare_for_training(model, plan: Plan) -> None:
+def frozen_embeddings(model, plan: Plan) -> tuple[torch.Tensor, ...]:
+    """The input / output embedding weights of a 16-bit run when they stay frozen.
+
+    PEFT's k-bit preparation casts them to fp32 with the norms, which doubles the largest
+    unquantized tensors (Gemma 4's 262k x 2816 table: 1.5 GB more) and buys no precision: a lookup
+    does no arithmetic, and under bf16/fp16 autocast the output head's matmul runs in 16 bits anyway.
+    With `lora_modules_to_save` they are all upcast as before (PEFT's trained copies start from them).
+    """
+    if compute_dtype(plan.config) == torch.float32 or plan.get("lora_modules_to_save"):
+        return ()
+    out = []
+    for get in (model.get_input_embeddings, model.get_output_embeddings):
+        module = get()
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float16, torch.bfloat16) \
+                and all(weight is not w for w in out):
+            out.append(weight)
+    return tuple(out)
+
+
+def prepare_for_training(model, plan: Plan, keep: tuple[torch.Tensor, ...] = ()) -> None:
     """PEFT's k-bit preparation: base frozen, norms and other non-quantized weights in fp32, input
     gradients enabled (for checkpointing through a frozen base). Checkpointing itself is left to
-    the Trainer (the Plan's gradient_checkpointing and its non-reentrant kwargs)."""
+    the Trainer (the Plan's gradient_checkpointing and its non-reentrant kwargs).
+
+    `keep`: parameters left in their dtype, e.g. expert tensors about to be stored in 4 bits
+    (`quantize_moe_experts`): PEFT's upcast would first double them (bf16 -> fp32).
+    """
     from peft import prepare_model_for_kbit_training
 
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    kept = [(p, p.data) for p in keep]
+    for p, _ in kept:  # an empty stand-in during PEFT's upcast (it casts .data of bf16/fp16 params)
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    try:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    finally:
+        for p, data in kept:
+            p.data = data
     if plan.get("gradient_checkpointing"):
         model.enable_input_require_grads()
 
@@ -162,5 +195,11 @@ def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
 
     base = load_quantized(cfg, plan, tokenizer)
     dequantize(base)
+    if plan.get("quantize_moe_experts"):
+        # the experts as training saw them: through 4 bits and back
+        from archtune.moe import quant4
+
+        quant4.quantize_experts(base, plan.family.expert_param_names, dtype=compute_dtype(cfg))
+        quant4.dequantize_experts(base)
     model = PeftModel.from_pretrained(base, adapter_dir)
     return model.merge_and_unload()

@@ -76,13 +76,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of `model`'s parameters and buffers (shared tensors once): `model_bytes` in train_summary.json."""
-    seen: set[int] = set()
+def model_bytes(model: nn.Module, adapters: bool = True) -> int:
+    """Bytes of `model`'s parameters and buffers (shared tensors once); `adapters=False` leaves PEFT's
+    LoRA tensors (`lora_*`) out: the loaded model alone, `model_bytes` in train_summary.json."""
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # named_*: duplicates once
+        if adapters or ".lora_" not in f".{name}":
             total += tensor_bytes(t)
     return total
 
@@ -172,11 +171,12 @@ def nf4_state(module: nn.Module, name: str) -> NF4Experts | None:
     return first if isinstance(first, NF4Experts) else None
 
 
-def _owners(model: nn.Module, targets: tuple[str, ...]):
-    """(module, leaf name, full name) of every 3D parameter whose name is or ends with a target."""
+def expert_tensors(model: nn.Module, targets: tuple[str, ...]):
+    """(module, leaf name, full name) of every 3D parameter whose name is or ends with a target
+    (PEFT's `base_layer.` segments left out of the name: a LoRA'd expert tensor matches too)."""
     for module_name, module in model.named_modules():
         for leaf, param in list(module.named_parameters(recurse=False)):
-            full = f"{module_name}.{leaf}" if module_name else leaf
+            full = ".".join(p for p in f"{module_name}.{leaf}".split(".") if p and p != "base_layer")
             if param.dim() == 3 and any(full == t or full.endswith("." + t) for t in targets):
                 yield module, leaf, full
 
@@ -185,7 +185,7 @@ def quantize_experts(model: nn.Module, targets: tuple[str, ...], dtype: torch.dt
     """Store every expert tensor of `model` named by `targets` (e.g. the family's
     `expert_param_names`: experts.gate_up_proj, experts.down_proj) in 4 bits. Returns their names."""
     done = []
-    for module, leaf, full in list(_owners(model, tuple(targets))):
+    for module, leaf, full in list(expert_tensors(model, tuple(targets))):
         quantize_parameter_(module, leaf, dtype)
         done.append(full)
     return done
@@ -372,6 +372,7 @@ __all__ = [
     "adapt_peft",
     "dequantize_experts",
     "expert_4bit_bytes",
+    "expert_tensors",
     "expert_weight_4bit",
     "model_bytes",
     "nf4_state",

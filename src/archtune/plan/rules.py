@@ -307,6 +307,48 @@ def _experts_implementation(plan: "Plan") -> None:
         plan.warn(f"experts_implementation: {plan.get(key)} has no effect: this {plan.model_type} model has no experts")
 
 
+def _quantize_moe_experts(plan: "Plan") -> None:
+    cfg, fam = plan.config, plan.family
+    key = "quantize_moe_experts"
+    four_bit = bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
+    moe = bool(fam.expert_param_names) and fam.moe(plan.model_config)
+    if cfg.quantize_moe_experts is None:
+        if four_bit and moe:
+            plan.set(key, True, "auto",
+                     f"4-bit base on a mixture-of-experts model: bitsandbytes quantizes nn.Linear layers only, and the "
+                     f"3D expert tensors ({', '.join(fam.expert_param_names)}) hold most of the weights; left in 16 "
+                     "bits, a \"4-bit\" Gemma 4 26B-A4B still takes ~46 GB")
+        else:
+            plan.set(key, False, "default", "no 4-bit base" if not four_bit else "the model has no expert tensors")
+        return
+    if not cfg.quantize_moe_experts:
+        return
+    if cfg.adapter is None:
+        plan.error(key, "quantize_moe_experts requires an adapter: 4-bit expert tensors are frozen",
+                   "set `adapter: qlora` (with `load_in_4bit: true`), or remove quantize_moe_experts")
+        return
+    if not four_bit:
+        plan.error(key, "quantize_moe_experts requires a 4-bit base (the experts are stored like its linear layers)",
+                   "set `load_in_4bit: true` and `adapter: qlora`, or remove quantize_moe_experts")
+        return
+    if not moe:
+        plan.warn(f"quantize_moe_experts: true has no effect: this {plan.model_type} model has no expert tensors")
+        plan.set(key, False, "auto", "the model has no expert tensors")
+
+
+def _experts_for_4bit_experts(plan: "Plan") -> None:
+    key = "experts_implementation"
+    if not plan.get("quantize_moe_experts"):
+        return
+    why = ("4-bit experts are dequantized one expert at a time only by scattermoe; the other implementations read "
+           "the whole expert tensor, dequantized at every forward")
+    if plan.get(key) is None:
+        plan.set(key, "scattermoe", "auto", why)
+    elif plan.get(key) != "scattermoe":
+        plan.warn(f"experts_implementation: {plan.get(key)} with quantize_moe_experts works but saves little memory "
+                  f"while training: {why}")
+
+
 def _plugins(plan: "Plan") -> None:
     """Plugins resolve against archtune.plugins' registry (the one allow-list): built-ins and their
     aliases load; other import paths only with allow_external_plugins, since importing runs code."""
@@ -458,6 +500,15 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "`experts_implementation` must be eager, one of transformers' registered implementations, or scattermoe; "
          "`use_scattermoe: true` selects scattermoe and turns on `use_kernels`.",
          _experts_implementation),
+    Rule("quantize_moe_experts",
+         "With a 4-bit base (`load_in_4bit`, `adapter: qlora`) on a mixture-of-experts model, `quantize_moe_experts` "
+         "defaults to true: the 3D expert tensors, most of the weights, are stored in 4 bits too (NF4, double "
+         "quantization), which bitsandbytes alone does not do; it requires an adapter and a 4-bit base.",
+         _quantize_moe_experts),
+    Rule("experts_implementation_for_4bit_experts",
+         "With `quantize_moe_experts`, `experts_implementation` defaults to scattermoe, which dequantizes one expert "
+         "at a time; another implementation gets a warning.",
+         _experts_for_4bit_experts),
     Rule("plugins",
          "Only built-in plugins load; Axolotl's `axolotl.integrations.kernels.KernelsPlugin` is accepted as an alias "
          "of archtune's kernels plugin.",

@@ -19,6 +19,7 @@ from archtune.models.load import apply_weight_scale_rules, load_model, load_toke
 from archtune.errors import UserError
 from archtune.plan import Plan
 from archtune.train import distributed
+from archtune.moe.quant4 import model_bytes
 from archtune.moe.routing_stats import RoutingStats
 from archtune.plugins import load_plugins, run_hook
 from archtune.train.callbacks import LossBar, TrainClock
@@ -99,16 +100,40 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     apply_weight_scale_rules(model, plan, console)  # base weights, before adapters (normalize_weight_scales)
     freeze_multimodal(model, plan)
     if quantized:
-        quant.prepare_for_training(model, plan)
+        experts = quant4_targets(model, plan) if plan.get("quantize_moe_experts") else ()
+        quant.prepare_for_training(model, plan, keep=experts + quant.frozen_embeddings(model, plan))
     if plan.get("adapter") in ("lora", "qlora"):
         model = apply_lora(model, plan)
     run_hook(plugins, "post_adapters", model, plan)
+    if plan.get("quantize_moe_experts"):
+        quantize_moe_experts(model, plan)
     _set_use_cache(model, plan.use_cache)
     prepare_packing(model, plan)
     prepare_loss(model, plan)
     if plan.get("activation_offloading"):
         apply_activation_offloading(model, plan)
     return model
+
+
+def quant4_targets(model, plan: Plan) -> tuple:
+    """The expert tensors `quantize_moe_experts` will store in 4 bits (the family's expert names)."""
+    from archtune.moe import quant4
+
+    return tuple(getattr(m, leaf) for m, leaf, _ in quant4.expert_tensors(model, plan.family.expert_param_names))
+
+
+def quantize_moe_experts(model, plan: Plan) -> list[str]:
+    """The family's expert tensors stored in 4 bits (archtune.moe.quant4), after the adapters.
+
+    After, not before: PEFT nests the wrappers of a module's expert LoRAs in another order when the
+    tensors are already parametrized, which would change the adapter's key names; quantized here,
+    the adapter loads onto an unquantized base too (evaluate, merge-lora)."""
+    from archtune.models.quant import compute_dtype
+    from archtune.moe import quant4
+
+    names = quant4.quantize_experts(model, plan.family.expert_param_names, dtype=compute_dtype(plan.config))
+    quant4.adapt_peft(model)  # after the kernels plugin's post_adapters: its PEFT override must not replace this one
+    return names
 
 
 def _set_experts_implementation(model, plan: Plan) -> None:
@@ -262,6 +287,7 @@ def _train(cfg: Config, console) -> dict:
     plugins = load_plugins(cfg)
     model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
     trainable, total = count_params(model)
+    weight_bytes = model_bytes(model, adapters=False)  # the loaded model, before any sharding
     routing = RoutingStats.attach(model)  # MoE models: per-layer expert load (no experts: no hooks)
 
     # 2. Only now: output_dir is claimed (an earlier run set aside) and the run record written.
@@ -333,6 +359,8 @@ def _train(cfg: Config, console) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": trainable,
         "total_params": total,
+        "model_bytes": weight_bytes,
+        "quantize_moe_experts": bool(plan.get("quantize_moe_experts")),
         "world_size": plan.world_size,
         "strategy": _strategy(plan),
         "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
