@@ -2,6 +2,7 @@
 
     python bench/moe.py            # prints ONE JSON object (about 2 minutes on a busy 2-core machine)
     python bench/moe.py --quick    # smaller sizes, a smoke run
+    python bench/moe.py --dtypes '' # the 4-bit experts rows only
 
 The block is Gemma 4's MoE branch (`Gemma4TextRouter` + `Gemma4TextExperts`, built from a
 `Gemma4TextConfig`): 64 experts, top-8, hidden 512, expert intermediate 256, 4096 tokens.
@@ -18,6 +19,11 @@ Reported per dtype:
 * `gflops_scattermoe` vs `gflops_dense`: the FLOPs of the block's products (forward, input
   gradient, LoRA) over scattermoe's time, and the same FLOPs as dense matmuls of the same
   shapes (one weight instead of 64).
+
+`4bit_experts` (`quantize_moe_experts`): scattermoe + expert LoRA with the experts in fp32, bf16
+and NF4 (dequantized per expert to fp32 or bf16): step time ratios, the block's weight bytes, and
+each variant's resident memory after building it and its peak over two steps, measured in a
+fresh process per variant.
 """
 from __future__ import annotations
 
@@ -182,14 +188,109 @@ def measure(sizes: dict, dtype: torch.dtype, rounds: int, cheap_repeats: int = 3
     }
 
 
+# ---- 4-bit experts (quantize_moe_experts) --------------------------------------------------
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+# name -> (dtype of the block, 4-bit experts?)
+QUANT4_VARIANTS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+                   "4bit_fp32_compute": (torch.float32, True), "4bit_bf16_compute": (torch.bfloat16, True)}
+
+
+def build_4bit_variant(sizes: dict, name: str) -> nn.Module:
+    """The LoRA block of `name`: scattermoe with expert LoRA; 4-bit variants store the experts in NF4."""
+    from archtune.moe import quant4
+
+    dtype, four_bit = QUANT4_VARIANTS[name]
+    _, _, block = build(sizes, dtype)
+    for m in block.modules():
+        if hasattr(m, "config"):
+            m.config._experts_implementation = "scattermoe"
+    if four_bit:
+        quant4.quantize_experts(block, tuple(EXPERTS), dtype=dtype)
+        quant4.adapt_peft(block)
+    return block
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def peak_memory(sizes: dict, name: str) -> dict:
+    """One variant in this process: resident memory after building it, and the peak of two steps
+    (the kernel's high-water mark, reset before the steps: /proc/self/clear_refs)."""
+    import gc
+
+    dtype = QUANT4_VARIANTS[name][0]
+    block = build_4bit_variant(sizes, name)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(sizes["tokens"], sizes["hidden"], generator=gen).to(dtype)
+    grad = torch.randn(sizes["tokens"], sizes["hidden"], generator=gen).to(dtype)
+    step(block, x, grad)  # warm-up: allocator and oneDNN state belong to the baseline
+    gc.collect()
+    resident = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for _ in range(2):
+        block.zero_grad(set_to_none=True)
+        step(block, x, grad)
+    return {"rss_after_build_mb": round(resident, 1), "step_peak_mb": round(_rss_mb("VmHWM"), 1),
+            "step_extra_mb": round(_rss_mb("VmHWM") - resident, 1)}
+
+
+def measure_4bit(sizes: dict, rounds: int, quick: bool) -> dict:
+    """scattermoe + expert LoRA with the experts in fp32, bf16 and 4 bits: step time (interleaved
+    rounds, this thread's CPU time), the block's weight bytes, and resident memory (each variant
+    in a fresh process: `--peak-memory NAME`)."""
+    import subprocess
+
+    from archtune.moe import quant4
+
+    blocks = {name: build_4bit_variant(sizes, name) for name in QUANT4_VARIANTS}
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(sizes["tokens"], sizes["hidden"], generator=gen)
+    grad = torch.randn(sizes["tokens"], sizes["hidden"], generator=gen)
+    inputs = {name: (x.to(QUANT4_VARIANTS[name][0]), grad.to(QUANT4_VARIANTS[name][0])) for name in blocks}
+    times: dict[str, list[float]] = {k: [] for k in blocks}
+    for name, block in blocks.items():
+        step(block, *inputs[name])
+    for _ in range(rounds):
+        for name, block in blocks.items():
+            block.zero_grad(set_to_none=True)
+            t0 = time.thread_time()
+            step(block, *inputs[name])
+            times[name].append(time.thread_time() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    weights = {k: quant4.model_bytes(b, adapters=False) for k, b in blocks.items()}
+    memory = {}
+    for name in QUANT4_VARIANTS:
+        cmd = [sys.executable, __file__, "--peak-memory", name] + (["--quick"] if quick else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        memory[name] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else done.stderr[-300:]
+    return {
+        "cpu_ms_median": {k: round(v * 1e3, 2) for k, v in med.items()},
+        "time_4bit_vs": {"fp32": round(med["4bit_fp32_compute"] / med["fp32"], 3),
+                         "bf16": round(med["4bit_bf16_compute"] / med["bf16"], 3)},
+        "weight_bytes": weights,
+        "weight_bytes_4bit_vs": {"fp32": round(weights["4bit_fp32_compute"] / weights["fp32"], 3),
+                                 "bf16": round(weights["4bit_bf16_compute"] / weights["bf16"], 3)},
+        "memory": memory,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--no-4bit", action="store_true", help="skip the 4-bit experts rows")
+    parser.add_argument("--peak-memory", choices=sorted(QUANT4_VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else SIZES
     torch.set_num_threads(1)
+    if args.peak_memory:  # a child of measure_4bit: one variant, one JSON line
+        print(json.dumps(peak_memory(sizes, args.peak_memory)))
+        return {}
     started = time.perf_counter()
     result = {
         "bench": "moe_block_fwd_bwd",
@@ -201,10 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "targets": {"lora_speedup_vs_best_stock": ">= 1.5", "lora_overhead": "<= 1.25"},
     }
-    for name in args.dtypes.split(","):
+    for name in filter(None, args.dtypes.split(",")):
         dtype = getattr(torch, name)
         rounds = args.rounds or (3 if args.quick else (3 if dtype == torch.float32 else 5))
         result[name] = measure(sizes, dtype, rounds)
+    if not args.no_4bit:
+        result["4bit_experts"] = measure_4bit(sizes, args.rounds or 3, args.quick)
     result["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     result["seconds"] = round(time.perf_counter() - started, 1)
     json.dump(result, sys.stdout)

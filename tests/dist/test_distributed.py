@@ -132,3 +132,25 @@ def test_chunked_cross_entropy_equals_the_stock_loss_under_fsdp2_and_ddp(train_r
     assert chunked.summary["chunked_cross_entropy"] is True and chunked.summary["world_size"] == 2
     assert chunked.summary["train_losses"] == pytest.approx(stock.summary["train_losses"], rel=1e-5)
     assert max_rel_diff(chunked.weights(), stock.weights()) < 1e-4
+
+
+# ----------------------------------------------------------------------------- QLoRA, 4-bit experts
+
+QLORA_4BIT_EXPERTS = {"adapter": "qlora", "load_in_4bit": True, "lora_r": 4, "lora_alpha": 8,
+                      "lora_target_parameters": ["experts.gate_up_proj", "experts.down_proj"],
+                      "sample_packing": True}
+
+
+def test_qlora_with_4bit_experts_under_ddp_and_fsdp2_equals_one_process(train_run):
+    """Packed rows; the experts' 4-bit codes and quantization state are frozen parameters: DDP
+    broadcasts them once, FSDP2 shards them along the experts and gathers them per layer."""
+    single = _ok(train_run("single_qlora4", nproc=1, micro_batch_size=4, **QLORA_4BIT_EXPERTS))
+    ddp = _ok(train_run("ddp_qlora4", **QLORA_4BIT_EXPERTS))
+    fsdp = _ok(train_run("fsdp_qlora4", **FSDP, **QLORA_4BIT_EXPERTS))
+    assert fsdp.summary["strategy"] == "fsdp2" and fsdp.summary["sharded_params"] > 0
+    for run in (single, ddp, fsdp):
+        assert run.summary["quantize_moe_experts"] is True
+        assert run.summary["model_bytes"] == single.summary["model_bytes"]
+    for run in (ddp, fsdp):
+        assert run.summary["train_losses"] == pytest.approx(single.summary["train_losses"], rel=1e-4)
+        assert max_rel_diff(run.weights(), single.weights()) < 1e-4

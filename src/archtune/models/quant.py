@@ -75,6 +75,9 @@ def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
 
         full = load_model(cfg, plan, tokenizer)
         with tempfile.TemporaryDirectory(prefix="archtune-qlora-") as tmp:
+            # Every process writes its own temporary copy: transformers' save_pretrained writes on rank 0
+            # only once torch.distributed is initialised (DDP / FSDP2 runs), which would leave this one empty.
+            full.should_save_on_this_rank = lambda is_main_process: True
             full.save_pretrained(tmp, safe_serialization=True)
             del full
             model, info = _auto_class(plan).from_pretrained(tmp, **kwargs)
