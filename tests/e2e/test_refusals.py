@@ -52,6 +52,8 @@ REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
                               "chunked_cross_entropy"),
     "refuse_offloading_without_layers": (UNKNOWN_MODEL, {"activation_offloading": True}, 1,
                                          "activation_offloading"),
+    "quantize_moe_experts": ("tiny:gemma4-moe", {"adapter": "lora", "quantize_moe_experts": True}, 1,
+                             "quantize_moe_experts"),
 }
 
 

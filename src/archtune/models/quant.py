@@ -198,11 +198,11 @@ def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
 
     base = load_quantized(cfg, plan, tokenizer)
     dequantize(base)
-    if plan.get("quantize_moe_experts"):
+    if plan.quantize_moe_experts:
         # the experts as training saw them: through 4 bits and back
         from archtune.moe import quant4
 
-        quant4.quantize_experts(base, plan.family.expert_param_names, dtype=compute_dtype(cfg))
+        quant4.quantize_experts(base, plan.expert_param_names, dtype=compute_dtype(cfg))
         quant4.dequantize_experts(base)
     model = PeftModel.from_pretrained(base, adapter_dir)
     return model.merge_and_unload()

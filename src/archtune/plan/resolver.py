@@ -138,6 +138,11 @@ class Plan:
     def expert_param_names(self) -> tuple[str, ...]:
         return tuple(self.family.expert_param_names)
 
+    @property
+    def quantize_moe_experts(self) -> bool:
+        """The expert tensors (`expert_param_names`) are stored in 4 bits (archtune.moe.quant4)."""
+        return bool(self.decided("quantize_moe_experts"))
+
     def structure(self) -> ModelStructure | None:
         """The model's meta-device skeleton (module and parameter names, classes), or None when
         it cannot be built; `structure_problem()` then says why. Built once, only when asked."""

@@ -100,12 +100,12 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     apply_weight_scale_rules(model, plan, console)  # base weights, before adapters (normalize_weight_scales)
     freeze_multimodal(model, plan)
     if quantized:
-        experts = quant4_targets(model, plan) if plan.get("quantize_moe_experts") else ()
+        experts = quant4_targets(model, plan) if plan.quantize_moe_experts else ()
         quant.prepare_for_training(model, plan, keep=experts + quant.frozen_embeddings(model, plan))
     if plan.get("adapter") in ("lora", "qlora"):
         model = apply_lora(model, plan)
     run_hook(plugins, "post_adapters", model, plan)
-    if plan.get("quantize_moe_experts"):
+    if plan.quantize_moe_experts:
         quantize_moe_experts(model, plan)
     _set_use_cache(model, plan.use_cache)
     prepare_packing(model, plan)
@@ -119,7 +119,7 @@ def quant4_targets(model, plan: Plan) -> tuple:
     """The expert tensors `quantize_moe_experts` will store in 4 bits (the family's expert names)."""
     from archtune.moe import quant4
 
-    return tuple(getattr(m, leaf) for m, leaf, _ in quant4.expert_tensors(model, plan.family.expert_param_names))
+    return tuple(getattr(m, leaf) for m, leaf, _ in quant4.expert_tensors(model, plan.expert_param_names))
 
 
 def quantize_moe_experts(model, plan: Plan) -> list[str]:
@@ -131,7 +131,7 @@ def quantize_moe_experts(model, plan: Plan) -> list[str]:
     from archtune.models.quant import compute_dtype
     from archtune.moe import quant4
 
-    names = quant4.quantize_experts(model, plan.family.expert_param_names, dtype=compute_dtype(plan.config))
+    names = quant4.quantize_experts(model, plan.expert_param_names, dtype=compute_dtype(plan.config))
     quant4.adapt_peft(model)  # after the kernels plugin's post_adapters: its PEFT override must not replace this one
     return names
 
@@ -360,7 +360,7 @@ def _train(cfg: Config, console) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "model_bytes": weight_bytes,
-        "quantize_moe_experts": bool(plan.get("quantize_moe_experts")),
+        "quantize_moe_experts": bool(plan.quantize_moe_experts),
         "world_size": plan.world_size,
         "strategy": _strategy(plan),
         "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
