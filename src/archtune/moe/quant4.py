@@ -61,13 +61,13 @@ def expert_4bit_bytes(shape: tuple[int, ...] | torch.Size, blocksize: int = BLOC
     """Bytes one [E, out, in] expert tensor takes with `quantize_moe_experts` (all its stored parts).
 
     >>> expert_4bit_bytes((64, 256, 512))   # 8.4M weights: 16 MiB in bf16
-    4333632
+    4330816
     """
     experts, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
     blocks = math.ceil(n / blocksize)
     nested = math.ceil(blocks / nested_blocksize)
     per_expert = math.ceil(n / 2) + blocks + 4 * nested + 4  # codes, absmax codes, scales, offset
-    return experts * per_expert + 4 * (16 + 256)  # + the NF4 and 8-bit code tables
+    return experts * per_expert + 4 * (16 + 256 + 512)  # + the NF4 and 8-bit code tables, the byte decoder
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -107,6 +107,9 @@ class NF4Experts(nn.Module):
         self.offset = _frozen(offset)  # fp32 [E]
         self.register_buffer("code", code)  # fp32 [16]: the NF4 values
         self.register_buffer("code2", code2)  # fp32 [256]: bitsandbytes' 8-bit dynamic map
+        # byte -> its two NF4 values (high nibble first): one gather per byte decodes both
+        byte = torch.arange(256, device=code.device)
+        self.register_buffer("pairs", torch.stack((code[byte >> 4], code[byte & 15]), dim=-1), persistent=False)
         self.shape = torch.Size(shape)  # the logical [E, out, in]
         self.dtype = dtype  # what dequantization returns (the run's compute dtype)
 
@@ -114,17 +117,16 @@ class NF4Experts(nn.Module):
         """Expert e as a dense [out, in] tensor (bitsandbytes' dequantize_4bit, in torch)."""
         out_in = self.shape[1:]
         n = math.prod(out_in)
-        codes = packed[e]
-        idx = torch.stack((codes >> 4, codes & 15), dim=-1).view(-1).long()
-        values = self.code[idx]  # fp32 [2 * ceil(n/2)]
+        # int32 indices and in-place products: 3-4x faster than long indices and temporaries on CPU
+        values = self.pairs.index_select(0, packed[e].int()).view(-1)  # fp32 [2 * ceil(n/2)]
         q = self.absmax_q[e]
         blocks = q.shape[0]
         scale = self.absmax2[e].repeat_interleave(NESTED_BLOCKSIZE)[:blocks]
-        absmax = self.code2[q.long()] * scale + self.offset[e]
+        absmax = self.code2.index_select(0, q.int()).mul_(scale).add_(self.offset[e])
         pad = blocks * BLOCKSIZE - values.shape[0]
         if pad:
             values = nn.functional.pad(values, (0, pad))
-        w = (values.view(blocks, BLOCKSIZE) * absmax[:, None]).view(-1)[:n].view(out_in)
+        w = values.view(blocks, BLOCKSIZE).mul_(absmax[:, None]).view(-1)[:n].view(out_in)
         return w.to(dtype or self.dtype)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
