@@ -1,9 +1,11 @@
 """DDP, FSDP2, activation offloading on 2 gloo processes (torchrun via `archtune train --nproc 2`)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from tests.dist.conftest import max_rel_diff
+from tests.dist.conftest import REPO, max_rel_diff
 
 # Tiny gemma4-moe, towers trainable, full fine-tune: text-only batches never reach the towers.
 TOWERS = {"freeze_mm_modules": False}
@@ -103,20 +105,25 @@ def test_fsdp2_full_fine_tune_equals_ddp(train_run, model):
     assert max_rel_diff(rank0, rank1) == 0.0
 
 
-def test_fsdp2_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(train_run, tmp_path):
-    from archtune.train.distributed import EXIT_AFTER_CHECKPOINT_CODE, EXIT_AFTER_CHECKPOINT_ENV
+def _killed_at(step: int) -> dict:
+    """Every rank SIGKILLs itself right after optimizer step `step` (tests/e2e/kill_plugin.py)."""
+    return {"plugins": ["tests.e2e.kill_plugin.KillPlugin"], "allow_external_plugins": True,
+            "env": {"ARCHTUNE_TEST_KILL_AT": f"step:{step}",
+                    "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}}
 
+
+def test_fsdp2_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(train_run, tmp_path):
     out = tmp_path / "resumed"
-    killed = train_run("fsdp_full_killed", output_dir=out, save_steps=2, env={EXIT_AFTER_CHECKPOINT_ENV: "2"},
-                       **FSDP, **TOWERS)
-    assert killed.rc == EXIT_AFTER_CHECKPOINT_CODE, killed.stderr[-3000:]
+    killed = train_run("fsdp_full_killed", output_dir=out, save_steps=2, **_killed_at(3), **FSDP, **TOWERS)
+    assert killed.rc != 0, killed.stderr[-3000:]
     checkpoint = out / "checkpoint-2"
     # Sharded: torch.distributed.checkpoint directories, no full model file.
     assert (checkpoint / "model_dcp" / ".metadata").is_file() and (checkpoint / "optimizer_dcp" / ".metadata").is_file()
     assert not list(checkpoint.glob("*.safetensors")) and not (out / "train_summary.json").exists()
-    resumed = _ok(train_run("fsdp_full_resumed", output_dir=out, save_steps=2, resume_from_checkpoint="auto",
+    assert not (out / "checkpoint-3").exists()
+    resumed = _ok(train_run("fsdp_full_resumed", output_dir=out, save_steps=2, resume_from_checkpoint=True,
                             **FSDP, **TOWERS))
-    assert resumed.summary["steps"] == 4
+    assert resumed.summary["steps"] == 4 and resumed.summary["resumed_from"] == "checkpoint-2"
     straight = _ok(train_run("fsdp_full", **FSDP, **TOWERS))
     assert max_rel_diff(resumed.weights(), straight.weights()) < 1e-4
 
@@ -132,6 +139,21 @@ def test_chunked_cross_entropy_equals_the_stock_loss_under_fsdp2_and_ddp(train_r
     assert chunked.summary["chunked_cross_entropy"] is True and chunked.summary["world_size"] == 2
     assert chunked.summary["train_losses"] == pytest.approx(stock.summary["train_losses"], rel=1e-5)
     assert max_rel_diff(chunked.weights(), stock.weights()) < 1e-4
+
+
+def test_ddp_killed_with_sigkill_resumes_to_the_same_weights(train_run, tmp_path):
+    """DDP, 2 processes: SIGKILL after step 3, resume from checkpoint-2: within 1e-6 of the
+    uninterrupted run (relative to each tensor's largest value)."""
+    out = tmp_path / "ddp_resumed"
+    killed = train_run("ddp_full_killed", output_dir=out, save_steps=2, **_killed_at(3), **TOWERS)
+    assert killed.rc != 0, killed.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = _ok(train_run("ddp_full_resumed", output_dir=out, save_steps=2, resume_from_checkpoint=True, **TOWERS))
+    assert resumed.summary["resumed_from"] == "checkpoint-2" and resumed.summary["steps"] == 4
+    straight = _ok(train_run("ddp_full", **TOWERS))
+    diff = max_rel_diff(resumed.weights(), straight.weights())
+    print(f"DDP SIGKILL + resume vs uninterrupted: max relative difference {diff:.3g}")
+    assert diff <= 1e-6
 
 
 # ----------------------------------------------------------------------------- QLoRA, 4-bit experts

@@ -21,8 +21,6 @@ import torch
 
 # Debug/test hooks (environment variables), read on every rank.
 DUMP_RANK_STATE_ENV = "ARCHTUNE_DUMP_RANK_STATE"  # dir: each rank writes rank{R}.safetensors of its trainable params
-EXIT_AFTER_CHECKPOINT_ENV = "ARCHTUNE_EXIT_AFTER_CHECKPOINT"  # step: every rank exits (code 17) once that checkpoint is saved
-EXIT_AFTER_CHECKPOINT_CODE = 17
 
 
 def world_size() -> int:
@@ -91,31 +89,6 @@ def main_process_first() -> Iterator[None]:
     yield
     if is_distributed() and is_main():
         barrier()
-
-
-def exit_after_checkpoint_step() -> int | None:
-    value = os.environ.get(EXIT_AFTER_CHECKPOINT_ENV)
-    return int(value) if value else None
-
-
-def _exit_after_checkpoint_callback():
-    from transformers import TrainerCallback
-
-    class ExitAfterCheckpoint(TrainerCallback):
-        """ARCHTUNE_EXIT_AFTER_CHECKPOINT=STEP: once checkpoint-STEP is written, every rank exits at
-        once (code 17) without cleanup, like a killed job — for resume tests."""
-
-        def on_save(self, args, state, control, **kwargs):
-            step = exit_after_checkpoint_step()
-            if step is not None and state.global_step == step:
-                barrier()  # every rank has finished writing its shard
-                os._exit(EXIT_AFTER_CHECKPOINT_CODE)
-
-    return ExitAfterCheckpoint()
-
-
-def ExitAfterCheckpoint():  # noqa: N802 (a callback factory: transformers loads lazily)
-    return _exit_after_checkpoint_callback()
 
 
 # ----------------------------------------------------------------------------- FSDP2

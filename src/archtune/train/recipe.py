@@ -244,7 +244,7 @@ def training_arguments(plan: Plan, has_eval: bool):
 
 
 def _callbacks(cfg: Config, clock: TrainClock) -> list:
-    callbacks = [clock, distributed.ExitAfterCheckpoint()]
+    callbacks = [clock]
     if cfg.use_tensorboard and distributed.is_main():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
