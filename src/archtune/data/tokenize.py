@@ -14,7 +14,6 @@ appended as an id (not as text) for the formats that end with one.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from archtune.config.schema import DatasetConfig
@@ -240,12 +239,6 @@ class _Dropped:
         self.result = result
 
 
-# A \uD800-\uDFFF escape: JSON allows it, but alone (not as half of a pair) it is no character,
-# and no tokenizer can encode it.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _parse_json(text: str):
     try:
         row = json.loads(text)
@@ -253,9 +246,6 @@ def _parse_json(text: str):
         return _Dropped(_dropped(formats.BAD_JSON, f"invalid JSON: {exc}"))
     if not isinstance(row, dict):
         return _Dropped(_dropped(formats.BAD_JSON, f"JSON {type(row).__name__} where an object was expected"))
-    if _SURROGATE_ESCAPE.search(text) and _LONE_SURROGATE.search(json.dumps(row, ensure_ascii=False)):
-        return _Dropped(_dropped(formats.UNDECODABLE, "a \\uD800-\\uDFFF escape that is half of a surrogate "
-                                                      "pair, not a character"))
     return row
 
 
