@@ -92,7 +92,12 @@ def _print_train_summary(s: dict, output_dir: str) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("family", f"{s['family']} ({s['model_type']}), {s['adapter'] or 'full fine-tune'}")
-    table.add_row("eval loss", f"{_fmt(s['eval_loss_initial'])} -> {_fmt(s['eval_loss_final'])}")
+    if s.get("method"):  # preference / reward training: held-out rewards instead of a loss
+        table.add_row("method", f"{s['method']} ({s['trainer']}, reference: {s['reference_model']})")
+        for key in ("rewards/accuracies", "rewards/margins"):
+            table.add_row(f"held-out {key}", f"{_fmt(s.get(f'eval_{key}_initial'))} -> {_fmt(s.get(f'eval_{key}'))}")
+    else:
+        table.add_row("eval loss", f"{_fmt(s['eval_loss_initial'])} -> {_fmt(s['eval_loss_final'])}")
     table.add_row("train loss", f"{_fmt(s['train_loss_first'])} -> {_fmt(s['train_loss_last'])}")
     table.add_row("steps", str(s["steps"]))
     table.add_row("tokens/s", f"{_fmt(s['tokens_per_second'], 0)} ({s['train_tokens']} tokens in {s['train_seconds']:.1f} s)")
@@ -172,7 +177,8 @@ def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
 @app.command()
 def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
              as_json: bool = typer.Option(False, "--json", help="Print {eval_loss, eval_tokens, eval_rows}.")) -> None:
-    """Token-weighted mean loss over the evaluation data, with the trained weights if any."""
+    """Token-weighted mean loss over the evaluation data, with the trained weights if any (rl and
+    reward_model configs: the held-out rewards, accuracy and margin instead)."""
     from archtune.data import prepare_data
     from archtune.models.load import load_trained
     from archtune.train.evaluation import token_weighted_loss
@@ -180,6 +186,15 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
+    if setup.plan.get("rl_trainer"):  # rl / reward_model: held-out rewards
+        from archtune.train.preference import evaluate_preference
+
+        result = evaluate_preference(cfg, setup.plan, setup.tokenizer, progress=not as_json)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        return
     data = prepare_data(cfg, setup.tokenizer, progress=not as_json, media=setup.media)
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data",

@@ -31,8 +31,12 @@ class _Strict(BaseModel):
 
 class DatasetConfig(_Strict):
     path: str = Field(description="Local file or directory (json, jsonl, parquet, csv), or a hub dataset id.")
-    type: Literal["alpaca", "chat_template", "completion"] = Field(
-        "alpaca", description="Prompt format: alpaca (instruction/input/output), chat_template (messages), completion (text).")
+    type: Literal["alpaca", "chat_template", "completion", "chat_template.default", "passthrough.default",
+                  "bradley_terry.chat_template"] = Field(
+        "alpaca", description="Prompt format: alpaca (instruction/input/output), chat_template (messages), completion "
+        "(text); with `rl`: chat_template.default (messages + chosen/rejected, or completion/label for KTO) or "
+        "passthrough.default (prompt/chosen/rejected strings as written); with `reward_model`: "
+        "bradley_terry.chat_template (input/chosen/rejected).")
     data_files: str | list[str] | None = Field(None, description="Files inside `path` to read (as datasets.load_dataset's data_files).")
     split: str = Field("train", description="Split to read.")
     name: str | None = Field(None, description="Dataset config name (hub datasets).")
@@ -47,6 +51,15 @@ class DatasetConfig(_Strict):
         description="chat_template: keys of a message that hold its role and content.")
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="chat_template: roles whose turns get loss.")
     field: str = Field("text", description="completion: column holding the text.")
+    # preference data (rl / reward_model)
+    field_prompt: str = Field("prompt", description="passthrough.default: column holding the prompt string.")
+    field_system: str = Field("system", description="passthrough.default / bradley_terry.chat_template: optional "
+                              "column holding a system prompt.")
+    field_chosen: str = Field("chosen", description="Preference data: column holding the preferred answer (a string, "
+                              "a message, or a list of messages whose last one is the answer).")
+    field_rejected: str = Field("rejected", description="Preference data: column holding the dispreferred answer.")
+    field_completion: str = Field("completion", description="KTO: column holding the answer that is judged.")
+    field_label: str = Field("label", description="KTO: column holding true (desirable answer) or false.")
 
 
 class WeightScaleRule(_Strict):
@@ -163,6 +176,34 @@ class Config(_Strict):
     activation_offloading: bool = Field(False, description="Offload checkpointed activations to CPU memory.")
     fsdp: list[str] | None = Field(None, description="FSDP options, e.g. [full_shard, auto_wrap].")
     fsdp_config: FsdpConfig | None = Field(None, description="FSDP settings (see FsdpConfig).")
+
+    # ---- preference and reward training (TRL's trainers; Axolotl's keys and meanings)
+    rl: Literal["dpo", "ipo", "orpo", "kto", "simpo"] | None = Field(
+        None, description="Preference training method: dpo, ipo, orpo, kto or simpo (unset: supervised fine-tuning).")
+    rl_beta: float | None = Field(None, gt=0, description="The method's beta (TRL's; default 0.1): strength of the "
+                                  "KL penalty (DPO, IPO, KTO), SimPO's reward scale, ORPO's odds-ratio weight.")
+    dpo_use_weighting: bool | None = Field(None, description="DPO: weight each pair by its likelihood (WPO).")
+    dpo_label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="DPO: probability that a pair's "
+                                              "labels are flipped (robust DPO); not with IPO.")
+    dpo_norm_loss: bool | None = Field(None, description="DPO: length-normalized log-probabilities in the loss.")
+    dpo_padding_free: bool | None = Field(None, description="DPO: padding-free batches (refused: TRL has none now).")
+    rpo_alpha: float | None = Field(None, ge=0, description="DPO: weight of an added NLL loss on the chosen answers "
+                                    "(RPO).")
+    orpo_alpha: float | None = Field(None, gt=0, description="ORPO: weight of the odds-ratio loss (TRL's beta; "
+                                     "default 0.1).")
+    simpo_gamma: float | None = Field(None, ge=0, description="SimPO: target reward margin (default 0.5).")
+    cpo_alpha: float | None = Field(None, ge=0, description="SimPO: weight of the NLL (behaviour cloning) loss on "
+                                    "the chosen answers (default 1.0, TRL's; 0 is the SimPO paper's loss).")
+    kto_desirable_weight: float | None = Field(None, gt=0, description="KTO: loss weight of desirable answers "
+                                               "(default 1.0).")
+    kto_undesirable_weight: float | None = Field(None, gt=0, description="KTO: loss weight of undesirable answers "
+                                                 "(default 1.0).")
+    reward_model: bool | None = Field(None, description="Train a reward model (Bradley-Terry, TRL's RewardTrainer) "
+                                      "on bradley_terry.chat_template pairs.")
+    num_labels: int | None = Field(None, gt=0, description="Outputs of the reward model's score head (1: one reward "
+                                   "per sequence, the only value a pairwise reward model takes).")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="Reward model: weight of a penalty that keeps rewards centred on zero (e.g. 0.01).")
 
     # ---- training
     micro_batch_size: int = Field(1, gt=0, description="Rows per device per forward pass.")

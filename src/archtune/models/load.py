@@ -143,6 +143,17 @@ def _auto_class(plan: Plan):
     return getattr(transformers, plan.auto_class)
 
 
+# A head the Plan adds to the base model (a reward model's score): absent from the checkpoint by design.
+_NEW_HEAD_PREFIXES = {"AutoModelForSequenceClassification": ("score.",)}
+
+
+def _drop_new_head(info: dict, plan: Plan) -> dict:
+    prefixes = _NEW_HEAD_PREFIXES.get(plan.get("model_auto_class") or "", ())
+    if not prefixes:
+        return info
+    return {**info, "missing_keys": [k for k in info.get("missing_keys", []) if not k.startswith(prefixes)]}
+
+
 def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
     """The model to train (base weights), in the dtype the config asks for.
 
@@ -154,7 +165,7 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
         from archtune.models.tiny import build_tiny_model
 
         try:
-            model, _ = build_tiny_model(name, seed=cfg.seed)
+            model, _ = build_tiny_model(name, seed=cfg.seed, auto_class=plan.get("model_auto_class"))
         except KeyError:
             raise _unknown_tiny(name) from None
         return model.to(dtype)
@@ -174,7 +185,7 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
     except OSError as exc:  # no weights file, unreadable safetensors
         raise UserError.single(key, f"cannot load weights from {source}: {exc}",
                                "point it at a directory written by save_pretrained (config.json + *.safetensors)") from None
-    check_loading_info(info, source, key)
+    check_loading_info(_drop_new_head(info, plan) if path is None else info, source, key)
     return model
 
 

@@ -46,9 +46,12 @@ def build_tiny_config(name: str, tokenizer: "PreTrainedTokenizerBase | None" = N
 
 
 def build_tiny_model(
-    name: str, seed: int | None = 0, dtype: torch.dtype = torch.float32
+    name: str, seed: int | None = 0, dtype: torch.dtype = torch.float32, auto_class: str | None = None
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Tiny model `name` with random weights drawn from `seed`, and archtune's tokenizer.
+
+    `auto_class` builds another head on the same configuration (e.g. a reward model's
+    AutoModelForSequenceClassification); default: the family's class.
 
     Same seed -> bitwise the same weights. The global RNG is neither read nor advanced
     (the build runs inside `torch.random.fork_rng`).
@@ -58,7 +61,7 @@ def build_tiny_model(
     family, tiny = _find(name)
     tokenizer = _tokenizer()
     config = tiny.build_config(tokenizer)
-    auto = getattr(transformers, family.auto_class)
+    auto = getattr(transformers, auto_class or family.auto_class)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0 if seed is None else int(seed))
         # No attn_implementation: transformers then picks sdpa for every sub-model that supports
@@ -68,7 +71,10 @@ def build_tiny_model(
     # Generation stops at <eos> and at the end of a chat turn (archtune's chat template is
     # Gemma-style for every tiny model), as in the real checkpoints' generation_config.json.
     ids = special_token_ids(tokenizer)
-    gen = model.generation_config
+    gen = getattr(model, "generation_config", None)
+    if gen is None:  # a head without generation (sequence classification)
+        model.eval()
+        return model, tokenizer
     gen.pad_token_id, gen.bos_token_id = ids.pad, ids.bos
     gen.eos_token_id = [ids.eos] + ([ids.by_token["<end_of_turn>"]] if "<end_of_turn>" in ids.by_token else [])
     model.eval()

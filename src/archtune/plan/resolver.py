@@ -126,8 +126,9 @@ class Plan:
 
     @property
     def auto_class(self) -> str:
-        """The transformers Auto class the model trains with (e.g. the multimodal wrapper's)."""
-        return self.family.auto_class
+        """The transformers Auto class the model trains with (e.g. the multimodal wrapper's, or a reward
+        model's AutoModelForSequenceClassification: `model_auto_class`)."""
+        return self.get("model_auto_class") or self.family.auto_class
 
     @property
     def lora_target_redirects(self) -> dict[str, str]:

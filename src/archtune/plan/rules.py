@@ -448,6 +448,12 @@ def _decoder_layer_classes(plan: "Plan") -> None:
             plan.set(key, [], "default", "no decoder layer class is known for this model")
 
 
+def _preference_rules() -> tuple[Rule, ...]:
+    from archtune.families.preference_rules import PREFERENCE_RULES
+
+    return PREFERENCE_RULES
+
+
 GENERIC_RULES: tuple[Rule, ...] = (
     Rule("world_size", "The plan is resolved for the number of processes given by `--nproc` (1: single process).",
          _world_size),
@@ -527,6 +533,7 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "The decoder layer classes that FSDP2, activation checkpointing and offloading wrap are the FSDP wrap classes "
          "when given, else the family's text decoder layer, else the model's `_no_split_modules`.",
          _decoder_layer_classes),
+    *_preference_rules(),
 )
 
 

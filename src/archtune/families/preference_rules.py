@@ -1,0 +1,176 @@
+"""The Plan's decisions for preference (`rl`) and reward (`reward_model`) training.
+
+Generic rules: they name no family. Keys keep Axolotl's names and meanings; where Axolotl passes a
+key to TRL only when it is set, the default is TRL's and the reason says so.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from archtune.families.base import Rule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from archtune.plan import Plan
+
+# TRL's trainer per method (TRL 1.16: ORPO and CPO live in trl.experimental).
+TRAINERS = {"dpo": "DPOTrainer", "ipo": "DPOTrainer", "kto": "KTOTrainer", "orpo": "ORPOTrainer",
+            "simpo": "CPOTrainer", "reward": "RewardTrainer"}
+# Methods that compare the policy with a reference model.
+WITH_REFERENCE = ("dpo", "ipo", "kto")
+# Keys that belong to one group of methods: set elsewhere they have no effect.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "dpo_use_weighting": ("dpo", "ipo"), "dpo_label_smoothing": ("dpo",), "dpo_norm_loss": ("dpo",),
+    "rpo_alpha": ("dpo",), "orpo_alpha": ("orpo",), "simpo_gamma": ("simpo",), "cpo_alpha": ("simpo",),
+    "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
+    "center_rewards_coefficient": ("reward",), "num_labels": ("reward",),
+}
+NO_PADDING_FREE = ("TRL's preference trainers have no padding-free path (DPOTrainer's padding_free is disabled "
+                   "in TRL 1.16, and KTOTrainer, ORPOTrainer, CPOTrainer and RewardTrainer have none), so packed "
+                   "pairs cannot be made exact")
+
+
+def preference_method(plan: "Plan") -> str | None:
+    cfg = plan.config
+    if cfg.reward_model:
+        return "reward"
+    return cfg.rl
+
+
+def _method(plan: "Plan") -> None:
+    cfg = plan.config
+    kind = preference_method(plan)
+    if cfg.rl and cfg.reward_model:
+        plan.error("reward_model", f"reward_model: true and rl: {cfg.rl} are two different trainings",
+                   "keep one: remove `rl` to train a reward model, or `reward_model` for preference training")
+        return
+    for key, methods in METHOD_KEYS.items():
+        if getattr(cfg, key) is not None and kind not in methods:
+            what = f"rl: {kind}" if kind and kind != "reward" else ("reward_model: true" if kind else "supervised fine-tuning")
+            plan.warn(f"{key} has no effect with {what} (it applies to {', '.join(methods)})")
+    if kind is None:
+        return
+    plan.set("rl_trainer", TRAINERS[kind], "auto", f"{'reward_model: true' if kind == 'reward' else 'rl: ' + kind} "
+             f"trains with TRL's {TRAINERS[kind]}" + (" (loss_type simpo)" if kind == "simpo" else ""))
+    if kind == "reward":
+        _reward_model(plan)
+        return
+    _beta(plan, kind)
+    if kind in ("dpo", "ipo"):
+        loss = ["ipo"] if kind == "ipo" else ["sigmoid_norm" if cfg.dpo_norm_loss else "sigmoid"]
+        why = {"ipo": "IPO: DPOTrainer's ipo loss (squared, on length-normalized log-ratios)",
+               "sigmoid_norm": "dpo_norm_loss: DPO's sigmoid loss on length-normalized log-ratios",
+               "sigmoid": "DPO's sigmoid loss"}[loss[0]]
+        if cfg.rpo_alpha:
+            loss.append("sft")
+            plan.set("rl_loss_weights", [1.0, cfg.rpo_alpha], "auto", "rpo_alpha weighs the added NLL loss (RPO)")
+            why += ", plus an NLL loss on the chosen answers (rpo_alpha)"
+        plan.set("rl_loss_type", loss, "auto", why)
+        if kind == "ipo" and cfg.dpo_label_smoothing:
+            plan.error("dpo_label_smoothing", "label smoothing is a DPO option; IPO's loss has none",
+                       "remove dpo_label_smoothing, or use rl: dpo")
+    if kind == "kto":
+        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+            plan.default(key, 1.0, "default", "TRL's default (KTOConfig)")
+    if kind == "simpo":
+        plan.default("simpo_gamma", 0.5, "default", "TRL's default (CPOConfig)")
+        plan.default("cpo_alpha", 1.0, "default", "TRL's default (CPOConfig), which Axolotl keeps; the SimPO paper's "
+                     "loss alone is cpo_alpha: 0")
+    if kind in WITH_REFERENCE:
+        if cfg.adapter:
+            plan.set("rl_reference_model", "adapter_disabled", "auto",
+                     f"{cfg.adapter}: the reference is the base model with the adapter disabled (no second copy)")
+        else:
+            plan.set("rl_reference_model", "frozen_copy", "auto",
+                     "full fine-tune: the reference is a frozen copy of the starting weights (one more model in memory)")
+    else:
+        plan.set("rl_reference_model", "none", "auto", f"{kind} compares the policy with no reference model")
+
+
+def _beta(plan: "Plan", kind: str) -> None:
+    cfg = plan.config
+    if cfg.rl_beta is not None:
+        return
+    if kind == "orpo" and cfg.orpo_alpha is not None:
+        plan.set("rl_beta", cfg.orpo_alpha, "auto", "ORPO: orpo_alpha is TRL's beta (the odds-ratio loss weight)")
+        return
+    plan.set("rl_beta", 0.1, "default", f"TRL's default beta ({TRAINERS[kind].replace('Trainer', 'Config')})")
+
+
+def _reward_model(plan: "Plan") -> None:
+    cfg = plan.config
+    plan.default("num_labels", 1, "default", "a pairwise (Bradley-Terry) reward model gives one score per sequence")
+    if plan.get("num_labels") != 1:
+        plan.error("num_labels", f"num_labels is {plan.get('num_labels')}, but TRL's RewardTrainer scores each "
+                   "sequence with one number", "set `num_labels: 1` (or remove it)")
+    head = sequence_classification_class(plan)
+    if head is None:
+        plan.error("reward_model", f"transformers has no sequence-classification (score head) class for model_type "
+                   f"{plan.model_type!r}, so no reward model can be built from it",
+                   "use a base model whose type has one (e.g. Gemma 3, Llama)")
+        return
+    plan.set("model_auto_class", "AutoModelForSequenceClassification", "auto",
+             f"reward_model: the base model with a one-output score head ({head}), newly initialized")
+    plan.set("rl_reference_model", "none", "auto", "a reward model has no reference model")
+    if cfg.adapter:
+        saved = list(cfg.lora_modules_to_save or [])
+        if "score" not in saved:
+            plan.set("lora_modules_to_save", saved + ["score"], "auto",
+                     "reward_model with LoRA: the new score head is trained fully and saved with the adapter")
+
+
+def sequence_classification_class(plan: "Plan") -> str | None:
+    """transformers' sequence classification class for the model's type (its text config's type
+    for a multimodal wrapper without one), or None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as names
+
+    return names.get(plan.model_type)
+
+
+def _data_types(plan: "Plan") -> None:
+    from archtune.data.preference import PREFERENCE_TYPES, data_kind
+
+    cfg = plan.config
+    kind = data_kind(cfg)
+    preference_types = {t for types in PREFERENCE_TYPES.values() for t in types}
+    for group in ("datasets", "test_datasets"):
+        for i, ds in enumerate(getattr(cfg, group) or []):
+            key = f"{group}.{i}.type"
+            if kind is None and ds.type in preference_types:
+                plan.error(key, f"{ds.type} is preference data, but this config trains supervised",
+                           "set `rl: dpo` (or ipo, orpo, kto, simpo) for pairs, `reward_model: true` for "
+                           "bradley_terry.chat_template, or use type: chat_template for conversations")
+            elif kind is not None and ds.type not in PREFERENCE_TYPES[kind]:
+                what = "reward_model: true" if kind == "reward" else f"rl: {cfg.rl}"
+                plan.error(key, f"{ds.type} rows are not preference data ({what})",
+                           f"use type: {' or '.join(PREFERENCE_TYPES[kind])}")
+
+
+def _packing(plan: "Plan") -> None:
+    cfg = plan.config
+    if preference_method(plan) is None:
+        return
+    if cfg.sample_packing:
+        plan.error("sample_packing", f"preference training cannot pack rows: {NO_PADDING_FREE}",
+                   "set `sample_packing: false`")
+    if cfg.dpo_padding_free:
+        plan.error("dpo_padding_free", NO_PADDING_FREE, "remove dpo_padding_free")
+    if plan.get("fsdp"):
+        plan.error("fsdp", "FSDP is not built for preference and reward training yet (DDP is)",
+                   "remove `fsdp` and train with DDP (--nproc N)")
+
+
+PREFERENCE_RULES: tuple[Rule, ...] = (
+    Rule("rl_method",
+         "`rl: dpo|ipo|kto|orpo|simpo` trains on TRL's DPOTrainer (ipo: loss ipo), KTOTrainer, ORPOTrainer or "
+         "CPOTrainer (loss simpo), and `reward_model: true` on RewardTrainer with a one-output score head; the "
+         "reference model is the adapter-disabled base with LoRA and a frozen copy with full fine-tuning.",
+         _method),
+    Rule("rl_data_types",
+         "Preference configs read chat_template.default or passthrough.default rows, reward models "
+         "bradley_terry.chat_template rows; preference rows in a supervised config are refused.",
+         _data_types),
+    Rule("rl_packing",
+         "Preference and reward training refuse `sample_packing` and `dpo_padding_free` (TRL has no exact "
+         "padding-free path for pairs) and `fsdp` (not built yet).",
+         _packing),
+)

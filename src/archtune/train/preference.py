@@ -1,0 +1,476 @@
+"""Preference and reward training on TRL's trainers: DPO and IPO (DPOTrainer), KTO (KTOTrainer),
+ORPO (ORPOTrainer), SimPO (CPOTrainer, loss "simpo") and Bradley-Terry reward models
+(RewardTrainer).
+
+archtune builds the model exactly as for supervised fine-tuning (the Plan's family rules: towers
+frozen, LoRA confined to the language model, expert LoRA, experts implementation, checkpointing,
+DDP's find_unused_parameters) and tokenizes the data itself (data/preference.py); the TRL trainer
+gets the prepared model, the tokenized rows, and TrainingArguments from the same Plan. What the
+subclasses here add to TRL's trainers, and nothing else:
+
+- the tokenized rows go in as they are (TRL does not re-render or re-tokenize them);
+- text-only batches of a multimodal wrapper get the zero "no image here" inputs its forward takes
+  (as ArchtuneTrainer does for supervised training);
+- evaluation is exact and the same for every method: each held-out answer's reward is computed per
+  row, and the metrics are means over rows (pairs), not means of per-batch means.
+
+Rewards, as TRL defines them per method: DPO, IPO and KTO: beta * (log p_policy - log p_reference)
+of the answer (summed over its tokens); ORPO and SimPO: beta * the mean token log-probability of
+the answer; a reward model: its score. On pairs, `rewards/accuracies` is the fraction of pairs whose
+chosen answer gets the higher reward and `rewards/margins` the mean difference. On unpaired (KTO)
+rows, chosen/rejected are the mean rewards of the desirable/undesirable answers and accuracies is
+the fraction of (desirable, undesirable) pairs ranked right.
+
+The reference model: with LoRA, the base model with the adapter disabled (no second copy); with
+full fine-tuning, a frozen copy built like the policy (TRL's default); ORPO, SimPO and reward
+models have none.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+# ---------------------------------------------------------------- TRL's configs from the Plan
+
+def method(plan) -> str:
+    return "reward" if plan.get("reward_model") else str(plan.get("rl"))
+
+
+def trl_arguments(plan, base_args):
+    """The TRL config of the Plan's method: `base_args` (archtune's TrainingArguments for this Plan)
+    field by field, plus the method's own settings (all resolved by the Plan)."""
+    from transformers import TrainingArguments
+
+    kind = method(plan)
+    cls = _config_class(kind)
+    common = {f.name: getattr(base_args, f.name) for f in fields(TrainingArguments) if f.init}
+    extra: dict[str, Any] = {"max_length": plan.config.sequence_len, "disable_dropout": True}
+    if kind in ("dpo", "ipo"):
+        extra.update(beta=plan.get("rl_beta"), loss_type=list(plan.get("rl_loss_type")),
+                     loss_weights=plan.get("rl_loss_weights"), label_smoothing=plan.get("dpo_label_smoothing") or 0.0,
+                     use_weighting=bool(plan.get("dpo_use_weighting")), padding_free=False, pad_to_multiple_of=None)
+    elif kind == "kto":
+        extra.update(beta=plan.get("rl_beta"), desirable_weight=plan.get("kto_desirable_weight"),
+                     undesirable_weight=plan.get("kto_undesirable_weight"), pad_to_multiple_of=None)
+        # KTO's KL term pairs each row with its neighbour in a batch fixed when the data is prepared:
+        # TRL requires the rows in data order.
+        common["train_sampling_strategy"] = "sequential"
+    elif kind in ("orpo", "simpo"):
+        extra.update(beta=plan.get("rl_beta"))
+        if kind == "simpo":
+            extra.update(loss_type="simpo", simpo_gamma=plan.get("simpo_gamma"), cpo_alpha=plan.get("cpo_alpha"))
+        # Their batches have no `input_ids` for the Trainer's token count (chosen_/rejected_input_ids).
+        common["include_num_input_tokens_seen"] = "no"
+    elif kind == "reward":
+        extra.update(center_rewards_coefficient=plan.get("center_rewards_coefficient"), pad_to_multiple_of=None)
+    return cls(**common, **extra)
+
+
+def _config_class(kind: str):
+    if kind in ("dpo", "ipo"):
+        from trl import DPOConfig
+        return DPOConfig
+    if kind == "kto":
+        from trl import KTOConfig
+        return KTOConfig
+    if kind == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+        return ORPOConfig
+    if kind == "simpo":
+        from trl.experimental.cpo import CPOConfig
+        return CPOConfig
+    from trl import RewardConfig
+    return RewardConfig
+
+
+# ---------------------------------------------------------------- the trainers
+
+class PreferenceTrainerMixin:
+    """Mixed into each TRL trainer (before it in the MRO)."""
+
+    reward_kind: str = "dpo"
+    eval_rows: Any = None  # the held-out rows, as data/preference.py wrote them
+
+    # -- data: archtune tokenized it
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+    # -- text-only batches of multimodal wrappers
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from archtune.train.trainer import text_only_extras
+
+        extras = text_only_extras(model, inputs)
+        if extras:
+            inputs = {**inputs, **extras}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    # -- evaluation: exact per-row rewards, the same for every method
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        rows = self.eval_rows if eval_dataset is None else eval_dataset
+        if rows is None:
+            return {}
+        metrics = {f"{metric_key_prefix}_{k}": v
+                   for k, v in preference_metrics(Scorer.of_trainer(self), rows).items()}
+        from transformers import Trainer
+
+        Trainer.log(self, metrics)  # past TRL's log, which would mix in its per-batch means
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def _kl_rotation(dataset, batch_size: int):
+    """KTO's KL term pairs each prompt with the answer of the previous row of its batch
+    (TRL's rule: the completions rotated by one within each batch of per_device_train_batch_size)."""
+    def rotate(batch):
+        batch["KL_completion_ids"] = [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]
+        return batch
+
+    return dataset.map(rotate, batched=True, batch_size=batch_size, desc="KTO: mismatched answers for the KL term")
+
+
+def _to_orpo_features(feature: dict, max_length: int) -> dict:
+    """archtune's paired columns as the (experimental) ORPO/CPO trainers' tokenized columns."""
+    prompt = list(feature["prompt_ids"])
+    out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for name in ("chosen", "rejected"):
+        ids = (prompt + list(feature[f"{name}_ids"]))[:max_length]
+        labels = ([-100] * len(prompt) + list(feature[f"{name}_ids"]))[:max_length]
+        out.update({f"{name}_input_ids": ids, f"{name}_attention_mask": [1] * len(ids), f"{name}_labels": labels})
+    return out
+
+
+def trainer_class(kind: str):
+    """The TRL trainer of a method with the mixin applied."""
+    if kind in ("dpo", "ipo"):
+        from trl import DPOTrainer as base
+    elif kind == "kto":
+        from trl import KTOTrainer as base
+    elif kind == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as base
+    elif kind == "simpo":
+        from trl.experimental.cpo import CPOTrainer as base
+    else:
+        from trl import RewardTrainer as base
+    body: dict[str, Any] = {"reward_kind": kind}
+    if kind == "kto":
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if self.calculate_KL and "completion_ids" in dataset.column_names:
+                return _kl_rotation(dataset, args.per_device_train_batch_size)
+            return dataset
+        body["_prepare_dataset"] = _prepare_dataset
+    if kind in ("orpo", "simpo"):
+        def tokenize_row(self, feature, model=None):
+            return _to_orpo_features(feature, self.max_length)
+        body["tokenize_row"] = tokenize_row
+    return type(f"Archtune{base.__name__}", (PreferenceTrainerMixin, base), body)
+
+
+def build_trainer(plan, model, tokenizer, data, args, callbacks):
+    """The Plan's TRL trainer around the prepared model and data."""
+    kind = method(plan)
+    cls = trainer_class(kind)
+    train = data.train
+    # eval_dataset only satisfies the Trainer's checks: evaluation reads trainer.eval_rows.
+    kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": train, "eval_dataset": data.eval,
+                              "processing_class": tokenizer, "callbacks": callbacks}
+    if kind in ("dpo", "ipo", "kto"):
+        kwargs["ref_model"] = None  # LoRA: the adapter disabled; full fine-tune: TRL's frozen copy (below)
+    trainer = _construct(cls, kwargs, plan, model)
+    trainer.eval_rows = data.eval
+    return trainer
+
+
+def _construct(cls, kwargs: dict, plan, model):
+    """TRL's DPO/KTO trainers build the frozen reference of a full fine-tune from the model's hub id
+    or directory; archtune's model may be a tiny one built in memory, so the reference is a deep copy
+    of the prepared policy (frozen, evaluation mode), made before any training step."""
+    import copy
+
+    if plan.get("rl_reference_model") == "frozen_copy":
+        ref = copy.deepcopy(model)
+        ref.requires_grad_(False)
+        ref.eval()
+        kwargs["ref_model"] = ref
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- exact evaluation
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _answer_logps(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device, max_length: int,
+                  average: bool) -> torch.Tensor:
+    """log p(answer | prompt) per row (summed over the answer's tokens, or their mean)."""
+    from archtune.train.trainer import text_only_extras
+
+    seqs = [(list(p) + list(a))[:max_length] for p, a in zip(prompts, answers)]
+    input_ids = _pad(seqs, pad_id).to(device)
+    attention = _pad([[1] * len(s) for s in seqs], 0).to(device)
+    mask = _pad([([0] * len(p) + [1] * len(a))[:max_length] for p, a in zip(prompts, answers)], 0).to(device)
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    batch.update(text_only_extras(model, batch))
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    target = input_ids[:, 1:]
+    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, target.unsqueeze(-1)).squeeze(-1)
+    m = mask[:, 1:].to(token_logps.dtype)
+    total = (token_logps * m).sum(-1)
+    return total / m.sum(-1).clamp(min=1) if average else total
+
+
+def _scores(model, seqs: list[list[int]], pad_id: int, device, max_length: int) -> torch.Tensor:
+    """A reward model's score per sequence (transformers' sequence classification head reads the
+    last non-padding token)."""
+    seqs = [list(s)[:max_length] for s in seqs]
+    input_ids = _pad(seqs, pad_id).to(device)
+    attention = _pad([[1] * len(s) for s in seqs], 0).to(device)
+    return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, 0].float()
+
+
+@dataclass
+class Scorer:
+    """What computing held-out rewards needs: the method, the policy, its reference (None: the
+    policy with its adapter disabled, or the policy itself when it has none), beta and batching."""
+
+    kind: str
+    policy: Any
+    reference: Any = None
+    beta: float = 0.1
+    pad_id: int = 0
+    device: Any = "cpu"
+    max_length: int = 10**9
+    batch_size: int = 8
+
+    @classmethod
+    def of_trainer(cls, trainer) -> "Scorer":
+        unwrap = trainer.accelerator.unwrap_model
+        ref = getattr(trainer, "ref_model", None)
+        tok = trainer.processing_class
+        return cls(trainer.reward_kind, unwrap(trainer.model), unwrap(ref) if ref is not None else None,
+                   float(getattr(trainer.args, "beta", 0.0) or 0.0), _pad_id(tok), trainer.args.device,
+                   trainer.args.max_length or 10**9, trainer.args.per_device_eval_batch_size)
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        if self.reference is not None:
+            yield self.reference
+        elif hasattr(self.policy, "disable_adapter"):
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:  # no trained adapter (evaluating the base model): the policy is its own reference
+            yield self.policy
+
+    @torch.no_grad()
+    def rewards(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
+        """{answer column: the rewards of its answers} for `rows` (a slice of held-out rows)."""
+        out = {}
+        for col in (c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in rows):
+            if self.kind == "reward":
+                out[col] = _scores(self.policy, rows[col], self.pad_id, self.device, self.max_length)
+                continue
+            average = self.kind in ("orpo", "simpo")
+            policy = _answer_logps(self.policy, rows["prompt_ids"], rows[col], self.pad_id, self.device,
+                                   self.max_length, average)
+            if average:
+                out[col] = self.beta * policy
+                continue
+            with self.reference_model() as ref:
+                reference = _answer_logps(ref, rows["prompt_ids"], rows[col], self.pad_id, self.device,
+                                          self.max_length, average)
+            out[col] = self.beta * (policy - reference)
+        return out
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad is None else pad
+
+
+def preference_metrics(scorer: Scorer, dataset) -> dict[str, float]:
+    """rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins over `dataset` (exact,
+    per row), and rows (pairs, or desirable plus undesirable rows)."""
+    models = [m for m in (scorer.policy, scorer.reference) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    labels: list[bool] = []
+    try:
+        for start in range(0, len(dataset), scorer.batch_size):
+            rows = dataset[start:start + scorer.batch_size]
+            for col, r in scorer.rewards(rows).items():
+                parts.setdefault(col, []).append(r.cpu())
+            labels += list(rows.get("label", []))
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    r = {col: torch.cat(v).double() for col, v in parts.items()}
+    if "chosen_ids" in r:  # pairs
+        chosen, rejected = r["chosen_ids"], r["rejected_ids"]
+        return {"rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
+                "rewards/accuracies": float((chosen > rejected).double().mean()),
+                "rewards/margins": float((chosen - rejected).mean()), "rows": len(chosen)}
+    good = torch.tensor(labels, dtype=torch.bool)
+    desirable, undesirable = r["completion_ids"][good], r["completion_ids"][~good]
+    chosen = float(desirable.mean()) if len(desirable) else math.nan
+    rejected = float(undesirable.mean()) if len(undesirable) else math.nan
+    ranked = ((desirable[:, None] > undesirable[None, :]).double().mean()
+              if len(desirable) and len(undesirable) else torch.tensor(math.nan))
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/accuracies": float(ranked),
+            "rewards/margins": chosen - rejected, "rows": int(len(good))}
+
+
+def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> dict:
+    """`archtune evaluate` for rl / reward_model configs: the held-out rewards of the trained weights
+    in output_dir (against the base model as the reference), else of the base model."""
+    from archtune.data.preference import prepare_preference_data
+    from archtune.errors import UserError
+    from archtune.models.load import load_model, load_trained
+
+    data = prepare_preference_data(cfg, tokenizer, progress=progress)
+    if data.eval is None:
+        raise UserError.single("test_datasets", "there is no evaluation data", "set test_datasets, or val_set_size > 0")
+    policy, weights = load_trained(cfg, plan, tokenizer)
+    reference = None
+    if weights == "full" and plan.get("rl_reference_model") not in (None, "none"):
+        reference = load_model(cfg, plan, tokenizer)
+    beta = plan.get("rl_beta") or 0.0
+    scorer = Scorer(method(plan), policy, reference, float(beta), _pad_id(tokenizer), "cpu",
+                    cfg.sequence_len, cfg.micro_batch_size)
+    result = {f"eval_{k}": v for k, v in preference_metrics(scorer, data.eval).items()}
+    return {**result, "weights": weights or "base"}
+
+
+# ---------------------------------------------------------------- the recipe's preference branch
+
+def train_preference(cfg, plan, tokenizer, console, say) -> dict:
+    """Data, model, TRL trainer, initial evaluation, training, final evaluation, outputs: the
+    preference counterpart of the supervised recipe (same Plan, model building and outputs)."""
+    import resource
+    import time
+    from pathlib import Path
+
+    from transformers.trainer_callback import ProgressCallback
+
+    from archtune.adapters.lora import count_params
+    from archtune.data.preference import prepare_preference_data
+    from archtune.plugins import load_plugins, run_hook
+    from archtune.train import distributed
+    from archtune.train.callbacks import LossBar, TrainClock
+    from archtune.train.outputs import plot_losses, write_summary
+    from archtune.train.recipe import _callbacks, _set_use_cache, build_model, training_arguments
+
+    main = distributed.is_main()
+    out = Path(cfg.output_dir)
+    with distributed.main_process_first():
+        data = prepare_preference_data(cfg, tokenizer, progress=main)
+    plugins = load_plugins(cfg)
+    model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
+    trainable, total = count_params(model)
+    clock = TrainClock()
+    args = trl_arguments(plan, training_arguments(plan, has_eval=data.eval is not None))
+    trainer = build_trainer(plan, model, tokenizer, data, args,
+                            _callbacks(cfg, clock) + run_hook(plugins, "callbacks", plan))
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossBar())
+    initial = trainer.evaluate() if data.eval is not None else {}
+    result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint or None)
+    final = trainer.evaluate() if data.eval is not None else {}
+
+    _set_use_cache(model, True)
+    trainer.save_model(str(out))
+    history = trainer.state.log_history
+    if initial:
+        history = [{"step": 0, **initial}] + [h for h in history if not (h.get("step") == 0 and "eval_rows" in h)]
+    train_logs = [h for h in history if "loss" in h]
+    train_losses = [h["loss"] for h in train_logs]
+    # Tokens the model read (prompt + answer of every sequence, over all processes); ORPO's and
+    # SimPO's batches are not counted by the Trainer: None there.
+    train_tokens = int(trainer.state.num_input_tokens_seen) or None
+    summary = {
+        "method": method(plan),
+        "trainer": plan.get("rl_trainer"),
+        "reference_model": plan.get("rl_reference_model"),
+        "steps": int(trainer.state.global_step),
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "train_loss_mean": float(result.training_loss),
+        "train_losses": train_losses,
+        "eval_loss_initial": None,  # preference runs report rewards, not a token cross-entropy
+        "eval_loss_final": None,
+        "train_tokens": train_tokens,
+        "train_seconds": round(clock.seconds, 3),
+        "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
+        "tokens_per_second": train_tokens / clock.seconds if train_tokens and clock.seconds > 0 else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "trainable_params": trainable,
+        "total_params": total,
+        "world_size": plan.world_size,
+        "strategy": "single" if plan.world_size == 1 else "ddp",
+        "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
+        "family": plan.family.name,
+        "model_type": plan.model_type,
+        "adapter": plan.get("adapter"),
+        "data": data.stats,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    last = train_logs[-1] if train_logs else {}
+    for key in REWARD_KEYS:
+        summary[key] = last.get(key)  # the last logged training values
+        summary[f"eval_{key}"] = final.get(f"eval_{key}")
+        summary[f"eval_{key}_initial"] = initial.get(f"eval_{key}")
+    if main:
+        tokenizer.save_pretrained(str(out))
+        write_summary(out / "train_summary.json", summary)
+        plot_preference(history, out / "loss.png",
+                        f"{cfg.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})")
+    return summary
+
+
+def plot_preference(history: list[dict], path, title: str):
+    """loss.png for a preference run: the training loss, and the reward margin and accuracy (training
+    logs as lines, held-out evaluations as points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if train:
+        left.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("loss")
+    left.set_title(title, fontsize=9)
+    left.grid(alpha=0.3)
+    left.legend()
+    for key, color in (("rewards/margins", "tab:green"), ("rewards/accuracies", "tab:orange")):
+        pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+        if pts:
+            right.plot(*zip(*pts), label=f"train {key}", color=color, linewidth=1.0, alpha=0.6)
+        evals = [(h["step"], h[f"eval_{key}"]) for h in history if f"eval_{key}" in h and "step" in h]
+        if evals:
+            right.plot(*zip(*evals), label=f"held-out {key}", color=color, marker="o", linewidth=1.5)
+    right.set_xlabel("optimizer step")
+    right.set_title("rewards (held-out: exact, per pair)", fontsize=9)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["REWARD_KEYS", "PreferenceTrainerMixin", "Scorer", "build_trainer", "evaluate_preference", "method",
+           "plot_preference", "preference_metrics", "train_preference", "trainer_class", "trl_arguments"]
