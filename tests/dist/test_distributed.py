@@ -176,3 +176,27 @@ def test_qlora_with_4bit_experts_under_ddp_and_fsdp2_equals_one_process(train_ru
     for run in (ddp, fsdp):
         assert run.summary["train_losses"] == pytest.approx(single.summary["train_losses"], rel=1e-4)
         assert max_rel_diff(run.weights(), single.weights()) < 1e-4
+
+
+# ----------------------------------------------------------------------------- preference (DPO)
+
+PREFERENCE = {"rl": "dpo", "adapter": "lora", "lora_r": 4, "lora_alpha": 8,
+              "datasets": [{"path": str(REPO / "examples/data/preference/train.jsonl"), "type": "chat_template.default"}],
+              "test_datasets": [{"path": str(REPO / "examples/data/preference/test.jsonl"),
+                                 "type": "chat_template.default"}]}
+
+
+def test_ddp_dpo_with_lora_equals_one_process_and_keeps_ranks_identical(train_run):
+    """DPO with LoRA on the tiny Gemma 4 MoE (towers frozen, reference = adapter disabled) on 2 gloo
+    processes: the same losses as one process with the same global batch, identical ranks."""
+    run = _ok(train_run("ddp_dpo_lora", **PREFERENCE))
+    s = run.summary
+    assert s["world_size"] == 2 and s["strategy"] == "ddp" and s["method"] == "dpo"
+    assert s["reference_model"] == "adapter_disabled" and s["steps"] == 4
+    assert s["eval_rewards/margins"] > s["eval_rewards/margins_initial"] == 0.0
+    assert run.stdout.count("training finished") == 1
+    rank0, rank1 = run.rank_states()
+    assert rank0 and max_rel_diff(rank0, rank1) == 0.0
+    single = _ok(train_run("single_dpo_lora", nproc=1, micro_batch_size=4, **PREFERENCE)).summary
+    assert s["train_losses"] == pytest.approx(single["train_losses"], rel=1e-4)
+    assert s["eval_rewards/margins"] == pytest.approx(single["eval_rewards/margins"], rel=1e-3)

@@ -73,7 +73,7 @@ def resolve_lora_targets(model: torch.nn.Module, plan: Plan) -> list[str]:
     - a list: PEFT's rule (an entry equals the name or is a dotted suffix of it);
     - a string: a regular expression that must match the whole name;
     - "all-linear": every nn.Linear (and transformers' Conv1D) except the output head (lm_head),
-      as PEFT defines it.
+      as PEFT defines it, and the modules trained fully (lora_modules_to_save).
     Modules under the multimodal towers are dropped when `freeze_mm_modules` is on. Then the
     family's `lora_target_redirects` turn a wrapper PEFT cannot adapt into its inner linear
     (`...q_proj` -> `...q_proj.linear`). An empty or unset target returns [] (expert-only LoRA);
@@ -87,8 +87,11 @@ def resolve_lora_targets(model: torch.nn.Module, plan: Plan) -> list[str]:
     modules = {name: module for name, module in model.named_modules() if name}
     if _is_all_linear(spec):
         heads = _output_embedding_names(model)
+        # Modules trained fully (a reward model's score head) carry no LoRA either.
+        saved = set(_setting(plan, "lora_modules_to_save") or ())
         linear = _linear_classes()
-        picked = [n for n, m in modules.items() if isinstance(m, linear) and n not in heads]
+        picked = [n for n, m in modules.items()
+                  if isinstance(m, linear) and n not in heads and n.rsplit(".", 1)[-1] not in saved]
     elif isinstance(spec, str):
         try:
             regex = re.compile(spec)
@@ -162,7 +165,7 @@ def lora_config(plan: Plan, target_modules: Iterable[str], target_parameters: It
         target_modules=list(target_modules),
         target_parameters=list(target_parameters) or None,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
-        task_type="CAUSAL_LM",
+        task_type=plan.get("lora_task_type") or "CAUSAL_LM",  # SEQ_CLS: a reward model (the Plan)
         # A saved lm_head / embed_tokens stays tied to its twin (Gemma ties them), also when merged.
         ensure_weight_tying=bool(modules_to_save),
     )

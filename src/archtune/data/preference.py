@@ -33,31 +33,16 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from archtune.config.schema import Config, DatasetConfig
 from archtune.data import formats
 from archtune.data.formats import FIXES, FormatContext, RowError, render_chat
 from archtune.data.tokenize import bos_to_add, check_tokenizer, special_token_strings
 from archtune.errors import Problem, UserError
+from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED, data_kind
 
-PAIRED, UNPAIRED, REWARD = "paired", "unpaired", "reward"
-# Which row shape each dataset type gives, per kind of training.
-PREFERENCE_TYPES: dict[str, tuple[str, ...]] = {
-    PAIRED: ("chat_template.default", "passthrough.default"),
-    UNPAIRED: ("chat_template.default", "passthrough.default"),
-    REWARD: ("bradley_terry.chat_template",),
-}
 MAX_LISTED_PROBLEMS = 50
-
-
-def data_kind(cfg: Config) -> str | None:
-    """paired / unpaired / reward for a preference config, None for supervised fine-tuning."""
-    if cfg.reward_model:
-        return REWARD
-    if cfg.rl == "kto":
-        return UNPAIRED
-    return PAIRED if cfg.rl else None
 
 
 @dataclass
@@ -184,7 +169,7 @@ def _length(item: dict) -> int:
 
 def _rows(src, work) -> list[tuple[str, Any]]:
     """(FILE:LINE, row dict or a RowError) for every row of a source."""
-    from archtune.data import _read_source
+    from archtune.data.readers import _read_source
 
     out: list[tuple[str, Any]] = []
     for raw, origin in _read_source(src, work):
@@ -253,7 +238,7 @@ def prepare_preference_data(cfg: Config, tokenizer, *, progress: bool = True) ->
 
     import numpy as np
 
-    from archtune.data import resolve_source
+    from archtune.data.sources import resolve_source
     from archtune.data.formats import resolve_chat_template
 
     kind = data_kind(cfg)
@@ -311,6 +296,5 @@ def _tokens(row: dict) -> int:
     return sum(len(row.get("prompt_ids", [])) + len(a) for a in answers)
 
 
-Formatter = Callable[[dict, DatasetConfig, _Encoder, str], dict]
 __all__ = ["PAIRED", "UNPAIRED", "REWARD", "PREFERENCE_TYPES", "PreferenceData", "data_kind", "encode_row",
            "prepare_preference_data", "unpair"]

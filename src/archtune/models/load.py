@@ -147,6 +147,11 @@ def _auto_class(plan: Plan):
 _NEW_HEAD_PREFIXES = {"AutoModelForSequenceClassification": ("score.",)}
 
 
+def _head_settings(plan: Plan) -> dict:
+    """Config values of the head the Plan adds (a reward model's one-output score)."""
+    return {"num_labels": plan.get("num_labels")} if plan.get("model_auto_class") else {}
+
+
 def _drop_new_head(info: dict, plan: Plan) -> dict:
     prefixes = _NEW_HEAD_PREFIXES.get(plan.get("model_auto_class") or "", ())
     if not prefixes:
@@ -165,7 +170,8 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
         from archtune.models.tiny import build_tiny_model
 
         try:
-            model, _ = build_tiny_model(name, seed=cfg.seed, auto_class=plan.get("model_auto_class"))
+            model, _ = build_tiny_model(name, seed=cfg.seed, auto_class=plan.get("model_auto_class"),
+                                        **_head_settings(plan))
         except KeyError:
             raise _unknown_tiny(name) from None
         return model.to(dtype)
@@ -174,7 +180,7 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
     try:
         model, info = _auto_class(plan).from_pretrained(
             source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision,
-            output_loading_info=True)
+            output_loading_info=True, **_head_settings(plan))
     except RuntimeError as exc:
         if "ignore_mismatched_sizes" not in str(exc):
             raise

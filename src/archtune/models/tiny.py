@@ -46,12 +46,14 @@ def build_tiny_config(name: str, tokenizer: "PreTrainedTokenizerBase | None" = N
 
 
 def build_tiny_model(
-    name: str, seed: int | None = 0, dtype: torch.dtype = torch.float32, auto_class: str | None = None
+    name: str, seed: int | None = 0, dtype: torch.dtype = torch.float32, auto_class: str | None = None,
+    **config_updates,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Tiny model `name` with random weights drawn from `seed`, and archtune's tokenizer.
 
     `auto_class` builds another head on the same configuration (e.g. a reward model's
-    AutoModelForSequenceClassification); default: the family's class.
+    AutoModelForSequenceClassification, with `num_labels=1` among `config_updates`); default: the
+    family's class.
 
     Same seed -> bitwise the same weights. The global RNG is neither read nor advanced
     (the build runs inside `torch.random.fork_rng`).
@@ -61,6 +63,8 @@ def build_tiny_model(
     family, tiny = _find(name)
     tokenizer = _tokenizer()
     config = tiny.build_config(tokenizer)
+    for key, value in config_updates.items():
+        setattr(config, key, value)
     auto = getattr(transformers, auto_class or family.auto_class)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0 if seed is None else int(seed))

@@ -449,7 +449,7 @@ def _decoder_layer_classes(plan: "Plan") -> None:
 
 
 def _preference_rules() -> tuple[Rule, ...]:
-    from archtune.families.preference_rules import PREFERENCE_RULES
+    from archtune.plan.preference import PREFERENCE_RULES
 
     return PREFERENCE_RULES
 

@@ -105,7 +105,7 @@ class PreferenceTrainerMixin:
 
     # -- text-only batches of multimodal wrappers
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from archtune.train.trainer import text_only_extras
+        from archtune.patches.text_only import text_only_extras
 
         extras = text_only_extras(model, inputs)
         if extras:
@@ -213,7 +213,7 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 def _answer_logps(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device, max_length: int,
                   average: bool) -> torch.Tensor:
     """log p(answer | prompt) per row (summed over the answer's tokens, or their mean)."""
-    from archtune.train.trainer import text_only_extras
+    from archtune.patches.text_only import text_only_extras
 
     seqs = [(list(p) + list(a))[:max_length] for p, a in zip(prompts, answers)]
     input_ids = _pad(seqs, pad_id).to(device)
@@ -387,6 +387,7 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
     initial = trainer.evaluate() if data.eval is not None else {}
     result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint or None)
     final = trainer.evaluate() if data.eval is not None else {}
+    distributed.dump_rank_state(trainer.model)
 
     _set_use_cache(model, True)
     trainer.save_model(str(out))

@@ -24,9 +24,25 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
     "center_rewards_coefficient": ("reward",), "num_labels": ("reward",),
 }
+PAIRED, UNPAIRED, REWARD = "paired", "unpaired", "reward"
+# The dataset types each kind of row comes from (data/preference.py reads them).
+PREFERENCE_TYPES: dict[str, tuple[str, ...]] = {
+    PAIRED: ("chat_template.default", "passthrough.default"),
+    UNPAIRED: ("chat_template.default", "passthrough.default"),
+    REWARD: ("bradley_terry.chat_template",),
+}
 NO_PADDING_FREE = ("TRL's preference trainers have no padding-free path (DPOTrainer's padding_free is disabled "
                    "in TRL 1.16, and KTOTrainer, ORPOTrainer, CPOTrainer and RewardTrainer have none), so packed "
                    "pairs cannot be made exact")
+
+
+def data_kind(cfg) -> str | None:
+    """paired / unpaired / reward rows for a preference config, None for supervised fine-tuning."""
+    if cfg.reward_model:
+        return REWARD
+    if cfg.rl == "kto":
+        return UNPAIRED
+    return PAIRED if cfg.rl else None
 
 
 def preference_method(plan: "Plan") -> str | None:
@@ -108,10 +124,14 @@ def _reward_model(plan: "Plan") -> None:
                    f"{plan.model_type!r}, so no reward model can be built from it",
                    "use a base model whose type has one (e.g. Gemma 3, Llama)")
         return
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        plan.error("reward_model", "a quantized base with a new score head is not built yet",
+                   "remove load_in_4bit / load_in_8bit (use adapter: lora) for the reward model")
     plan.set("model_auto_class", "AutoModelForSequenceClassification", "auto",
              f"reward_model: the base model with a one-output score head ({head}), newly initialized")
     plan.set("rl_reference_model", "none", "auto", "a reward model has no reference model")
     if cfg.adapter:
+        plan.set("lora_task_type", "SEQ_CLS", "auto", "reward_model: PEFT's sequence-classification model")
         saved = list(cfg.lora_modules_to_save or [])
         if "score" not in saved:
             plan.set("lora_modules_to_save", saved + ["score"], "auto",
@@ -127,8 +147,6 @@ def sequence_classification_class(plan: "Plan") -> str | None:
 
 
 def _data_types(plan: "Plan") -> None:
-    from archtune.data.preference import PREFERENCE_TYPES, data_kind
-
     cfg = plan.config
     kind = data_kind(cfg)
     preference_types = {t for types in PREFERENCE_TYPES.values() for t in types}
