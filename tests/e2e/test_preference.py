@@ -103,3 +103,45 @@ def test_packing_and_sft_types_are_refused_before_loading(trained, tmp_path):
                                                "output_dir": str(tmp_path / "o")})
     code, out, err = run_cli(trained.capsys, "train", cfg)
     assert code == 2 and "sample_packing" in err + out and "padding-free" in err + out
+
+
+# ---------------------------------------------------------------- the DPO examples, one per family
+
+DPO_EXAMPLES = {"gemma4-26b-a4b-moe.yaml": ("gemma4-moe", "gemma4"), "gemma3-4b.yaml": ("gemma3", "gemma3"),
+                "qwen3_5-35b-a3b.yaml": ("qwen3_5-moe", "qwen3_5_moe")}
+
+
+@pytest.mark.parametrize("example", sorted(DPO_EXAMPLES))
+def test_dpo_example_plans_on_its_tiny_counterpart(capsys, example):
+    tiny, family = DPO_EXAMPLES[example]
+    path = REPO / "examples" / "dpo" / example
+    header = path.read_text().split("\nbase_model:")[0]
+    assert f"archtune train examples/dpo/{example}" in header and "Needs:" in header
+    code, out, err = run_cli(capsys, "check", path, f"base_model=tiny:{tiny}", "--json", "--nproc", "2")
+    data = json.loads(out)
+    assert code == 0 and data["errors"] == [] and data["warnings"] == [], (data["errors"], data["warnings"])
+    s = data["settings"]
+    assert data["family"] == family and s["rl_trainer"]["value"] == "DPOTrainer"
+    assert s["rl_reference_model"]["value"] == "adapter_disabled"
+    assert s["freeze_mm_modules"]["value"] is True and s["ddp_find_unused_parameters"]["value"] is True
+
+
+def test_gemma4_moe_dpo_example_trains_with_expert_lora_and_scattermoe(capsys, tmp_path):
+    """The family rules hold under DPO: expert LoRA through ScatterMoE, checkpointing, towers frozen."""
+    small = tmp_path / "test.jsonl"
+    small.write_text("".join((PREF / "test.jsonl").read_text().splitlines(keepends=True)[:8]))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "train", REPO / "examples" / "dpo" / "gemma4-26b-a4b-moe.yaml",
+                           "base_model=tiny:gemma4-moe", "bf16=false", "max_steps=2", "micro_batch_size=2",
+                           "gradient_accumulation_steps=1", "sequence_len=64", "learning_rate=0.01",
+                           f"test_datasets.0.path={small}", f"output_dir={out}")
+    assert code == 0, err[-3000:]
+    s = read_json(out / "train_summary.json")
+    assert s["steps"] == 2 and s["experts_implementation"] == "scattermoe"
+    assert s["eval_rewards/margins"] != s["eval_rewards/margins_initial"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("experts" in k for k in keys) and any("self_attn" in k for k in keys)
+    assert not any("vision" in k for k in keys)

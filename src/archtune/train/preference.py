@@ -369,7 +369,8 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
     from archtune.train import distributed
     from archtune.train.callbacks import LossBar, TrainClock
     from archtune.train.outputs import plot_losses, write_summary
-    from archtune.train.recipe import _callbacks, _set_use_cache, build_model, training_arguments
+    from archtune.train.recipe import (_callbacks, _experts_implementation_in_use, _set_use_cache, build_model,
+                                       training_arguments)
 
     main = distributed.is_main()
     out = Path(cfg.output_dir)
@@ -414,6 +415,7 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
         "train_seconds": round(clock.seconds, 3),
         "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
         "tokens_per_second": train_tokens / clock.seconds if train_tokens and clock.seconds > 0 else None,
+        "experts_implementation": _experts_implementation_in_use(model),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": trainable,
         "total_params": total,
