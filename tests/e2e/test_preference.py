@@ -123,7 +123,7 @@ def test_dpo_example_plans_on_its_tiny_counterpart(capsys, example):
     s = data["settings"]
     assert data["family"] == family and s["rl_trainer"]["value"] == "DPOTrainer"
     assert s["rl_reference_model"]["value"] == "adapter_disabled"
-    assert s["freeze_mm_modules"]["value"] is True and s["ddp_find_unused_parameters"]["value"] is True
+    assert s["freeze_mm_modules"]["value"] is True  # text-only preference data: the towers stay frozen
 
 
 def test_gemma4_moe_dpo_example_trains_with_expert_lora_and_scattermoe(capsys, tmp_path):
