@@ -88,7 +88,7 @@ def resolve_lora_targets(model: torch.nn.Module, plan: Plan) -> list[str]:
     if _is_all_linear(spec):
         heads = _output_embedding_names(model)
         # Modules trained fully (a reward model's score head) carry no LoRA either.
-        saved = set(_setting(plan, "lora_modules_to_save") or ())
+        saved = set(plan.decided("lora_modules_to_save") or ())
         linear = _linear_classes()
         picked = [n for n, m in modules.items()
                   if isinstance(m, linear) and n not in heads and n.rsplit(".", 1)[-1] not in saved]
