@@ -354,9 +354,10 @@ def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> dict:
 
 # ---------------------------------------------------------------- the recipe's preference branch
 
-def train_preference(cfg, plan, tokenizer, console, say) -> dict:
+def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     """Data, model, TRL trainer, initial evaluation, training, final evaluation, outputs: the
-    preference counterpart of the supervised recipe (same Plan, model building and outputs)."""
+    preference counterpart of the supervised recipe (same Plan, model building, output_dir claim,
+    run record, resume and staged outputs). `resume`: the checkpoint to resume from, or None."""
     import resource
     import time
     from pathlib import Path
@@ -369,8 +370,9 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
     from archtune.train import distributed
     from archtune.train.callbacks import LossBar, TrainClock
     from archtune.train.outputs import plot_losses, write_summary
-    from archtune.train.recipe import (_callbacks, _experts_implementation_in_use, _set_use_cache, build_model,
-                                       training_arguments)
+    from archtune.train import checkpoints
+    from archtune.train.recipe import (_callbacks, _claim_output_dir, _experts_implementation_in_use, _set_use_cache,
+                                       build_model, training_arguments)
 
     main = distributed.is_main()
     out = Path(cfg.output_dir)
@@ -379,6 +381,9 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
     plugins = load_plugins(cfg)
     model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
     trainable, total = count_params(model)
+    if main:
+        _claim_output_dir(cfg, plan, out, resume, data, console)
+    distributed.barrier()
     clock = TrainClock()
     args = trl_arguments(plan, training_arguments(plan, has_eval=data.eval is not None))
     trainer = build_trainer(plan, model, tokenizer, data, args,
@@ -386,12 +391,14 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     initial = trainer.evaluate() if data.eval is not None else {}
-    result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint or None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     final = trainer.evaluate() if data.eval is not None else {}
     distributed.dump_rank_state(trainer.model)
 
     _set_use_cache(model, True)
-    trainer.save_model(str(out))
+    staged = checkpoints.clear_staging(out, "final") if main else checkpoints.staging_dir(out) / "final"
+    distributed.barrier()
+    trainer.save_model(str(staged))
     history = trainer.state.log_history
     if initial:
         history = [{"step": 0, **initial}] + [h for h in history if not (h.get("step") == 0 and "eval_rows" in h)]
@@ -426,6 +433,7 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
         "model_type": plan.model_type,
         "adapter": plan.get("adapter"),
         "data": data.stats,
+        "resumed_from": resume.name if resume is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     last = train_logs[-1] if train_logs else {}
@@ -434,10 +442,11 @@ def train_preference(cfg, plan, tokenizer, console, say) -> dict:
         summary[f"eval_{key}"] = final.get(f"eval_{key}")
         summary[f"eval_{key}_initial"] = initial.get(f"eval_{key}")
     if main:
-        tokenizer.save_pretrained(str(out))
-        write_summary(out / "train_summary.json", summary)
-        plot_preference(history, out / "loss.png",
+        tokenizer.save_pretrained(str(staged))
+        plot_preference(history, staged / "loss.png",
                         f"{cfg.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})")
+        checkpoints.publish_outputs(staged, out)
+        write_summary(out / checkpoints.SUMMARY, summary)  # last: its presence marks a finished run
     return summary
 
 

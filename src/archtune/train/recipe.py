@@ -284,7 +284,7 @@ def _train(cfg: Config, console) -> dict:
     if plan.get("rl_trainer"):  # rl / reward_model: TRL's preference trainers (train/preference.py)
         from archtune.train.preference import train_preference
 
-        return train_preference(cfg, plan, tokenizer, console, _say)
+        return train_preference(cfg, plan, tokenizer, console, resume)
 
     with distributed.main_process_first():  # rank 0 tokenizes and caches, the others read its cache
         data: PreparedData = prepare_data(cfg, tokenizer, progress=main, media=setup.media)
