@@ -23,6 +23,9 @@ UNKNOWN_MODEL = "unknown-model"  # a local model directory whose model_type tran
 
 # rule name -> (base_model, config keys, --nproc, the key refused)
 REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
+    "rl_method": ("tiny:llama", {"rl": "dpo", "reward_model": True}, 1, "reward_model"),
+    "rl_data_types": ("tiny:llama", {"rl": "dpo"}, 1, "datasets.0.type"),  # alpaca rows are not pairs
+    "rl_packing": ("tiny:llama", {"rl": "dpo", "sample_packing": True}, 1, "sample_packing"),
     "lora_target_parameters": ("tiny:gemma4-moe", {"adapter": "lora", "lora_dropout": 0,
                                                    "lora_target_parameters": ["experts.nope_proj"]},
                                1, "lora_target_parameters"),

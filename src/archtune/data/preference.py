@@ -38,7 +38,7 @@ from typing import Any
 from archtune.config.schema import Config, DatasetConfig
 from archtune.data import formats
 from archtune.data.formats import FIXES, FormatContext, RowError, render_chat
-from archtune.data.tokenize import bos_to_add, check_tokenizer, special_token_strings
+from archtune.data.tokenize import _is_utf8, bos_to_add, check_tokenizer, special_token_strings
 from archtune.errors import Problem, UserError
 from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED, data_kind
 
@@ -63,6 +63,8 @@ class _Encoder:
     eos_text: str | None
 
     def ids(self, text: str, *, first: bool) -> list[int]:
+        if not _is_utf8(text):
+            raise RowError(formats.UNDECODABLE, "the row holds a lone surrogate (e.g. a \\ud800 escape)")
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if first and self.bos is not None and (not ids or ids[0] != self.bos):
             ids.insert(0, self.bos)
