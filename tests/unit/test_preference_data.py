@@ -125,6 +125,12 @@ def test_betas_and_losses_keep_axolotls_meanings():
     assert any("orpo_alpha has no effect" in w for w in plan(rl="dpo", orpo_alpha=0.2).warnings)
 
 
+def test_chunked_cross_entropy_stays_off_for_trl_trainers():
+    p = plan(rl="dpo", chunked_cross_entropy=True)
+    assert p.get("chunked_cross_entropy") is False and p.source("chunked_cross_entropy") == "auto"
+    assert any("chunked_cross_entropy has no effect" in w for w in p.warnings)
+
+
 def test_packing_padding_free_and_fsdp_are_refused_with_the_reason():
     p = plan(rl="dpo", sample_packing=True, dpo_padding_free=True)
     assert {"sample_packing", "dpo_padding_free"} <= set(errors(p))

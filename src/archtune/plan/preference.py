@@ -65,6 +65,12 @@ def _method(plan: "Plan") -> None:
             plan.warn(f"{key} has no effect with {what} (it applies to {', '.join(methods)})")
     if kind is None:
         return
+    if plan.get("chunked_cross_entropy"):
+        if plan.user_set("chunked_cross_entropy"):
+            plan.warn("chunked_cross_entropy has no effect with preference or reward training: TRL's trainers "
+                      "compute the answers' log-probabilities (or the score) themselves")
+        plan.set("chunked_cross_entropy", False, "auto", "preference and reward training: TRL's trainers compute the "
+                 "answers' log-probabilities themselves (DPO and KTO with their own chunked LM head)")
     plan.set("rl_trainer", TRAINERS[kind], "auto", f"{'reward_model: true' if kind == 'reward' else 'rl: ' + kind} "
              f"trains with TRL's {TRAINERS[kind]}" + (" (loss_type simpo)" if kind == "simpo" else ""))
     if kind == "reward":
