@@ -38,3 +38,18 @@ def read_json_line(stdout: str) -> dict:
     import json
 
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_check_memory_json_and_gpu_memory_warning(capsys):
+    from tests.e2e.conftest import REPO
+
+    code, out, _ = run_cli(capsys, "check", str(REPO / "examples" / "quickstart.yaml"), "--memory", "--json")
+    assert code == 0
+    plan = read_json_line(out)
+    assert plan["memory"]["per_device"] is True and plan["memory"]["peak_bytes"] == sum(plan["memory"]["parts"].values())
+    assert not plan["warnings"]
+    code, out, _ = run_cli(capsys, "check", str(REPO / "examples" / "quickstart.yaml"), "--json", "--gpu-memory", "100MiB")
+    warning = " ".join(read_json_line(out)["warnings"])
+    assert code == 0 and "exceeds 0.1 GiB" in warning and "gradient_checkpointing: true" in warning
+    code, out, _ = run_cli(capsys, "check", str(REPO / "examples" / "quickstart.yaml"), "--gpu-memory", "lots")
+    assert code == 2 and "--gpu-memory" in out

@@ -81,4 +81,61 @@ def render_verdict(plan: Plan, console: Console) -> None:
         console.print(Text("check passed", style="bold green"))
 
 
-__all__ = ["check_plan", "error_json", "render_plan", "render_verdict", "changed_settings", "show_value"]
+# ---------------------------------------------------------------- --memory
+
+def detected_gpu_memory() -> int | None:
+    """Total memory of GPU 0 in bytes, or None without one."""
+    try:
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+    except Exception:  # a driver problem is not a check failure
+        return None
+
+
+def memory_check(plan: Plan, gpu_memory: str | None):
+    """The Plan's memory estimate; with a budget (--gpu-memory, else the detected GPU's), a warning
+    naming the settings that would make it fit when the estimate exceeds it."""
+    from archtune.plan.memory import estimate_memory, fitting_settings, parse_bytes
+    from archtune.plan.structure import StructureUnavailable
+
+    try:
+        budget = parse_bytes(gpu_memory) if gpu_memory else detected_gpu_memory()
+    except ValueError as exc:
+        plan.error("--gpu-memory", str(exc), "give a size such as 80GiB or 24GB")
+        return None
+    try:
+        estimate = estimate_memory(plan)
+    except StructureUnavailable as exc:
+        plan.warn(f"no memory estimate: the model cannot be built from its config.json ({exc})")
+        return None
+    if budget is not None and estimate.peak_bytes > budget:
+        fits = fitting_settings(plan, budget)
+        advice = ("; it would fit with any one of: " + "; ".join(fits)) if fits else \
+            "; no single change of checkpointing, offloading, FSDP2 degree (up to 8), QLoRA or micro batch fits it"
+        plan.warn(f"the estimated peak memory per device, {_gib(estimate.peak_bytes)}, exceeds "
+                  f"{_gib(budget)}{advice}")
+    estimate.budget = budget
+    return estimate
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def render_memory(estimate, console: Console) -> None:
+    table = Table(title=f"memory per device ({estimate.strategy}, {estimate.world_size} "
+                        f"process{'es' if estimate.world_size != 1 else ''}), estimated from config.json",
+                  title_justify="left")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for part, n in estimate.parts.items():
+        table.add_row(part, f"{n / 2**30:.2f}")
+    table.add_row(Text("peak", style="bold"), Text(f"{estimate.peak_bytes / 2**30:.2f}", style="bold"))
+    console.print(table)
+    for note in estimate.notes:
+        console.print(Text(note, style="dim"))
+
+
+__all__ = ["check_plan", "error_json", "render_plan", "render_verdict", "changed_settings", "show_value", "memory_check",
+           "render_memory", "detected_gpu_memory"]

@@ -110,9 +110,14 @@ def _print_train_summary(s: dict, output_dir: str) -> None:
 def check(config: Path, overrides: Optional[list[str]] = OverridesArg,
           as_json: bool = typer.Option(False, "--json", help="Print the Plan as one JSON object."),
           nproc: int = typer.Option(1, "--nproc", help="Resolve as for N processes (DDP/FSDP decisions)."),
-          probe: bool = typer.Option(False, "--probe", help="Also load the model and run the consistency probe.")) -> None:
+          probe: bool = typer.Option(False, "--probe", help="Also load the model and run the consistency probe."),
+          memory: bool = typer.Option(False, "--memory", help="Estimate the memory per device (from config.json, "
+                                      "no weights loaded)."),
+          gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Warn when the estimate exceeds this "
+                                                   "(e.g. 80GiB; default: the detected GPU's memory); implies --memory.")
+          ) -> None:
     """Resolve the Plan without loading weights: what the family and auto-detection set, and why."""
-    from archtune.cli.check import check_plan, error_json, render_plan, render_verdict
+    from archtune.cli.check import check_plan, error_json, memory_check, render_memory, render_plan, render_verdict
 
     try:
         if nproc < 1:
@@ -124,12 +129,18 @@ def check(config: Path, overrides: Optional[list[str]] = OverridesArg,
             raise
         print(json.dumps(error_json(exc, world_size=nproc), default=str))  # the same shape, errors filled
         sys.exit(2)
+    estimate = memory_check(plan, gpu_memory) if (memory or gpu_memory) and not plan.errors else None
     if not as_json:
         render_plan(plan, console)
+        if estimate is not None:
+            render_memory(estimate, console)
     if probe and not plan.errors:
         _probe(cfg, plan, err_console if as_json else console, report=not as_json)
     if as_json:
-        print(json.dumps(plan.to_json(), default=str))
+        out = plan.to_json()
+        if estimate is not None:
+            out["memory"] = estimate.to_json()
+        print(json.dumps(out, default=str))
     else:
         render_verdict(plan, console)
     if plan.errors:

@@ -57,7 +57,9 @@ def model_structure(model_config: dict[str, Any], auto_class: str) -> ModelStruc
     return cached
 
 
-def _build_structure(model_config: dict[str, Any], auto_class: str) -> ModelStructure:
+def meta_model(model_config: dict[str, Any], auto_class: str):
+    """The model `model_config` describes, built on the meta device (shapes, no storage): a fresh
+    instance each call. Raises StructureUnavailable."""
     import torch
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -66,7 +68,7 @@ def _build_structure(model_config: dict[str, Any], auto_class: str) -> ModelStru
     if model_type not in CONFIG_MAPPING:
         raise StructureUnavailable(f"transformers {transformers.__version__} has no model_type {model_type!r}")
     try:
-        config = CONFIG_MAPPING[model_type].from_dict(model_config)
+        config = CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(model_config))
     except Exception as exc:  # a config.json transformers rejects
         raise StructureUnavailable(f"config.json does not load as {model_type!r}: {exc}") from None
     errors = []
@@ -78,11 +80,17 @@ def _build_structure(model_config: dict[str, Any], auto_class: str) -> ModelStru
         except Exception as exc:  # e.g. the Auto class has no mapping for this config
             errors.append(f"{name}: {exc}")
             continue
-        return ModelStructure(
-            auto_class=name,
-            module_names=tuple(n for n, _ in model.named_modules()),
-            class_names=frozenset(type(m).__name__ for m in model.modules()),
-            parameters={n: tuple(p.shape) for n, p in model.named_parameters()},
-            no_split_modules=tuple(getattr(model, "_no_split_modules", None) or ()),
-        )
+        model.archtune_auto_class = name
+        return model
     raise StructureUnavailable("; ".join(errors))
+
+
+def _build_structure(model_config: dict[str, Any], auto_class: str) -> ModelStructure:
+    model = meta_model(model_config, auto_class)
+    return ModelStructure(
+        auto_class=model.archtune_auto_class,
+        module_names=tuple(n for n, _ in model.named_modules()),
+        class_names=frozenset(type(m).__name__ for m in model.modules()),
+        parameters={n: tuple(p.shape) for n, p in model.named_parameters()},
+        no_split_modules=tuple(getattr(model, "_no_split_modules", None) or ()),
+    )

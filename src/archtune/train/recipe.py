@@ -289,6 +289,7 @@ def _train(cfg: Config, console) -> dict:
     with distributed.main_process_first():  # rank 0 tokenizes and caches, the others read its cache
         data: PreparedData = prepare_data(cfg, tokenizer, progress=main, media=setup.media)
     plugins = load_plugins(cfg)
+    rss_before_model_mb = _rss_mb()  # what the process holds before the model: the baseline of its training memory
     model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
     trainable, total = count_params(model)
     weight_bytes = model_bytes(model, adapters=False)  # the loaded model, before any sharding
@@ -361,6 +362,7 @@ def _train(cfg: Config, console) -> dict:
         "experts_load": routing.summary() if routing.layers else None,
         "experts_implementation": _experts_implementation_in_use(model) if routing.layers else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_model_mb": round(rss_before_model_mb, 1),
         "trainable_params": trainable,
         "total_params": total,
         "model_bytes": weight_bytes,
@@ -417,6 +419,15 @@ def _nonfinite_stop(exc: NonFinite, data: PreparedData, trainer, out: Path) -> R
 def _signal_stop(stop: StopRequest, trainer, out: Path) -> RunStopped:
     return RunStopped(f"archtune: stopped by {stop.name} after step {trainer.state.global_step}; "
                       f"{_last_good(out)}", EXIT_STOPPED)
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (MiB); 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _chunked_loss_installed(model) -> bool:

@@ -1,0 +1,417 @@
+"""The memory a Plan's training takes per device, estimated from config.json alone.
+
+`estimate_memory(plan)` builds the model on the meta device (shapes, no storage: seconds, no
+weights) and adds up, per device, for the world size and strategy the Plan resolved:
+
+- weights: the base parameters in their training dtype (bf16: 2 bytes, else 4); QLoRA keeps
+  nn.Linear weights in 4 bit (`weight_bytes(n, "nf4")`) and, as PEFT's k-bit preparation does,
+  every other parameter in fp32; FSDP2 holds 1/world_size of them (none with CPU offloading);
+- adapter: LoRA matrices (fp32), r * (in + out) per targeted linear layer, r * E * (in + out) per
+  targeted expert tensor [E, out, in]; `lora_modules_to_save` copies;
+- gradients: one per trainable parameter, in its dtype (FSDP2: sharded);
+- optimizer: the optimizer's states per trainable parameter (AdamW: 2, 8-bit Adam: 2 bytes,
+  SGD without momentum: none; FSDP2: sharded);
+- activations: what autograd saves for backward, measured by running the decoder's forward on
+  the meta device at micro_batch_size x sequence_len with saved-tensor hooks (attention as the
+  fused SDPA kernels save it: q, k, v, output and log-sum-exp, no [T x T] matrix; experts as a
+  balanced grouped matmul). With gradient checkpointing only each layer's input is kept plus one
+  layer's activations during its recompute; activation offloading moves the layer inputs to host
+  memory;
+- logits: the loss over the vocabulary: the stock loss holds [tokens x vocab] fp32 logits, their
+  log-softmax and gradient (and the softcap's output); the chunked cross-entropy holds that for
+  one chunk of tokens;
+- buffers: the model's buffers, DDP's gradient buckets (a copy of the gradients), FSDP2's
+  gathered parameters and gradients of the two largest layers (one computing, one prefetched).
+
+`peak_bytes` is their sum: the moment of the backward pass when activations, gradients and
+optimizer states all exist.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from archtune.plan.resolver import Plan
+
+PARTS = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "buffers")
+
+# Bytes per parameter of each storage kind. NF4 stores two weights per byte plus one absmax per
+# block of 64; with double quantization that absmax is itself 8 bit (plus an fp32 scale per 256
+# blocks).
+BYTES_PER_PARAM: dict[str, float] = {
+    "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 + 4 / 4096,
+    "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "nf4-no-double-quant": 0.5 + 4 / 64,
+}
+# Optimizer states per trainable parameter, in units of the parameter's own bytes ("x") or fixed bytes.
+OPTIMIZER_STATES: dict[str, tuple[float, str]] = {
+    "adamw_torch": (2, "x"), "adamw_torch_fused": (2, "x"), "adamw_hf": (2, "x"), "adamw_torch_xla": (2, "x"),
+    "adamw_apex_fused": (2, "x"), "adamw_anyprecision": (2, "x"), "adam": (2, "x"),
+    "adamw_bnb_8bit": (2, "bytes"), "adamw_8bit": (2, "bytes"), "paged_adamw_8bit": (2, "bytes"),
+    "paged_adamw_32bit": (8, "bytes"), "lion_8bit": (1, "bytes"), "lion_32bit": (4, "bytes"),
+    "paged_lion_8bit": (1, "bytes"), "paged_lion_32bit": (4, "bytes"),
+    "sgd": (0, "x"), "adagrad": (1, "x"), "rmsprop": (1, "x"), "adafactor": (0, "x"),
+}
+GIB = 2**30
+
+
+def weight_bytes(numel: int, kind: str) -> int:
+    """Bytes of `numel` parameters stored as `kind` (a torch dtype name, "nf4", "int8")."""
+    try:
+        return int(math.ceil(numel * BYTES_PER_PARAM[kind]))
+    except KeyError:
+        raise KeyError(f"unknown weight storage {kind!r}; known: {', '.join(BYTES_PER_PARAM)}") from None
+
+
+@dataclass
+class MemoryEstimate:
+    parts: dict[str, int]
+    world_size: int
+    strategy: str
+    notes: list[str] = field(default_factory=list)
+    budget: int | None = None  # the device memory it was checked against (bytes), if any
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def to_json(self) -> dict:
+        """The `"memory"` object of `archtune check --memory --json`."""
+        return {"peak_bytes": self.peak_bytes, "parts": {k: int(self.parts[k]) for k in PARTS}, "per_device": True}
+
+
+# ---------------------------------------------------------------- the meta-device model
+
+def _text_model(model):
+    """The decoder that turns input_ids into hidden states (no lm_head)."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None else model.get_decoder()
+
+
+@contextlib.contextmanager
+def _meta_forward_patches() -> Iterator[None]:
+    """What makes a training forward run on meta tensors and save what the GPU kernels save:
+    packed-sequence detection reads values (skipped: no packing), SDPA as the fused kernel,
+    experts as a balanced grouped matmul."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import masking_utils
+
+    original_sdpa, original_find = F.scaled_dot_product_attention, masking_utils.find_packed_sequence_indices
+
+    def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            repeat = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, bool(is_causal and attn_mask is None), attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused_sdpa
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original_sdpa
+        masking_utils.find_packed_sequence_indices = original_find
+
+
+def _balanced_experts(self, hidden_states, top_k_index, top_k_weights):
+    """Experts as grouped_mm saves them, on meta tensors (every routed copy through one expert's
+    shapes): the routed copies of the input, the gate/up output, the activation, the down input."""
+    k = top_k_index.shape[-1]
+    x = hidden_states.repeat_interleave(k, dim=0)
+    gate_up = self.gate_up_proj[0]
+    h = x @ (gate_up if gate_up.shape[0] == x.shape[-1] else gate_up.T)
+    gate, up = h.chunk(2, dim=-1)
+    h = self.act_fn(gate) * up
+    down = self.down_proj[0]
+    out = (h @ (down if down.shape[0] == h.shape[-1] else down.T)) * top_k_weights.reshape(-1, 1).to(h.dtype)
+    return out.view(hidden_states.shape[0], k, -1).sum(1)
+
+
+def _register_balanced_experts() -> str:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    name = "archtune_meta_balanced"
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(name, _balanced_experts)
+    return name
+
+
+@dataclass
+class SavedActivations:
+    per_layer: list[int]  # bytes autograd saves inside each decoder layer
+    outside: int  # embeddings, final norm, rotary tables, masks
+    layer_input: int  # one layer's input hidden states (what checkpointing keeps per layer)
+
+
+def measure_activations(model, layer_classes: set[str], batch: int, seq: int) -> SavedActivations:
+    """Run the decoder's forward on the meta device and count the bytes autograd saves."""
+    import torch
+
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    per_layer = [0] * len(layers)
+    seen: set[int] = set()
+    where = {"layer": None}
+    counts = {"outside": 0}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in params and key not in seen:
+            seen.add(key)
+            if where["layer"] is None:
+                counts["outside"] += storage.nbytes()
+            else:
+                per_layer[where["layer"]] += storage.nbytes()
+        return t
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__("layer", i)))
+        handles.append(layer.register_forward_hook(lambda m, a, o: where.__setitem__("layer", None)))
+    if hasattr(model, "set_experts_implementation"):
+        with contextlib.suppress(Exception):  # models without experts refuse any implementation
+            model.set_experts_implementation(_register_balanced_experts())
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    try:
+        with _meta_forward_patches(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _text_model(model)(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = model.config.get_text_config().hidden_size
+    dtype_bytes = next(model.parameters()).element_size()
+    return SavedActivations(per_layer, counts["outside"], batch * seq * hidden * dtype_bytes)
+
+
+# ---------------------------------------------------------------- parameters
+
+def _lora_targets(plan: "Plan", model) -> tuple[list[tuple[str, Any]], list[tuple[str, tuple]]]:
+    """(targeted linear modules, targeted expert tensors) as PEFT would pick them."""
+    import torch
+
+    targets = plan.get("lora_target_modules")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    output = model.get_output_embeddings()
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        hit = [(n, m) for n, m in linears if m is not output]
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        hit = [(n, m) for n, m in linears if pattern.fullmatch(n)]
+    else:
+        names = [str(t) for t in targets or []]
+        hit = [(n, m) for n, m in linears if any(n == t or n.endswith("." + t) for t in names)]
+    tensors = []
+    for target in plan.get("lora_target_parameters") or []:
+        tensors += [(n, tuple(p.shape)) for n, p in model.named_parameters()
+                    if (n == target or n.endswith("." + target)) and p.dim() == 3]
+    return hit, tensors
+
+
+def _is_frozen_tower(name: str, plan: "Plan") -> bool:
+    return bool(plan.get("freeze_mm_modules")) and any(
+        name.startswith(prefix + ".") or f".{prefix}." in f".{name}" for prefix in plan.family.mm_module_prefixes)
+
+
+def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
+    import torch
+
+    bf16 = plan.config.bf16 is True
+    quantized = bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
+    base_kind = "bfloat16" if bf16 else "float32"
+    output = model.get_output_embeddings()
+    quantized_weights = set()
+    if quantized:
+        quantized_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output}
+    weights = 0
+    seen = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        kind = ("nf4" if id(p) in quantized_weights else "float32") if quantized else base_kind
+        weights += weight_bytes(p.numel(), kind)
+    adapter_params = 0
+    trainable_bytes = 0
+    if plan.get("adapter") in ("lora", "qlora"):
+        r = int(plan.config.lora_r)
+        linears, tensors = _lora_targets(plan, model)
+        adapter_params = sum(r * (m.in_features + m.out_features) for _, m in linears)
+        adapter_params += sum(r * shape[0] * (shape[1] + shape[2]) for _, shape in tensors)
+        saved = 0
+        for name in plan.config.lora_modules_to_save or []:
+            for n, m in model.named_modules():
+                if n == name or n.endswith("." + name):
+                    saved += sum(p.numel() for p in m.parameters(recurse=True))
+        adapter_params += saved
+        trainable_bytes = adapter_params * 4  # PEFT keeps adapter weights in fp32
+        trainable_params = adapter_params
+    else:
+        trainable_params = sum(p.numel() for n, p in model.named_parameters() if not _is_frozen_tower(n, plan))
+        trainable_bytes = int(trainable_params * BYTES_PER_PARAM[base_kind])
+    largest_layer = 0
+    layer_classes = set(plan.get("decoder_layer_classes") or ([plan.family.decoder_layer_cls]
+                                                                if plan.family.decoder_layer_cls else []))
+    for m in model.modules():
+        if type(m).__name__ in layer_classes:
+            largest_layer = max(largest_layer, sum(p.numel() for p in m.parameters()))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"weights": weights, "adapter": adapter_params * 4 if plan.get("adapter") in ("lora", "qlora") else 0,
+            "trainable_params": trainable_params, "trainable_bytes": trainable_bytes,
+            "largest_layer_bytes": int(largest_layer * BYTES_PER_PARAM[base_kind]), "buffers": buffers,
+            "layer_classes": layer_classes}
+
+
+def _optimizer_bytes(name: str, trainable_params: int, trainable_bytes: int, notes: list[str]) -> int:
+    states = OPTIMIZER_STATES.get(name)
+    if states is None:
+        notes.append(f"optimizer {name}: counted as AdamW (two states per parameter)")
+        states = (2, "x")
+    count, unit = states
+    return int(count * (trainable_bytes if unit == "x" else trainable_params))
+
+
+# ---------------------------------------------------------------- the estimate
+
+def strategy(plan: "Plan") -> str:
+    if plan.world_size == 1:
+        return "single"
+    name = "fsdp2" if plan.get("fsdp") else "ddp"
+    if plan.get("fsdp") and plan.get("fsdp_config.fsdp_offload_params"):
+        name += "+param_offload"
+    return name + ("+activation_offload" if plan.get("activation_offloading") else "")
+
+
+def estimate_memory(plan: "Plan") -> MemoryEstimate:
+    """Per-device memory of training as `plan` says (see the module docstring). Raises
+    StructureUnavailable when the model cannot be built from its config.json."""
+    import torch
+
+    from archtune.plan.structure import meta_model
+
+    notes: list[str] = []
+    model = meta_model(plan.model_config, plan.family.auto_class)
+    if plan.config.bf16 is True:
+        model = model.to(torch.bfloat16)
+    cfg, ws = plan.config, plan.world_size
+    sizes = _parameter_bytes(plan, model)
+    fsdp = bool(plan.get("fsdp")) and ws > 1
+    shard = ws if fsdp else 1
+    offload_params = fsdp and bool(plan.get("fsdp_config.fsdp_offload_params"))
+
+    weights = 0 if offload_params else sizes["weights"] // shard
+    adapter = sizes["adapter"] // shard
+    gradients = sizes["trainable_bytes"] // shard
+    optimizer = _optimizer_bytes(str(cfg.optimizer), sizes["trainable_params"], sizes["trainable_bytes"], notes) // shard
+    if offload_params:
+        gradients = optimizer = 0
+        notes.append("fsdp_offload_params: parameters, gradients and optimizer states live in host memory")
+
+    batch, seq = int(cfg.micro_batch_size), int(cfg.sequence_len)
+    saved = measure_activations(model, sizes["layer_classes"], batch, seq)
+    if plan.get("activation_offloading"):
+        activations = saved.outside + max(saved.per_layer, default=0) + saved.layer_input
+        notes.append("activation_offloading: each layer's input waits in host memory until backward")
+    elif plan.get("gradient_checkpointing") or plan.get("fsdp_config.fsdp_activation_checkpointing"):
+        activations = saved.outside + len(saved.per_layer) * saved.layer_input + max(saved.per_layer, default=0)
+    else:
+        activations = saved.outside + sum(saved.per_layer)
+
+    text = model.config.get_text_config()
+    vocab = int(text.vocab_size)
+    cap = getattr(text, "final_logit_softcapping", None)
+    logit_bytes = 2 if cfg.bf16 is True else 4
+    per_element = logit_bytes + 4 * (2 + (1 if cap else 0))  # logits, fp32 copy/log-softmax, gradient, softcap
+    tokens = batch * seq
+    if plan.get("chunked_cross_entropy"):
+        chunks = int(plan.get("chunked_cross_entropy_num_chunks") or 1)
+        logits = math.ceil(tokens / chunks) * vocab * per_element
+    else:
+        logits = tokens * vocab * per_element
+
+    buffers = sizes["buffers"]
+    if ws > 1 and not fsdp:
+        buffers += sizes["trainable_bytes"]  # DDP's gradient buckets
+    if fsdp:
+        gathered = 2 * sizes["largest_layer_bytes"]  # the computing layer and the prefetched one
+        buffers += gathered + (gathered // 2 if not plan.get("adapter") else 0)  # + one layer's full gradients
+
+    parts = {"weights": int(weights), "adapter": int(adapter), "gradients": int(gradients),
+             "optimizer": int(optimizer), "activations": int(activations), "logits": int(logits),
+             "buffers": int(buffers)}
+    return MemoryEstimate(parts, ws, strategy(plan), notes)
+
+
+# ---------------------------------------------------------------- what would make it fit
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80 GB', '24g', '81920MiB' -> bytes (GB read as GiB: what GPUs are sold as)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a memory size (e.g. 80GiB, 24GB, 81920MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _with(plan: "Plan", **changes) -> "Plan":
+    """The same config with some keys changed, resolved again (for the "would fit" suggestions)."""
+    from archtune.plan.resolver import resolve
+
+    world_size = changes.pop("_world_size", plan.world_size)
+    cfg = plan.config.model_copy(update=changes)
+    cfg.__pydantic_fields_set__ = plan.config.model_fields_set | set(changes)
+    return resolve(cfg, plan.model_config, world_size=world_size)
+
+
+def fitting_settings(plan: "Plan", budget: int) -> list[str]:
+    """Settings (one change each, from the cheapest) under which the estimate fits `budget` bytes."""
+    cfg = plan.config
+    candidates: list[tuple[str, dict]] = []
+    if not cfg.gradient_checkpointing:
+        candidates.append(("gradient_checkpointing: true", {"gradient_checkpointing": True}))
+    if cfg.micro_batch_size > 1:
+        half = max(1, cfg.micro_batch_size // 2)
+        candidates.append((f"micro_batch_size: {half} with gradient_accumulation_steps: "
+                           f"{cfg.gradient_accumulation_steps * cfg.micro_batch_size // half}",
+                           {"micro_batch_size": half,
+                            "gradient_accumulation_steps": cfg.gradient_accumulation_steps * cfg.micro_batch_size // half}))
+    if not plan.get("chunked_cross_entropy"):
+        candidates.append(("chunked_cross_entropy: true", {"chunked_cross_entropy": True}))
+    if not cfg.activation_offloading:
+        candidates.append(("activation_offloading: true", {"activation_offloading": True, "gradient_checkpointing": True}))
+    if cfg.adapter is None:
+        candidates.append(("adapter: lora", {"adapter": "lora"}))
+    if plan.get("adapter") != "qlora" and not cfg.load_in_4bit:
+        candidates.append(("adapter: qlora with load_in_4bit: true", {"adapter": "qlora", "load_in_4bit": True}))
+    fits: list[str] = []
+    for label, changes in candidates:
+        try:
+            if estimate_memory(_with(plan, **changes)).peak_bytes <= budget:
+                fits.append(label)
+        except Exception:  # a combination the plan refuses: not a suggestion
+            continue
+    for n in (2, 4, 8):
+        if n <= plan.world_size:
+            continue
+        try:
+            other = _with(plan, fsdp=["full_shard", "auto_wrap"], _world_size=n)
+            if not other.errors and estimate_memory(other).peak_bytes <= budget:
+                fits.append(f"FSDP2 over {n} devices (fsdp: [full_shard, auto_wrap], --nproc {n})")
+                break
+        except Exception:
+            continue
+    return fits
+
+
+__all__ = ["BYTES_PER_PARAM", "MemoryEstimate", "PARTS", "estimate_memory", "fitting_settings", "measure_activations",
+           "parse_bytes", "strategy", "weight_bytes"]

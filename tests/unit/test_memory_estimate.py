@@ -1,0 +1,81 @@
+"""The memory estimate (plan/memory.py) on the tiny models' config.json: its parts respond to the
+settings as training does, and its activation count matches what autograd really saves."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from archtune.config import config_from_dict
+from archtune.models.tiny import build_tiny_config, build_tiny_model
+from archtune.plan import resolve
+from archtune.plan.memory import PARTS, estimate_memory, fitting_settings, parse_bytes, weight_bytes
+
+
+def _estimate(name="llama", world_size=1, **keys):
+    cfg = config_from_dict({"base_model": f"tiny:{name}", "datasets": [{"path": "d.jsonl"}], "sequence_len": 256,
+                            "micro_batch_size": 2, **keys})
+    plan = resolve(cfg, build_tiny_config(name).to_dict(), world_size=world_size)
+    assert not plan.errors, plan.errors
+    return plan, estimate_memory(plan)
+
+
+def test_json_object_has_the_documented_shape():
+    _, e = _estimate()
+    out = json.loads(json.dumps(e.to_json()))
+    assert set(out) == {"peak_bytes", "parts", "per_device"} and out["per_device"] is True
+    assert list(out["parts"]) == list(PARTS) and out["peak_bytes"] == sum(out["parts"].values())
+    assert all(isinstance(v, int) and v >= 0 for v in out["parts"].values())
+
+
+def test_parts_follow_the_settings():
+    _, full = _estimate()
+    _, lora = _estimate(adapter="lora", lora_r=8)
+    _, ckpt = _estimate(gradient_checkpointing=True)
+    _, chunked = _estimate(chunked_cross_entropy=True, chunked_cross_entropy_num_chunks=4)
+    _, fsdp = _estimate(world_size=2, fsdp=["full_shard", "auto_wrap"])
+    _, ddp = _estimate(world_size=2)
+    _, qlora = _estimate(adapter="qlora", load_in_4bit=True)
+    assert lora.parts["adapter"] > 0 and lora.parts["gradients"] < full.parts["gradients"] / 10
+    assert full.parts["optimizer"] == 2 * full.parts["gradients"]  # AdamW: two states in the parameters' dtype
+    assert ckpt.parts["activations"] < full.parts["activations"] / 2
+    assert chunked.parts["logits"] == pytest.approx(full.parts["logits"] / 4, rel=0.01)
+    assert fsdp.parts["weights"] == pytest.approx(full.parts["weights"] / 2, rel=0.01)
+    assert ddp.parts["buffers"] >= full.parts["gradients"]  # DDP's gradient buckets
+    assert qlora.parts["weights"] < full.parts["weights"]
+
+
+def test_nf4_bytes_per_parameter():
+    assert weight_bytes(64 * 256, "nf4") == 64 * 256 // 2 + 256 + 4
+    assert weight_bytes(10, "bfloat16") == 20
+    assert parse_bytes("80GiB") == parse_bytes("80 GB") == 80 * 2**30 and parse_bytes("512MiB") == 2**29
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma4-dense", "qwen3_5-moe"])
+def test_meta_activations_match_what_autograd_saves_on_cpu(name):
+    """The meta-device count (fused attention, balanced experts) against a real CPU forward of the
+    same tiny model, whose SDPA runs the fused CPU kernel (no [T x T] matrix either)."""
+    plan, e = _estimate(name)
+    model, _ = build_tiny_model(name)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    decoder = getattr(model, "model", None) or model.get_decoder()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        decoder(input_ids=torch.randint(3, 1000, (2, 256)), use_cache=False)
+    assert e.parts["activations"] == pytest.approx(sum(seen.values()), rel=0.2)
+
+
+def test_a_budget_names_settings_that_fit():
+    plan, e = _estimate(micro_batch_size=8)
+    fits = fitting_settings(plan, int(e.peak_bytes * 0.8))
+    assert "gradient_checkpointing: true" in fits
+    assert all(estimate_memory(plan).peak_bytes > e.peak_bytes * 0.8 for _ in [0])
