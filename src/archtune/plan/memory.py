@@ -16,7 +16,7 @@ weights) and adds up, per device, for the world size and strategy the Plan resol
   fused SDPA kernels save it: q, k, v, output and log-sum-exp, no [T x T] matrix; experts as a
   balanced grouped matmul). With gradient checkpointing only each layer's input is kept plus one
   layer's activations during its recompute; activation offloading moves the layer inputs to host
-  memory;
+  memory; backward adds one layer's worth (the gradients of what that layer saved);
 - logits: the loss over the vocabulary: the stock loss holds [tokens x vocab] fp32 logits, their
   log-softmax and gradient (and the softcap's output); the chunked cross-entropy holds that for
   one chunk of tokens;
@@ -324,6 +324,8 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
         activations = saved.outside + len(saved.per_layer) * saved.layer_input + max(saved.per_layer, default=0)
     else:
         activations = saved.outside + sum(saved.per_layer)
+    # Backward through a layer materializes the gradients of what it saved: one layer's worth more.
+    activations += max(saved.per_layer, default=0)
 
     text = model.config.get_text_config()
     vocab = int(text.vocab_size)
