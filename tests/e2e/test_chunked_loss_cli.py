@@ -50,6 +50,6 @@ def test_check_memory_json_and_gpu_memory_warning(capsys):
     assert not plan["warnings"]
     code, out, _ = run_cli(capsys, "check", str(REPO / "examples" / "quickstart.yaml"), "--json", "--gpu-memory", "100MiB")
     warning = " ".join(read_json_line(out)["warnings"])
-    assert code == 0 and "exceeds 0.1 GiB" in warning and "gradient_checkpointing: true" in warning
+    assert code == 0 and "exceeds 0.1 GiB" in warning and "micro_batch_size: 8" in warning
     code, out, _ = run_cli(capsys, "check", str(REPO / "examples" / "quickstart.yaml"), "--gpu-memory", "lots")
     assert code == 2 and "--gpu-memory" in out

@@ -10,7 +10,10 @@ import torch
 from archtune.config import config_from_dict
 from archtune.models.tiny import build_tiny_config, build_tiny_model
 from archtune.plan import resolve
-from archtune.plan.memory import PARTS, estimate_memory, fitting_settings, parse_bytes, weight_bytes
+from archtune.plan.memory import (PARTS, estimate_memory, fitting_settings, measure_activations, parse_bytes,
+                                  weight_bytes)
+from archtune.plan.memory import layer_classes as estimate_layer_classes
+from archtune.plan.structure import meta_model
 
 
 def _estimate(name="llama", world_size=1, **keys):
@@ -39,7 +42,7 @@ def test_parts_follow_the_settings():
     _, qlora = _estimate(adapter="qlora", load_in_4bit=True)
     assert lora.parts["adapter"] > 0 and lora.parts["gradients"] < full.parts["gradients"] / 10
     assert full.parts["optimizer"] == 2 * full.parts["gradients"]  # AdamW: two states in the parameters' dtype
-    assert ckpt.parts["activations"] < full.parts["activations"] / 2
+    assert ckpt.parts["activations"] < full.parts["activations"] * 0.75
     assert chunked.parts["logits"] == pytest.approx(full.parts["logits"] / 4, rel=0.01)
     assert fsdp.parts["weights"] == pytest.approx(full.parts["weights"] / 2, rel=0.01)
     assert ddp.parts["buffers"] >= full.parts["gradients"]  # DDP's gradient buckets
@@ -56,7 +59,9 @@ def test_nf4_bytes_per_parameter():
 def test_meta_activations_match_what_autograd_saves_on_cpu(name):
     """The meta-device count (fused attention, balanced experts) against a real CPU forward of the
     same tiny model, whose SDPA runs the fused CPU kernel (no [T x T] matrix either)."""
-    plan, e = _estimate(name)
+    plan, _ = _estimate(name)
+    meta = meta_model(plan.model_config, plan.family.auto_class)
+    saved = measure_activations(meta, estimate_layer_classes(plan, meta), 2, 256)
     model, _ = build_tiny_model(name)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -71,11 +76,15 @@ def test_meta_activations_match_what_autograd_saves_on_cpu(name):
     decoder = getattr(model, "model", None) or model.get_decoder()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         decoder(input_ids=torch.randint(3, 1000, (2, 256)), use_cache=False)
-    assert e.parts["activations"] == pytest.approx(sum(seen.values()), rel=0.2)
+    assert len(saved.per_layer) == 4
+    assert saved.outside + sum(saved.per_layer) == pytest.approx(sum(seen.values()), rel=0.2)
 
 
 def test_a_budget_names_settings_that_fit():
     plan, e = _estimate(micro_batch_size=8)
-    fits = fitting_settings(plan, int(e.peak_bytes * 0.8))
-    assert "gradient_checkpointing: true" in fits
-    assert all(estimate_memory(plan).peak_bytes > e.peak_bytes * 0.8 for _ in [0])
+    budget = int(e.peak_bytes * 0.8)
+    fits = fitting_settings(plan, budget)
+    assert "micro_batch_size: 4 with gradient_accumulation_steps: 2" in fits
+    assert not any("qlora" in f for f in fits)  # QLoRA barely changes a tiny model's memory: not a fit
+    generous = fitting_settings(plan, e.peak_bytes * 10)  # every candidate change fits
+    assert {"gradient_checkpointing: true", "adapter: lora", "chunked_cross_entropy: true"} <= set(generous)

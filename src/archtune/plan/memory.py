@@ -258,16 +258,25 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
         trainable_params = sum(p.numel() for n, p in model.named_parameters() if not _is_frozen_tower(n, plan))
         trainable_bytes = int(trainable_params * BYTES_PER_PARAM[base_kind])
     largest_layer = 0
-    layer_classes = set(plan.get("decoder_layer_classes") or ([plan.family.decoder_layer_cls]
-                                                                if plan.family.decoder_layer_cls else []))
+    classes = layer_classes(plan, model)
     for m in model.modules():
-        if type(m).__name__ in layer_classes:
+        if type(m).__name__ in classes:
             largest_layer = max(largest_layer, sum(p.numel() for p in m.parameters()))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return {"weights": weights, "adapter": adapter_params * 4 if plan.get("adapter") in ("lora", "qlora") else 0,
             "trainable_params": trainable_params, "trainable_bytes": trainable_bytes,
             "largest_layer_bytes": int(largest_layer * BYTES_PER_PARAM[base_kind]), "buffers": buffers,
-            "layer_classes": layer_classes}
+            "layer_classes": classes}
+
+
+def layer_classes(plan: "Plan", model) -> set[str]:
+    """The decoder layer classes: the Plan's, else the family's, else the model's `_no_split_modules`."""
+    classes = set(plan.get("decoder_layer_classes") or ([plan.family.decoder_layer_cls]
+                                                         if plan.family.decoder_layer_cls else []))
+    if not classes:  # no family knowledge and no wrapping planned: the model's own layer classes
+        present = {type(m).__name__ for m in model.modules()}
+        classes = {c for c in getattr(model, "_no_split_modules", None) or () if c in present}
+    return classes
 
 
 def _optimizer_bytes(name: str, trainable_params: int, trainable_bytes: int, notes: list[str]) -> int:
@@ -415,5 +424,6 @@ def fitting_settings(plan: "Plan", budget: int) -> list[str]:
     return fits
 
 
-__all__ = ["BYTES_PER_PARAM", "MemoryEstimate", "PARTS", "estimate_memory", "fitting_settings", "measure_activations",
+__all__ = ["BYTES_PER_PARAM", "MemoryEstimate", "PARTS", "estimate_memory", "fitting_settings", "layer_classes",
+           "measure_activations",
            "parse_bytes", "strategy", "weight_bytes"]
