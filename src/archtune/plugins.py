@@ -12,7 +12,7 @@ Hooks, called by the recipe in this order (each optional; the defaults do nothin
     callbacks(plan) -> list        extra Trainer callbacks
 
 Which entries load: archtune's built-ins (the registry below, filled by one `register_plugin`
-call per plugin), and aliases of them (Axolotl's KernelsPlugin, with an info line saying so).
+call per plugin; the kernels plugin lives in archtune/moe/kernels_plugin.py), and aliases of them (Axolotl's KernelsPlugin, with an info line saying so).
 Any other import path is refused unless the config sets `allow_external_plugins: true`,
 because importing a named module runs its code. `use_kernels: true` adds the kernels plugin
 when the list lacks it.
@@ -24,6 +24,7 @@ import logging
 from typing import Any, Protocol, runtime_checkable
 
 from archtune.errors import Problem, UserError
+from archtune.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -61,105 +62,54 @@ class BasePlugin:
         return []
 
 
-# ---- the kernels plugin ---------------------------------------------------------------------
-
-
-def _setting(cfg_or_plan, key: str, default: Any = None) -> Any:
-    """A setting from a Plan (its decision) or a Config-like object."""
-    getter = getattr(cfg_or_plan, "get", None)
-    if getter is not None and hasattr(cfg_or_plan, "settings"):
-        return getter(key, default)
-    return getattr(cfg_or_plan, key, default)
-
-
-class KernelsPlugin(BasePlugin):
-    """`use_kernels` + `use_scattermoe` -> `experts_implementation: scattermoe`.
-
-    pre_model_load: registers `scattermoe` in transformers' experts registry; the Plan's
-    `experts_implementation` decision comes from plan.resolve (filled in here only if missing).
-    post_model_load: `model.set_experts_implementation("scattermoe")`.
-    post_adapters: with PEFT expert LoRA, skips PEFT's per-forward parametrization check
-    (archtune.patches.expert_lora); the LoRA product is fused into scattermoe either way.
-    """
-
-    name = "kernels"
-
-    @staticmethod
-    def wants_scattermoe(cfg) -> bool:
-        return bool(getattr(cfg, "use_kernels", False)) and bool(getattr(cfg, "use_scattermoe", False))
-
-    def pre_model_load(self, cfg, plan) -> None:
-        import archtune.moe  # noqa: F401  (registers "scattermoe" in transformers' registry)
-
-        if plan is None or not self.wants_scattermoe(getattr(plan, "config", cfg)):
-            return
-        key = "experts_implementation"
-        # plan.resolve's `experts_implementation` rule normally decided already (or refused a
-        # conflicting user value): only fill the decision in when it is missing.
-        if plan.get(key) is None and not any(p.key == key for p in plan.errors):
-            plan.set(key, "scattermoe", "auto",
-                     "use_kernels + use_scattermoe: archtune's ScatterMoE experts (expert LoRA fused)")
-
-    def _active(self, plan) -> bool:
-        if plan is None:
-            return False
-        if _setting(plan, "experts_implementation") == "scattermoe":
-            return True
-        return self.wants_scattermoe(getattr(plan, "config", plan))
-
-    def post_model_load(self, model, plan) -> None:
-        if not self._active(plan):
-            return
-        from archtune.moe import EXPERTS_IMPLEMENTATION
-        from archtune.moe.routing_stats import experts_modules
-
-        if not experts_modules(model):
-            logger.warning("use_scattermoe: the model has no experts modules; nothing to change")
-            return
-        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-        logger.info("kernels plugin: experts_implementation = scattermoe")
-
-    def post_adapters(self, model, plan) -> None:
-        if not self._active(plan):
-            return
-        from archtune.patches.expert_lora import has_expert_lora, skip_parametrization_check
-
-        if has_expert_lora(model):
-            n = skip_parametrization_check(model)
-            logger.info("kernels plugin: expert LoRA fused into scattermoe (%d expert adapters)", n)
-
-
 # ---- registry -------------------------------------------------------------------------------
+# Built-ins are registered by name with where their class lives ("module:Class"), imported only
+# when a config uses them: the plan checks names against this registry without importing them.
 
-_BUILTINS: dict[str, type] = {}
-_ALIASES: dict[str, str] = {}
+PLUGINS: Registry[str | type] = Registry("plugin", "src/archtune/plugins.py")
+ALIASES: Registry[str] = Registry("plugin alias", "src/archtune/plugins.py")
+KERNELS = "archtune.plugins.KernelsPlugin"
 
 
-def register_plugin(path: str, cls: type, *, aliases: tuple[str, ...] = ()) -> None:
-    """Allow-list a built-in plugin under its import path (and aliases). Duplicates fail."""
-    for key in (path, *aliases):
-        if key in _BUILTINS or key in _ALIASES:
-            raise KeyError(f"plugin {key!r} is already registered; built-ins are listed in src/archtune/plugins.py")
+def _check_hooks(path: str, cls: type) -> type:
     missing = [h for h in HOOKS if not callable(getattr(cls, h, None))]
     if missing:
         raise TypeError(f"plugin {path!r} lacks hooks {missing}; subclass archtune.plugins.BasePlugin")
-    _BUILTINS[path] = cls
+    return cls
+
+
+def register_plugin(path: str, cls: str | type, *, aliases: tuple[str, ...] = ()) -> None:
+    """Allow-list a built-in plugin under its name (and aliases). `cls` is the class, or
+    "module:Class" to import it only when a config uses it. A name registered twice is a KeyError."""
+    for name in (path, *aliases):
+        if name in PLUGINS or name in ALIASES:
+            raise KeyError(f"plugin {name!r} is already registered; built-ins are listed in src/archtune/plugins.py")
+    if isinstance(cls, type):
+        _check_hooks(path, cls)
+    PLUGINS.register(path, cls)
     for alias in aliases:
-        _ALIASES[alias] = path
+        ALIASES.register(alias, path)
 
 
-def builtin_plugins() -> dict[str, type]:
-    return dict(_BUILTINS)
+def builtin_plugins() -> dict[str, str | type]:
+    return dict(PLUGINS.items())
 
 
 def plugin_aliases() -> dict[str, str]:
-    return dict(_ALIASES)
+    return dict(ALIASES.items())
 
 
-register_plugin(
-    "archtune.plugins.KernelsPlugin", KernelsPlugin,
-    aliases=("archtune.kernels", "kernels", "axolotl.integrations.kernels.KernelsPlugin"),
-)
+def builtin_class(path: str) -> type:
+    """The class of built-in plugin `path` (imported now when registered as "module:Class")."""
+    cls = PLUGINS[path]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = _check_hooks(path, getattr(importlib.import_module(module), attr))
+    return cls
+
+
+register_plugin(KERNELS, "archtune.moe.kernels_plugin:KernelsPlugin",
+                aliases=("archtune.kernels", "kernels", "axolotl.integrations.kernels.KernelsPlugin"))
 
 
 class ChunkedCrossEntropyPlugin(BasePlugin):
@@ -171,14 +121,13 @@ class ChunkedCrossEntropyPlugin(BasePlugin):
     name = "chunked_cross_entropy"
 
 
-def _register_fused_loss_aliases() -> None:
-    from archtune.plan.rules import CUT_CROSS_ENTROPY_PLUGIN, LIGER_PLUGIN
+# Plugin paths of other trainers' fused losses; listing one asks for the chunked loss (Axolotl's Cut
+# Cross Entropy plugin turns its loss on by itself; Liger's needs liger_fused_linear_cross_entropy).
+CUT_CROSS_ENTROPY_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 
-    register_plugin("archtune.plugins.ChunkedCrossEntropyPlugin", ChunkedCrossEntropyPlugin,
-                    aliases=(CUT_CROSS_ENTROPY_PLUGIN, LIGER_PLUGIN))
-
-
-_register_fused_loss_aliases()
+register_plugin("archtune.plugins.ChunkedCrossEntropyPlugin", ChunkedCrossEntropyPlugin,
+                aliases=(CUT_CROSS_ENTROPY_PLUGIN, LIGER_PLUGIN))
 
 
 class _Adapter(BasePlugin):
@@ -217,21 +166,21 @@ def load_plugins(cfg) -> list[Plugin]:
             problems.append(Problem(key, f"{entry!r} is not an import path", "give module.Class"))
             continue
         path = entry.strip()
-        if path in _ALIASES:
-            target = _ALIASES[path]
+        if path in ALIASES:
+            target = ALIASES[path]
             if not path.startswith("archtune.") and "." in path:  # another project's path: say what runs
                 logger.info("plugins: %s is accepted as an alias of archtune's %s plugin (%s); "
-                            "%s itself is not imported", path, _BUILTINS[target].name, target, path)
+                            "%s itself is not imported", path, builtin_class(target).name, target, path)
             path = target
-        if path in _BUILTINS:
+        if path in PLUGINS:
             if path not in seen:
                 seen.add(path)
-                plugins.append(_BUILTINS[path]())
+                plugins.append(builtin_class(path)())
             continue
         if not allow_external:
             problems.append(Problem(
                 key,
-                f"{path!r} is not one of archtune's plugins ({', '.join(sorted(_BUILTINS) + sorted(_ALIASES))}); "
+                f"{path!r} is not one of archtune's plugins ({', '.join(sorted(PLUGINS) + sorted(ALIASES))}); "
                 "external plugins are refused by default because importing a module runs its code",
                 "remove the entry, or set allow_external_plugins: true if you trust that module"))
             continue
@@ -249,10 +198,9 @@ def load_plugins(cfg) -> list[Plugin]:
         plugins.append(obj if all(callable(getattr(obj, h, None)) for h in HOOKS) else _Adapter(obj, path))
     if problems:
         raise UserError(problems)
-    kernels_path = "archtune.plugins.KernelsPlugin"
-    if getattr(cfg, "use_kernels", False) and kernels_path not in seen:
+    if getattr(cfg, "use_kernels", False) and KERNELS not in seen:
         logger.info("plugins: use_kernels: true adds archtune's kernels plugin")
-        plugins.append(KernelsPlugin())
+        plugins.append(builtin_class(KERNELS)())
     return plugins
 
 
@@ -270,10 +218,14 @@ def run_hook(plugins: list[Plugin], hook: str, *args) -> list:
 
 __all__ = [
     "HOOKS",
+    "ALIASES",
     "BasePlugin",
     "ChunkedCrossEntropyPlugin",
-    "KernelsPlugin",
+    "CUT_CROSS_ENTROPY_PLUGIN",
+    "LIGER_PLUGIN",
+    "PLUGINS",
     "Plugin",
+    "builtin_class",
     "builtin_plugins",
     "load_plugins",
     "plugin_aliases",

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.dist import hooks
+
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART_DATA = REPO / "examples" / "data" / "quickstart"
 
@@ -100,12 +102,15 @@ class Runner:
             return self.cache[key]
         out = output_dir or self.root / name
         dump = self.root / f"{name}-ranks"
-        cfg = {**BASE, **self.data, **keys, "output_dir": str(out)}
+        # The test hooks (tests/dist/hooks.py) ride along as an external plugin: product code has none.
+        cfg = {**BASE, **self.data, "plugins": [hooks.PLUGIN], "allow_external_plugins": True, **keys,
+               "output_dir": str(out)}
         cfg = {k: v for k, v in cfg.items() if v is not None}
         path = self.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        run_env = {**os.environ, "ARCHTUNE_DUMP_RANK_STATE": str(dump), "OMP_NUM_THREADS": "1",
-                   **(env or {})}
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        run_env = {**os.environ, hooks.DUMP_RANK_STATE_ENV: str(dump), "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": pythonpath, **(env or {})}
         proc = subprocess.run([sys.executable, "-m", "archtune", "train", str(path), "--nproc", str(nproc)],
                               capture_output=True, text=True, env=run_env, timeout=300, cwd=self.root)
         run = Run(out, proc.returncode, proc.stdout, proc.stderr, dump)

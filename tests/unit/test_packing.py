@@ -220,8 +220,8 @@ def test_segmented_conv_equals_the_causal_conv_per_document():
 def test_packing_patch_registry():
     assert get_packing_patch("gated_deltanet_packing") is GATED_DELTANET_PACKING
     with pytest.raises(KeyError, match="registered twice"):
-        register_packing_patch(PackingPatch("gated_deltanet_packing", "", lambda m: 0))
-    with pytest.raises(KeyError, match="no packing patch 'nope'"):
+        register_packing_patch(PackingPatch("gated_deltanet_packing", "", lambda m: 0, "transformers 5.24.0", {"x": "y"}))
+    with pytest.raises(KeyError, match="no patch 'nope'"):
         get_packing_patch("nope")
 
 

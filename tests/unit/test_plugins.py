@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from archtune.errors import UserError
+from archtune.moe.kernels_plugin import KernelsPlugin
 from archtune.plugins import (
     BasePlugin,
-    KernelsPlugin,
     Plugin,
     load_plugins,
     register_plugin,

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from archtune.config.schema import DatasetConfig
 from archtune.errors import UserError
+from archtune.registry import Registry
 
 # Drop reasons, in the order they are reported. The first five are malformed rows.
 BAD_JSON = "bad_json"            # a line that is not JSON, or JSON that is not an object
@@ -126,21 +127,15 @@ def _make_renderer(tokenizer, chat_template: str | None):
 
 
 Formatter = Callable[[dict, DatasetConfig, FormatContext], Formatted]
-FORMATS: dict[str, Formatter] = {}
+FORMATS: Registry[Formatter] = Registry("data format", "src/archtune/data/formats.py")
 
 
 def register_format(name: str, fn: Formatter) -> Formatter:
-    if name in FORMATS:
-        raise KeyError(f"format {name!r} is registered twice (archtune/data/formats.py)")
-    FORMATS[name] = fn
-    return fn
+    return FORMATS.register(name, fn)
 
 
 def get_format(name: str) -> Formatter:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise KeyError(f"unknown dataset type {name!r}; known: {sorted(FORMATS)}") from None
+    return FORMATS[name]
 
 
 # ---------------------------------------------------------------- field access

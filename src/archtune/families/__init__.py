@@ -1,17 +1,32 @@
-"""Family registry and detection from config.json (never weights)."""
+"""Family registry and detection from config.json (never weights).
+
+Families are discovered: every module of this package (but base.py) is imported on first use,
+and each registers one `Family` with `register_family`. Adding a family is adding its file (and
+its test); nothing else names it.
+"""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from archtune.families.base import Family, FamilyRule, Rule, TinyModel, text_config
+from archtune.registry import Registry
 
-_REGISTRY: dict[str, Family] = {}
 GENERIC = "generic"
+_NOT_FAMILIES = ("base",)
+
+
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _NOT_FAMILIES and not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+FAMILIES: Registry[Family] = Registry("family", "src/archtune/families/ (one file per family)", discover=_discover)
 
 
 def register_family(family: Family) -> Family:
-    if family.name in _REGISTRY:
-        raise KeyError(f"family {family.name!r} is registered twice")
     names = [r.name for r in family.rules]
     if len(names) != len(set(names)):
         raise KeyError(f"family {family.name!r} declares a rule twice: {sorted({n for n in names if names.count(n) > 1})}")
@@ -19,22 +34,19 @@ def register_family(family: Family) -> Family:
     if unknown:
         raise KeyError(f"family {family.name!r}: expert_param_aliases point at {unknown}, "
                        f"which are not in expert_param_names {list(family.expert_param_names)}")
-    for other in _REGISTRY.values():
+    for other in FAMILIES.values():
         clash = set(other.model_types) & set(family.model_types)
         if clash:
             raise KeyError(f"model_type {sorted(clash)} claimed by both {other.name} and {family.name}")
-    _REGISTRY[family.name] = family
-    return family
+    return FAMILIES.register(family.name, family)
 
 
 def all_families() -> list[Family]:
-    _load_builtin()
-    return list(_REGISTRY.values())
+    return FAMILIES.values()
 
 
 def get_family(name: str) -> Family:
-    _load_builtin()
-    return _REGISTRY[name]
+    return FAMILIES[name]
 
 
 def model_types_of(config: dict[str, Any]) -> list[str]:
@@ -48,17 +60,15 @@ def model_types_of(config: dict[str, Any]) -> list[str]:
 
 def detect(config: dict[str, Any]) -> Family:
     """The family claiming the config's model_type (or its text_config's); else generic."""
-    _load_builtin()
     for model_type in model_types_of(config):
-        for family in _REGISTRY.values():
+        for family in FAMILIES.values():
             if model_type in family.model_types:
                 return family
-    return _REGISTRY[GENERIC]
+    return FAMILIES[GENERIC]
 
 
 def find_tiny(name: str) -> tuple[Family, TinyModel]:
-    _load_builtin()
-    for family in _REGISTRY.values():
+    for family in FAMILIES.values():
         tiny = family.tiny(name)
         if tiny is not None:
             return family, tiny
@@ -66,20 +76,7 @@ def find_tiny(name: str) -> tuple[Family, TinyModel]:
 
 
 def tiny_names() -> list[str]:
-    _load_builtin()
-    return [t.name for f in _REGISTRY.values() for t in f.tiny_models]
+    return [t.name for f in FAMILIES.values() for t in f.tiny_models]
 
 
-_loaded = False
-
-
-def _load_builtin() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    # Importing a family module registers it.
-    from archtune.families import gemma3, gemma4, generic, qwen3_5_moe  # noqa: F401
-
-
-__all__ = ["Family", "FamilyRule", "Rule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]
+__all__ = ["FAMILIES", "Family", "FamilyRule", "Rule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]

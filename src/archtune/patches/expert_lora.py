@@ -53,6 +53,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from archtune.patches import Patch, register_patch
+
 try:  # a private class of PEFT: imported defensively so that a PEFT change degrades to "not fused"
     from peft.tuners.lora.layer import _LoraFactorsProxy
 except Exception:  # pragma: no cover - PEFT absent or reorganised
@@ -148,5 +150,19 @@ def skip_parametrization_check(model: nn.Module) -> int:
             count += 1
     return count
 
+
+EXPERT_LORA = register_patch(Patch(
+    name="expert_lora_factors",
+    doc="Expert LoRA runs fused: the experts' forward reads PEFT's LoRA parametrization of a 3D expert tensor as "
+        "its two factors instead of materialising W + BA, and PEFT's per-forward parametrization check is skipped.",
+    apply=skip_parametrization_check,
+    upstream="peft 0.21.2",
+    relies_on={
+        "peft.tuners.lora.layer._LoraFactorsProxy": "58ece2b3db4d",
+        "peft.tuners.lora.layer.ParamWrapper._activate_lora": "94d1ea9101d9",
+        "peft.tuners.lora.layer.ParamWrapper.get_delta_factors": "821452c621a3",
+        "peft.tuners.lora.layer.ParamWrapper._remove_parametrizations": "032633b6fc38",
+    },
+))
 
 __all__ = ["ExpertWeight", "expert_weight", "lora_factors", "has_expert_lora", "skip_parametrization_check"]

@@ -11,6 +11,8 @@ from typing import Iterable
 
 import torch
 
+from archtune.patches import Patch, register_patch
+
 
 def redirect_targets(modules: dict[str, torch.nn.Module], names: Iterable[str],
                      redirects: dict[str, str]) -> set[str]:
@@ -33,5 +35,14 @@ def redirect_targets(modules: dict[str, torch.nn.Module], names: Iterable[str],
         targets.add(inner)
     return targets
 
+
+LORA_REDIRECT = register_patch(Patch(
+    name="lora_target_redirect",
+    doc="LoRA aimed at a wrapper PEFT rejects (a family's `lora_target_redirects`, e.g. Gemma4ClippableLinear) "
+        "lands on the nn.Linear inside it.",
+    apply=redirect_targets,
+    upstream="transformers 5.24.0, peft 0.21.2",
+    relies_on={"transformers.models.gemma4.modeling_gemma4.Gemma4ClippableLinear": "18e84f3bc65d"},
+))
 
 __all__ = ["redirect_targets"]

@@ -42,12 +42,14 @@ switches a text config from "sdpa" to it.
 """
 from __future__ import annotations
 
+import dataclasses
 import types
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from archtune.patches import PATCHES, Patch, register_patch
 
 SEQ_IDX_KWARG = "packed_seq_idx"
 _PATCHED = "_archtune_packing_patch"
@@ -367,43 +369,45 @@ def register_document_attention() -> None:
 
 # ================================================================ registry
 
-@dataclass(frozen=True)
-class PackingPatch:
-    """A model patch a family needs before its model may see packed rows.
-
-    `apply(model)` patches the loaded model in place and returns how many layers it patched.
-    `doc` is one sentence for docs/model_architectures.md.
-    """
-
-    name: str
-    doc: str
-    apply: Callable[[torch.nn.Module], int]
+# A packing patch is a `Patch` of kind "packing": apply(model) -> number of layers patched.
+PackingPatch = Patch
 
 
-_PACKING_PATCHES: dict[str, PackingPatch] = {}
+def register_packing_patch(patch: Patch) -> Patch:
+    return register_patch(dataclasses.replace(patch, kind="packing") if patch.kind != "packing" else patch)
 
 
-def register_packing_patch(patch: PackingPatch) -> PackingPatch:
-    if patch.name in _PACKING_PATCHES:
-        raise KeyError(f"packing patch {patch.name!r} is registered twice (archtune/patches/packing.py)")
-    if not patch.name.isidentifier() or patch.name != patch.name.lower():
-        raise KeyError(f"packing patch name {patch.name!r} must be a lower-case identifier")
-    _PACKING_PATCHES[patch.name] = patch
+def get_packing_patch(name: str) -> Patch:
+    patch = PATCHES[name]
+    if patch.kind != "packing":
+        raise KeyError(f"patch {name!r} is not a packing patch (it has no apply(model))")
     return patch
 
 
-def get_packing_patch(name: str) -> PackingPatch:
-    try:
-        return _PACKING_PATCHES[name]
-    except KeyError:
-        raise KeyError(f"no packing patch {name!r}; known: {', '.join(sorted(_PACKING_PATCHES))}") from None
-
-
-GATED_DELTANET_PACKING = register_packing_patch(PackingPatch(
+GATED_DELTANET_PACKING = register_packing_patch(Patch(
     name="gated_deltanet_packing",
     doc="With sample packing, every Gated DeltaNet layer gets the packed documents' boundaries (from position_ids) "
         "and restarts its convolution and recurrent state at each one; transformers' PyTorch path ignores them.",
     apply=patch_gated_deltanet_for_packing,
+    upstream="transformers 5.24.0",
+    relies_on={  # the replaced forward mirrors it; the chunked rule and the document rule it reuses
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet.forward": "08cf65a63ca5",
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.torch_chunk_gated_delta_rule": "a1bbf783aa65",
+        "transformers.masking_utils.find_packed_sequence_indices": "ebd2ac7ca795",
+    },
+))
+
+DOCUMENT_ATTENTION = register_patch(Patch(
+    name="sdpa_packed",
+    doc="Packed rows attend per document: the attention implementation \"sdpa_packed\" runs sdpa on the diagonal "
+        "blocks of the mask transformers built (same result, the work of the documents' own lengths).",
+    apply=register_document_attention,
+    upstream="transformers 5.24.0",
+    relies_on={
+        "transformers.integrations.sdpa_attention.sdpa_attention_forward": "9be3d6b1f79a",
+        "transformers.masking_utils.sdpa_mask": "a30991b130d8",
+        "transformers.masking_utils.find_packed_sequence_indices": "ebd2ac7ca795",
+    },
 ))
 
 
@@ -458,8 +462,7 @@ def prepare_model_for_packing(model: torch.nn.Module, patches=(), *, document_at
     for patch in patches:
         if isinstance(patch, str):
             patch = get_packing_patch(patch)
-        if isinstance(patch, PackingPatch):
-            applied[patch.name] = patch.apply(model)
+        applied[patch.name] = patch.apply(model)
     configs, text = _configs(model)
     for config in configs:
         if hasattr(config, "use_cache"):

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from archtune.patches import Patch, register_patch
+
 # Forward inputs that mark which tokens are image / video / audio placeholders; 0 = text.
 # Supplied as zeros_like(input_ids) for a text-only batch of a multimodal model whose forward
 # takes them. (Gemma 3: token_type_ids; Gemma 4, Qwen 3.5, Molmo2: mm_token_type_ids.)
@@ -84,6 +86,17 @@ def text_only_extras(model: Any, batch: dict) -> dict[str, torch.Tensor]:
     return {name: torch.zeros_like(input_ids) for name in TEXT_ONLY_ZERO_INPUTS
             if name in params and batch.get(name) is None}
 
+
+TEXT_ONLY_INPUTS = register_patch(Patch(
+    name="text_only_inputs",
+    doc="A text-only batch of a multimodal wrapper gets the all-zero token-type inputs its forward takes (0 = text).",
+    apply=text_only_extras,
+    upstream="transformers 5.24.0",
+    relies_on={
+        "transformers.models.gemma4.modeling_gemma4.Gemma4ForConditionalGeneration.forward": "203b125fb429",
+        "transformers.models.gemma3.modeling_gemma3.Gemma3ForConditionalGeneration.forward": "16f4ebff8b33",
+    },
+))
 
 __all__ = ["TEXT_ONLY_ZERO_INPUTS", "MULTIMODAL_BATCH_KEYS", "unwrap_model", "is_multimodal_config",
            "text_only_extras"]

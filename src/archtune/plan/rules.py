@@ -21,6 +21,8 @@ import re
 from typing import TYPE_CHECKING, Callable
 
 from archtune.families.base import Family, Rule
+# Plugin paths of other trainers' fused losses (archtune.plugins registers them as aliases).
+from archtune.plugins import CUT_CROSS_ENTROPY_PLUGIN, LIGER_PLUGIN
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import ModelStructure, Plan
@@ -382,10 +384,6 @@ def _plugins(plan: "Plan") -> None:
 # The chunked cross-entropy (train/losses.py) is on by default from this vocabulary size up.
 LARGE_VOCABULARY = 65_536
 CHUNKED_CE_DEFAULT_CHUNKS = 8
-# Plugin paths of other trainers' fused losses; listing one asks for the chunked loss (Axolotl's Cut
-# Cross Entropy plugin turns its loss on by itself; Liger's needs liger_fused_linear_cross_entropy).
-CUT_CROSS_ENTROPY_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
-LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 
 
 def _chunked_cross_entropy(plan: "Plan") -> None:

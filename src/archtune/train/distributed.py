@@ -19,10 +19,6 @@ from typing import Iterator
 
 import torch
 
-# Debug/test hooks (environment variables), read on every rank.
-DUMP_RANK_STATE_ENV = "ARCHTUNE_DUMP_RANK_STATE"  # dir: each rank writes rank{R}.safetensors of its trainable params
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -167,22 +163,6 @@ def full_state_dict(model) -> dict[str, torch.Tensor] | None:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     return state if is_main() else None
-
-
-def dump_rank_state(model) -> None:
-    """ARCHTUNE_DUMP_RANK_STATE=DIR: every rank writes DIR/rank{R}.safetensors with its trainable
-    parameters (full values) — to check that the ranks hold identical weights."""
-    target = os.environ.get(DUMP_RANK_STATE_ENV)
-    if not target:
-        return
-    from safetensors.torch import save_file
-
-    state = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            state[name] = _full(param).clone()
-    Path(target).mkdir(parents=True, exist_ok=True)
-    save_file(state, str(Path(target) / f"rank{rank()}.safetensors"))
 
 
 # ----------------------------------------------------------------------------- activation offloading

@@ -335,7 +335,6 @@ def _train(cfg: Config, console) -> dict:
         _say(console, f"[yellow]warning:[/] skipped {len(watch.skipped)} steps whose loss or gradient norm was not "
                       f"finite (on_nonfinite: skip): {', '.join(map(str, watch.skipped[:20]))}")
     eval_final = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    distributed.dump_rank_state(trainer.model)
 
     # 3. Final outputs: written under output_dir/.staging, renamed into place, the summary last.
     _set_use_cache(model, True)  # the saved config is for inference: the cache was off only for training

@@ -1,0 +1,97 @@
+"""The layout follows the flow: no package imports one later in the flow, so there are no cycles.
+
+Every import of archtune code counts, at module level or inside a function (a deferred import is
+still a dependency); only `if TYPE_CHECKING:` imports are left out. docs/ARCHITECTURE.md shows the
+same order.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import archtune
+
+SRC = Path(archtune.__file__).resolve().parent
+
+# Shared leaves first, then the flow: config -> plan -> models -> patches -> adapters -> data -> train -> cli.
+FLOW: tuple[tuple[str, ...], ...] = (
+    ("errors", "registry", "assets"),  # leaves: import no other archtune package
+    ("config",),
+    ("plugins",),  # the plugin registry (names), read by the plan; plugins' code loads later, by name
+    ("families",),
+    ("plan",),
+    ("models",),
+    ("patches",),
+    ("adapters",),
+    ("moe",),
+    ("data",),
+    ("train",),
+    ("diagnostics",),
+    ("docs",),
+    ("cli",),
+    ("__main__",),
+)
+RANK = {name: i for i, group in enumerate(FLOW) for name in group}
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "archtune" and len(parts) > 1 else None
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
+def imports() -> list[tuple[str, str, str]]:
+    """(importing file, its package, imported package) for every archtune import across packages."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        here = rel.parts[0].removesuffix(".py") if rel.parts[0] != "__init__.py" else None
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_nodes(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module]
+                if node.module == "archtune":  # `from archtune import x`
+                    targets = [f"archtune.{a.name}" for a in node.names]
+            for target in targets:
+                there = _package(target)
+                if here and there and there != here:
+                    found.append((str(rel), here, there))
+    return found
+
+
+def test_every_package_has_a_place_in_the_flow():
+    packages = {p.name.removesuffix(".py") for p in SRC.iterdir()
+                if (p.is_dir() and (p / "__init__.py").is_file()) or (p.suffix == ".py" and p.name != "__init__.py")}
+    assert packages - set(RANK) == set(), "add the new package to FLOW here and to docs/ARCHITECTURE.md"
+
+
+def test_no_package_imports_a_later_one():
+    backwards = sorted({f"{file}: {here} imports {there}" for file, here, there in imports()
+                        if RANK[there] >= RANK[here]})
+    assert backwards == []
+
+
+def test_the_check_sees_imports_inside_functions():
+    # The control: a deferred import is found like a top-level one.
+    assert ("cli/commands.py", "cli", "train") in imports()
+
+
+def test_architecture_page_lists_the_flow():
+    page = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    for group in FLOW[1:]:
+        for name in group:
+            if name != "__main__":
+                assert f"`{name}/`" in page or f"`{name}.py`" in page, name
