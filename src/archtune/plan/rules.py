@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from archtune.families.base import Family, Rule
 # Plugin paths of other trainers' fused losses (archtune.plugins registers them as aliases).
-from archtune.plugins import CUT_CROSS_ENTROPY_PLUGIN, LIGER_PLUGIN
+from archtune.plugins import CUT_CROSS_ENTROPY_PLUGIN
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import ModelStructure, Plan
