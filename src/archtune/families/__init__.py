@@ -1,8 +1,8 @@
 """Family registry and detection from config.json (never weights).
 
-Families are discovered: every module of this package (but base.py) is imported on first use,
-and each registers one `Family` with `register_family`. Adding a family is adding its file (and
-its test); nothing else names it.
+Families are discovered: every module of this package (but the shared base.py and media.py) is
+imported on first use, and each registers one `Family` with `register_family`. Adding a family
+is adding its file (and its test); nothing else names it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from archtune.families.base import Family, FamilyRule, Rule, TinyModel, text_con
 from archtune.registry import Registry
 
 GENERIC = "generic"
-_NOT_FAMILIES = ("base",)
+_NOT_FAMILIES = ("base", "media")  # shared templates the family files use
 
 
 def _discover() -> None:
