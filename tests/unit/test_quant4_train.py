@@ -123,6 +123,7 @@ def test_qlora_with_4bit_experts_shrinks_the_model_and_trains_like_lora_on_the_d
 
     from archtune.models import quant
     from archtune.moe import quant4
+    from archtune.train.merge import merge_adapter
     from archtune.train.recipe import plan_for, train
 
     cfg = _config(tmp_path, data_dir, wide_dir, "qlora")
@@ -161,7 +162,7 @@ def test_qlora_with_4bit_experts_shrinks_the_model_and_trains_like_lora_on_the_d
     unmerged = PeftModel.from_pretrained(base, cfg.output_dir)
     assert len(quantize_moe_experts(unmerged, setup.plan)) == 8
     unmerged.eval()
-    merged = quant.merge_adapter(cfg, setup.plan, setup.tokenizer, cfg.output_dir).eval()
+    merged = merge_adapter(cfg, setup.plan, setup.tokenizer, cfg.output_dir).eval()
     assert not quant4.quantized_experts(merged) and not quant.quantized_modules(merged)
     merged.save_pretrained(tmp_path / "merged")
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()

@@ -300,12 +300,13 @@ def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
     setup = plan_for(cfg)
     from archtune.models import quant
     from archtune.models.load import trained_weights_kind
+    from archtune.train.merge import merge_adapter
 
     if trained_weights_kind(cfg.output_dir) != "adapter":
         raise UserError.single("output_dir", f"{cfg.output_dir} holds no LoRA adapter (adapter_config.json)",
                                "train with adapter: lora first, or point output_dir at the run")
     if quant.is_quantized(setup.plan):
-        merged = quant.merge_adapter(cfg, setup.plan, setup.tokenizer, cfg.output_dir)  # dequantized base + adapter
+        merged = merge_adapter(cfg, setup.plan, setup.tokenizer, cfg.output_dir)  # dequantized base + adapter
     else:
         model, _ = load_trained(cfg, setup.plan, setup.tokenizer)
         merged = model.merge_and_unload()

@@ -9,9 +9,9 @@
 - bitsandbytes' CPU backend runs Linear4bit forward and backward (FINDINGS.md): QLoRA trains on
   a CPU machine too.
 
-`merge_adapter` is what `archtune merge-lora` needs for a QLoRA run: the base is loaded in 4 bit
-(the weights the adapter was trained against), dequantized into plain `nn.Linear` layers, and
-the adapter merged into those — the result is a regular full-precision model.
+`archtune merge-lora` on a QLoRA run (train/merge.py): the base is loaded in 4 bit (the weights
+the adapter was trained against), dequantized into plain `nn.Linear` layers here, and the
+adapter merged into those — the result is a regular full-precision model.
 """
 from __future__ import annotations
 
@@ -187,22 +187,3 @@ def dequantize(model) -> int:
             except AttributeError:
                 pass
     return count
-
-
-def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
-    """A QLoRA run's adapter merged into its dequantized 4-bit base: a plain transformers model.
-
-    For `archtune merge-lora` on a run with `adapter: qlora` / `load_in_4bit: true`.
-    """
-    from peft import PeftModel
-
-    base = load_quantized(cfg, plan, tokenizer)
-    dequantize(base)
-    if plan.quantize_moe_experts:
-        # the experts as training saw them: through 4 bits and back
-        from archtune.moe import quant4
-
-        quant4.quantize_experts(base, plan.expert_param_names, dtype=compute_dtype(cfg))
-        quant4.dequantize_experts(base)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    return model.merge_and_unload()
