@@ -120,3 +120,46 @@ def test_packing_is_refused_for_image_rows(vision_run, capsys, tmp_path):
                              f"dataset_prepared_path={tmp_path / 'p'}")
     assert code == 2
     assert "sample_packing" in err and "carry images" in err
+
+
+@pytest.mark.parametrize("tiny, projector, tokens", [("gemma4-dense", "embed_vision", 64), ("qwen3_5-moe", "merger", 16)])
+def test_images_train_on_gemma4_and_qwen3_5(tmp_path, capsys, tiny, projector, tokens):
+    """The tiny Gemma 4 and Qwen 3.5 processors (images only): the processor's own image token
+    count per image, its mm_token_type_ids, pixel_values (and image_grid_thw) reach the model,
+    the projector trains, the tower does not."""
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    rows = _rows("train.jsonl", 10)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(
+        tmp_path / "config.yaml", base_model=f"tiny:{tiny}",
+        datasets=[{"path": str(tmp_path / "train.jsonl"), "type": "chat_template"}],
+        sequence_len=128, adapter="lora", lora_r=4, lora_alpha=8, lora_modules_to_save=[projector],
+        micro_batch_size=5, max_steps=2, output_dir=str(tmp_path / "out"),
+        dataset_prepared_path=str(tmp_path / "prepared"), use_tensorboard=False)
+    code, out, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    summary = read_json(tmp_path / "out" / "train_summary.json")
+    assert summary["data"]["image_rows"]["train"] == 9  # row 10 is text-only
+    train = load_from_disk(str(Path(summary["data"]["cache_dir"]) / "train"))
+    for row in train:
+        if row["images"]:
+            assert sum(1 for t in row["token_types"] if t) == row["input_ids"].count(6) == tokens
+        assert all(lab == -100 for lab, t in zip(row["labels"], row["token_types"]) if t)
+    adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert [k for k in adapter if f".{projector}." in k]
+    assert not [k for k in adapter if "vision_tower" in k or "visual.blocks" in k]
+
+
+def test_audio_rows_are_refused_on_gemma4_e2b(tmp_path, capsys):
+    row = {"messages": [{"role": "user", "content": [{"type": "audio", "path": "a.wav"},
+                                                     {"type": "text", "text": "What is said?"}]},
+                        {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    config = write_config(tmp_path / "config.yaml", base_model="tiny:gemma4-e2b",
+                          datasets=[{"path": str(tmp_path / "train.jsonl"), "type": "chat_template"}],
+                          dataset_prepared_path=str(tmp_path / "prepared"))
+    code, out, err = run_cli(capsys, "preprocess", config)
+    assert code == 2
+    assert f"{tmp_path / 'train.jsonl'}:1" in err and "audio" in err

@@ -153,6 +153,25 @@ def _build(name: str):
     return build_config
 
 
+def _build_processor(config):
+    """Gemma4Processor (images only) at the tiny size: an image part renders as the soft token,
+    which expands to boi, one token per pooled patch group, eoi (a 32x32 image is resized to at
+    most 70 * 2 * 2 patches of 4x4 pixels: 64x64 pixels, 64 tokens)."""
+    from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil, Gemma4Processor
+
+    from archtune.families.media import media_chat_template, media_tokenizer, without_video_processor
+
+    vision = config.vision_config
+    tokenizer = media_tokenizer({
+        "image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+        "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"})
+    image_processor = Gemma4ImageProcessorPil(patch_size=vision.patch_size,
+                                              pooling_kernel_size=vision.pooling_kernel_size, max_soft_tokens=70)
+    return without_video_processor(Gemma4Processor)(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=None, chat_template=media_chat_template({"image": "<image_soft_token>"}))
+
+
 _DESCRIPTIONS = {
     "gemma4-moe": "Gemma 4 26B-A4B shape: 4 layers, MoE (8 experts, top-2) beside the dense MLP, "
     "sliding/full attention with k==v on full layers, vision tower",
@@ -191,13 +210,16 @@ FAMILY = register_family(
         language_model_prefix="model.language_model",
         decoder_layer_cls="Gemma4TextDecoderLayer",
         mm_module_prefixes=("model.vision_tower", "model.embed_vision", "model.audio_tower", "model.embed_audio"),
+        mm_projector_prefixes=("model.embed_vision", "model.embed_audio"),
+        # Audio parts are refused (never trained as text): the audio data path is not built yet.
+        modalities=("image",),
         lora_target_regex=LORA_TARGET_REGEX,
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
         expert_param_aliases=EXPERT_PARAM_ALIASES,
         is_moe=_is_moe,
         lora_target_redirects={"Gemma4ClippableLinear": "linear"},
         packing_drop_attention_mask=True,
-        tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name)) for name in _VARIANTS),
+        tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name), _build_processor) for name in _VARIANTS),
         rules=[
             FamilyRule("freeze_mm_modules"),
             FamilyRule("non_reentrant_checkpointing",

@@ -45,4 +45,23 @@ def media_tokenizer(named_tokens: dict[str, str]):
                                                    extra_special_tokens=dict(named_tokens))
 
 
-__all__ = ["media_chat_template", "media_tokenizer"]
+def without_video_processor(processor_cls):
+    """`processor_cls` (e.g. Gemma4Processor, Qwen3VLProcessor) built with video_processor=None.
+
+    transformers 5.24 checks the class of every processor part, and its video processors need
+    torchvision, which image rows do not (the image processors have Pillow backends). The tiny
+    models' processors never see a video; such a processor cannot be saved (save_pretrained
+    writes every part), so `archtune init-tiny` writes none for it.
+    """
+
+    class ImagesOnly(processor_cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = f"{processor_cls.__name__}WithoutVideo"
+    return ImagesOnly
+
+
+__all__ = ["media_chat_template", "media_tokenizer", "without_video_processor"]

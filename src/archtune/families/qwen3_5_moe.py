@@ -106,6 +106,26 @@ def _build_config(tokenizer):
     )
 
 
+def _build_processor(config):
+    """Qwen3VLProcessor (images only) at the tiny image size: an image part renders as
+    `<vision_start><image_soft_token><vision_end>` and the soft token expands to one token per
+    merged patch group (32x32 pixels: an 8x8 patch grid merged 2x2 -> 16 tokens)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
+
+    from archtune.families.media import media_chat_template, media_tokenizer, without_video_processor
+
+    vision = config.vision_config
+    pixels = 32 * 32
+    tokenizer = media_tokenizer({"image_token": "<image_soft_token>", "video_token": "<video_soft_token>",
+                                 "vision_start_token": "<vision_start>", "vision_end_token": "<vision_end>"})
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size, size={"shortest_edge": pixels, "longest_edge": pixels})
+    return without_video_processor(Qwen3VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+        chat_template=media_chat_template({"image": "<vision_start><image_soft_token><vision_end>"}))
+
+
 FAMILY = register_family(
     Family(
         name="qwen3_5_moe",
@@ -124,6 +144,8 @@ FAMILY = register_family(
         language_model_prefix="model.language_model",
         decoder_layer_cls="Qwen3_5MoeDecoderLayer",
         mm_module_prefixes=("model.visual",),
+        mm_projector_prefixes=("model.visual.merger",),
+        modalities=("image",),
         lora_target_regex=LORA_TARGET_REGEX,
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
         expert_param_aliases=EXPERT_PARAM_ALIASES,
@@ -135,6 +157,7 @@ FAMILY = register_family(
                 "Qwen 3.5 MoE shape: 3 linear-attention (DeltaNet) + 1 full-attention layer, 8 experts top-2 "
                 "plus a shared expert, vision tower (1 block)",
                 _build_config,
+                _build_processor,
             ),
         ),
         rules=[
