@@ -163,3 +163,20 @@ def test_audio_rows_are_refused_on_gemma4_e2b(tmp_path, capsys):
     code, out, err = run_cli(capsys, "preprocess", config)
     assert code == 2
     assert f"{tmp_path / 'train.jsonl'}:1" in err and "audio" in err
+
+
+def test_processor_from_a_model_directory_and_processor_type(vision_run, capsys, tmp_path):
+    """`archtune init-tiny gemma3 DIR` writes the processor; a model directory's processor is
+    loaded (AutoProcessor, or the class processor_type names); a class transformers lacks is a
+    user error on processor_type; image_size resizes before the processor."""
+    tmp, config = vision_run
+    code, _, err = run_cli(capsys, "init-tiny", "gemma3", tmp_path / "model")
+    assert code == 0, err
+    assert (tmp_path / "model" / "processor_config.json").is_file()
+    common = [f"base_model={tmp_path / 'model'}", f"dataset_prepared_path={tmp_path / 'p'}"]
+    for extra in ([], ["processor_type=Gemma3Processor", "image_size=24", "image_resize_algorithm=bicubic"]):
+        code, out, err = run_cli(capsys, "preprocess", config, *common, *extra, "--json")
+        assert code == 0, err
+        assert json.loads(out)["image_rows"] == {"train": 27, "eval": 8}
+    code, out, err = run_cli(capsys, "preprocess", config, *common, "processor_type=NoSuchProcessor")
+    assert code == 2 and "processor_type" in err
