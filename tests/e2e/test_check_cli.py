@@ -37,7 +37,7 @@ def test_json_has_the_design_shape_and_every_key(tmp_path, capsys):
                  gradient_checkpointing=True, **SEED_FSDP2)
     code, data = check_json(capsys, cfg, "--nproc", "2")
     assert code == 0, data["errors"]
-    assert list(data) == ["family", "model_type", "world_size", "settings", "warnings", "errors"]
+    assert list(data) == ["family", "model_type", "world_size", "settings", "info", "warnings", "errors"]
     assert (data["family"], data["model_type"], data["world_size"]) == ("gemma4", "gemma4", 2)
     assert DESIGN_KEYS <= set(data["settings"])
     assert all(set(d) == {"value", "source", "reason"} and d["source"] in {"user", "default", "family", "auto"}

@@ -121,42 +121,75 @@ def test_unknown_key_without_close_match(tmp_path):
     assert "did you mean" not in p.fix and "remove it" in p.fix
 
 
-@pytest.mark.parametrize("key, value", [
-    ("pad_to_sequence_len", "true"), ("deepspeed", "ds.json"), ("flash_attention", "true"),
-    ("gptq", "true"), ("process_reward_model", "true"), ("torch_compile", "true"),
-    ("peft_use_dora", "true"), ("unfrozen_parameters", "[a.b]"), ("evals_per_epoch", "4"),
+@pytest.mark.parametrize("key, value, words", [
+    ("deepspeed", "ds.json", "FSDP2"), ("lisa_n_layers", "4", "unfrozen weight"),
+    ("peft_use_dora", "true", "plain LoRA"), ("neftune_noise_alpha", "5", "without noise"),
 ])
-def test_unsupported_axolotl_key_is_named(tmp_path, key, value):
-    assert key in AXOLOTL_KEYS and key not in Config.model_fields
+def test_refused_axolotl_key_names_what_archtune_does_instead(tmp_path, key, value, words):
     (p,) = problems_of(write(tmp_path, MINIMAL + f"{key}: {value}\n"))
     assert p.key == key
-    assert p.message.startswith(f"`{key}` is an Axolotl key that archtune does not support yet")
-    assert f"remove `{key}`" in p.fix
+    assert p.message.startswith(f"`{key}: {value}` is refused:") and words in p.message
+    assert "cfg.yaml:5" in p.message and f"remove `{key}`" in p.fix
 
 
-def test_unsupported_axolotl_dataset_key_is_named(tmp_path):
-    assert "conversation" in AXOLOTL_DATASET_KEYS
+@pytest.mark.parametrize("text", ["deepspeed:\n", "rl: null\n", "peft_use_dora: false\n"])
+def test_refused_key_left_empty_or_off_is_accepted(tmp_path, text):
+    cfg = load_config(write(tmp_path, MINIMAL + text))
+    assert cfg.axolotl_notes == []
+
+
+def test_no_effect_keys_are_accepted_with_a_note_only_when_they_ask_for_something(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "lora_mlp_kernel: true\nlora_qkv_kernel: false\nuse_comet: true\n"
+                            "model_type: AutoModelForCausalLM\n"))
+    notes = dict(cfg.axolotl_notes)
+    assert set(notes) == {"lora_mlp_kernel", "use_comet", "model_type"}
+    assert "PEFT" in notes["lora_mlp_kernel"] and "Comet" in notes["use_comet"]
+
+
+def test_refused_dataset_key_is_named(tmp_path):
     (p,) = problems_of(write(tmp_path, MINIMAL + "    conversation: chatml\n"))
     assert p.key == "datasets.0.conversation"
-    assert "Axolotl key that archtune does not support yet" in p.message
+    assert "is refused" in p.message and "type: chat_template" in p.message
 
 
-def test_unsupported_key_hint_names_the_archtune_counterpart(tmp_path):
-    (p,) = problems_of(write(tmp_path, MINIMAL + "saves_per_epoch: 2\n"))
-    assert "save_steps" in p.fix
+def test_empty_values_mean_unset(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "wandb_entity:\nwandb_project:\nlora_model_dir:\nval_set_size:\n"
+                            "special_tokens:\nresume_from_checkpoint:\n"))
+    assert cfg.wandb_entity is None and cfg.val_set_size == 0.0 and cfg.axolotl_notes == []
+    assert "wandb_entity" not in cfg.model_fields_set
 
 
-def test_axolotl_key_list_is_generous():
-    assert len(AXOLOTL_KEYS) >= 80
-    for k in ("sample_packing", "eval_sample_packing", "pad_to_sequence_len", "xformers_attention", "sdp_attention",
-              "fsdp", "load_in_8bit", "gptq", "peft_use_rslora", "lora_fan_in_fan_out", "freeze_mm_modules",
-              "ddp_find_unused_parameters", "activation_offloading", "use_kernels", "experts_implementation",
-              "normalize_weight_scales", "unfrozen_parameters", "rl", "chat_template_jinja", "dataset_processes",
-              "shuffle_merged_datasets", "early_stopping_patience", "lr_scheduler_kwargs", "loraplus_lr_ratio",
-              "neftune_noise_alpha", "group_by_length", "torch_compile", "tf32", "hub_model_id",
-              "push_dataset_to_hub", "tokens", "resize_token_embeddings_to_32x", "is_llama_derived_model",
-              "model_type", "tokenizer_type", "saves_per_epoch", "auto_resume_from_checkpoints"):
-        assert k in AXOLOTL_KEYS, k
+def test_axolotl_spellings_of_honored_keys(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "flash_attention: true\nrevision_of_model: main\n"
+                            "auto_resume_from_checkpoints: true\nevaluation_strategy: steps\n"))
+    assert cfg.attn_implementation == "flash_attention_2" and cfg.model_revision == "main"
+    assert cfg.resume_from_checkpoint == "auto" and cfg.eval_strategy == "steps"
+
+
+def test_fsdp_config_is_read_in_both_spellings(tmp_path):
+    new = load_config(write(tmp_path, MINIMAL + "fsdp_version: 2\nfsdp_config:\n  offload_params: true\n"
+                            "  transformer_layer_cls_to_wrap: LlamaDecoderLayer\n  state_dict_type: FULL_STATE_DICT\n"
+                            "  use_orig_params: true\n"))
+    old = load_config(write(tmp_path, MINIMAL + "fsdp_config:\n  fsdp_version: 2\n  fsdp_offload_params: true\n"
+                            "  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer\n"
+                            "  fsdp_state_dict_type: FULL_STATE_DICT\n  fsdp_use_orig_params: true\n", "old.yaml"))
+    assert new.fsdp_config == old.fsdp_config
+    assert new.fsdp_config.fsdp_offload_params and new.fsdp_config.fsdp_version == 2
+    assert [k for k, _ in new.axolotl_notes] == ["fsdp_config.use_orig_params"]
+    assert [k for k, _ in old.axolotl_notes] == ["fsdp_config.fsdp_use_orig_params"]
+
+
+def test_a_typo_is_never_answered_with_a_key_of_another_meaning(tmp_path):
+    (p,) = problems_of(write(tmp_path, MINIMAL + "fsdp_config:\n  fsdp_use_orig_param: true\n"))
+    assert "offload" not in p.fix
+
+
+def test_strict_refuses_overrides_of_keys_the_file_does_not_set(tmp_path):
+    path = write(tmp_path, MINIMAL + "strict: true\nlora_r: 4\n")
+    assert load_config(path, ["lora_r=8"]).lora_r == 8
+    (p,) = problems_of(path, ["lora_alpha=8"])
+    assert p.key == "lora_alpha" and "strict" in p.message
+    assert load_config(write(tmp_path, MINIMAL + "strict: false\n", "b.yaml"), ["lora_alpha=8"]).lora_alpha == 8
 
 
 # ---------------------------------------------------------------- YAML and file problems
@@ -239,7 +272,7 @@ def test_missing_dataset_path(tmp_path):
     ("lora_r: ten\n", "lora_r", "must be a whole number; got 'ten'", "LoRA rank"),
     ("lora_dropout: 1.5\n", "lora_dropout", "must be less than 1; got 1.5", "lora_dropout"),
     ("bf16: maybe\n", "bf16", "must be one of true, false, auto; got 'maybe'", "true, false, auto"),
-    ("fp16: maybe\n", "fp16", "must be true or false; got 'maybe'", "`fp16: true`"),
+    ("fp16: maybe\n", "fp16", "must be one of true, false, auto; got 'maybe'", "true, false, auto"),
     ("base_model_config: 123\n", "base_model_config", "must be text; got 123", "quote it"),
     ("lora_target_modules: 5\n", "lora_target_modules", "must be a list or text; got 5", "regex"),
     ("lora_target_modules: '(q_proj'\n", "lora_target_modules", "not a valid regular expression", "regex"),
@@ -465,3 +498,4 @@ def test_flatten_dotted_keys(tmp_path):
 
 def test_flatten_keeps_empty_containers():
     assert flatten({"a": {}, "b": [], "c": {"d": [{"e": 1}, 2]}}) == {"a": {}, "b": [], "c.d.0.e": 1, "c.d.1": 2}
+

@@ -330,9 +330,19 @@ def test_no_wrap_class_check_without_fsdp():
     assert not plan.errors and "fsdp_config.fsdp_transformer_layer_cls_to_wrap" not in plan.settings
 
 
-def test_fsdp_config_without_fsdp_warns_that_fsdp_stays_off():
+def test_fsdp_config_turns_fsdp_on_by_itself_as_in_axolotl():
+    plan = plan_for("gemma4-moe", world_size=2, fsdp_config={"fsdp_version": 2})
+    assert decision(plan, "fsdp") == (["full_shard", "auto_wrap"], "auto")
+    assert plan.get("fsdp_config.fsdp_transformer_layer_cls_to_wrap") == "Gemma4TextDecoderLayer"
+    top = plan_for("gemma4-moe", world_size=2, fsdp_version=2)  # Axolotl's top-level spelling
+    assert top.get("fsdp") and top.get("fsdp_config.fsdp_version") == 2
+    assert not plan_for("gemma4-moe", world_size=2).get("fsdp")
+
+
+def test_fsdp_with_one_process_trains_unsharded_with_an_info_line():
     plan = plan_for("gemma4-moe", fsdp_config={"fsdp_version": 2})
-    assert any("fsdp stays off" in w.lower() for w in plan.warnings)
+    assert decision(plan, "fsdp") == (None, "auto")
+    assert not plan.errors and any(line.startswith("fsdp: one process") for line in plan.info)
 
 
 @pytest.mark.parametrize("name, keys, refused", [
@@ -375,7 +385,8 @@ def test_model_structure_is_weightless_cached_and_leaves_the_rng_alone():
     ({"activation_offloading": True}, "auto", "activation_offloading"),
     ({**SEED_FSDP2, "fsdp_config": {**SEED_FSDP2["fsdp_config"], "fsdp_activation_checkpointing": True}},
      "auto", "fsdp_activation_checkpointing"),
-    ({"fsdp_config": {"fsdp_activation_checkpointing": True}}, "default", "KV cache"),  # fsdp off
+    # an fsdp_config turns FSDP on by itself (as in Axolotl), so its activation checkpointing counts
+    ({"fsdp_config": {"fsdp_activation_checkpointing": True}}, "auto", "fsdp_activation_checkpointing"),
 ])
 def test_use_cache_is_off_for_training_and_forced_off_by_checkpoint_wrappers(keys, source, reason):
     plan = plan_for("gemma4-moe", world_size=2, **keys)
@@ -474,7 +485,7 @@ def test_nested_config_blocks_keep_unwritten_fields_as_defaults():
 def test_plan_json_has_every_key_and_is_serialisable(name):
     plan = plan_for(name, world_size=2, adapter="lora", gradient_checkpointing=True, fsdp=["full_shard", "auto_wrap"])
     data = json.loads(json.dumps(plan.to_json()))
-    assert set(data) == {"family", "model_type", "world_size", "settings", "warnings", "errors"}
+    assert set(data) == {"family", "model_type", "world_size", "settings", "info", "warnings", "errors"}
     for key in ("freeze_mm_modules", "ddp_find_unused_parameters", "gradient_checkpointing_kwargs.use_reentrant",
                 "use_cache", "experts_implementation", "sample_packing_drop_attention_mask", "lora_target_modules",
                 "lora_target_parameters", "fsdp_config.fsdp_transformer_layer_cls_to_wrap", "world_size"):

@@ -20,6 +20,7 @@ import torch
 
 from archtune.errors import UserError
 from archtune.plan import Plan
+from archtune.plan.training_rules import unfrozen_pattern
 
 PEFT_PREFIX = "base_model.model."
 # Segments that wrappers insert into module names without changing what the module is.
@@ -125,7 +126,26 @@ def freeze_multimodal(model: torch.nn.Module, plan: Plan) -> list[str]:
     return sorted(frozen)
 
 
+def unfreeze_only(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """`unfrozen_parameters`: a full fine-tune of only the parameters whose name matches one of
+    the patterns (Axolotl's rule: a regex matched from the start of the name, in which a `.` not
+    followed by `+` is a literal dot); every other parameter is frozen. Returns the trained names
+    (sorted)."""
+    compiled = [unfrozen_pattern(p) for p in patterns]
+    trained = []
+    for name, param in model.named_parameters():
+        keep = any(c.match(name) or c.match(canonical_name(name)) for c in compiled)
+        param.requires_grad_(keep)
+        if keep:
+            trained.append(name)
+    if not trained:
+        raise UserError.single("unfrozen_parameters", "no parameter of this model matches " + ", ".join(patterns),
+                               "patterns match parameter names from the start, e.g. model.layers.0.mlp.up_proj.weight")
+    return sorted(trained)
+
+
 __all__ = [
+    "unfreeze_only",
     "canonical_name",
     "under_prefix",
     "freeze_enabled",

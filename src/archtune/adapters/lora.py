@@ -202,6 +202,8 @@ def apply_lora(model, plan: Plan):
     """
     from peft import get_peft_model
 
+    if plan.config.lora_model_dir:
+        return load_adapter_to_train(model, plan)
     targets = resolve_lora_targets(model, plan)
     parameters = resolve_lora_parameters(model, plan)
     if not targets and not parameters:
@@ -224,6 +226,21 @@ def apply_lora(model, plan: Plan):
     missing = sorted({canonical_name(t) for t in targets} - placed)
     if missing:
         raise RuntimeError(f"PEFT placed no adapter on {len(missing)} resolved targets, e.g. {missing[:3]}")
+    check_towers_frozen(peft_model, plan)
+    return peft_model
+
+
+def load_adapter_to_train(model, plan: Plan):
+    """`lora_model_dir`: the trained adapter in that directory, trainable, as the starting point
+    (its own targets and rank; Axolotl's meaning)."""
+    from peft import PeftModel
+
+    path = plan.config.lora_model_dir
+    try:
+        peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    except (OSError, ValueError) as exc:
+        raise UserError.single("lora_model_dir", f"cannot load the adapter in {path}: {exc}",
+                               "point lora_model_dir at the output_dir of a LoRA run of this base model") from None
     check_towers_frozen(peft_model, plan)
     return peft_model
 

@@ -29,7 +29,7 @@ def check_plan(cfg: Config, world_size: int = 1) -> Plan:
 def error_json(exc: UserError, world_size: int = 1) -> dict:
     """The `check --json` object for a config that never became a Plan (schema, YAML, file errors):
     the Plan's shape, nothing resolved, `errors` filled."""
-    return {"family": None, "model_type": None, "world_size": world_size, "settings": {}, "warnings": [],
+    return {"family": None, "model_type": None, "world_size": world_size, "settings": {}, "info": [], "warnings": [],
             "errors": [p.to_dict() for p in exc.problems]}
 
 
@@ -63,6 +63,8 @@ def render_plan(plan: Plan, console: Console) -> None:
     else:
         console.print("no setting decided by the family or auto-detection")
     console.print(Text(f"{len(plan.settings)} settings in all; `archtune check --json` lists every one", style="dim"))
+    for line in plan.info:
+        console.print(Text.assemble(("info ", "bold blue"), line))
     for warning in plan.warnings:
         console.print(Text.assemble(("warning ", "bold yellow"), warning))
     for problem in plan.errors:

@@ -1,135 +1,367 @@
-"""Axolotl config keys, so that a key archtune does not support yet is named as such.
+"""The Axolotl key table: every key of Axolotl's config schema, in exactly one of three classes.
 
-The lists hold real keys of Axolotl's config (`src/axolotl/utils/schemas/`, its plugins'
-args and a few widely used older keys), read for the names only. Keys that are also
-fields of archtune's schema are accepted: config.load computes "unsupported" as
-`AXOLOTL_KEYS - Config fields`, so adding a field to the schema is all it takes to
-support one. Keeping a supported key here is harmless.
+1. honored: a field of archtune's schema (config/schema.py), with Axolotl's meaning; its
+   field description is the reason. Nothing is listed here for them.
+2. accepted without effect here (NO_EFFECT): the key is read and ignored, and `archtune check`
+   prints one info line with the reason below when the config sets it to a value that asks
+   for something (true, a number, a name). These are switches for speed, memory, hardware or
+   services that change nothing in what is trained.
+3. refused (REFUSED): honoring the key would train something other than what archtune trains
+   (another objective, other weights, other data); the reason says what archtune does instead.
+   Refused only when set to a value that asks for something (`rl: null` is fine).
+
+The list of Axolotl's keys is a data file generated from its schema (axolotl_schema_keys.json,
+written by scripts/axolotl_schema_keys.py, with the Axolotl commit it was read from);
+tests/unit/test_axolotl_keys.py fails when a key there has no class here or has two.
 """
 from __future__ import annotations
 
-AXOLOTL_KEYS: frozenset[str] = frozenset({
-    # ---- model and tokenizer
-    "base_model", "base_model_config", "base_model_ignore_patterns", "cls_model_config",
-    "revision_of_model", "model_revision", "tokenizer_config", "tokenizer_type", "tokenizer_use_fast",
-    "tokenizer_legacy", "tokenizer_use_mistral_common", "tokenizer_save_jinja_files",
-    "processor_type", "processor_kwargs", "model_type", "type_of_model", "trust_remote_code",
-    "use_kernels", "model_quantization_config", "model_quantization_config_kwargs",
-    "overrides_of_model_config", "overrides_of_model_kwargs", "model_config", "model_kwargs",
-    "is_llama_derived_model", "is_mistral_derived_model", "is_falcon_derived_model",
-    "is_qwen_derived_model", "resize_token_embeddings_to_32x", "mean_resizing_embeddings",
-    "shrink_embeddings", "embeddings_skip_upcast", "reinit_weights", "special_tokens", "tokens",
-    "added_tokens_overrides", "fix_untrained_tokens", "device_map", "max_memory",
-    "gpu_memory_limit", "low_cpu_mem_usage", "rope_scaling",
-    # ---- quantization and adapters
-    "load_in_8bit", "load_in_4bit", "gptq", "bnb_config_kwargs", "adapter", "lora_model_dir",
-    "lora_r", "lora_alpha", "lora_dropout", "lora_fan_in_fan_out", "lora_target_modules",
-    "lora_target_linear", "lora_target_parameters", "lora_modules_to_save", "lora_rank_pattern",
-    "lora_alpha_pattern", "lora_on_cpu", "peft", "peft_layers_to_transform", "peft_layers_pattern",
-    "peft_use_dora", "peft_use_rslora", "peft_layer_replication", "peft_init_lora_weights",
-    "peft_trainable_token_indices", "peft_ensure_weight_tying", "peft_autocast_adapter_dtype",
-    "qlora_sharded_model_loading", "loraplus_lr_ratio", "loraplus_lr_embedding", "merge_lora",
-    "merge_method", "relora", "relora_steps", "relora_prune_ratio", "relora_cpu_offload",
-    "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel",
-    "unfrozen_parameters", "freeze_mm_modules", "qat", "quantization",
-    # ---- data
-    "datasets", "test_datasets", "pretraining_dataset", "val_set_size", "dataset_prepared_path",
-    "dataset_processes", "dataset_num_proc", "dataset_shard_num", "dataset_shard_idx",
-    "dataset_exact_deduplication", "dataset_keep_in_memory", "skip_prepare_dataset",
-    "shuffle_merged_datasets", "shuffle_before_merging_datasets", "push_dataset_to_hub",
-    "hf_use_auth_token", "sequence_len", "eval_sequence_len", "excess_length_strategy",
-    "min_sample_len", "max_prompt_len", "train_on_inputs", "chat_template", "chat_template_jinja",
-    "chat_template_kwargs", "eot_tokens", "default_system_message", "streaming",
-    "dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor",
-    "dataloader_drop_last", "remove_unused_columns", "group_by_length", "curriculum_sampling",
-    # ---- packing
-    "sample_packing", "eval_sample_packing", "sample_packing_group_size", "sample_packing_bin_size",
-    "sample_packing_sequentially", "sample_packing_eff_est", "pad_to_sequence_len",
-    "pad_to_multiple_of", "multipack_real_batches", "batch_flattening",
-    "pretrain_multipack_buffer_size", "pretrain_multipack_attn", "pretraining_sample_concatenation",
-    "max_packed_sequence_len",
-    # ---- attention and kernels
-    "flash_attention", "sdp_attention", "xformers_attention", "flex_attention", "sage_attention",
-    "eager_attention", "attn_implementation", "flash_attn_cross_entropy", "flash_attn_rms_norm",
-    "flash_attn_fuse_mlp", "flash_optimum", "s2_attention", "experts_implementation",
-    "quantize_moe_experts", "use_scattermoe", "use_sonicmoe", "chunked_cross_entropy",
-    "chunked_cross_entropy_num_chunks", "tiled_mlp", "tiled_mlp_num_shards", "cut_cross_entropy",
-    "liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_layer_norm", "liger_swiglu",
-    "liger_cross_entropy", "liger_fused_linear_cross_entropy", "plugins",
-    "torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_compile_options",
-    # ---- precision and memory
-    "bf16", "fp16", "tf32", "fp8", "bfloat16", "float16", "float32", "fp32_norms",
-    "gradient_checkpointing", "gradient_checkpointing_kwargs", "selective_checkpointing",
-    "activation_offloading", "layer_offloading",
-    # ---- distributed
-    "deepspeed", "deepcompile", "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type",
-    "ddp", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters",
-    "dp_shard_size", "dp_replicate_size", "sequence_parallel_degree", "context_parallel_size",
-    "tensor_parallel_size", "heads_k_stride", "ring_attn_func", "world_size", "local_rank", "device",
-    # ---- hyperparameters
-    "micro_batch_size", "gradient_accumulation_steps", "batch_size", "eval_batch_size",
-    "auto_find_batch_size", "num_epochs", "max_steps", "learning_rate", "embedding_lr",
-    "embedding_lr_scale", "lr_groups", "optimizer", "optim_args", "optim_target_modules",
-    "lr_scheduler", "lr_scheduler_kwargs", "lr_quadratic_warmup", "cosine_min_lr_ratio",
-    "cosine_constant_lr_ratio", "lr_div_factor", "warmup_steps", "warmup_ratio", "weight_decay",
-    "adam_beta1", "adam_beta2", "adam_beta3", "adam_epsilon", "adam_epsilon2", "max_grad_norm",
-    "neftune_noise_alpha", "noisy_embedding_alpha", "seed", "jagged_restart_steps",
-    "jagged_restart_warmup_steps", "jagged_restart_anneal_steps", "lisa_n_layers",
-    "lisa_step_interval", "lisa_layers_attribute", "normalize_weight_scales",
-    # ---- RL and distillation
-    "rl", "trl", "vllm", "rl_beta", "dpo_beta", "orpo_alpha", "simpo_gamma", "cpo_alpha",
-    "kto_desirable_weight", "kto_undesirable_weight", "dpo_use_weighting", "dpo_label_smoothing",
-    "precompute_ref_log_probs", "dpo_loss_type", "reward_model", "process_reward_model",
-    "center_rewards_coefficient", "num_labels", "kd_trainer", "kd_alpha", "kd_temperature",
-    # ---- evaluation, saving, logging
-    "output_dir", "hub_model_id", "hub_strategy", "hub_revision", "save_safetensors",
-    "save_steps", "saves_per_epoch", "save_strategy", "save_total_limit", "save_first_step",
-    "save_only_model", "eval_steps", "evals_per_epoch", "eval_strategy", "evaluation_strategy",
-    "eval_table_size", "eval_max_new_tokens", "do_causal_lm_eval", "eval_causal_lm_metrics",
-    "do_bench_eval", "bench_dataset", "bench_split", "metric_for_best_model", "greater_is_better",
-    "load_best_model_at_end", "early_stopping_patience", "logging_steps", "loss_watchdog_threshold",
-    "loss_watchdog_patience", "resume_from_checkpoint", "auto_resume_from_checkpoints",
-    "include_tokens_per_second", "profiler_steps", "gc_steps", "torch_empty_cache_steps",
-    "use_tensorboard", "use_wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_run_id",
-    "wandb_mode", "wandb_watch", "wandb_log_model", "use_mlflow", "mlflow_tracking_uri",
-    "mlflow_experiment_name", "mlflow_run_name", "hf_mlflow_log_artifacts", "use_comet",
-    "comet_api_key", "comet_workspace", "comet_project_name", "comet_mode", "use_trackio",
-    "trackio_project_name", "use_ray", "ray_num_workers", "generate_samples",
-    "num_generation_samples", "strict", "accelerator_config",
-    # ---- multimodal
-    "image_size", "image_resize_algorithm", "role_boundaries",
-})
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
 
-# Keys of one entry of `datasets` / `test_datasets` in Axolotl (SFT, pretraining, DPO/KTO).
-AXOLOTL_DATASET_KEYS: frozenset[str] = frozenset({
-    "path", "split", "type", "name", "data_files", "ds_type", "revision", "trust_remote_code",
-    "shards", "shards_idx", "preprocess_shards", "input_transform", "conversation",
-    "chat_template", "chat_template_jinja", "input_format", "field", "field_human", "field_model",
-    "field_messages", "field_tools", "field_thinking", "field_system", "field_instruction",
-    "field_input", "field_output", "template_thinking_key", "message_field_role",
-    "message_field_content", "message_property_mappings", "message_field_training",
-    "message_field_training_detail", "split_thinking", "logprobs_field", "temperature",
-    "roles_to_train", "train_on_eos", "train_on_eot", "roles", "drop_system_message",
-    "system_prompt", "system_format", "format", "no_input_format", "text_column", "skip",
-    "field_prompt", "field_chosen", "field_rejected", "field_completion", "field_label",
-    "step_separator", "max_completion_length", "train_on_last_step_only",
-})
+CLASS_HONORED = "honored"
+CLASS_NO_EFFECT = "accepted without effect"
+CLASS_REFUSED = "refused"
 
-# What to do instead, for unsupported keys that have an archtune counterpart.
-UNSUPPORTED_KEY_HINTS: dict[str, str] = {
-    "evals_per_epoch": "use `eval_steps: N` (evaluate every N optimizer steps)",
-    "eval_strategy": "use `eval_steps: N`",
-    "evaluation_strategy": "use `eval_steps: N`",
-    "saves_per_epoch": "use `save_steps: N` (checkpoint every N optimizer steps)",
-    "save_strategy": "use `save_steps: N`",
-    "use_wandb": "set `wandb_project: NAME` to log to Weights & Biases",
-    "model_config": "set `base_model_config` to where config.json is read from",
-    "dataset_num_proc": "archtune chooses the number of preprocessing workers",
-    "dataset_processes": "archtune chooses the number of preprocessing workers",
-    "chat_template_jinja": "put the Jinja template string in `chat_template`",
-    "noisy_embedding_alpha": "NEFTune is not supported yet",
-    "tokens": "adding new tokens is not supported yet; `special_tokens` overrides the tokenizer's special tokens",
+
+def _table(*groups: tuple[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for keys, reason in groups:
+        for key in keys.split():
+            if key in out:
+                raise ValueError(f"axolotl_keys.py: {key} is listed twice")
+            out[key] = reason
+    return out
+
+
+_CUDA_KERNEL = ("a CUDA/Triton kernel switch: archtune computes the same thing with PyTorch and transformers "
+                "(same result, without the kernel's speed or memory saving)")
+_LOGGER = "{} logging is not wired into archtune; training logs go to TensorBoard (use_tensorboard), wandb_* or mlflow_*"
+_PREPROCESS = "archtune's preprocessing runs in one process and caches by content; this tuning knob has nothing to tune"
+
+# ---------------------------------------------------------------- class 2: accepted, no effect here
+NO_EFFECT: dict[str, str] = _table(
+    ("lora_mlp_kernel lora_qkv_kernel lora_o_kernel lora_embedding_kernel",
+     "Axolotl's fused LoRA Triton kernels (CUDA only): archtune runs LoRA through PEFT, same result"),
+    ("flash_attn_cross_entropy flash_attn_fuse_mlp flash_optimum fused_attn_kernel flash_attn_d512 "
+     "large_head_attention gemma4_hybrid_attn_impl sdpa_varlen flex_attn_compile_kwargs heads_k_stride "
+     "moe_grouped_backend expert_backend moe_bnb_fast moe_dequant_chunk_size use_sonicmoe use_dsv4_kernels "
+     "use_glm_dsa_kernels dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all dsv4_fp4_grouped_mode "
+     "dense_mixer batch_flattening", _CUDA_KERNEL),
+    ("liger_rope liger_rms_norm liger_rms_norm_gated liger_layer_norm liger_swiglu liger_glu_activation "
+     "liger_cross_entropy liger_use_token_scaling",
+     "Liger's Triton kernels (GPU only) are not used: transformers' own modules and loss compute the same values"),
+    ("tiled_mlp tiled_mlp_num_shards tiled_mlp_use_original_mlp",
+     "ALST tiled MLP (a memory saving) is not implemented: the MLP runs untiled, same result"),
+    ("dataset_processes dataset_num_proc dataset_keep_in_memory num_dataset_shards_to_save preprocess_iterable "
+     "sample_packing_mp_start_method sample_packing_group_size sample_packing_bin_size sample_packing_eff_est "
+     "multipack_real_batches streaming_multipack_buffer_size pretrain_multipack_buffer_size", _PREPROCESS),
+    ("use_comet comet_api_key comet_workspace comet_project_name comet_experiment_key comet_mode comet_online "
+     "comet_experiment_config", _LOGGER.format("Comet")),
+    ("use_trackio trackio_project_name trackio_run_name trackio_space_id", _LOGGER.format("Trackio")),
+    ("use_swanlab swanlab_project swanlab_experiment_name swanlab_description swanlab_mode swanlab_workspace "
+     "swanlab_api_key swanlab_log_model swanlab_web_host swanlab_api_host swanlab_lark_webhook_url "
+     "swanlab_lark_secret swanlab_log_completions swanlab_completion_log_interval swanlab_completion_max_buffer",
+     _LOGGER.format("SwanLab")),
+    ("use_otel_metrics otel_metrics_host otel_metrics_port", _LOGGER.format("OpenTelemetry")),
+    ("gradio_title gradio_share gradio_server_name gradio_server_port gradio_max_new_tokens gradio_temperature",
+     "archtune has no Gradio app; use `archtune generate CONFIG --prompt TEXT`"),
+    ("use_ray ray_num_workers ray_run_name resources_per_worker",
+     "Ray launching is not supported; launch with `archtune train --nproc N` (torchrun)"),
+    ("lm_eval_tasks lm_eval_batch_size lm_eval_post_train lm_eval_model do_bench_eval bench_dataset bench_split "
+     "do_causal_lm_eval eval_causal_lm_metrics generate_samples num_generation_samples generation_max_new_tokens "
+     "generation_temperature generation_top_k generation_top_p generation_do_sample generation_prompt_ratio "
+     "eval_table_size eval_max_new_tokens",
+     "extra evaluations (benchmarks, generation metrics, sample tables) are not run; evaluation is the "
+     "token-weighted loss (`archtune evaluate`)"),
+    ("profiler_steps profiler_steps_start", "the PyTorch profiler is not wired in; training is unchanged"),
+    ("gc_steps gc_collect_steps torch_empty_cache_steps",
+     "archtune does not schedule garbage collection or cache clearing; memory use may differ, results do not"),
+    ("include_tokens_per_second include_tkps",
+     "tokens per second are always measured and written to train_summary.json (tokens_per_second)"),
+    ("loss_watchdog_threshold loss_watchdog_patience",
+     "no loss watchdog: archtune's loss sanity checks report suspicious losses instead"),
+    ("dynamic_checkpoint", "file/signal-triggered checkpoints are not supported; save_steps and Ctrl-C (weights "
+     "saved to output_dir/interrupted) are"),
+    ("device_map max_memory gpu_memory_limit low_cpu_mem_usage lora_on_cpu experimental_skip_move_to_device device",
+     "archtune places the model itself (one device per process, or FSDP shards)"),
+    ("ddp ddp_timeout ddp_bucket_cap_mb ddp_broadcast_buffers",
+     "DDP tuning knobs are left at PyTorch's defaults; gradients are the same"),
+    ("local_rank world_size",
+     "set by the launcher: `archtune train --nproc N` (or torchrun) decides the ranks"),
+    ("tokenizer_legacy tokenizer_save_jinja_files tokenizer_use_fast",
+     "the tokenizer loads as transformers' AutoTokenizer decides (fast tokenizers); tokenization is unchanged"),
+    ("hf_use_auth_token", "hub access uses the standard HF_TOKEN environment variable or `hf auth login`"),
+    ("push_dataset_to_hub hub_model_id hub_strategy hub_revision",
+     "archtune does not upload to the hub; the weights stay in output_dir"),
+    ("is_llama_derived_model is_mistral_derived_model is_falcon_derived_model is_qwen_derived_model "
+     "is_preprocess axolotl_config_path total_num_tokens total_supervised_tokens",
+     "an Axolotl-internal flag: archtune reads the model family from config.json"),
+    ("save_safetensors", "weights are always saved as safetensors"),
+    ("merge_method", "`archtune merge-lora` has one merge method (PEFT's merge_and_unload)"),
+    ("qlora_sharded_model_loading",
+     "model loading is archtune's own (FSDP2 shards after loading); the weights trained are the same"),
+    ("gptq", "GPTQ checkpoints load through transformers' own quantizer when the model says so"),
+    ("trainer_cls", "archtune runs its own Trainer (a transformers Trainer subclass)"),
+    ("accelerator_config", "accelerate is configured by archtune from the plan"),
+    ("deepcompile", "DeepSpeed is not used (see `deepspeed`)"),
+    ("torchdistx_path", "only needed for the adamw_anyprecision optimizer, which archtune does not offer"),
+    ("expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes "
+     "expert_parallel_fallback_on_unsupported",
+     "expert parallelism is not supported (see expert_parallel_size); these tune it"),
+    ("dsv4_fp8_nonexpert_mode gemma4_fp8_nonexpert gemma4_nf4_nonexpert nonexpert_quantization "
+     "nvfp4_merge_aware nvfp4_merge_aware_start_step",
+     "kernels-plugin quantization modes for CUDA GPUs; archtune's quantization is load_in_4bit (bitsandbytes)"),
+    ("tokenizer_use_mistral_common", "Mistral's tokenizer library is not used; the model's tokenizer.json is"),
+    ("role_boundaries processor_kwargs",
+     "multimodal preprocessing: archtune trains the text of multimodal models (images/audio are not read)"),
+    ("shuffle_before_merging_datasets shuffle_merged_datasets",
+     "datasets are merged and then shuffled by the Trainer's sampler under `seed`"),
+    ("embeddings_skip_upcast", "archtune does not upcast the embeddings for PEFT, so there is nothing to skip"),
+    ("fsdp_final_state_dict_type", "the final weights are always gathered and saved whole (safetensors)"),
+    ("merge_lora", "merging is its own command: `archtune merge-lora CONFIG`"),
+    ("model_type type_of_model",
+     "archtune loads the family's own model class (e.g. Gemma3ForConditionalGeneration for a multimodal "
+     "checkpoint; the same language-model weights train); only causal language-model classes are accepted"),
+)
+
+# ---------------------------------------------------------------- class 3: refused (would train something else)
+REFUSED: dict[str, str] = _table(
+    ("trl vllm dpo_beta "
+     "dpo_loss_type dpo_loss_weights dpo_use_liger_kernel "
+     "dpo_use_logits_to_keep dpo_generate_during_eval precompute_ref_log_probs "
+     "max_prompt_len process_reward_model ebft "
+     "nemo_gym_enabled nemo_gym_dir nemo_gym_auto_clone nemo_gym_config_paths nemo_gym_head_port "
+     "nemo_gym_server_timeout nemo_gym_verify_timeout nemo_gym_run_timeout nemo_gym_datasets nemo_gym_auto_start "
+     "nemo_gym_model_name nemo_gym_multi_turn nemo_gym_max_turns hatchery",
+     "an RL or preference setting archtune does not run (online RL with vLLM, process reward models, EBFT, "
+     "NeMo Gym, ...); the preference training it offers is set with `rl`"),
+    ("kd_trainer kd_ce_alpha kd_alpha kd_temperature kd_beta kd_normalize_topk kd_online_server_base_url "
+     "kd_online_topk kd_online_server kd_online_timeout kd_temperature_min",
+     "knowledge distillation is not supported: archtune trains on the data's tokens (cross-entropy)"),
+    ("diffusion", "diffusion language-model training is not supported: archtune trains causal next-token loss"),
+    ("deepspeed", "DeepSpeed is not supported: archtune shards with FSDP2 (`fsdp_config: {fsdp_version: 2}`) "
+     "and launches with `archtune train --nproc N`"),
+    ("sequence_parallel_degree context_parallel_size ring_attn_func tensor_parallel_size expert_parallel_size "
+     "expert_parallel_token_capacity dp_shard_size dp_replicate_size",
+     "this parallelism is not supported: archtune runs data parallel (DDP) or FSDP2 over `--nproc N` processes"),
+    ("relora relora_prune_ratio relora_prune_method relora_cpu_offload jagged_restart_steps "
+     "jagged_restart_warmup_steps jagged_restart_anneal_steps",
+     "ReLoRA / jagged restarts are not supported: archtune trains one LoRA adapter with one schedule"),
+    ("lisa_n_layers lisa_step_interval lisa_layers_attribute",
+     "LISA (training random layer subsets) is not supported: archtune trains the adapter or every unfrozen weight"),
+    ("spectrum_top_fraction spectrum_model_name",
+     "Spectrum layer selection is not supported: use unfrozen_parameters to pick the weights to train"),
+    ("mora", "MoRA adapters are not supported: use `adapter: lora`"),
+    ("llmcompressor", "LLM Compressor sparsity training is not supported: archtune trains dense weights"),
+    ("qat", "quantization-aware training is not supported: archtune trains in the model's precision"),
+    ("quantization", "post-training quantization is not run: the trained weights are saved unquantized"),
+    ("fp8 fp8_enable_fsdp_float8_all_gather",
+     "FP8 training is not supported: archtune trains in fp32/bf16/fp16 (bf16/fp16 keys)"),
+    ("use_onebitllms", "1.58-bit training is not supported"),
+    ("model_quantization_config model_quantization_config_kwargs",
+     "quantizing with another config (e.g. FP8) is not supported: use `load_in_4bit: true` (bitsandbytes NF4)"),
+    ("use_eaft eaft_alpha eaft_k", "EAFT (entropy-weighted loss) is not supported: the loss is plain cross-entropy"),
+    ("grokfast_alpha grokfast_lamb", "Grokfast gradient filtering is not supported: gradients are used as computed"),
+    ("scaling_softmax scaling_softmax_factor scaling_softmax_bias",
+     "scalable-softmax attention changes the model: archtune trains the model's own attention"),
+    ("use_pose pose_split_on_token_ids pose_max_context_len pose_num_chunks",
+     "PoSE position skipping is not supported: positions are the tokens' real positions"),
+    ("llama4_linearized_experts", "a Llama 4 experts rewrite: archtune trains the model's own expert tensors"),
+    ("loraplus_lr_ratio loraplus_lr_embedding",
+     "LoRA+ (separate learning rates for LoRA B) is not supported: one learning rate for every adapter weight"),
+    ("cosine_constant_lr_ratio lr_div_factor lr_quadratic_warmup",
+     "Axolotl's own schedule shapes are not offered: use lr_scheduler (cosine, linear, ...) with warmup_steps "
+     "and cosine_min_lr_ratio"),
+    ("model_config overrides_of_model_config model_kwargs overrides_of_model_kwargs",
+     "overriding the model's config.json changes the model: edit config.json (a local copy) instead"),
+    ("lr_groups embedding_lr embedding_lr_scale",
+     "per-group learning rates are not supported: one learning_rate for every trained weight"),
+    ("optim_target_modules", "optimizer-specific module selection (GaLore, ...) is not supported"),
+    ("dion_lr dion_momentum dion_rank_fraction dion_rank_multiple_of qgalore_rank qgalore_update_proj_gap "
+     "qgalore_scale qgalore_proj_type qgalore_proj_quant qgalore_proj_bits qgalore_proj_group_size "
+     "qgalore_cos_threshold qgalore_gamma_proj qgalore_queue_size adam_beta3 adam_epsilon2",
+     "settings of optimizers archtune does not offer (Dion, Q-GaLore, CAME): choose another optimizer"),
+    ("neftune_noise_alpha noisy_embedding_alpha",
+     "NEFTune (noise on the embeddings) is not supported: embeddings are trained without noise"),
+    ("peft peft_layers_to_transform peft_layers_pattern peft_trainable_token_indices peft_ensure_weight_tying "
+     "peft_layer_replication peft_init_lora_weights peft_use_dora peft_use_rslora lora_fan_in_fan_out "
+     "lora_rank_pattern lora_alpha_pattern peft_autocast_adapter_dtype",
+     "this LoRA variant is not supported: archtune trains plain LoRA (lora_r, lora_alpha, lora_dropout, targets)"),
+    ("fix_untrained_tokens tokens added_tokens_overrides resize_token_embeddings_to_32x mean_resizing_embeddings "
+     "shrink_embeddings",
+     "changing the vocabulary or embedding rows is not supported: the model's embeddings are trained as they are"),
+    ("reinit_weights", "training from random weights is refused: archtune fine-tunes the model's weights "
+     "(`archtune init-tiny` writes a random tiny model)"),
+    ("pretraining_dataset pretraining_sample_concatenation pretrain_multipack_attn streaming",
+     "streaming pretraining data is not supported: put text rows in `datasets` with `type: completion`"),
+    ("curriculum_sampling sample_packing_sequentially",
+     "data order is the Trainer's shuffled sampler under `seed`; sequential order is not supported"),
+    ("group_by_length", "length-grouped batches are not supported: rows are batched in shuffled order"),
+    ("dataset_exact_deduplication", "deduplication is not run: every row of the data is trained on"),
+    ("dataset_shard_num dataset_shard_idx", "training on one shard of the data is not supported: all rows are used"),
+    ("eval_sequence_len", "evaluation uses sequence_len; a separate evaluation length is not supported"),
+    ("min_sample_len", "rows are kept whatever their length (empty rows are dropped)"),
+    ("batch_size", "use micro_batch_size and gradient_accumulation_steps (batch_size = their product per process)"),
+    ("auto_find_batch_size", "the batch size is micro_batch_size; it is never changed behind your back"),
+    ("selective_checkpointing layer_offloading",
+     "use gradient_checkpointing (or activation_offloading) instead: these checkpointing variants are not built"),
+    ("fp32_norms fp32_norm_classes", "norm layers train in the model's dtype; fp32 norms under FSDP are not built"),
+    ("bfloat16 float16 float32",
+     "full-precision-cast loading is not supported: use bf16/fp16 (mixed precision) or neither (fp32)"),
+    ("xformers_attention sage_attention",
+     "this attention kernel is not available: use attn_implementation: sdpa (exact, packing included)"),
+    ("s2_attention flash_attn_rms_norm max_packed_sequence_len rope_scaling",
+     "removed from Axolotl; refused there too"),
+    ("cls_model_config", "the config class comes from config.json's model_type (transformers' AutoConfig)"),
+    ("default_system_message", "a default system message changes the prompts: put it in the data's messages"),
+    ("early_stopping_patience load_best_model_at_end metric_for_best_model greater_is_better",
+     "training always runs to max_steps/num_epochs and saves the final weights (no early stopping or best-model "
+     "restore)"),
+    ("save_first_step", "checkpoints are written every save_steps and at the end"),
+    ("save_only_model", "checkpoints hold the optimizer state too, so they resume exactly"),
+    ("chat_template_kwargs", "template arguments (e.g. enable_thinking) are not passed: the template runs with its "
+                             "defaults"),
+)
+
+# Keys of one `datasets` entry.
+DATASET_NO_EFFECT: dict[str, str] = _table(
+    ("shards shards_idx preprocess_shards", "training on one shard of a dataset is not supported: all rows are used"),
+    ("trust_remote_code", "dataset loading scripts are never run (safe by default); data files are read directly"),
+    ("revision", "hub datasets load at their default revision"),
+)
+DATASET_REFUSED: dict[str, str] = _table(
+    ("input_transform conversation input_format field_human field_model",
+     "legacy sharegpt/conversation formats: use `type: chat_template` with field_messages and "
+     "message_property_mappings"),
+    ("field_tools field_thinking template_thinking_key split_thinking logprobs_field temperature",
+     "tools, thinking and logprob fields are not passed to the chat template"),
+    ("message_field_role message_field_content",
+     "use message_property_mappings: {role: ROLE_KEY, content: CONTENT_KEY}"),
+    ("message_field_training message_field_training_detail roles drop_system_message chat_template_jinja "
+     "chat_template", "per-dataset template and per-message training flags are not supported: the top-level "
+     "chat_template and roles_to_train decide what gets loss"),
+    ("step_separator max_completion_length train_on_last_step_only "
+     "text_column skip length sequence_length min_input_id max_input_id seed",
+     "fields of preference, reward, pretraining or synthetic datasets, which archtune does not train on"),
+    ("train_on_eot", "which end-of-turn tokens get loss is train_on_eos (turn, last, none)"),
+)
+
+# Keys of `fsdp_config` (Axolotl's unprefixed spelling; `fsdp_`-prefixed is the older one, both are read).
+FSDP_NO_EFFECT: dict[str, str] = _table(
+    ("use_orig_params", "FSDP2 (fully_shard) keeps the original parameters; there is nothing to flatten"),
+    ("sync_module_states", "every process loads the same weights, so there is nothing to synchronize"),
+    ("cpu_offload_pin_memory", "offloaded parameters use PyTorch's default memory"),
+    ("mixed_precision_policy", "the precision follows bf16/fp16"),
+    ("final_state_dict_type", "the final weights are always gathered and saved whole (safetensors)"),
+    ("min_num_params", "only TRANSFORMER_BASED_WRAP is built (one FSDP unit per decoder layer)"),
+    # FSDP1 keys older Axolotl/accelerate configs carry; Axolotl's schema drops them silently.
+    ("sharding_strategy", "FSDP2 shards parameters, gradients and optimizer state (FULL_SHARD)"),
+    ("backward_prefetch forward_prefetch limit_all_gathers", "an FSDP1 prefetch knob; FSDP2 prefetches by itself"),
+)
+# Keys a table lists that are not in Axolotl's current schema (older spellings it ignores).
+LEGACY_KEYS: dict[str, frozenset[str]] = {
+    "fsdp_config": frozenset({"sharding_strategy", "backward_prefetch", "forward_prefetch", "limit_all_gathers"}),
 }
+FSDP_REFUSED: dict[str, str] = _table()
+
+# Axolotl keys honored by being translated into archtune's own fields (config/axolotl.py), key -> how.
+HONORED_ALIASES: dict[str, str] = {
+    "fsdp_version": "the version in fsdp_config (an fsdp_config turns FSDP on, as in Axolotl)",
+    "flash_attention": "attn_implementation: flash_attention_2",
+    "sdp_attention": "attn_implementation: sdpa",
+    "flex_attention": "attn_implementation: flex_attention",
+    "eager_attention": "attn_implementation: eager",
+    "revision_of_model": "model_revision",
+    "auto_resume_from_checkpoints": "resume_from_checkpoint: auto",
+    "evaluation_strategy": "eval_strategy",
+    "chat_template_jinja": "chat_template (the template text, with `chat_template: jinja` or alone)",
+}
+# Values of class-2 keys that would train something else: key -> (accepted values, regex fullmatch; why not others).
+VALUE_REFUSALS: dict[str, tuple[str, str]] = {
+    "model_type": (r"\w*(ForCausalLM|ForConditionalGeneration|ForImageTextToText)",
+                   "archtune trains causal language models (next-token loss); a classification or other head would "
+                   "be a different model"),
+}
+VALUE_REFUSALS["type_of_model"] = VALUE_REFUSALS["model_type"]
+# special_tokens: the tokenizer's special-token attributes archtune sets.
+SPECIAL_TOKENS_HONORED: frozenset[str] = frozenset({"bos_token", "eos_token", "pad_token", "unk_token"})
+
+SPECIAL_TOKENS_NO_EFFECT: dict[str, str] = _table()
+SPECIAL_TOKENS_REFUSED: dict[str, str] = _table(
+    ("additional_special_tokens", "adding tokens is not supported: the model's embeddings are trained as they are"),
+)
+
+
+# ---------------------------------------------------------------- the data file
+
+@lru_cache(maxsize=None)
+def schema_keys() -> dict[str, Any]:
+    """Axolotl's key names (axolotl_schema_keys.json): version, commit, and the key lists."""
+    text = resources.files("archtune.config").joinpath("axolotl_schema_keys.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def axolotl_version() -> str:
+    keys = schema_keys()
+    return f"{keys['version']} ({keys['commit'][:10]})"
+
+
+AXOLOTL_KEYS: frozenset[str] = frozenset(schema_keys()["config"])
+AXOLOTL_DATASET_KEYS: frozenset[str] = frozenset(schema_keys()["datasets"])
+AXOLOTL_FSDP_KEYS: frozenset[str] = frozenset(schema_keys()["fsdp_config"])
+AXOLOTL_SPECIAL_TOKENS_KEYS: frozenset[str] = frozenset(schema_keys()["special_tokens"])
+
+# section -> (Axolotl's keys there, class 2 table, class 3 table)
+SECTIONS: dict[str, tuple[frozenset[str], dict[str, str], dict[str, str]]] = {
+    "config": (AXOLOTL_KEYS, NO_EFFECT, REFUSED),
+    "datasets": (AXOLOTL_DATASET_KEYS, DATASET_NO_EFFECT, DATASET_REFUSED),
+    "fsdp_config": (AXOLOTL_FSDP_KEYS, FSDP_NO_EFFECT, FSDP_REFUSED),
+    "special_tokens": (AXOLOTL_SPECIAL_TOKENS_KEYS, SPECIAL_TOKENS_NO_EFFECT, SPECIAL_TOKENS_REFUSED),
+}
+
+
+def honored_keys(section: str) -> set[str]:
+    """The keys of a section that archtune's schema reads (class 1), in Axolotl's spelling."""
+    from archtune.config.schema import Config, DatasetConfig, FsdpConfig
+
+    if section == "config":
+        return set(Config.model_fields) | set(HONORED_ALIASES)
+    if section == "datasets":
+        return set(DatasetConfig.model_fields)
+    if section == "fsdp_config":
+        fields = set(FsdpConfig.model_fields)
+        return fields | {f[len("fsdp_"):] for f in fields if f != "fsdp_version"} | {"version"}
+    return set(SPECIAL_TOKENS_HONORED)
+
+
+def key_classes(section: str) -> dict[str, list[str]]:
+    """Every Axolotl key of `section` -> the classes it is in (exactly one when the table is right)."""
+    keys, no_effect, refused = SECTIONS[section]
+    honored = honored_keys(section)
+    return {k: [c for c, table in ((CLASS_HONORED, honored), (CLASS_NO_EFFECT, no_effect), (CLASS_REFUSED, refused))
+                if k in table]
+            for k in sorted(keys)}
+
+
+def class_counts() -> dict[str, dict[str, int]]:
+    """section -> {class: number of Axolotl keys}."""
+    out: dict[str, dict[str, int]] = {}
+    for section in SECTIONS:
+        counts = {CLASS_HONORED: 0, CLASS_NO_EFFECT: 0, CLASS_REFUSED: 0}
+        for classes in key_classes(section).values():
+            for c in classes:
+                counts[c] += 1
+        out[section] = counts
+    return out
+
+
+def asks_for_something(value: Any) -> bool:
+    """A value that turns something on or names something: not null, false, 0 or empty."""
+    return value not in (None, False, 0, "", [], {}) and value != "none"
+
 
 # Values of supported keys that Axolotl accepts but archtune does not (yet), with the fix.
 # Keyed by the last segment of the key (`type` covers `datasets.N.type`).
@@ -138,7 +370,14 @@ UNSUPPORTED_VALUE_HINTS: dict[str, dict[str, str]] = {
         "llama-adapter": "use `adapter: lora`",
         "ia3": "use `adapter: lora`",
     },
+    "train_on_eos": {
+        "all": "use `train_on_eos: turn` (the end of every trained turn); untrained turns' end tokens get no loss "
+               "here",
+    },
     "type": {
+        "bradley_terry.chat_template": "this is a reward-model dataset (reward_model: true), and reward modelling is "
+                                       "not SFT: training it as `chat_template` would learn the chosen text instead "
+                                       "of a reward; archtune does not train reward models",
         "sharegpt": "use `type: chat_template` (Axolotl's replacement for sharegpt); map the fields "
                     "with `field_messages` and `message_property_mappings`",
         "input_output": "use `type: completion` on the whole text, or `type: chat_template`",

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
+from archtune.config.axolotl import translate_axolotl_keys
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
 from archtune.config.overrides import _apply_overrides, _deepcopy, parse_override
@@ -66,17 +67,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _build(data: dict, overrides: list[str], source: str, lines: dict[KeyPath, int]) -> Config:
+    written = set(data)
     problems, sources = _apply_overrides(data, overrides, lines)
     bad_keys = [k for k in data if not isinstance(k, str)]
     for k in bad_keys:
         problems.append(Problem(str(k), f"keys must be text; got {_show(k)}", f"quote it ('{k}') or remove it"))
         del data[k]
     where = _Where(source, lines, sources)
+    if data.get("strict") is True:
+        added = sorted({str(p[0]) for p in sources} - written)
+        problems += [Problem(k, f"strict: true, and the override of `{k}` names a key the config file does not set"
+                             + where((k,)), f"add `{k}` to the config file, or set `strict: false`") for k in added]
+    translated = translate_axolotl_keys(data, where)
+    problems += translated.problems
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         problems.extend(_problems_from(e, data, where))
     else:
         if not problems:
+            cfg._axolotl_notes = translated.notes
             return cfg
     raise UserError(_dedupe(problems))

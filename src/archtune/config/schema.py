@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -50,6 +50,9 @@ class DatasetConfig(_Strict):
         default_factory=lambda: {"role": "role", "content": "content"},
         description="chat_template: keys of a message that hold its role and content.")
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="chat_template: roles whose turns get loss.")
+    train_on_eos: Literal["turn", "last", "none"] = Field(
+        "turn", description="chat_template: which trained turns' end-of-turn token gets loss: each (turn), only the "
+        "last (last), none.")
     field: str = Field("text", description="completion: column holding the text.")
     # preference data (rl / reward_model)
     field_prompt: str = Field("prompt", description="passthrough.default: column holding the prompt string.")
@@ -101,12 +104,37 @@ class FsdpConfig(BaseModel):
 class Config(_Strict):
     """An archtune training config. Unknown keys are errors (with a did-you-mean hint)."""
 
+    # Axolotl keys accepted without effect here, (dotted key, why), set by config.load; `archtune
+    # check` prints them (config/axolotl_keys.py has the table).
+    _axolotl_notes: list[tuple[str, str]] = PrivateAttr(default_factory=list)
+
+    @property
+    def axolotl_notes(self) -> list[tuple[str, str]]:
+        return list(self._axolotl_notes)
+
     # ---- model
     base_model: str = Field(description="Local directory, hub id, or tiny:NAME (an embedded tiny random model).")
     base_model_config: str | None = Field(None, description="Where to read config.json from, when not base_model.")
     tokenizer_config: str | None = Field(None, description="Where to read the tokenizer from, when not base_model.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off by default: safe.")
     model_revision: str | None = Field(None, description="Hub revision of the model.")
+    tokenizer_type: str | None = Field(None, description="transformers tokenizer class to load with (default "
+                                       "AutoTokenizer).")
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel: eager, sdpa, flash_attention_2, flex_attention, ... (the plan says what "
+        "runs on this machine; packing stays exact on each).")
+    lora_model_dir: str | None = Field(None, description="Start from this trained LoRA adapter (its directory) "
+                                       "instead of a new one.")
+    unfrozen_parameters: list[str] | None = Field(
+        None, description="Full fine-tune of only the parameters matching these regexes (re.match on the name); "
+        "every other weight is frozen.")
+    bnb_config_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra bitsandbytes BitsAndBytesConfig arguments for load_in_4bit (e.g. "
+        "bnb_4bit_use_double_quant, bnb_4bit_quant_type).")
+    strict: bool | None = Field(None, description="Overrides may only change keys the config file sets.")
+    eot_tokens: list[str] | None = Field(
+        None, description="Tokens that end a turn; each must be one token of the tokenizer (checked) and gets loss "
+        "when it closes a trained turn.")
 
     # ---- data
     datasets: list[DatasetConfig] = Field(description="Training data sets.")
@@ -119,7 +147,9 @@ class Config(_Strict):
     sample_packing: bool = Field(False, description="Pack several rows into each sequence_len row (exact: no attention or state across documents).")
     eval_sample_packing: bool | None = Field(None, description="Pack the evaluation data too (default: as sample_packing).")
     train_on_inputs: bool = Field(False, description="Also train on the prompt (false masks it with -100).")
-    chat_template: str | None = Field(None, description="'tokenizer_default' or a Jinja template string; default: the tokenizer's.")
+    chat_template: str | None = Field(
+        None, description="tokenizer_default (the tokenizer's own, the default), a name (chatml, llama3, gemma3, gemma4, "
+        "qwen3, qwen3_5, ...), or a Jinja template string (Axolotl's `chat_template: jinja` + chat_template_jinja).")
     special_tokens: dict[str, str] | None = Field(None, description="Override special tokens (bos_token, eos_token, pad_token, ...).")
 
     # ---- images (rows whose messages hold image parts)
@@ -218,9 +248,12 @@ class Config(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     bf16: bool | Literal["auto"] = Field(False, description="Train in bfloat16 ('auto': when the hardware supports it).")
-    fp16: bool = Field(False, description="Train with fp16 mixed precision.")
+    fp16: bool | Literal["auto"] = Field(False, description="Train with fp16 mixed precision ('auto': when bf16 is "
+                                         "unavailable on a CUDA GPU).")
     seed: int = Field(42, description="Seed for weights of tiny models, data order and the validation split.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False, description="Recompute activations in backward to save memory; 'offload' also keeps the saved "
+        "layer inputs in CPU memory (activation_offloading).")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(None, description="e.g. {use_reentrant: false}.")
 
     # ---- outputs and logging
@@ -240,8 +273,62 @@ class Config(_Strict):
         "stop", description="A step whose loss or gradient norm is NaN/Inf: stop the run (keeping the last good "
                             "checkpoint), or skip the step (no weight changes).")
     use_tensorboard: bool = Field(True, description="Write TensorBoard logs to output_dir/runs.")
+    use_wandb: bool | None = Field(None, description="Log to Weights & Biases (default: when wandb_project is set).")
     wandb_project: str | None = Field(None, description="Weights & Biases project (logging to W&B when set).")
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
+    wandb_entity: str | None = Field(None, description="W&B team or user the run is logged under.")
+    wandb_name: str | None = Field(None, description="W&B run name.")
+    wandb_run_id: str | None = Field(None, description="W&B run id (resumes that run when it exists).")
+    wandb_watch: Literal["false", "gradients", "parameters", "all"] | None = Field(
+        None, description="W&B model watching (gradients, parameters, all).")
+    wandb_log_model: Literal["false", "checkpoint", "end"] | None = Field(
+        None, description="Upload checkpoints (checkpoint) or the final model (end) to W&B.")
+    use_mlflow: bool | None = Field(None, description="Log to MLflow (default: when mlflow_tracking_uri or "
+                                    "mlflow_experiment_name is set).")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server or local directory (file:...).")
+    mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
+    mlflow_run_name: str | None = Field(None, description="MLflow run name.")
+    hf_mlflow_log_artifacts: bool | None = Field(None, description="Also log checkpoints to MLflow as artifacts.")
+
+    # ---- evaluation and checkpoint schedule, optimizer details (transformers' TrainingArguments meanings)
+    save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(
+        None, description="When to checkpoint: no, steps (save_steps), epoch (default: steps when save_steps or "
+        "saves_per_epoch is set, else only the final weights).")
+    saves_per_epoch: int | None = Field(None, gt=0, description="Checkpoint N times per epoch.")
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        None, description="When to evaluate during training: no, steps (eval_steps), epoch.")
+    evals_per_epoch: int | None = Field(None, gt=0, description="Evaluate N times per epoch.")
+    eval_batch_size: int | None = Field(None, gt=0, description="Rows per device per evaluation batch (default: "
+                                        "micro_batch_size).")
+    adam_beta1: float | None = Field(None, ge=0, lt=1, description="Adam beta1 (default 0.9).")
+    adam_beta2: float | None = Field(None, ge=0, lt=1, description="Adam beta2 (default 0.999).")
+    adam_epsilon: float | None = Field(None, gt=0, description="Adam epsilon (default 1e-8).")
+    optim_args: str | dict[str, Any] | None = Field(
+        None, description="Extra optimizer arguments: `k=v,k=v` or a mapping (transformers' optim_args).")
+    lr_scheduler_kwargs: dict[str, Any] | None = Field(None, description="Extra scheduler arguments.")
+    cosine_min_lr_ratio: float | None = Field(
+        None, ge=0, le=1, description="Cosine schedule that ends at learning_rate * ratio instead of 0.")
+    tf32: bool | None = Field(None, description="Allow TF32 matmuls (NVIDIA Ampere or newer; no effect on CPU).")
+    torch_compile: bool | Literal["auto"] | None = Field(
+        None, description="Compile the model with torch.compile (on CUDA; an info line elsewhere).")
+    torch_compile_backend: str | None = Field(None, description="torch.compile backend (default inductor).")
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = Field(
+        None, description="torch.compile mode.")
+    torch_compile_options: dict[str, Any] | None = Field(None, description="Inductor options for torch.compile.")
+
+    # ---- data loading
+    dataloader_num_workers: int | None = Field(None, ge=0, description="Data loader worker processes (default 0).")
+    dataloader_pin_memory: bool | None = Field(None, description="Pin batches in memory (default: on with CUDA).")
+    dataloader_prefetch_factor: int | None = Field(None, gt=0, description="Batches prefetched per worker "
+                                                   "(with dataloader_num_workers > 0).")
+    dataloader_drop_last: bool | None = Field(None, description="Drop the last incomplete batch of an epoch.")
+    remove_unused_columns: bool | None = Field(
+        None, description="Drop dataset columns the model does not take (the prepared data holds only model "
+        "inputs, so both values train the same).")
+    skip_prepare_dataset: bool | None = Field(
+        None, description="Tokenize in memory, without writing the preprocessing cache.")
+    pad_to_sequence_len: bool | None = Field(None, description="Pad every batch to sequence_len (fixed shapes).")
+    pad_to_multiple_of: int | None = Field(None, gt=0, description="Pad every batch to a multiple of N tokens.")
 
     @field_validator("datasets")
     @classmethod

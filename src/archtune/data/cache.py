@@ -25,7 +25,7 @@ CACHE_VERSION = 2  # 2: rows keep their "source" (FILE:LINE)
 DEFAULT_DIR = "last_run_prepared"
 TOKEN_KEYS: tuple[str, ...] = (
     "datasets", "test_datasets", "val_set_size", "seed", "sequence_len", "excess_length_strategy",
-    "strict_data", "train_on_inputs", "chat_template", "special_tokens")
+    "strict_data", "train_on_inputs", "chat_template", "eot_tokens", "special_tokens")
 STATS_FILE = "stats.json"
 
 
@@ -74,16 +74,17 @@ def cache_root(cfg) -> Path:
     return Path(cfg.dataset_prepared_path or DEFAULT_DIR)
 
 
-def load(entry: Path):
-    """(train, eval, stats) from a complete cache entry, or None (missing or unreadable)."""
+def load(entry: Path, in_memory: bool = False):
+    """(train, eval, stats) from a complete cache entry, or None (missing or unreadable).
+    `in_memory`: read the tables into memory (the entry may be deleted afterwards)."""
     from datasets import load_from_disk
 
     if not (entry / STATS_FILE).is_file() or not (entry / "train").is_dir():
         return None
     try:
         stats = json.loads((entry / STATS_FILE).read_text())
-        train = load_from_disk(str(entry / "train"))
-        ev = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
+        train = load_from_disk(str(entry / "train"), keep_in_memory=in_memory)
+        ev = load_from_disk(str(entry / "eval"), keep_in_memory=in_memory) if (entry / "eval").is_dir() else None
     except Exception:  # damaged by hand: rebuilt by the caller
         return None
     return train, ev, stats

@@ -41,6 +41,7 @@ class DataCollator:
     tokenizer: Any = None
     pad_token_id: int | None = None  # default: tokenizer.pad_token_id, else its eos id, else 0
     pad_to_multiple_of: int | None = None  # e.g. 8 for tensor cores
+    pad_to_length: int | None = None  # pad_to_sequence_len: every batch this wide (fixed shapes)
     label_pad_token_id: int = IGNORE_INDEX
     # Packed rows: leave the attention mask out (the plan's sample_packing_drop_attention_mask).
     drop_attention_mask: bool = True
@@ -66,7 +67,7 @@ class DataCollator:
             raise ValueError("DataCollator got packed rows (with position_ids) and unpacked rows in one batch")
         packed = packed[0]
         lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
+        width = max(max(lengths), self.pad_to_length or 0)
         m = self.pad_to_multiple_of
         if m:
             width = -(-width // m) * m

@@ -336,8 +336,14 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
     for i in trained:
         start = start_of(i)
         end = _strip_after_end_marker(full, start, end_of(i), ctx.special_tokens)
+        if end <= start:  # the turn renders differently once later turns exist (e.g. Qwen3's reasoning block)
+            end = _content_end(full, start, messages[i]["content"], ctx.special_tokens)
         if end > start:
             spans.append((start, end))
+    if ds.train_on_eos != "turn":  # `last`: only the final trained turn keeps its end marker; `none`: no turn
+        keep = len(spans) - 1 if ds.train_on_eos == "last" else len(spans)
+        spans = [(s, e) if k >= keep else (s, _without_end_marker(full, s, e, ctx.special_tokens))
+                 for k, (s, e) in enumerate(spans)]
     return Formatted(text=full, spans=spans, realigned=realigned, images=images)
 
 
@@ -355,6 +361,30 @@ def _media(messages: list[dict], row: dict, ctx: FormatContext) -> tuple[list[di
             raise MediaRefused(f"rows carry {', '.join(sorted(found.kinds))} content, but {ctx.media_refusal}")
         ctx.media.check_kinds(found.kinds)
     return messages, found.images
+
+
+def _content_end(text: str, start: int, content: Any, specials: tuple[str, ...]) -> int:
+    """Where a turn whose content is `content` ends in `text` (searched from `start`): after the
+    content and the end-of-turn marker that directly follows it; `start` when it is not found."""
+    body = content if isinstance(content, str) else "".join(
+        str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    body = body.strip()
+    at = text.find(body, start) if body else -1
+    if at < 0:
+        return start
+    end = at + len(body)
+    for marker in specials:  # longest first
+        if marker and text.startswith(marker, end):
+            return end + len(marker)
+    return end
+
+
+def _without_end_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
+    """The span's end moved before the end-of-turn marker it closes with (train_on_eos)."""
+    for marker in specials:  # longest first
+        if marker and end - len(marker) >= start and text.endswith(marker, start, end):
+            return end - len(marker)
+    return end
 
 
 register_format("alpaca", alpaca)
@@ -385,15 +415,17 @@ def render_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_te
 
 
 def resolve_chat_template(value: str | None, tokenizer) -> str | None:
-    """cfg.chat_template -> the Jinja string to render with (None: the tokenizer's own)."""
+    """cfg.chat_template -> the Jinja string to render with (None: the tokenizer's own): a name
+    of config.chat_templates, or a Jinja string as written."""
+    from archtune.config.chat_templates import CHAT_TEMPLATES, template_problem
+
     if value is None or value == "tokenizer_default":
         if not getattr(tokenizer, "chat_template", None):
             raise UserError.single(
                 "chat_template", "a dataset has type chat_template but the tokenizer has no chat template",
-                "set chat_template to a Jinja template string, or use a tokenizer that has one")
+                "set chat_template to a template name (chatml, llama3, gemma3, gemma4, qwen3_5, ...) or a Jinja string")
         return None
-    if "{" not in value:
-        raise UserError.single(
-            "chat_template", f"unknown chat template {value!r}",
-            "use 'tokenizer_default' or a Jinja template string")
-    return value
+    problem = template_problem(value)
+    if problem:
+        raise UserError.single("chat_template", *problem)
+    return CHAT_TEMPLATES.get(value, value)

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from archtune.config.schema import Config
+from archtune.config.schema import Config, DatasetConfig
 from archtune.data import cache, formats
 from archtune.data.formats import DROP_REASONS, FIXES
 from archtune.data.packing import pack_dataset, packing_stats
 from archtune.data.readers import _read_source
-from archtune.data.sources import Source, resolve_source
-from archtune.data.tokenize import IGNORE_INDEX, RowEncoder, TokenizeSettings, check_tokenizer
+from archtune.data.sources import Source, resolve_source, slice_rows
+from archtune.data.tokenize import IGNORE_INDEX, RowEncoder, TokenizeSettings, check_eot_tokens, check_tokenizer
 from archtune.errors import Problem, UserError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,12 @@ def _tokenize_source(src: Source, tokenizer, settings: TokenizeSettings, work: P
     encoder = RowEncoder(tokenizer, src.cfg, settings, media=media.processor if media else None,
                          media_refusal=media.refusal if media else None)
     parts = []
-    for n, (raw, origin) in enumerate(_read_source(src, work)):
+    sources = list(_read_source(src, work))
+    if not src.hub and "[" in src.cfg.split:  # local files: datasets' slice syntax, applied to the split's rows
+        raws = [raw for raw, _ in sources]
+        whole = raws[0] if len(raws) == 1 else concatenate_datasets(raws)
+        sources = [(slice_rows(whole, src.cfg.split), f"{src.cfg.path}[{src.cfg.split}]")]
+    for n, (raw, origin) in enumerate(sources):
         if len(raw) == 0:  # an empty file: map would return it without the output columns
             parts.append(Dataset.from_dict({c: [] for c in encoder.columns}, features=output_features(encoder.media is not None)))
             continue
@@ -117,6 +122,13 @@ def _tally(parts: list[tuple[Source, object]], strict: bool) -> _Tally:
             for i in bad[: MAX_LISTED_PROBLEMS + 1]:
                 row = tok[i]
                 problems.append(Problem(row["_src"], f"{row['_drop']}: {row['_detail']}", FIXES[row["_drop"]]))
+        shape = here[formats.MISSING_FIELD] + here[formats.WRONG_TYPE]
+        if drops and shape == len(drops):  # not one row has the shape its type reads: one message, not one per row
+            first = next(i for i, d in enumerate(drops) if d)
+            problems.insert(0, _type_mismatch(src, tok[first]["_detail"]))
+            dropped += here
+            rows_in += len(drops)
+            continue
         kept_rows = _select(tok, keep)
         truncated += sum(kept_rows["_truncated"][:]) if keep else 0
         realigned += sum(kept_rows["_realigned"][:]) if keep else 0
@@ -126,8 +138,28 @@ def _tally(parts: list[tuple[Source, object]], strict: bool) -> _Tally:
                         "rows_dropped": dict(sorted(here.items()))})
         # Each kept row remembers its FILE:LINE ("source"): a training step that goes wrong names its rows.
         kept_parts.append(kept_rows.remove_columns([c for c in _META if c != "_src"]).rename_column("_src", "source"))
+    if not kept_parts:
+        return _Tally([], rows_in, dropped, truncated, realigned, problems, sources)
     kept = kept_parts[0] if len(kept_parts) == 1 else concatenate_datasets(kept_parts)
     return _Tally(kept, rows_in, dropped, truncated, realigned, problems, sources)
+
+
+def expected_row(ds: DatasetConfig) -> str:
+    """One row of the shape `ds.type` reads, with the entry's field names."""
+    if ds.type == "chat_template":
+        role = ds.message_property_mappings.get("role", "role")
+        content = ds.message_property_mappings.get("content", "content")
+        return (f'{{"{ds.field_messages}": [{{"{role}": "user", "{content}": "..."}}, '
+                f'{{"{role}": "assistant", "{content}": "..."}}]}}')
+    if ds.type == "completion":
+        return f'{{"{ds.field}": "..."}}'
+    return f'{{"{ds.field_instruction}": "...", "{ds.field_input}": "" (optional), "{ds.field_output}": "..."}}'
+
+
+def _type_mismatch(src: Source, detail: str) -> Problem:
+    return Problem(f"{src.key}.type", f"no row of {src.cfg.path} has the shape `type: {src.cfg.type}` reads: {detail}",
+                   f"expected rows like {expected_row(src.cfg)}; set {src.key}.type to the data's format, or map "
+                   "the fields (field_messages, message_property_mappings, field_instruction/field_output, field)")
 
 
 def _select(ds, indices: list[int]):
@@ -176,7 +208,8 @@ def _no_rows_error(key: str, tally: _Tally) -> UserError:
 
 def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path, media=None):
     settings = TokenizeSettings(sequence_len=cfg.sequence_len, excess_length_strategy=cfg.excess_length_strategy,
-                                train_on_inputs=cfg.train_on_inputs, chat_template=cfg.chat_template)
+                                train_on_inputs=cfg.train_on_inputs, chat_template=cfg.chat_template,
+                                eot_tokens=tuple(cfg.eot_tokens or ()))
     work = tmp / "_work"
     work.mkdir()
     train_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"train{i}", media))
@@ -186,6 +219,9 @@ def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path, media=None)
     t = _tally(train_parts, cfg.strict_data)
     e = _tally(eval_parts, cfg.strict_data) if eval_parts else None
     problems = t.problems + (e.problems if e else [])
+    mismatched = [p for p in problems if p.key.endswith(".type")]
+    if mismatched:
+        raise UserError(mismatched)
     if problems:
         total = sum(n for r, n in t.dropped.items() if r in STRICT_REASONS)
         total += sum(n for r, n in e.dropped.items() if r in STRICT_REASONS) if e else 0
@@ -267,6 +303,7 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True, media: MediaS
     Raises UserError naming the key (datasets.N.path, val_set_size, ...) or FILE:LINE.
     """
     check_tokenizer(tokenizer)
+    check_eot_tokens(tokenizer, cfg.eot_tokens)
     train_srcs = [resolve_source(ds, f"datasets.{i}") for i, ds in enumerate(cfg.datasets)]
     eval_srcs = [resolve_source(ds, f"test_datasets.{i}") for i, ds in enumerate(cfg.test_datasets or [])]
     described = [s.describe() for s in train_srcs + eval_srcs]
@@ -275,8 +312,16 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True, media: MediaS
     key, material = cache.cache_key(cfg, tokenizer, described)
     root = cache.cache_root(cfg)
     entry = (root / key).resolve()
-    hit = cache.load(entry)
-    if hit is None:
+    hit = None if cfg.skip_prepare_dataset else cache.load(entry)
+    if cfg.skip_prepare_dataset:  # Axolotl's meaning: tokenize for this run only, write no cache
+        import tempfile
+
+        with _progress_bars(progress), tempfile.TemporaryDirectory(prefix="archtune-data-") as tmp:
+            stats = _build(cfg, tokenizer, train_srcs, eval_srcs, Path(tmp))
+            cache.write_json(Path(tmp) / cache.STATS_FILE, stats)
+            hit = cache.load(Path(tmp), in_memory=True)
+        state, entry = "skipped", Path("(not cached: skip_prepare_dataset)")
+    elif hit is None:
         with _progress_bars(progress), cache.staging(root, key) as tmp:
             stats = _build(cfg, tokenizer, train_srcs, eval_srcs, tmp, media)
             cache.write_json(tmp / "key.json", material)

@@ -65,11 +65,12 @@ def _dir_files(root: Path, ds: DatasetConfig, key: str) -> list[Path]:
                 found += [f for f in resolve_pattern(pattern, base_path=str(root)) if f not in found]
         else:
             splits = {str(k): v for k, v in get_data_patterns(str(root)).items()}
-            if ds.split not in splits:
+            name = split_name(ds.split, key)
+            if name not in splits:
                 raise UserError.single(
-                    f"{key}.split", f"{root} has no files for split {ds.split!r} (it has: {', '.join(sorted(splits))})",
+                    f"{key}.split", f"{root} has no files for split {name!r} (it has: {', '.join(sorted(splits))})",
                     f"set {key}.split to one of them, or name the files with {key}.data_files")
-            found = list(DataFilesDict.from_patterns({ds.split: splits[ds.split]}, base_path=str(root))[ds.split])
+            found = list(DataFilesDict.from_patterns({name: splits[name]}, base_path=str(root))[name])
     except UserError:
         raise
     except Exception as exc:  # FileNotFoundError, EmptyDatasetError
@@ -87,6 +88,32 @@ def _dir_files(root: Path, ds: DatasetConfig, key: str) -> list[Path]:
     return sorted(typed) if not ds.data_files else typed
 
 
+def split_name(split: str, key: str) -> str:
+    """`train[:10%]` -> `train` (a split name with an optional slice, datasets' syntax)."""
+    from datasets import ReadInstruction
+
+    try:
+        ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as exc:
+        raise UserError.single(f"{key}.split", f"{split!r} is not a split: {exc}",
+                               "write a split name with an optional slice: train, train[:10%], train[:100], "
+                               "train[10%:20%]") from None
+    return split.split("[", 1)[0]
+
+
+def slice_rows(raw, split: str):
+    """The rows `split`'s slice selects (datasets' rule: percentages rounded to the closest row),
+    or all rows when it has none. Local files: the slice applies to the files of the split
+    together, in order."""
+    from datasets import ReadInstruction
+
+    if "[" not in split:
+        return raw
+    name = split.split("[", 1)[0]
+    (absolute,) = ReadInstruction.from_spec(split).to_absolute({name: len(raw)})
+    return raw.select(range(absolute.from_ or 0, len(raw) if absolute.to is None else absolute.to))
+
+
 def resolve_source(ds: DatasetConfig, key: str) -> Source:
     """Which files an entry reads (nothing is read yet), or that it is a hub data set.
 
@@ -95,6 +122,7 @@ def resolve_source(ds: DatasetConfig, key: str) -> Source:
     id. `split` chooses files inside a directory (train.jsonl / test.jsonl, as datasets
     names them) and is ignored for a single file."""
     path = Path(ds.path).expanduser()
+    split_name(ds.split, key)  # a malformed split is a config error, whatever the source
     if path.is_file():
         return Source(key, ds, [(path, _file_kind(path, ds, key))])
     if path.is_dir():

@@ -32,6 +32,7 @@ class TokenizeSettings:
     excess_length_strategy: str = "drop"  # "drop" | "truncate"
     train_on_inputs: bool = False
     chat_template: str | None = None  # cfg.chat_template as written
+    eot_tokens: tuple[str, ...] = ()  # cfg.eot_tokens: turn-end markers that get loss with their turn
 
 
 def special_token_strings(tokenizer) -> tuple[str, ...]:
@@ -40,6 +41,15 @@ def special_token_strings(tokenizer) -> tuple[str, ...]:
         if getattr(tok, "special", False):
             names.add(str(tok.content))
     return tuple(sorted(names, key=len, reverse=True))
+
+
+def check_eot_tokens(tokenizer, tokens: list[str] | None) -> None:
+    """Each of `eot_tokens` must be exactly one token of the tokenizer (Axolotl's rule)."""
+    bad = [t for t in tokens or () if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    if bad:
+        raise UserError.single("eot_tokens", f"not a single token of this tokenizer: {', '.join(map(repr, bad))}",
+                               "list the tokenizer's own end-of-turn tokens (e.g. <end_of_turn>, <|im_end|>), or "
+                               "remove eot_tokens")
 
 
 def bos_to_add(tokenizer) -> int | None:
@@ -72,7 +82,9 @@ class RowEncoder:
         if template is None and template_owner is not tokenizer:
             template = template_owner.chat_template
         self.ctx = FormatContext(tokenizer=tokenizer, chat_template=template,
-                                 special_tokens=special_token_strings(tokenizer), media=media)
+                                 special_tokens=tuple(sorted(set(special_token_strings(tokenizer)) | set(settings.eot_tokens),
+                                                             key=len, reverse=True)),
+                                 media=media)
         if media_refusal:
             self.ctx.media_refusal = media_refusal
         self.columns = OUTPUT_COLUMNS + (MEDIA_COLUMNS if media is not None else ())

@@ -75,11 +75,9 @@ def load_tokenizer(cfg):
 
         tok = archtune_tokenizer()
     else:
-        from transformers import AutoTokenizer
-
         source = cfg.tokenizer_config or cfg.base_model
         try:
-            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            tok = _tokenizer_class(cfg).from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise UserError.single("tokenizer_config" if cfg.tokenizer_config else "base_model",
                                    f"cannot load a tokenizer from {source!r}: {exc}",
@@ -89,12 +87,29 @@ def load_tokenizer(cfg):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if cfg.chat_template and cfg.chat_template != "tokenizer_default":
-        tok.chat_template = cfg.chat_template
+        from archtune.config.chat_templates import CHAT_TEMPLATES
+
+        tok.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)  # saved with the weights
     return tok
 
 
-def torch_dtype(cfg) -> torch.dtype:
-    if cfg.bf16 is True:
+def _tokenizer_class(cfg):
+    """`tokenizer_type` (a transformers tokenizer class name), else AutoTokenizer. `processor_type`
+    names the processor of a multimodal model; archtune trains text, so its tokenizer loads."""
+    import transformers
+
+    name = cfg.tokenizer_type or "AutoTokenizer"
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise UserError.single("tokenizer_type", f"transformers has no tokenizer class {name!r}",
+                               "use AutoTokenizer (or remove tokenizer_type)")
+    return cls
+
+
+def torch_dtype(cfg, plan: Plan | None = None) -> torch.dtype:
+    """bf16 weights when the run is bf16 (`bf16: true`, or `auto` resolved to true by the Plan)."""
+    value = plan.get("bf16") if plan is not None and "bf16" in plan.settings else cfg.bf16
+    if value is True:
         return torch.bfloat16
     return torch.float32
 
@@ -137,6 +152,22 @@ def load_processor(cfg, plan: Plan):
     return processor, None
 
 
+def set_attn_implementation(model, plan: Plan) -> None:
+    """The attention the Plan chose, when the config asked for one (else transformers' default,
+    sdpa where the model supports it). A multimodal model whose towers lack the kernel gets it in
+    its language model (text_config) only: the towers are not run on text batches."""
+    impl = plan.get("attn_implementation")
+    if not impl or plan.source("attn_implementation") == "default" or not hasattr(model, "set_attn_implementation"):
+        return
+    try:
+        model.set_attn_implementation(impl)
+    except ValueError as exc:
+        if getattr(model.config, "text_config", None) is None:
+            raise UserError.single("attn_implementation", f"{impl} does not run on this model: {exc}",
+                                   "use attn_implementation: sdpa or eager") from None
+        model.set_attn_implementation({"text_config": impl})
+
+
 def _auto_class(plan: Plan):
     import transformers
 
@@ -164,7 +195,7 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
 
     `path` loads full weights from another directory (e.g. a full fine-tune's output_dir).
     """
-    dtype = torch_dtype(cfg)
+    dtype = torch_dtype(cfg, plan)
     name = tiny_name(cfg.base_model) if path is None else None
     if name is not None:
         from archtune.models.tiny import build_tiny_model
@@ -278,8 +309,11 @@ def load_trained(cfg, plan: Plan, tokenizer):
     """Base model plus the trained weights in output_dir (adapter or full), else the base model."""
     kind = trained_weights_kind(cfg.output_dir)
     if kind == "full":
-        return load_model(cfg, plan, tokenizer, path=cfg.output_dir), kind
+        model = load_model(cfg, plan, tokenizer, path=cfg.output_dir)
+        set_attn_implementation(model, plan)
+        return model, kind
     model = load_model(cfg, plan, tokenizer)
+    set_attn_implementation(model, plan)
     if kind == "adapter":
         from peft import PeftModel
 

@@ -29,11 +29,11 @@ def is_quantized(plan: Plan) -> bool:
     return bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
 
 
-def compute_dtype(cfg) -> torch.dtype:
+def compute_dtype(cfg, plan: Plan | None = None) -> torch.dtype:
     """The dtype 4-bit weights are dequantized to (the run's dtype)."""
     from archtune.models.load import torch_dtype
 
-    return torch_dtype(cfg)
+    return torch_dtype(cfg, plan)
 
 
 
@@ -53,13 +53,19 @@ def bnb_config(cfg, plan: Plan):
             value = getattr(plan.config, key, None)
         return default if value is None else value
 
-    return BitsAndBytesConfig(
+    kwargs = dict(
         load_in_4bit=True,
         bnb_4bit_quant_type=setting("bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=bool(setting("bnb_4bit_use_double_quant", True)),
-        bnb_4bit_compute_dtype=compute_dtype(cfg),
+        bnb_4bit_compute_dtype=compute_dtype(cfg, plan),
         llm_int8_skip_modules=["lm_head"],
     )
+    kwargs.update(plan.config.bnb_config_kwargs or {})  # Axolotl's bnb_config_kwargs: BitsAndBytesConfig's own names
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError.single("bnb_config_kwargs", f"BitsAndBytesConfig rejects these arguments: {exc}",
+                               "use BitsAndBytesConfig's argument names, e.g. bnb_4bit_use_double_quant: true") from None
 
 
 def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
@@ -68,7 +74,7 @@ def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     name = tiny_name(cfg.base_model) if path is None else None
-    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=compute_dtype(cfg), device_map=device_map,
+    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=compute_dtype(cfg, plan), device_map=device_map,
                   output_loading_info=True)
     if name is not None:
         from archtune.models.load import load_model

@@ -50,6 +50,7 @@ class Plan:
     settings: dict[str, Decision] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)  # facts worth one line (e.g. a key with no effect here)
 
     # -- reading
     def get(self, key: str, default: Any = None) -> Any:
@@ -127,8 +128,13 @@ class Plan:
     @property
     def auto_class(self) -> str:
         """The transformers Auto class the model trains with (e.g. the multimodal wrapper's, or a reward
-        model's AutoModelForSequenceClassification: `model_auto_class`)."""
-        return self.get("model_auto_class") or self.family.auto_class
+        model's AutoModelForSequenceClassification: `model_auto_class`), or AutoModelForCausalLM for a
+        text-only checkpoint of a multimodal family (e.g. gemma3_text, which the image-text Auto class
+        does not map), as the meta-device build found."""
+        if self.get("model_auto_class"):
+            return self.get("model_auto_class")
+        structure = self.structure()
+        return structure.auto_class if structure is not None else self.family.auto_class
 
     @property
     def lora_target_redirects(self) -> dict[str, str]:
@@ -180,6 +186,9 @@ class Plan:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
+    def note(self, message: str) -> None:
+        self.info.append(message)
+
     def error(self, key: str, message: str, fix: str = "") -> None:
         self.errors.append(Problem(key, message, fix))
 
@@ -194,6 +203,7 @@ class Plan:
             "model_type": self.model_type,
             "world_size": self.world_size,
             "settings": {k: d.to_dict() for k, d in sorted(self.settings.items())},
+            "info": list(self.info),
             "warnings": list(self.warnings),
             "errors": [p.to_dict() for p in self.errors],
         }

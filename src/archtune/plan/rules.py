@@ -16,13 +16,13 @@ derived from other keys, "default" for a plain default.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from typing import TYPE_CHECKING, Callable
 
 from archtune.families.base import Family, Rule
 # Plugin paths of other trainers' fused losses (archtune.plugins registers them as aliases).
 from archtune.plugins import CUT_CROSS_ENTROPY_PLUGIN
+from archtune.plan.training_rules import TRAINING_RULES, optimizer_names, scheduler_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import ModelStructure, Plan
@@ -215,9 +215,6 @@ def _fsdp_config(plan: "Plan") -> None:
     from archtune.config.schema import FsdpConfig
 
     if not fsdp_enabled(plan):
-        if plan.config.fsdp_config is not None:
-            plan.warn("fsdp_config is set but fsdp is not, so FSDP stays off; to shard the model add "
-                      "`fsdp: [full_shard, auto_wrap]`")
         return
     if plan.config.fsdp_config is None:
         for k, v in FsdpConfig().model_dump().items():
@@ -450,9 +447,13 @@ def _preference_rules() -> tuple[Rule, ...]:
     from archtune.plan.preference import PREFERENCE_RULES
 
     return PREFERENCE_RULES
+def _axolotl_no_effect(plan: "Plan") -> None:
+    for key, why in plan.config.axolotl_notes:
+        plan.note(f"{key}: accepted without effect here: {why}")
 
 
 GENERIC_RULES: tuple[Rule, ...] = (
+    *TRAINING_RULES,
     Rule("world_size", "The plan is resolved for the number of processes given by `--nproc` (1: single process).",
          _world_size),
     Rule("lora_target_modules",
@@ -481,8 +482,7 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "config says otherwise, as PyTorch recommends.",
          _use_reentrant),
     Rule("fsdp_config",
-         "With `fsdp` set and no `fsdp_config`, FSDP2 defaults apply; an `fsdp_config` without `fsdp` leaves FSDP "
-         "off, with a warning.",
+         "With `fsdp` set and no `fsdp_config`, FSDP2 defaults apply.",
          _fsdp_config),
     Rule("fsdp_wrap_class",
          "Under FSDP with transformer-based wrapping, `fsdp_config.fsdp_transformer_layer_cls_to_wrap` defaults to "
@@ -532,6 +532,10 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "when given, else the family's text decoder layer, else the model's `_no_split_modules`.",
          _decoder_layer_classes),
     *_preference_rules(),
+    Rule("axolotl_no_effect",
+         "Axolotl keys that change nothing in what is trained here (CUDA-only kernels, other loggers, tuning knobs) "
+         "are accepted, each with one info line saying why.",
+         _axolotl_no_effect),
 )
 
 
@@ -557,51 +561,6 @@ def _refuse_fsdp1(plan: "Plan") -> None:
         plan.error(key, "FSDP1 is not supported in this release", "set `fsdp_config.fsdp_version: 2` (fully_shard)")
 
 
-def _refuse_fsdp_one_process(plan: "Plan") -> None:
-    if fsdp_enabled(plan) and plan.world_size == 1 and not _refused(plan, "fsdp"):
-        plan.error("fsdp", "FSDP shards the model over several processes, but this run has one",
-                   "run with --nproc 2 or more (`archtune check --nproc N` plans for N), or remove `fsdp`")
-
-
-def optimizer_names() -> list[str]:
-    """transformers' optimizer names (`TrainingArguments(optim=...)`)."""
-    from transformers.training_args import OptimizerNames
-
-    return [o.value for o in OptimizerNames]
-
-
-def scheduler_names() -> list[str]:
-    """transformers' learning-rate scheduler names (`TrainingArguments(lr_scheduler_type=...)`)."""
-    from transformers.trainer_utils import SchedulerType
-
-    return [s.value for s in SchedulerType]
-
-
-def _refuse_unknown_name(key: str, names: "Callable[[], list[str]]", what: str) -> Callable[["Plan"], None]:
-    def apply(plan: "Plan") -> None:
-        value = plan.get(key)
-        if value is None or _refused(plan, key):
-            return
-        valid = names()
-        if value not in valid:
-            close = difflib.get_close_matches(str(value), valid, n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            plan.error(key, f"{value!r} is not a {what} transformers knows", f"{hint}use one of: {', '.join(valid)}")
-
-    return apply
-
-
-CHAT_TEMPLATE_DEFAULT = "tokenizer_default"
-
-
-def _refuse_chat_template_name(plan: "Plan") -> None:
-    value = plan.get("chat_template")
-    if value is None or value == CHAT_TEMPLATE_DEFAULT or "{" in str(value):
-        return
-    plan.error("chat_template", f"{value!r} is not a chat template archtune knows: named templates are not "
-               "built in", f"use `{CHAT_TEMPLATE_DEFAULT}` (the tokenizer's own) or a Jinja template string")
-
-
 def _refuse_offloading_without_layers(plan: "Plan") -> None:
     if plan.get("activation_offloading") and not plan.get(LAYER_CLASSES_KEY):
         plan.error("activation_offloading", "no decoder layer class is known for this model, so there is nothing "
@@ -613,16 +572,6 @@ REFUSALS: tuple[Rule, ...] = (
          "(4-bit QLoRA is).", _refuse_8bit),
     Rule("refuse_fsdp1", "`fsdp_config.fsdp_version: 1` is refused: FSDP1 is not supported in this release "
          "(FSDP2 is).", _refuse_fsdp1),
-    Rule("refuse_fsdp_one_process", "`fsdp` with a single process is refused: FSDP needs `--nproc 2` or more.",
-         _refuse_fsdp_one_process),
-    Rule("refuse_unknown_optimizer", "An `optimizer` that is not one of transformers' optimizer names is refused.",
-         _refuse_unknown_name("optimizer", optimizer_names, "optimizer")),
-    Rule("refuse_unknown_lr_scheduler",
-         "An `lr_scheduler` that is not one of transformers' scheduler names is refused.",
-         _refuse_unknown_name("lr_scheduler", scheduler_names, "learning-rate scheduler")),
-    Rule("refuse_chat_template_name", "A `chat_template` that is neither `tokenizer_default` nor a Jinja template "
-         "string (a template name such as `llama3`) is refused: named templates are not built in.",
-         _refuse_chat_template_name),
     Rule("refuse_offloading_without_layers", "`activation_offloading: true` on a model with no known decoder layer "
          "class is refused (set the FSDP wrap class to name it).", _refuse_offloading_without_layers),
 )

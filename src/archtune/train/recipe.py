@@ -10,12 +10,18 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import ProgressCallback
 
-from archtune.adapters.freeze import freeze_multimodal
+from archtune.adapters.freeze import freeze_multimodal, unfreeze_only
 from archtune.adapters.lora import apply_lora, count_params
 from archtune.config.schema import Config
 from archtune.data import PreparedData, prepare_data
 from archtune.data.collate import DataCollator
-from archtune.models.load import apply_weight_scale_rules, load_model, load_tokenizer, resolve_plan
+from archtune.models.load import (
+    apply_weight_scale_rules,
+    load_model,
+    load_tokenizer,
+    resolve_plan,
+    set_attn_implementation,
+)
 from archtune.errors import UserError
 from archtune.plan import Plan
 from archtune.train import distributed
@@ -82,7 +88,16 @@ def media_setup(plan: Plan):
 
 
 def data_collator(setup: Setup) -> DataCollator:
-    return DataCollator(setup.tokenizer, drop_attention_mask=setup.plan.drop_attention_mask, media=setup.media.processor)
+    """Batches as the config pads them: to the longest row, a multiple of pad_to_multiple_of, or
+    sequence_len (pad_to_sequence_len). Padding carries label -100, so the loss is the same."""
+    return DataCollator(setup.tokenizer, drop_attention_mask=setup.plan.drop_attention_mask, media=setup.media.processor,
+                        **padding(setup.plan.config))
+
+
+def padding(cfg: Config) -> dict:
+    """The collator's padding keys from pad_to_multiple_of / pad_to_sequence_len."""
+    return {"pad_to_multiple_of": cfg.pad_to_multiple_of,
+            "pad_to_length": cfg.sequence_len if cfg.pad_to_sequence_len else None}
 
 
 def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
@@ -96,6 +111,7 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     quantized = quant.is_quantized(plan)
     model = quant.load_quantized(cfg, plan, tokenizer) if quantized else load_model(cfg, plan, tokenizer)
     run_hook(plugins, "post_model_load", model, plan)
+    set_attn_implementation(model, plan)
     _set_experts_implementation(model, plan)
     apply_weight_scale_rules(model, plan, console)  # base weights, before adapters (normalize_weight_scales)
     freeze_multimodal(model, plan)
@@ -104,6 +120,8 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
         quant.prepare_for_training(model, plan, keep=experts + quant.frozen_embeddings(model, plan))
     if plan.get("adapter") in ("lora", "qlora"):
         model = apply_lora(model, plan)
+    elif plan.get("unfrozen_parameters"):
+        unfreeze_only(model, plan.get("unfrozen_parameters"))
     run_hook(plugins, "post_adapters", model, plan)
     if plan.quantize_moe_experts:
         quantize_moe_experts(model, plan)
@@ -195,52 +213,99 @@ def _set_use_cache(model, value: bool) -> None:
             c.use_cache = value
 
 
-def training_arguments(plan: Plan, has_eval: bool):
+def training_arguments(plan: Plan, has_eval: bool, steps_per_epoch: int | None = None):
+    """transformers TrainingArguments from the Plan. `steps_per_epoch` (optimizer steps) turns
+    saves_per_epoch / evals_per_epoch into step intervals."""
     from transformers import TrainingArguments
 
-    setting = plan.decided
-    warmup = setting("warmup_steps") if setting("warmup_steps") is not None else (setting("warmup_ratio") or 0.0)
-    report_to = ["wandb"] if setting("wandb_project") and setting("wandb_mode") != "disabled" else []
-    if setting("wandb_project"):
-        os.environ.setdefault("WANDB_PROJECT", setting("wandb_project"))
-        if setting("wandb_mode"):
-            os.environ.setdefault("WANDB_MODE", setting("wandb_mode"))
+    cfg = plan.config
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0.0)
+    _logger_environment(cfg)
+    save_strategy, save_steps = _interval(cfg.save_strategy, cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch)
+    eval_strategy, eval_steps = _interval(cfg.eval_strategy, cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch)
+    optional = {k: v for k, v in {
+        "adam_beta1": cfg.adam_beta1, "adam_beta2": cfg.adam_beta2, "adam_epsilon": cfg.adam_epsilon,
+        "optim_args": _optim_args(cfg.optim_args), "dataloader_prefetch_factor": cfg.dataloader_prefetch_factor,
+        "torch_compile_backend": cfg.torch_compile_backend, "torch_compile_mode": cfg.torch_compile_mode,
+    }.items() if v is not None}
     return TrainingArguments(
-        output_dir=setting("output_dir"),
-        per_device_train_batch_size=setting("micro_batch_size"),
-        per_device_eval_batch_size=setting("micro_batch_size"),
-        gradient_accumulation_steps=setting("gradient_accumulation_steps"),
-        num_train_epochs=setting("num_epochs"),
-        max_steps=setting("max_steps") if setting("max_steps") else -1,
-        learning_rate=setting("learning_rate"),
-        optim=setting("optimizer"),
-        lr_scheduler_type=setting("lr_scheduler"),
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps else -1,
+        learning_rate=cfg.learning_rate,
+        optim=plan.get("optimizer"),
+        lr_scheduler_type=plan.get("lr_scheduler"),
+        lr_scheduler_kwargs=plan.section("lr_scheduler_kwargs") or {},
         warmup_steps=warmup,
-        weight_decay=setting("weight_decay"),
-        max_grad_norm=setting("max_grad_norm"),
-        bf16=setting("bf16") is True,
-        fp16=setting("fp16"),
-        seed=setting("seed"),
-        data_seed=setting("seed"),
-        logging_steps=setting("logging_steps"),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=plan.get("bf16") is True,
+        fp16=plan.get("fp16") is True,
+        tf32=True if plan.get("tf32") else None,
+        torch_compile=bool(plan.get("torch_compile")),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if setting("save_steps") else "no",
-        save_steps=setting("save_steps") or 500,
-        save_total_limit=setting("save_total_limit"),
-        eval_strategy="steps" if (setting("eval_steps") and has_eval) else "no",
-        eval_steps=setting("eval_steps"),
+        save_strategy=save_strategy,
+        save_steps=save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy=eval_strategy if has_eval else "no",
+        eval_steps=eval_steps,
         activation_checkpointing=bool(plan.get("gradient_checkpointing")),
         activation_checkpointing_kwargs=plan.section("gradient_checkpointing_kwargs") or None,
         include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
-        report_to=report_to,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=bool(cfg.remove_unused_columns),
+        report_to=list(plan.get("report_to") or []),
+        run_name=cfg.wandb_name or cfg.mlflow_run_name,
+        dataloader_num_workers=cfg.dataloader_num_workers or 0,
+        dataloader_pin_memory=(cfg.dataloader_pin_memory if cfg.dataloader_pin_memory is not None
+                               else torch.cuda.is_available()),
+        dataloader_drop_last=bool(cfg.dataloader_drop_last),
         ddp_find_unused_parameters=plan.get("ddp_find_unused_parameters"),
         # Without a GPU, accelerate runs several processes only as "MULTI_CPU" (gloo), which use_cpu selects.
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=distributed.backend() if distributed.is_distributed() else None,
+        **optional,
     )
+
+
+def _interval(strategy: str | None, steps: int | None, per_epoch: int | None,
+              steps_per_epoch: int | None) -> tuple[str, int | None]:
+    """(strategy, steps) for saving or evaluating: an explicit strategy wins; N per epoch becomes
+    every steps_per_epoch // N steps (at least 1); steps alone means `steps`."""
+    if per_epoch and steps_per_epoch:
+        steps = max(1, steps_per_epoch // per_epoch)
+    if strategy is not None:
+        return strategy, steps
+    return ("steps", steps) if steps else ("no", None)
+
+
+def _optim_args(value) -> str | None:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+_WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_mode": "WANDB_MODE", "wandb_entity": "WANDB_ENTITY",
+              "wandb_run_id": "WANDB_RUN_ID", "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL",
+              "mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "mlflow_experiment_name": "MLFLOW_EXPERIMENT_NAME",
+              "mlflow_run_name": "MLFLOW_RUN_NAME"}
+
+
+def _logger_environment(cfg: Config) -> None:
+    """transformers' WandbCallback / MLflowCallback read their settings from the environment."""
+    for key, env in _WANDB_ENV.items():
+        value = getattr(cfg, key)
+        if value is not None:
+            os.environ[env] = str(value)
+    if cfg.wandb_run_id:
+        os.environ.setdefault("WANDB_RESUME", "allow")
+    if cfg.hf_mlflow_log_artifacts is not None:
+        os.environ["HF_MLFLOW_LOG_ARTIFACTS"] = str(bool(cfg.hf_mlflow_log_artifacts)).lower()
 
 
 def _callbacks(cfg: Config, clock: TrainClock) -> list:
@@ -279,6 +344,8 @@ def _train(cfg: Config, console) -> dict:
     out = Path(cfg.output_dir)
     resume = resume_checkpoint(cfg, out)
     refuse_reuse(cfg, out, resume)
+    for line in plan.info:
+        _say(console, f"[blue]info:[/] {line}")
     for warning in plan.warnings:
         _say(console, f"[yellow]warning:[/] {warning}")
     if plan.get("rl_trainer"):  # rl / reward_model: TRL's preference trainers (train/preference.py)
@@ -306,7 +373,7 @@ def _train(cfg: Config, console) -> dict:
     stop_callback = StopOnSignal(stop)
     trainer = ArchtuneTrainer(
         model=model,
-        args=training_arguments(plan, has_eval=data.eval is not None),
+        args=training_arguments(plan, has_eval=data.eval is not None, steps_per_epoch=_steps_per_epoch(cfg, data.train)),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data_collator(setup),
@@ -433,6 +500,12 @@ def _chunked_loss_installed(model) -> bool:
     from archtune.train.losses import ChunkedCrossEntropy
 
     return ChunkedCrossEntropy.of(model) is not None
+
+
+def _steps_per_epoch(cfg: Config, train_rows) -> int:
+    """Optimizer steps in one epoch over the (packed) training rows, over all processes."""
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
+    return max(1, -(-len(train_rows) // per_step))
 
 
 def _strategy(plan: Plan) -> str:

@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""How many of Axolotl's published example configs run unchanged through `archtune check` and
+`archtune train max_steps=2`, with only base_model, the data and output_dir swapped for local
+tiny ones. Prints one JSON object (the counts, and per config what stopped it).
+
+Usage: python bench/axolotl_examples.py AXOLOTL_GIT_DIR WORK_DIR [--no-train]
+
+AXOLOTL_GIT_DIR is a clone of https://github.com/axolotl-ai-cloud/axolotl (read with `git show`;
+nothing of it is copied into this repository). For each example of the families archtune
+covers (examples/gemma3, gemma3n, gemma4, qwen3, qwen3.5, qwen3-next):
+- base_model -> a tiny random model of the same architecture, written under WORK_DIR (archtune's
+  embedded tiny models where one exists, else one built from a small transformers config);
+- each dataset's path -> a local JSONL file of the same format (chat_template rows under its
+  field_messages with its message_property_mappings, alpaca rows, or preference pairs), the rest
+  of the entry (type, split, fields) unchanged;
+- output_dir (and dataset_prepared_path when set) -> under WORK_DIR.
+Every other key stays exactly as Axolotl publishes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+FAMILIES = ("gemma3", "gemma3n", "gemma4", "qwen3", "qwen3.5", "qwen3-next")
+ROWS = 60
+
+
+def git(git_dir: str, *args: str) -> str:
+    return subprocess.run(["git", "--git-dir", git_dir, *args], check=True, capture_output=True, text=True).stdout
+
+
+# ---------------------------------------------------------------- tiny models
+
+def _small_text(cfg_cls, vocab: int, **extra):
+    base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
+    base.update(extra)
+    return cfg_cls(**base)
+
+
+def _built(kind: str, vocab: int):
+    """(model, None) of a tiny random model of `kind` built from a transformers config."""
+    import transformers as tf
+
+    if kind == "qwen3":
+        return tf.Qwen3ForCausalLM(_small_text(tf.Qwen3Config, vocab))
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeForCausalLM(_small_text(tf.Qwen3MoeConfig, vocab, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, decoder_sparse_step=1))
+    if kind == "qwen3_next":
+        return tf.Qwen3NextForCausalLM(_small_text(
+            tf.Qwen3NextConfig, vocab, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_value_heads=4,
+            linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]))
+    if kind == "qwen3_5":
+        return tf.Qwen3_5ForCausalLM(_small_text(
+            tf.Qwen3_5TextConfig, vocab, num_hidden_layers=4, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=16, linear_value_head_dim=16,
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]))
+    if kind == "gemma3_text":
+        return tf.Gemma3ForCausalLM(_small_text(tf.Gemma3TextConfig, vocab, sliding_window=64))
+    if kind == "gemma3n":
+        return tf.Gemma3nForCausalLM(_small_text(
+            tf.Gemma3nTextConfig, vocab, num_hidden_layers=4, sliding_window=64, hidden_size_per_layer_input=16,
+            vocab_size_per_layer_input=vocab, num_kv_shared_layers=0, laurel_rank=8,
+            intermediate_size=[128] * 4, activation_sparsity_pattern=[0.0] * 4,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]))
+    raise KeyError(kind)
+
+
+def tiny_kind(base_model: str) -> str:
+    """The tiny stand-in for a published checkpoint (same architecture, tiny sizes)."""
+    name = base_model.lower()
+    if "gemma-3n" in name:
+        return "gemma3n"
+    if "gemma-4" in name:
+        return "gemma4-e2b" if "e2b" in name else ("gemma4-moe" if "a4b" in name else "gemma4-dense")
+    if "gemma-3" in name:
+        return "gemma3_text" if re.search(r"gemma-3-(1b|270m)", name) else "gemma3"
+    if "qwen3-next" in name:
+        return "qwen3_next"
+    if "qwen3.5" in name:
+        return "qwen3_5-moe" if re.search(r"a\d+b", name) else "qwen3_5"
+    if "qwen3" in name:
+        return "qwen3_moe" if re.search(r"a\d+b", name) else "qwen3"
+    raise KeyError(base_model)
+
+
+def tiny_model(kind: str, work: Path) -> str:
+    out = work / "models" / kind
+    if (out / "config.json").is_file():
+        return str(out)
+    from archtune.assets import load_tokenizer
+    from archtune.models.tiny import tiny_model_names, write_tiny_model
+
+    if kind in tiny_model_names():
+        write_tiny_model(kind, out)
+        return str(out)
+    import torch
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    model = _built(kind, len(tok))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+# ---------------------------------------------------------------- data of the same format
+
+def _conversation(i: int, role_key: str, content_key: str, roles: tuple[str, str]) -> list[dict]:
+    return [{role_key: roles[0], content_key: f"What is {i} plus {i}?"},
+            {role_key: roles[1], content_key: f"{i} plus {i} is {2 * i}."}]
+
+
+def local_data(entry: dict, work: Path, n: int) -> str:
+    kind = str(entry.get("type", "alpaca"))
+    path = work / "data" / f"{n}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(ROWS):
+        if kind.startswith("bradley_terry") or kind.endswith(("dpo", "chatml.intel")) or "chosen" in kind:
+            rows.append({"chosen": _conversation(i, "role", "content", ("user", "assistant")),
+                         "rejected": _conversation(i + 1, "role", "content", ("user", "assistant")),
+                         "prompt": f"What is {i} plus {i}?"})
+        elif kind == "chat_template":
+            mapping = entry.get("message_property_mappings") or {}
+            role_key, content_key = mapping.get("role", "role"), mapping.get("content", "content")
+            roles = ("human", "gpt") if role_key == "from" else ("user", "assistant")
+            rows.append({entry.get("field_messages") or "messages": _conversation(i, role_key, content_key, roles)})
+        else:
+            rows.append({"instruction": f"What is {i} plus {i}?", "input": "", "output": f"{2 * i}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def swapped(config: dict, work: Path, idx: int) -> dict:
+    cfg = dict(config)
+    cfg["base_model"] = tiny_model(tiny_kind(str(config["base_model"])), work)
+    for key in ("tokenizer_config", "base_model_config"):
+        if cfg.get(key):
+            cfg[key] = cfg["base_model"]
+    n = 0
+    for key in ("datasets", "test_datasets"):
+        for entry in cfg.get(key) or []:
+            entry["path"] = local_data(entry, work, f"{idx}-{n}")
+            n += 1
+    cfg["output_dir"] = str(work / "out" / str(idx))
+    if cfg.get("dataset_prepared_path"):
+        cfg["dataset_prepared_path"] = str(work / "prepared" / str(idx))
+    return cfg
+
+
+# ---------------------------------------------------------------- running
+
+def run(args: list[str], timeout: int) -> tuple[int, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    try:
+        p = subprocess.run([sys.executable, "-m", "archtune", *args], capture_output=True, text=True, timeout=timeout,
+                           env=env)
+        return p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired:
+        return 124, "timeout"
+
+
+def first_errors(output: str) -> list[str]:
+    try:
+        data = json.loads(output.strip().splitlines()[-1] if output.strip() else "{}")
+        return [f"{e['key']}: {e['message'][:140]}" for e in data.get("errors", [])]
+    except (ValueError, IndexError):
+        lines = [ln for ln in output.splitlines() if ln.startswith(("error", "Traceback")) or "Error" in ln]
+        return lines[:3] or output.strip().splitlines()[-3:]
+
+
+def main() -> None:
+    git_dir, work = sys.argv[1], Path(sys.argv[2]).resolve()
+    train = "--no-train" not in sys.argv
+    commit = git(git_dir, "rev-parse", "HEAD").strip()
+    files = [f for f in git(git_dir, "ls-tree", "-r", "--name-only", "HEAD", "examples").split()
+             if f.split("/")[1] in FAMILIES and f.endswith((".yml", ".yaml"))]
+    results = []
+    for idx, f in enumerate(sorted(files)):
+        config = yaml.safe_load(git(git_dir, "show", f"HEAD:{f}"))
+        entry = {"example": f}
+        try:
+            cfg = swapped(config, work, idx)
+        except Exception as exc:  # no tiny stand-in for this architecture
+            entry.update(check=False, train=False, errors=[f"no tiny model: {type(exc).__name__}: {exc}"[:200]])
+            results.append(entry)
+            continue
+        path = work / "configs" / Path(f).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        code, out = run(["check", str(path), "--json"], 600)
+        entry["check"] = code == 0
+        entry["errors"] = [] if code == 0 else first_errors(out)
+        if train and code == 0:
+            code, out = run(["train", str(path), "max_steps=2"], 1200)
+            entry["train"] = code == 0
+            if code:
+                entry["errors"] = first_errors(out)
+        results.append(entry)
+        print(json.dumps(entry), file=sys.stderr, flush=True)
+    summary = {"axolotl_commit": commit, "examples": len(results), "check_passed": sum(r["check"] for r in results),
+               "train_passed": sum(bool(r.get("train")) for r in results), "results": results}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
