@@ -115,7 +115,6 @@ datasets:
 lora_target_modules:
   - q_proj
   - v_proj
-quantize_moe_experts: true
 fused_attn_kernel: true
 fsdp_version: 2
 fsdp_config:

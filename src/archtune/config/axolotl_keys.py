@@ -116,7 +116,7 @@ NO_EFFECT: dict[str, str] = _table(
      "kernels-plugin quantization modes for CUDA GPUs; archtune's quantization is load_in_4bit (bitsandbytes)"),
     ("tokenizer_use_mistral_common", "Mistral's tokenizer library is not used; the model's tokenizer.json is"),
     ("role_boundaries processor_kwargs",
-     "multimodal preprocessing: archtune trains the text of multimodal models (images/audio are not read)"),
+     "not read: image rows use the processor's own defaults and archtune's role masking"),
     ("shuffle_before_merging_datasets shuffle_merged_datasets",
      "datasets are merged and then shuffled by the Trainer's sampler under `seed`"),
     ("embeddings_skip_upcast", "archtune does not upcast the embeddings for PEFT, so there is nothing to skip"),

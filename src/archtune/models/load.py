@@ -127,7 +127,7 @@ def load_processor(cfg, plan: Plan):
     if not family.has_towers(plan.model_config):
         return None, "the model's config.json declares no vision or audio tower"
     name = tiny_name(cfg.base_model)
-    if name is not None and cfg.processor_type is None:
+    if name is not None:  # a tiny model builds its own processor (processor_type names the class it is)
         from archtune.models.tiny import build_tiny_processor
 
         processor = build_tiny_processor(name)
