@@ -62,7 +62,7 @@ class MoEBlock(nn.Module):
         return self.experts(x, index, weights)
 
 
-def build(sizes: dict, dtype: torch.dtype):
+def build(sizes: dict, dtype: torch.dtype, which: str = "both"):
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import Gemma4TextConfig
 
@@ -81,7 +81,9 @@ def build(sizes: dict, dtype: torch.dtype):
     plain.requires_grad_(False)
     # The router stays trainable in every variant (its weights get gradients through top_k_weights).
     plain.router.requires_grad_(True)
-    lora = copy.deepcopy(plain)
+    if which == "plain":
+        return config, plain, None
+    lora = copy.deepcopy(plain) if which == "both" else plain
     lora_config = LoraConfig(
         r=sizes["rank"], lora_alpha=2 * sizes["rank"], lora_dropout=0.0, target_modules=[],
         target_parameters=["experts.gate_up_proj", "experts.down_proj"], init_lora_weights=False,
@@ -96,6 +98,20 @@ def build(sizes: dict, dtype: torch.dtype):
 def step(block: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     x = x.detach().requires_grad_(True)
     block(x).backward(grad)
+
+
+def run_impl(block: nn.Module, impl: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """One forward+backward of `block` with experts implementation `impl`."""
+    for c in {id(m.config): m.config for m in block.modules() if hasattr(m, "config")}.values():
+        c._experts_implementation = impl  # each block has its own config (the LoRA block is a deep copy)
+    # PEFT as shipped for the stock paths; scattermoe as archtune's kernels plugin sets it up
+    # (archtune.moe.skip_parametrization_check, an instance-level override).
+    for m in block.modules():
+        m.__dict__.pop("_activate_lora", None)
+    if impl == "scattermoe":
+        archtune.moe.skip_parametrization_check(block)
+    block.zero_grad(set_to_none=True)
+    step(block, x, grad)
 
 
 def dense_step(x, w_up, w_down, grad):
@@ -123,20 +139,7 @@ def measure(sizes: dict, dtype: torch.dtype, rounds: int, cheap_repeats: int = 3
     grad = torch.randn(sizes["tokens"], sizes["hidden"], generator=gen).to(dtype)
 
     def variant(block, impl):
-        configs = {id(m.config): m.config for m in block.modules() if hasattr(m, "config")}.values()
-
-        def run():
-            for c in configs:  # each block has its own config (the LoRA block is a deep copy)
-                c._experts_implementation = impl
-            # PEFT as shipped for the stock paths; scattermoe as archtune's kernels plugin sets it up
-            # (archtune.moe.skip_parametrization_check, an instance-level override).
-            for m in block.modules():
-                m.__dict__.pop("_activate_lora", None)
-            if impl == "scattermoe":
-                archtune.moe.skip_parametrization_check(block)
-            block.zero_grad(set_to_none=True)
-            step(block, x, grad)
-        return run
+        return lambda: run_impl(block, impl, x, grad)
 
     pairs = sizes["tokens"] * sizes["top_k"]
     w_up = torch.randn(sizes["hidden"], 2 * sizes["intermediate"], generator=gen).to(dtype)
@@ -276,6 +279,100 @@ def measure_4bit(sizes: dict, rounds: int, quick: bool) -> dict:
                                  "bf16": round(weights["4bit_bf16_compute"] / weights["bf16"], 3)},
         "memory": memory,
     }
+# ---- the sweep: where does scattermoe win, where does a stock implementation? -------------------
+#
+# Corners and centre of the ranges the experts implementation must hold at: experts 8-128,
+# top-k 2-8, tokens 256-8192, hidden 256-2048 (expert intermediate = hidden / 4, as in
+# Gemma 4 26B-A4B and Qwen 3.5 35B-A3B), with and without expert LoRA, fp32 and bf16.
+SWEEP_AXES = dict(experts=(8, 128), top_k=(2, 8), tokens=(256, 8192), hidden=(256, 2048))
+SWEEP_CENTRE = dict(experts=32, top_k=4, tokens=2048, hidden=1024)
+# batched_mm gathers one weight matrix per (token, expert) pair: skipped where that copy exceeds this.
+BATCHED_MM_BYTES = 1 << 30
+# Shapes whose step costs more than this many GFLOP run one round fewer and skip eager.
+HEAVY_GFLOP = 200.0
+
+
+def sweep_shapes() -> list[dict]:
+    import itertools
+
+    keys = list(SWEEP_AXES)
+    shapes = [dict(zip(keys, values)) for values in itertools.product(*(SWEEP_AXES[k] for k in keys))]
+    # The one corner left out: 8,192 tokens x top-8 x hidden 2,048 (about 0.8 TFLOP a step, minutes per
+    # implementation on one core); its top-2 sibling covers the compute-bound end of the range.
+    shapes = [s for s in shapes if not (s["tokens"] == 8192 and s["top_k"] == 8 and s["hidden"] == 2048)]
+    shapes.append(dict(SWEEP_CENTRE))
+    for shape in shapes:
+        shape["intermediate"] = shape["hidden"] // 4
+        shape["rank"] = 16
+    return shapes
+
+
+def measure_shape(sizes: dict, dtype: torch.dtype, lora: bool, rounds: int) -> dict:
+    """Per-step thread CPU time (median) of every implementation at one shape."""
+    _, block, lora_block = build(sizes, dtype, "lora" if lora else "plain")
+    block = lora_block if lora else block
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(sizes["tokens"], sizes["hidden"], generator=gen).to(dtype)
+    grad = torch.randn(sizes["tokens"], sizes["hidden"], generator=gen).to(dtype)
+    pairs = sizes["tokens"] * sizes["top_k"]
+    heavy = flops(sizes, pairs, lora) / 1e9 > HEAVY_GFLOP
+    impls = ["grouped_mm", "scattermoe"]
+    skipped = {}
+    if heavy:
+        skipped["eager"] = f"step above {HEAVY_GFLOP:.0f} GFLOP (the Python loop over experts is never the fastest there)"
+    else:
+        impls.insert(0, "eager")
+    itemsize = torch.finfo(dtype).bits // 8
+    if pairs * sizes["hidden"] * 3 * sizes["intermediate"] * itemsize <= BATCHED_MM_BYTES:
+        impls.insert(0, "batched_mm")
+    else:
+        skipped["batched_mm"] = "its per-pair weight copy exceeds 1 GiB"
+
+    def run(impl):
+        run_impl(block, impl, x, grad)
+
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    if not heavy:
+        for impl in impls:
+            run(impl)  # warm-up (a heavy step's first run is its measurement: its setup cost is negligible)
+    for _ in range(1 if heavy else rounds):
+        for impl in impls:
+            t0 = time.thread_time()
+            run(impl)
+            times[impl].append(time.thread_time() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    stock = {k: v for k, v in med.items() if k != "scattermoe"}
+    best = min(stock, key=stock.get)
+    return {"ms": {k: round(v * 1e3, 2) for k, v in med.items()}, "best_stock": best,
+            "scattermoe_vs_best_stock": round(stock[best] / med["scattermoe"], 3), "skipped": skipped}
+
+
+def run_sweep(dtypes: list[torch.dtype], rounds: int, reuse: list[dict] = (), only: set | None = None) -> dict:
+    from archtune.plan.experts import choose_experts_implementation
+
+    rows = []
+    done = {(r["experts"], r["top_k"], r["tokens"], r["hidden"], r["dtype"], r["lora"]): r for r in reuse}
+    for shape in sweep_shapes():
+        if only and f"{shape['experts']}-{shape['top_k']}-{shape['tokens']}-{shape['hidden']}" not in only:
+            continue
+        for dtype in dtypes:
+            for lora in (False, True):
+                key = (shape["experts"], shape["top_k"], shape["tokens"], shape["hidden"],
+                       str(dtype).removeprefix("torch."), lora)
+                r = done.get(key) or measure_shape(shape, dtype, lora, rounds)
+                r = {k: r[k] for k in ("ms", "best_stock", "scattermoe_vs_best_stock", "skipped")}
+                choice = choose_experts_implementation(
+                    num_experts=shape["experts"], top_k=shape["top_k"], hidden=shape["hidden"],
+                    intermediate=shape["intermediate"], tokens=shape["tokens"], expert_lora=lora)
+                chosen_ms = r["ms"]["scattermoe" if choice.name == "scattermoe" else "grouped_mm"]
+                best_ms = min(r["ms"].values())
+                rows.append({**{k: shape[k] for k in ("experts", "top_k", "tokens", "hidden", "intermediate")},
+                             "dtype": str(dtype).removeprefix("torch."), "lora": lora, **r,
+                             "rule_choice": choice.name, "rule_vs_best": round(best_ms / chosen_ms, 3)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    wins = [r for r in rows if r["scattermoe_vs_best_stock"] >= 1.0]
+    return {"rows": rows, "scattermoe_wins": len(wins), "shapes": len(rows),
+            "rule_worst_vs_best": min(r["rule_vs_best"] for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -285,7 +382,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-4bit", action="store_true", help="skip the 4-bit experts rows")
     parser.add_argument("--peak-memory", choices=sorted(QUANT4_VARIANTS), help=argparse.SUPPRESS)
+
+
+    parser.add_argument("--sweep", action="store_true",
+                        help="every implementation at the corners and centre of the supported shape ranges")
+    parser.add_argument("--only", help="comma-separated EXPERTS-TOPK-TOKENS-HIDDEN shapes of the sweep to run")
+    parser.add_argument("--reuse", help="JSONL of sweep rows already measured (from --sweep's stderr): not rerun")
     args = parser.parse_args(argv)
+    if args.sweep:
+        torch.set_num_threads(1)
+        started = time.perf_counter()
+        dtypes = [getattr(torch, n) for n in args.dtypes.split(",")]
+        reuse = [json.loads(line) for line in open(args.reuse)] if args.reuse else []
+        result = {"bench": "moe_sweep", "torch": torch.__version__, "threads": 1,
+                  "load_avg_1m": round(os.getloadavg()[0], 2), **run_sweep(dtypes, args.rounds or 3, reuse,
+                                                                       set(args.only.split(",")) if args.only else None)}
+        result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return result
     sizes = QUICK if args.quick else SIZES
     torch.set_num_threads(1)
     if args.peak_memory:  # a child of measure_4bit: one variant, one JSON line

@@ -272,8 +272,10 @@ def test_document_attention_equals_sdpa_on_transformers_packed_masks(window, min
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2, 0, 1, 2, 3]])
     mask = _packed_masks(position_ids)[int(window)]
     # One block per document, or consecutive documents grouped into blocks of >= min_block tokens.
-    blocks = {1: [[(0, 6), (6, 9), (9, 10)], [(0, 3), (3, 6), (6, 10)]],
-              4: [[(0, 6), (6, 10)], [(0, 6), (6, 10)]]}[min_block]
+    # A block that is one whole document (within the window of 4) is flagged causal: no mask needed.
+    fits = not window  # the 6-token document is cut by the window
+    blocks = {1: [[(0, 6, fits), (6, 9, True), (9, 10, True)], [(0, 3, True), (3, 6, True), (6, 10, True)]],
+              4: [[(0, 6, fits), (6, 10, False)], [(0, 6, False), (6, 10, True)]]}[min_block]
     assert _document_blocks(mask, position_ids, 10, 10) == blocks
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 10, 8, generator=g, requires_grad=True)
@@ -303,9 +305,12 @@ def test_document_attention_falls_back_to_sdpa_when_blocks_do_not_apply(monkeypa
     assert _document_blocks(None, position_ids, 8, 8) is None  # no mask
     one_doc = torch.arange(8)[None]
     assert _document_blocks(_packed_masks(one_doc)[1], one_doc, 8, 8) is None  # unpacked
-    # One document filling most of the row: plain sdpa is as cheap as the loop.
+    # One document filling most of the row, cut by the sliding window (so it needs its mask):
+    # plain sdpa is as cheap as the loop. Without the window it runs on the causal kernel.
     long_first = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0]])
-    assert _document_blocks(_packed_masks(long_first)[0], long_first, 8, 8) is None
+    full, sliding = _packed_masks(long_first)
+    assert _document_blocks(sliding, long_first, 8, 8) is None
+    assert _document_blocks(full, long_first, 8, 8) == [[(0, 7, True), (7, 8, True)]]
 
 
 def test_prepare_model_for_packing_switches_only_the_language_model_to_document_attention():

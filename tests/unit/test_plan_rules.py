@@ -410,8 +410,9 @@ def test_packed_rows_drop_the_attention_mask_with_the_family_reason_for_gemma(na
 # ---------------------------------------------------------------- experts_implementation, plugins, scales
 
 @pytest.mark.parametrize("keys, value, source", [
-    ({"use_kernels": True, "use_scattermoe": True}, "scattermoe", "auto"),
-    ({"use_scattermoe": True}, "scattermoe", "auto"),
+    # the tiny model's 8 experts of 64x32: grouped_mm measured faster (plan/experts.py)
+    ({"use_kernels": True, "use_scattermoe": True}, "grouped_mm", "auto"),
+    ({"use_scattermoe": True}, "grouped_mm", "auto"),
     ({"use_kernels": True, "use_scattermoe": True, "experts_implementation": "scattermoe"}, "scattermoe", "user"),
     ({"experts_implementation": "grouped_mm"}, "grouped_mm", "user"),
     ({"experts_implementation": "eager"}, "eager", "user"),
@@ -423,6 +424,27 @@ def test_experts_implementation(keys, value, source):
     assert decision(plan, "experts_implementation") == (value, source)
     if keys.get("use_scattermoe"):
         assert plan.get("use_kernels") is True
+
+
+@pytest.mark.parametrize("dims, lora, value", [
+    ({}, True, "grouped_mm"),  # 8 experts of 64x32: too little work per expert
+    ({"hidden_size": 2048, "moe_intermediate_size": 512}, True, "scattermoe"),  # large experts, expert LoRA
+    ({"hidden_size": 2048, "moe_intermediate_size": 512}, False, "scattermoe"),  # large, 512 pairs each
+    ({"hidden_size": 256, "moe_intermediate_size": 64}, False, "grouped_mm"),  # small, 512 pairs each
+    ({"num_experts": 2}, False, "scattermoe"),  # 2 experts: 2,048 pairs each
+])
+def test_use_scattermoe_chooses_by_the_experts_shape(dims, lora, value):
+    model = model_config("gemma4-moe")
+    model["text_config"].update(dims)
+    keys = {"adapter": "lora", "lora_target_parameters": ["experts.gate_up_proj", "experts.down_proj"],
+            "lora_dropout": 0.0} if lora else {}
+    cfg = config_from_dict({"base_model": "tiny:gemma4-moe", "datasets": [{"path": "data.jsonl"}],
+                            "use_scattermoe": True, "micro_batch_size": 4, "sequence_len": 512, **keys})
+    plan = resolve(cfg, model)
+    assert not plan.errors
+    assert decision(plan, "experts_implementation") == (value, "auto")
+    reason = plan.settings["experts_implementation"].reason
+    assert "pairs per expert" in reason and "experts_implementation: scattermoe" in reason
 
 
 @pytest.mark.parametrize("keys, expect", [

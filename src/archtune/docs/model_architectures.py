@@ -285,7 +285,9 @@ def _scattermoe_block(ctx: _Family) -> tuple[dict[str, Any], Any]:
 
     aliases = plugin_aliases()
     plugin = KERNEL_KEYS_FROM if KERNEL_KEYS_FROM in aliases else sorted(aliases)[0]
-    keys = {"plugins": [plugin], "use_kernels": True, "use_scattermoe": True}
+    # experts_implementation given, as the reference writes it: without it use_scattermoe chooses by
+    # the experts' shape (plan/experts.py), and this page's plan is resolved on a tiny model.
+    keys = {"plugins": [plugin], "use_kernels": True, "use_scattermoe": True, "experts_implementation": "scattermoe"}
     plan = ctx.plan(keys)
     return {**keys, "experts_implementation": plan.get("experts_implementation")}, plan
 

@@ -149,6 +149,9 @@ class Family:
     # size). Frozen with the towers by default; `lora_modules_to_save` or `unfrozen_parameters`
     # naming them trains them fully.
     mm_projector_prefixes: tuple[str, ...] = ()
+    # Text-config keys of the experts' shape: {"num_experts", "top_k", "hidden", "intermediate"}
+    # -> the key naming it in this family's config.json (the experts implementation rule reads them).
+    moe_shape_keys: dict[str, str] = field(default_factory=dict)
     # Keys of config.json whose (non-empty) sub-config means the model has that tower.
     tower_config_keys: tuple[str, ...] = ("vision_config", "audio_config")
     # Documentation data (rendered by `archtune docs`): real checkpoints, architecture notes,
@@ -177,3 +180,14 @@ class Family:
     def moe(self, model_config: dict[str, Any]) -> bool:
         """True when the config describes a mixture-of-experts model (the family's `is_moe` hook)."""
         return bool(self.is_moe(model_config)) if self.is_moe is not None else False
+
+    def moe_shape(self, model_config: dict[str, Any]) -> dict[str, int] | None:
+        """{"num_experts", "top_k", "hidden", "intermediate"} of an MoE config, or None when
+        the model has no experts or the family does not declare where they are."""
+        if not self.moe(model_config) or not self.moe_shape_keys:
+            return None
+        text = text_config(model_config)
+        shape = {name: text.get(key) for name, key in self.moe_shape_keys.items()}
+        if not all(isinstance(v, int) and v > 0 for v in shape.values()):
+            return None
+        return shape

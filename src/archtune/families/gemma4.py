@@ -217,6 +217,8 @@ FAMILY = register_family(
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
         expert_param_aliases=EXPERT_PARAM_ALIASES,
         is_moe=_is_moe,
+        moe_shape_keys={"num_experts": "num_experts", "top_k": "top_k_experts", "hidden": "hidden_size",
+                        "intermediate": "moe_intermediate_size"},
         lora_target_redirects={"Gemma4ClippableLinear": "linear"},
         packing_drop_attention_mask=True,
         tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name), _build_processor) for name in _VARIANTS),

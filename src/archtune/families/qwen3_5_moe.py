@@ -150,6 +150,8 @@ FAMILY = register_family(
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
         expert_param_aliases=EXPERT_PARAM_ALIASES,
         is_moe=_is_moe,
+        moe_shape_keys={"num_experts": "num_experts", "top_k": "num_experts_per_tok", "hidden": "hidden_size",
+                        "intermediate": "moe_intermediate_size"},
         packing_drop_attention_mask=False,
         tiny_models=(
             TinyModel(

@@ -49,8 +49,9 @@ class KernelsPlugin(BasePlugin):
     def _active(self, plan) -> bool:
         if plan is None:
             return False
-        if _setting(plan, "experts_implementation") == "scattermoe":
-            return True
+        decided = _setting(plan, "experts_implementation")
+        if decided is not None:  # the Plan's decision (use_scattermoe may have chosen a stock one)
+            return decided == "scattermoe"
         return self.wants_scattermoe(getattr(plan, "config", plan))
 
     def post_model_load(self, model, plan) -> None:

@@ -292,7 +292,8 @@ def _experts_implementation(plan: "Plan") -> None:
         if not cfg.use_kernels:
             plan.set("use_kernels", True, "auto", "use_scattermoe runs through the kernels plugin")
         if given is None:
-            plan.set(key, "scattermoe", "auto", "use_kernels + use_scattermoe select the ScatterMoE experts kernel")
+            name, reason = _scattermoe_or_stock(plan)
+            plan.set(key, name, "auto", reason)
         elif given != "scattermoe":
             plan.error(key, f"use_scattermoe: true asks for ScatterMoE but experts_implementation is {given!r}",
                        "set `experts_implementation: scattermoe`, or `use_scattermoe: false`")
@@ -346,6 +347,22 @@ def _experts_for_4bit_experts(plan: "Plan") -> None:
     elif plan.get(key) != "scattermoe":
         plan.warn(f"experts_implementation: {plan.get(key)} with quantize_moe_experts works but saves little memory "
                   f"while training: {why}")
+
+def _scattermoe_or_stock(plan: "Plan") -> tuple[str, str]:
+    """use_scattermoe without an explicit experts_implementation: scattermoe where it measured
+    faster for this model's experts, transformers' stock implementation elsewhere (plan/experts.py)."""
+    from archtune.plan.experts import choose_experts_implementation
+
+    cfg = plan.config
+    shape = plan.family.moe_shape(plan.model_config)
+    if cfg.quantize_moe_experts:
+        return "scattermoe", "use_scattermoe with quantize_moe_experts: only scattermoe dequantizes one expert at a time"
+    if shape is None:
+        return "scattermoe", "use_kernels + use_scattermoe select the ScatterMoE experts kernel"
+    expert_lora = plan.get("adapter") in ("lora", "qlora") and bool(plan.get("lora_target_parameters"))
+    choice = choose_experts_implementation(**shape, tokens=cfg.micro_batch_size * cfg.sequence_len,
+                                           expert_lora=expert_lora)
+    return choice.name, f"use_scattermoe: {choice.reason} (set experts_implementation: scattermoe to force it)"
 
 
 def _plugins(plan: "Plan") -> None:
@@ -502,7 +519,9 @@ GENERIC_RULES: tuple[Rule, ...] = (
          _eval_sample_packing),
     Rule("experts_implementation",
          "`experts_implementation` must be eager, one of transformers' registered implementations, or scattermoe; "
-         "`use_scattermoe: true` selects scattermoe and turns on `use_kernels`.",
+         "`use_scattermoe: true` turns on `use_kernels` and runs scattermoe where it measured faster for the "
+         "model's experts (many token-expert pairs per expert, or large experts with expert LoRA), else "
+         "grouped_mm; `experts_implementation: scattermoe` forces it.",
          _experts_implementation),
     Rule("quantize_moe_experts",
          "With a 4-bit base (`load_in_4bit`, `adapter: qlora`) on a mixture-of-experts model, `quantize_moe_experts` "
