@@ -279,6 +279,8 @@ def measure_4bit(sizes: dict, rounds: int, quick: bool) -> dict:
                                  "bf16": round(weights["4bit_bf16_compute"] / weights["bf16"], 3)},
         "memory": memory,
     }
+
+
 # ---- the sweep: where does scattermoe win, where does a stock implementation? -------------------
 #
 # Corners and centre of the ranges the experts implementation must hold at: experts 8-128,
