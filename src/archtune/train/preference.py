@@ -393,7 +393,6 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     initial = trainer.evaluate() if data.eval is not None else {}
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     final = trainer.evaluate() if data.eval is not None else {}
-    distributed.dump_rank_state(trainer.model)
 
     _set_use_cache(model, True)
     staged = checkpoints.clear_staging(out, "final") if main else checkpoints.staging_dir(out) / "final"
