@@ -16,10 +16,12 @@ from archtune.assets import TOKENIZER_DIR
 from archtune.families import all_families
 from archtune.plan.rules import GENERIC_RULES, REFUSALS, WRAP_KEY, family_rules
 from tests.e2e.conftest import run_cli, write_config
+from tests.unit.test_plan_rules import qwen3_next_config
 
 FSDP = {"fsdp": ["full_shard", "auto_wrap"]}
 FSDP2_WRAP = {**FSDP, "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
 UNKNOWN_MODEL = "unknown-model"  # a local model directory whose model_type transformers does not know
+QWEN3_NEXT = "qwen3-next"  # a local model directory of a Qwen3-Next config (DeltaNet layers no patch covers)
 
 # rule name -> (base_model, config keys, --nproc, the key refused)
 REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
@@ -59,6 +61,7 @@ REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
                               "chunked_cross_entropy"),
     "refuse_offloading_without_layers": (UNKNOWN_MODEL, {"activation_offloading": True}, 1,
                                          "activation_offloading"),
+    "refuse_inexact_packing": (QWEN3_NEXT, {"sample_packing": True}, 1, "sample_packing"),
     "quantize_moe_experts": ("tiny:gemma4-moe", {"adapter": "lora", "quantize_moe_experts": True}, 1,
                              "quantize_moe_experts"),
 }
@@ -74,10 +77,11 @@ def test_every_refusing_rule_has_a_case():
 
 
 def _config(tmp_path, base_model: str, keys: dict):
-    if base_model == UNKNOWN_MODEL:
-        model_dir = tmp_path / UNKNOWN_MODEL
+    if base_model in (UNKNOWN_MODEL, QWEN3_NEXT):
+        model_dir = tmp_path / base_model
         model_dir.mkdir()
-        (model_dir / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+        model_config = {"model_type": "no_such_architecture"} if base_model == UNKNOWN_MODEL else qwen3_next_config()
+        (model_dir / "config.json").write_text(json.dumps(model_config))
         base = {"base_model": str(model_dir), "tokenizer_config": str(TOKENIZER_DIR)}
     else:
         base = {"base_model": base_model}

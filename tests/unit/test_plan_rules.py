@@ -407,6 +407,52 @@ def test_packed_rows_drop_the_attention_mask_with_the_family_reason_for_gemma(na
         assert "position_ids" in plan.settings["sample_packing_drop_attention_mask"].reason
 
 
+def qwen3_next_config() -> dict:
+    """A tiny Qwen3-Next config.json: Gated DeltaNet layers of another layout (fused in_proj_qkvz), which
+    no family claims and no packing patch covers."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=64, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                           linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                           linear_num_value_heads=4, vocab_size=1024).to_dict()
+
+
+@pytest.mark.parametrize("keys, refused", [
+    ({"sample_packing": True}, "sample_packing"),
+    ({"eval_sample_packing": True}, "eval_sample_packing"),
+    ({}, None),
+])
+def test_packing_a_model_whose_state_no_patch_resets_is_refused_in_the_plan(keys, refused):
+    cfg = config_from_dict({"base_model": "some/qwen3-next", "datasets": [{"path": "data.jsonl"}], **keys})
+    plan = resolve(cfg, qwen3_next_config())
+    assert plan.family.name == "generic" and not plan.packing_patches
+    if refused is None:
+        assert plan.errors == []
+        return
+    assert error_keys(plan) == [refused]
+    message = plan.errors[0].message
+    assert "cannot be made exact" in message and "model.layers.0.linear_attn (Qwen3NextGatedDeltaNet)" in message
+    assert f"{refused}: false" in plan.errors[0].fix
+
+
+def test_packing_qwen3_5_is_exact_with_its_family_patch_and_refused_without_it():
+    assert plan_for("qwen3_5-moe", sample_packing=True).errors == []
+    family = copy.copy(get_family("qwen3_5_moe"))
+    family.patches = []
+    cfg = config_from_dict({"base_model": "tiny:qwen3_5-moe", "datasets": [{"path": "data.jsonl"}],
+                            "sample_packing": True})
+    plan = resolve(cfg, model_config("qwen3_5-moe"))
+    plan.family = family
+    plan.errors.clear()
+    from archtune.plan.packing import REFUSE_INEXACT_PACKING
+
+    REFUSE_INEXACT_PACKING.apply(plan)
+    assert error_keys(plan) == ["sample_packing"]
+    assert "Qwen3_5MoeGatedDeltaNet" in plan.errors[0].message
+
+
 # ---------------------------------------------------------------- experts_implementation, plugins, scales
 
 @pytest.mark.parametrize("keys, value, source", [

@@ -50,18 +50,12 @@ import torch
 import torch.nn.functional as F
 
 from archtune.patches import PATCHES, Patch, register_patch
+# Which layers carry state along the sequence, and which patch covers which, is the plan's
+# knowledge (it refuses packing that no patch makes exact before any weight is loaded).
+from archtune.plan.packing import PACKING_PATCH_LAYERS, STATEFUL_LAYER_SUFFIXES, carries_state
 
 SEQ_IDX_KWARG = "packed_seq_idx"
 _PATCHED = "_archtune_packing_patch"
-
-# Class name suffixes of layers that carry state along the sequence (and so leak across packed
-# documents unless a patch passes the boundaries in). A model with one of these that no packing
-# patch covered is refused by `prepare_model_for_packing`.
-STATEFUL_LAYER_SUFFIXES: tuple[str, ...] = (
-    "GatedDeltaNet", "DeltaNet", "LinearAttention", "Mamba", "Mamba2Mixer", "MambaMixer", "RWKV", "ShortConv",
-    "RecurrentBlock", "RGLRU", "Lightning",
-)
-
 
 # ================================================================ document indices
 
@@ -202,7 +196,7 @@ _DELTANET_ATTRS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d
 
 
 def _is_gated_deltanet(module: torch.nn.Module) -> bool:
-    return type(module).__name__.endswith("GatedDeltaNet")
+    return type(module).__name__.endswith(PACKING_PATCH_LAYERS["gated_deltanet_packing"])
 
 
 def _packed_deltanet_forward(original: Callable) -> Callable:
@@ -398,6 +392,9 @@ PackingPatch = Patch
 
 
 def register_packing_patch(patch: Patch) -> Patch:
+    if patch.name not in PACKING_PATCH_LAYERS:
+        raise KeyError(f"packing patch {patch.name!r}: name the layers it makes exact in PACKING_PATCH_LAYERS "
+                       "(src/archtune/plan/packing.py), so the plan knows packing is exact with it")
     return register_patch(dataclasses.replace(patch, kind="packing") if patch.kind != "packing" else patch)
 
 
@@ -444,7 +441,7 @@ def stateful_layers(model: torch.nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         cls = type(module).__name__
-        if getattr(module, _PATCHED, False) or not cls.endswith(STATEFUL_LAYER_SUFFIXES):
+        if getattr(module, _PATCHED, False) or not carries_state(cls):
             continue
         if any(getattr(m, _PATCHED, False) for m in module.modules()):
             continue  # a container of patched layers (or the patched layer's own wrapper)

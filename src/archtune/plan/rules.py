@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 from archtune.families.base import Family, Rule
 # Plugin paths of other trainers' fused losses (archtune.plugins registers them as aliases).
 from archtune.plugins import CUT_CROSS_ENTROPY_PLUGIN
+from archtune.plan.packing import PACKING_RULES, REFUSE_INEXACT_PACKING
 from archtune.plan.training_rules import TRAINING_RULES, optimizer_names, scheduler_names
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -267,23 +268,6 @@ def _use_cache(plan: "Plan") -> None:
         plan.set("use_cache", False, "default", "training does not use the KV cache")
 
 
-def _packing_policy(plan: "Plan") -> None:
-    # One decision for every model: a 2D mask can only mark padding, not where one packed document
-    # ends, and transformers derives the per-document mask from position_ids only when
-    # attention_mask is None. A family that states this policy is named as its source.
-    fam = plan.family
-    reason = ("packed rows carry no 2D attention mask (it cannot mark document boundaries); transformers builds "
-              "the block-diagonal mask of packed documents from position_ids restarting at 0 only when "
-              "attention_mask is None")
-    plan.set("sample_packing_drop_attention_mask", True, "family" if fam.packing_drop_attention_mask else "auto",
-             f"{fam.name}: {reason}" if fam.packing_drop_attention_mask else reason)
-
-
-def _eval_sample_packing(plan: "Plan") -> None:
-    plan.default("eval_sample_packing", bool(plan.get("sample_packing")), "auto",
-                 "follows sample_packing (eval_sample_packing not given)")
-
-
 def _experts_implementation(plan: "Plan") -> None:
     cfg, fam = plan.config, plan.family
     key = "experts_implementation"
@@ -510,13 +494,7 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "Training runs with `use_cache: false`; with gradient checkpointing, FSDP activation checkpointing or "
          "activation offloading it is required, since recompute with the KV cache on fails with a size mismatch.",
          _use_cache),
-    Rule("packing_policy",
-         "Packed batches carry no attention mask (`sample_packing_drop_attention_mask: true`), because transformers "
-         "builds the per-document mask from position_ids only when there is none.",
-         _packing_policy),
-    Rule("eval_sample_packing",
-         "`eval_sample_packing` follows `sample_packing` unless the config sets it.",
-         _eval_sample_packing),
+    *PACKING_RULES,
     Rule("experts_implementation",
          "`experts_implementation` must be eager, one of transformers' registered implementations, or scattermoe; "
          "`use_scattermoe: true` turns on `use_kernels` and runs scattermoe where it measured faster for the "
@@ -593,6 +571,7 @@ REFUSALS: tuple[Rule, ...] = (
          "(FSDP2 is).", _refuse_fsdp1),
     Rule("refuse_offloading_without_layers", "`activation_offloading: true` on a model with no known decoder layer "
          "class is refused (set the FSDP wrap class to name it).", _refuse_offloading_without_layers),
+    REFUSE_INEXACT_PACKING,
 )
 
 

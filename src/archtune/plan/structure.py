@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["ModelStructure", "StructureUnavailable", "model_structure"]
@@ -29,6 +29,7 @@ class ModelStructure:
     class_names: frozenset[str]
     parameters: dict[str, tuple[int, ...]]  # parameter name -> shape
     no_split_modules: tuple[str, ...]  # transformers' `_no_split_modules` (may name absent classes)
+    module_classes: dict[str, str] = field(default_factory=dict)  # module name -> its class name
 
     def parameters_matching(self, target: str) -> list[str]:
         """Parameter names PEFT's `target_parameters` entry `target` hits (equal, or a dotted suffix)."""
@@ -93,4 +94,5 @@ def _build_structure(model_config: dict[str, Any], auto_class: str) -> ModelStru
         class_names=frozenset(type(m).__name__ for m in model.modules()),
         parameters={n: tuple(p.shape) for n, p in model.named_parameters()},
         no_split_modules=tuple(getattr(model, "_no_split_modules", None) or ()),
+        module_classes={n: type(m).__name__ for n, m in model.named_modules()},
     )

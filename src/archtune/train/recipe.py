@@ -183,7 +183,9 @@ def apply_activation_offloading(model, plan: Plan) -> None:
 
 def prepare_packing(model, plan: Plan) -> None:
     """Packed rows: the family's packing patches (e.g. DeltaNet state reset per document),
-    per-document attention, no KV cache. A family that cannot be made exact is refused."""
+    per-document attention, no KV cache. The plan has refused packing that no patch makes exact
+    (plan/packing.py); the loaded model is checked again only for what the plan could not see
+    (a model it could not build on the meta device)."""
     from archtune.patches.packing import PackingUnsupported, prepare_model_for_packing
 
     if not plan.packs:
