@@ -81,15 +81,52 @@ def test_summary_plot_and_adapter(trained):
     assert (out / "adapter_model.safetensors").is_file() and s["train_tokens"] > 0
 
 
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
 @pytest.mark.parametrize("name", ["dpo", "reward", "dpo_full"])
 def test_evaluate_json_reports_the_final_held_out_rewards(trained, name):
     s = trained(name)
     code, out, err = run_cli(trained.capsys, "evaluate", trained.config(name), "--json")
     assert code == 0, err[-3000:]
     result = json.loads(out)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+    # The public shape: eval_loss, eval_tokens, eval_rows, plus the rewards under eval_ names.
+    assert set(result) == {"eval_loss", "eval_tokens", "eval_rows"} | {f"eval_{k}" for k in REWARDS}
+    assert isinstance(result["eval_loss"], float) and isinstance(result["eval_tokens"], int)
+    for key in REWARDS:
         assert result[f"eval_{key}"] == pytest.approx(s[f"eval_{key}"], abs=1e-5), key
-    assert result["eval_rows"] == 64
+    assert result["eval_loss"] == pytest.approx(s["eval_loss_final"], abs=1e-5)
+    assert s["eval_loss_initial"] is not None and s["eval_loss_final"] != s["eval_loss_initial"]
+    assert result["eval_rows"] == 64 and result["eval_tokens"] > 64
+
+
+def test_eval_loss_is_the_chosen_answers_token_weighted_cross_entropy(trained):
+    """eval_loss of a preference run is defined as for supervised data: the chosen answers' tokens
+    are the labels. Checked against transformers' own loss, one row at a time."""
+    import torch
+
+    from archtune.config import load_config
+    from archtune.data.preference import prepare_preference_data
+    from archtune.models.load import load_trained
+    from archtune.train.recipe import plan_for
+
+    s = trained("dpo")
+    cfg = load_config(trained.config("dpo"))
+    setup = plan_for(cfg)
+    rows = prepare_preference_data(cfg, setup.tokenizer, progress=False).eval
+    model, weights = load_trained(cfg, setup.plan, setup.tokenizer)
+    assert weights == "adapter"
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["prompt_ids"] + r["chosen_ids"]])
+            labels = torch.tensor([[-100] * len(r["prompt_ids"]) + r["chosen_ids"]])
+            n = len(r["chosen_ids"])
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            tokens += n
+    assert s["eval_loss_final"] == pytest.approx(total / tokens, rel=1e-5)
+    code, out, _ = run_cli(trained.capsys, "evaluate", trained.config("dpo"), "--json")
+    assert json.loads(out)["eval_tokens"] == tokens
 
 
 def test_full_fine_tune_trains_against_a_frozen_copy(trained):
@@ -147,3 +184,34 @@ def test_gemma4_moe_dpo_example_trains_with_expert_lora_and_scattermoe(capsys, t
         keys = list(f.keys())
     assert any("experts" in k for k in keys) and any("self_attn" in k for k in keys)
     assert not any("vision" in k for k in keys)
+
+
+# ---------------------------------------------------------------- the same guards as supervised runs
+
+def test_a_poisoned_pair_stops_dpo_naming_its_file_and_line(tmp_path, capsys):
+    """The non-finite guard of supervised runs, on DPO: the step with the poisoned pair stops before
+    the optimizer applies it, with the same message (rows as FILE:LINE, the last good checkpoint)."""
+    rows = (PREF / "train.jsonl").read_text().splitlines()[:16]
+    poisoned = json.loads(rows[5])
+    poisoned["messages"][-1]["content"] += " ☠"
+    rows[5] = json.dumps(poisoned, ensure_ascii=False)
+    path = tmp_path / "poisoned.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", **{**COMMON, "rl": "dpo", "micro_batch_size": 2, "num_epochs": 1,
+                                               "save_steps": 1, "output_dir": str(out),
+                                               "datasets": [{"path": str(path), "type": "chat_template.default"}],
+                                               "plugins": ["tests.e2e.poison_plugin.PoisonPlugin"],
+                                               "allow_external_plugins": True})
+    code, _, err = run_cli(capsys, "train", cfg)
+    text = " ".join(err.split())
+    assert code == 3, err[-3000:]
+    assert "stopped at step " in text and "the loss is nan" in text and "Traceback" not in err
+    step = int(text.split("stopped at step ")[1].split(":")[0])
+    batch = text.split("The batch held: ")[1].split(". Nothing")[0].split(", ")
+    # micro_batch_size 2: the poisoned pair (line 6) and one other, each named once
+    assert f"{path}:6" in batch and len(batch) == 2 and all(b.startswith(f"{path}:") for b in batch), batch
+    if step > 1:
+        assert f"the last good checkpoint is {out / f'checkpoint-{step - 1}'}" in text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(1, step)]
+    assert not list(out.glob(".staging/*")) and not (out / "train_summary.json").exists()

@@ -189,7 +189,7 @@ def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
 def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
              as_json: bool = typer.Option(False, "--json", help="Print {eval_loss, eval_tokens, eval_rows}.")) -> None:
     """Token-weighted mean loss over the evaluation data, with the trained weights if any (rl and
-    reward_model configs: the held-out rewards, accuracy and margin instead)."""
+    reward_model configs: also the held-out rewards, accuracy and margin)."""
     from archtune.data import prepare_data
     from archtune.models.load import load_trained
     from archtune.train.evaluation import token_weighted_loss
@@ -200,11 +200,12 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     if setup.plan.get("rl_trainer"):  # rl / reward_model: held-out rewards
         from archtune.train.preference import evaluate_preference
 
-        result = evaluate_preference(cfg, setup.plan, setup.tokenizer, progress=not as_json)
+        result, weights = evaluate_preference(cfg, setup.plan, setup.tokenizer, progress=not as_json)
         if as_json:
             print(json.dumps(result))
         else:
-            console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+            console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+                          + f" ({weights} weights)")
         return
     data = prepare_data(cfg, setup.tokenizer, progress=not as_json, media=setup.media)
     if data.eval is None:

@@ -45,11 +45,15 @@ from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED,
 MAX_LISTED_PROBLEMS = 50
 
 
+SOURCE = "_source"  # a row's FILE:LINE while rows are prepared (kept beside the datasets, not in them)
+
+
 @dataclass
 class PreferenceData:
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset or None
     stats: dict = field(default_factory=dict)
+    train_sources: list = field(default_factory=list)  # FILE:LINE of each training row
 
 
 # ---------------------------------------------------------------- formatting one row
@@ -206,7 +210,7 @@ def _encode_source(src, cfg: Config, enc: _Encoder, kind: str, work, dropped: Co
             if cfg.strict_data and exc.reason != formats.TOO_LONG:
                 problems.append(Problem(where, f"{exc.reason}: {exc.detail}", FIXES[exc.reason]))
             continue
-        kept.append(item)
+        kept.append({**item, SOURCE: where})
     return kept
 
 
@@ -217,15 +221,16 @@ def unpair(rows: list[dict]) -> list[dict]:
         if "completion_ids" in r:
             out.append(r)
             continue
-        out.append({"prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"], "label": True})
-        out.append({"prompt_ids": r["prompt_ids"], "completion_ids": r["rejected_ids"], "label": False})
+        where = {SOURCE: r[SOURCE]} if SOURCE in r else {}
+        out.append({"prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"], "label": True, **where})
+        out.append({"prompt_ids": r["prompt_ids"], "completion_ids": r["rejected_ids"], "label": False, **where})
     return out
 
 
 def _dataset(rows: list[dict]):
     from datasets import Dataset
 
-    columns = sorted({k for r in rows for k in r})
+    columns = sorted({k for r in rows for k in r if k != SOURCE})
     missing = [k for k in columns if any(k not in r for r in rows)]
     if missing:  # a KTO evaluation set mixing pairs and single answers
         raise UserError.single("test_datasets", "the evaluation rows mix pairs (chosen/rejected) and single answers "
@@ -289,7 +294,8 @@ def prepare_preference_data(cfg: Config, tokenizer, *, progress: bool = True) ->
     stats = {"kind": kind, "rows_in": rows_in, "rows_dropped": dict(sorted(dropped.items())),
              "train_rows": len(train), "eval_rows": len(evals),
              "train_tokens": sum(_tokens(r) for r in train), "eval_tokens": sum(_tokens(r) for r in evals)}
-    return PreferenceData(_dataset(train), _dataset(evals) if evals else None, stats)
+    return PreferenceData(_dataset(train), _dataset(evals) if evals else None, stats,
+                          train_sources=[r.get(SOURCE) for r in train])
 
 
 def _tokens(row: dict) -> int:

@@ -28,6 +28,7 @@ from archtune.errors import RunStopped
 
 EXIT_NONFINITE = 3
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
+ROW_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
 # ---------------------------------------------------------------- signals
@@ -136,8 +137,10 @@ class NonFiniteWatch:
         self.bad_losses, self.batches, self.grad_norm = [], [], None
 
     def saw_loss(self, loss, inputs: dict) -> None:
+        # The token ids and masks of every sequence of the batch (preference batches name them
+        # chosen_input_ids, rejected_input_ids, ...), to name the rows.
         self.batches.append({k: v.detach().cpu() for k, v in inputs.items()
-                             if k in ("input_ids", "attention_mask", "position_ids") and torch.is_tensor(v)})
+                             if k.endswith(ROW_KEYS) and torch.is_tensor(v)})
         if not _finite(loss):
             self.bad_losses.append(str(float(loss.detach().float().mean())) if torch.is_tensor(loss) else str(loss))
 
@@ -177,6 +180,58 @@ class NonFiniteGuard(TrainerCallback):
         raise NonFinite(step, what, self.watch.batches)
 
 
+# ---------------------------------------------------------------- one run's guards
+
+class RunGuards:
+    """The guards every training run gets, supervised or preference: the non-finite watch
+    (`on_nonfinite`) and the signal handler, their Trainer callbacks, and the one message each
+    kind of stop ends with. The trainer must be a CrashSafeTrainer built with `nonfinite=watch`."""
+
+    def __init__(self, policy: str = "stop", say=None):
+        self.watch = NonFiniteWatch(policy)
+        self.stop = StopRequest(say=say)
+
+    def callbacks(self) -> list:
+        return [NonFiniteGuard(self.watch), StopOnSignal(self.stop)]
+
+    def train(self, trainer, resume, out, name_rows):
+        """trainer.train(), resumed from `resume` (a checkpoint path or None); a non-finite step
+        or a signal ends it with RunStopped. `name_rows(batches)`: where each row of the step's
+        batches came from (FILE:LINE)."""
+        from archtune.train import distributed
+
+        try:
+            with self.stop:
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        except NonFinite as exc:
+            rows = name_rows(exc.batches)
+            distributed.barrier()
+            raise RunStopped(
+                f"archtune: stopped at step {exc.step}: {exc.what}. The batch held: {', '.join(rows) or 'no rows'}.\n"
+                f"Nothing of this step was applied; {_last_good(out)}.\n"
+                "fix: lower learning_rate (or raise warmup_steps), check those rows, or set on_nonfinite: skip to "
+                "skip such steps", EXIT_NONFINITE) from None
+        if self.stop.signum is not None:
+            raise RunStopped(f"archtune: stopped by {self.stop.name} after step {trainer.state.global_step}; "
+                             f"{_last_good(out)}", EXIT_STOPPED)
+        return result
+
+    def skipped_warning(self) -> str | None:
+        skipped = self.watch.skipped
+        if not skipped:
+            return None
+        return (f"skipped {len(skipped)} steps whose loss or gradient norm was not finite (on_nonfinite: skip): "
+                f"{', '.join(map(str, skipped[:20]))}")
+
+
+def _last_good(out) -> str:
+    from archtune.train import checkpoints
+
+    last = checkpoints.last_complete_checkpoint(out)
+    return (f"the last good checkpoint is {last} (resume_from_checkpoint: true continues from it)" if last
+            else "no checkpoint was written yet (save_steps sets how often)")
+
+
 def batch_rows(batches: list[dict], dataset, pad_id: int | None, limit: int = 16) -> list[str]:
     """Where each row of `batches` came from: its FILE:LINE (the prepared data keeps a row's
     `source`), else "training row I" (packed rows). Rows are found by their token ids; this runs
@@ -212,5 +267,5 @@ def batch_rows(batches: list[dict], dataset, pad_id: int | None, limit: int = 16
     return names
 
 
-__all__ = ["batch_rows", "EXIT_NONFINITE", "EXIT_STOPPED", "RunStopped", "StopRequest", "StopOnSignal", "NonFinite",
-           "NonFiniteWatch", "NonFiniteGuard"]
+__all__ = ["batch_rows", "EXIT_NONFINITE", "EXIT_STOPPED", "RunGuards", "RunStopped", "StopRequest", "StopOnSignal",
+           "NonFinite", "NonFiniteWatch", "NonFiniteGuard"]

@@ -160,6 +160,8 @@ def trainer_class(kind: str):
         from trl.experimental.cpo import CPOTrainer as base
     else:
         from trl import RewardTrainer as base
+    from archtune.train.trainer import CrashSafeTrainer
+
     body: dict[str, Any] = {"reward_kind": kind}
     if kind == "kto":
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -171,17 +173,18 @@ def trainer_class(kind: str):
         def tokenize_row(self, feature, model=None):
             return _to_orpo_features(feature, self.max_length)
         body["tokenize_row"] = tokenize_row
-    return type(f"Archtune{base.__name__}", (PreferenceTrainerMixin, base), body)
+    return type(f"Archtune{base.__name__}", (PreferenceTrainerMixin, CrashSafeTrainer, base), body)
 
 
-def build_trainer(plan, model, tokenizer, data, args, callbacks):
-    """The Plan's TRL trainer around the prepared model and data."""
+def build_trainer(plan, model, tokenizer, data, args, callbacks, nonfinite=None):
+    """The Plan's TRL trainer around the prepared model and data (`nonfinite`: the run's
+    NonFiniteWatch, train/guards.py)."""
     kind = method(plan)
     cls = trainer_class(kind)
     train = data.train
     # eval_dataset only satisfies the Trainer's checks: evaluation reads trainer.eval_rows.
     kwargs: dict[str, Any] = {"model": model, "args": args, "train_dataset": train, "eval_dataset": data.eval,
-                              "processing_class": tokenizer, "callbacks": callbacks}
+                              "processing_class": tokenizer, "callbacks": callbacks, "nonfinite": nonfinite}
     if kind in ("dpo", "ipo", "kto"):
         kwargs["ref_model"] = None  # LoRA: the adapter disabled; full fine-tune: TRL's frozen copy (below)
     trainer = _construct(cls, kwargs, plan, model)
@@ -210,9 +213,10 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def _answer_logps(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device, max_length: int,
-                  average: bool) -> torch.Tensor:
-    """log p(answer | prompt) per row (summed over the answer's tokens, or their mean)."""
+def _answer_logps(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device,
+                  max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(answer | prompt) summed over the answer's tokens, the number of those tokens) per row,
+    the sequence cut to max_length as TRL cuts it."""
     from archtune.patches.text_only import text_only_extras
 
     seqs = [(list(p) + list(a))[:max_length] for p, a in zip(prompts, answers)]
@@ -225,23 +229,24 @@ def _answer_logps(model, prompts: list[list[int]], answers: list[list[int]], pad
     target = input_ids[:, 1:]
     token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, target.unsqueeze(-1)).squeeze(-1)
     m = mask[:, 1:].to(token_logps.dtype)
-    total = (token_logps * m).sum(-1)
-    return total / m.sum(-1).clamp(min=1) if average else total
+    return (token_logps * m).sum(-1), m.sum(-1)
 
 
-def _scores(model, seqs: list[list[int]], pad_id: int, device, max_length: int) -> torch.Tensor:
-    """A reward model's score per sequence (transformers' sequence classification head reads the
-    last non-padding token)."""
+def _scores(model, seqs: list[list[int]], pad_id: int, device, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a reward model's score, the sequence's tokens) per sequence (transformers' sequence
+    classification head reads the last non-padding token)."""
     seqs = [list(s)[:max_length] for s in seqs]
     input_ids = _pad(seqs, pad_id).to(device)
     attention = _pad([[1] * len(s) for s in seqs], 0).to(device)
-    return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, 0].float()
+    scores = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, 0].float()
+    return scores, attention.sum(-1)
 
 
 @dataclass
 class Scorer:
     """What computing held-out rewards needs: the method, the policy, its reference (None: the
-    policy with its adapter disabled, or the policy itself when it has none), beta and batching."""
+    policy with its adapter disabled, or the policy itself when it has none), beta, a reward
+    model's center_rewards_coefficient, and batching."""
 
     kind: str
     policy: Any
@@ -251,6 +256,7 @@ class Scorer:
     device: Any = "cpu"
     max_length: int = 10**9
     batch_size: int = 8
+    center: float = 0.0
 
     @classmethod
     def of_trainer(cls, trainer) -> "Scorer":
@@ -259,7 +265,8 @@ class Scorer:
         tok = trainer.processing_class
         return cls(trainer.reward_kind, unwrap(trainer.model), unwrap(ref) if ref is not None else None,
                    float(getattr(trainer.args, "beta", 0.0) or 0.0), _pad_id(tok), trainer.args.device,
-                   trainer.args.max_length or 10**9, trainer.args.per_device_eval_batch_size)
+                   trainer.args.max_length or 10**9, trainer.args.per_device_eval_batch_size,
+                   float(getattr(trainer.args, "center_rewards_coefficient", 0.0) or 0.0))
 
     @contextlib.contextmanager
     def reference_model(self):
@@ -272,23 +279,24 @@ class Scorer:
             yield self.policy
 
     @torch.no_grad()
-    def rewards(self, rows: dict[str, list]) -> dict[str, torch.Tensor]:
-        """{answer column: the rewards of its answers} for `rows` (a slice of held-out rows)."""
+    def rewards(self, rows: dict[str, list]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """{answer column: (rewards, the policy's summed log-probabilities (a reward model: its
+        scores), tokens)} for `rows` (a slice of held-out rows)."""
         out = {}
         for col in (c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in rows):
             if self.kind == "reward":
-                out[col] = _scores(self.policy, rows[col], self.pad_id, self.device, self.max_length)
+                scores, tokens = _scores(self.policy, rows[col], self.pad_id, self.device, self.max_length)
+                out[col] = (scores, scores, tokens)
                 continue
-            average = self.kind in ("orpo", "simpo")
-            policy = _answer_logps(self.policy, rows["prompt_ids"], rows[col], self.pad_id, self.device,
-                                   self.max_length, average)
-            if average:
-                out[col] = self.beta * policy
+            logps, tokens = _answer_logps(self.policy, rows["prompt_ids"], rows[col], self.pad_id, self.device,
+                                          self.max_length)
+            if self.kind in ("orpo", "simpo"):  # the mean token log-probability, no reference
+                out[col] = (self.beta * logps / tokens.clamp(min=1), logps, tokens)
                 continue
             with self.reference_model() as ref:
-                reference = _answer_logps(ref, rows["prompt_ids"], rows[col], self.pad_id, self.device,
-                                          self.max_length, average)
-            out[col] = self.beta * (policy - reference)
+                reference, _ = _answer_logps(ref, rows["prompt_ids"], rows[col], self.pad_id, self.device,
+                                             self.max_length)
+            out[col] = (self.beta * (logps - reference), logps, tokens)
         return out
 
 
@@ -298,42 +306,67 @@ def _pad_id(tokenizer) -> int:
 
 
 def preference_metrics(scorer: Scorer, dataset) -> dict[str, float]:
-    """rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins over `dataset` (exact,
-    per row), and rows (pairs, or desirable plus undesirable rows)."""
+    """Over `dataset`, exact and per row (never a mean of per-batch means):
+
+    rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins; rows (pairs, or
+    desirable plus undesirable rows);
+    loss and tokens: the token-weighted cross-entropy of the preferred answers given their prompts
+    (the chosen answers, or KTO's desirable ones): the sum of their tokens' losses over the number
+    of those tokens, as `archtune evaluate` computes eval_loss for supervised data, so the two
+    compare. A reward model predicts no tokens: its loss is the mean over pairs of its training
+    loss, -log sigmoid(chosen - rejected) (+ center_rewards_coefficient * (chosen + rejected)^2),
+    and tokens counts the tokens it scored."""
     models = [m for m in (scorer.policy, scorer.reference) if m is not None]
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    parts: dict[str, list[torch.Tensor]] = {}
+    parts: dict[str, list[tuple]] = {}
     labels: list[bool] = []
     try:
         for start in range(0, len(dataset), scorer.batch_size):
             rows = dataset[start:start + scorer.batch_size]
             for col, r in scorer.rewards(rows).items():
-                parts.setdefault(col, []).append(r.cpu())
+                parts.setdefault(col, []).append(tuple(t.cpu() for t in r))
             labels += list(rows.get("label", []))
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    r = {col: torch.cat(v).double() for col, v in parts.items()}
+    cat = {col: [torch.cat(ts).double() for ts in zip(*v)] for col, v in parts.items()}  # rewards, logps, tokens
+    r = {col: v[0] for col, v in cat.items()}
     if "chosen_ids" in r:  # pairs
         chosen, rejected = r["chosen_ids"], r["rejected_ids"]
-        return {"rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
-                "rewards/accuracies": float((chosen > rejected).double().mean()),
-                "rewards/margins": float((chosen - rejected).mean()), "rows": len(chosen)}
-    good = torch.tensor(labels, dtype=torch.bool)
-    desirable, undesirable = r["completion_ids"][good], r["completion_ids"][~good]
-    chosen = float(desirable.mean()) if len(desirable) else math.nan
-    rejected = float(undesirable.mean()) if len(undesirable) else math.nan
-    ranked = ((desirable[:, None] > undesirable[None, :]).double().mean()
-              if len(desirable) and len(undesirable) else torch.tensor(math.nan))
-    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/accuracies": float(ranked),
-            "rewards/margins": chosen - rejected, "rows": int(len(good))}
+        metrics = {"rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
+                   "rewards/accuracies": float((chosen > rejected).double().mean()),
+                   "rewards/margins": float((chosen - rejected).mean()), "rows": len(chosen)}
+        good = torch.ones(len(chosen), dtype=torch.bool)
+        preferred = cat["chosen_ids"]
+    else:
+        good = torch.tensor(labels, dtype=torch.bool)
+        desirable, undesirable = r["completion_ids"][good], r["completion_ids"][~good]
+        chosen_mean = float(desirable.mean()) if len(desirable) else math.nan
+        rejected_mean = float(undesirable.mean()) if len(undesirable) else math.nan
+        ranked = ((desirable[:, None] > undesirable[None, :]).double().mean()
+                  if len(desirable) and len(undesirable) else torch.tensor(math.nan))
+        metrics = {"rewards/chosen": chosen_mean, "rewards/rejected": rejected_mean,
+                   "rewards/accuracies": float(ranked), "rewards/margins": chosen_mean - rejected_mean,
+                   "rows": int(len(good))}
+        preferred = cat["completion_ids"]
+    if scorer.kind == "reward":
+        c, rj = r["chosen_ids"], r["rejected_ids"]
+        per_pair = -F.logsigmoid(c - rj) + scorer.center * (c + rj) ** 2
+        metrics["loss"] = float(per_pair.mean())
+        metrics["tokens"] = int(cat["chosen_ids"][2].sum() + cat["rejected_ids"][2].sum())
+    else:
+        logps, tokens = preferred[1][good], preferred[2][good]
+        metrics["tokens"] = int(tokens.sum())
+        metrics["loss"] = float(-logps.sum() / tokens.sum()) if metrics["tokens"] else math.nan
+    return metrics
 
 
-def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> dict:
-    """`archtune evaluate` for rl / reward_model configs: the held-out rewards of the trained weights
-    in output_dir (against the base model as the reference), else of the base model."""
+def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> tuple[dict, str]:
+    """`archtune evaluate` for rl / reward_model configs: ({eval_loss, eval_tokens, eval_rows and the
+    held-out rewards}, which weights: adapter / full / base) of the trained weights in output_dir
+    (against the base model as the reference), else of the base model."""
     from archtune.data.preference import prepare_preference_data
     from archtune.errors import UserError
     from archtune.models.load import load_model, load_trained
@@ -347,9 +380,36 @@ def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> dict:
         reference = load_model(cfg, plan, tokenizer)
     beta = plan.get("rl_beta") or 0.0
     scorer = Scorer(method(plan), policy, reference, float(beta), _pad_id(tokenizer), "cpu",
-                    cfg.sequence_len, cfg.micro_batch_size)
-    result = {f"eval_{k}": v for k, v in preference_metrics(scorer, data.eval).items()}
-    return {**result, "weights": weights or "base"}
+                    cfg.sequence_len, cfg.eval_batch_size or cfg.micro_batch_size,
+                    float(plan.get("center_rewards_coefficient") or 0.0))
+    return {f"eval_{k}": v for k, v in preference_metrics(scorer, data.eval).items()}, weights or "base"
+
+
+def batch_rows(batches: list[dict], data, max_length: int | None, limit: int = 16) -> list[str]:
+    """Where each row of a step's `batches` came from (FILE:LINE), for the non-finite stop: every
+    sequence of a batch (prompt + answer, or a reward model's whole sequence, cut to max_length
+    as TRL cuts it) is looked up among the training rows' sequences; a pair is named once."""
+    cut = slice(None, max_length or None)
+    where: dict[tuple, str] = {}
+    for row, source in zip(data.train, data.train_sources):
+        prompt = list(row.get("prompt_ids") or [])
+        for col in ("chosen_ids", "rejected_ids", "completion_ids"):
+            if row.get(col) is not None:
+                where.setdefault(tuple((prompt + list(row[col]))[cut]), source or "a training row")
+    names: list[str] = []
+    for batch in batches:
+        for key, ids in batch.items():
+            if not key.endswith("input_ids") or key.startswith(("prompt", "KL")):
+                continue  # a prompt alone, or KTO's mismatched pairs
+            mask = batch.get(key.replace("input_ids", "attention_mask"))
+            for r in range(ids.shape[0]):
+                n = int(mask[r].sum()) if mask is not None else ids.shape[1]
+                name = where.get(tuple(ids[r, :n].tolist()), f"a sequence of {n} tokens (not found in the training data)")
+                if name not in names:
+                    names.append(name)
+                if len(names) >= limit:
+                    return names + ["..."]
+    return names
 
 
 # ---------------------------------------------------------------- the recipe's preference branch
@@ -372,7 +432,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     from archtune.train.outputs import plot_losses, write_summary
     from archtune.train import checkpoints
     from archtune.train.recipe import (_callbacks, _claim_output_dir, _experts_implementation_in_use, _set_use_cache,
-                                       build_model, training_arguments)
+                                       build_model, run_guards, run_training, training_arguments)
 
     main = distributed.is_main()
     out = Path(cfg.output_dir)
@@ -385,13 +445,16 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         _claim_output_dir(cfg, plan, out, resume, data, console)
     distributed.barrier()
     clock = TrainClock()
+    guards = run_guards(cfg, console)  # the same crash-safety guards as supervised runs
     args = trl_arguments(plan, training_arguments(plan, has_eval=data.eval is not None))
     trainer = build_trainer(plan, model, tokenizer, data, args,
-                            _callbacks(cfg, clock) + run_hook(plugins, "callbacks", plan))
+                            _callbacks(cfg, clock) + guards.callbacks() + run_hook(plugins, "callbacks", plan),
+                            nonfinite=guards.watch)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     initial = trainer.evaluate() if data.eval is not None else {}
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    result = run_training(trainer, guards, plan, resume, console,
+                          name_rows=lambda batches: batch_rows(batches, data, args.max_length))
     final = trainer.evaluate() if data.eval is not None else {}
 
     _set_use_cache(model, True)
@@ -415,8 +478,10 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         "train_loss_last": train_losses[-1] if train_losses else None,
         "train_loss_mean": float(result.training_loss),
         "train_losses": train_losses,
-        "eval_loss_initial": None,  # preference runs report rewards, not a token cross-entropy
-        "eval_loss_final": None,
+        # Computed exactly as `evaluate` computes eval_loss (preference_metrics: the preferred answers'
+        # token-weighted cross-entropy; a reward model's pairwise loss).
+        "eval_loss_initial": initial.get("eval_loss"),
+        "eval_loss_final": final.get("eval_loss"),
         "train_tokens": train_tokens,
         "train_seconds": round(clock.seconds, 3),
         "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
@@ -432,6 +497,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         "model_type": plan.model_type,
         "adapter": plan.get("adapter"),
         "data": data.stats,
+        "skipped_steps": guards.watch.skipped,
         "resumed_from": resume.name if resume is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -483,5 +549,5 @@ def plot_preference(history: list[dict], path, title: str):
     return path
 
 
-__all__ = ["REWARD_KEYS", "PreferenceTrainerMixin", "Scorer", "build_trainer", "evaluate_preference", "method",
+__all__ = ["REWARD_KEYS", "PreferenceTrainerMixin", "Scorer", "batch_rows", "build_trainer", "evaluate_preference", "method",
            "plot_preference", "preference_metrics", "train_preference", "trainer_class", "trl_arguments"]

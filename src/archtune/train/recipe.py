@@ -30,17 +30,7 @@ from archtune.moe.routing_stats import RoutingStats
 from archtune.plugins import load_plugins, run_hook
 from archtune.train.callbacks import LossBar, TrainClock
 from archtune.train import checkpoints
-from archtune.train.guards import (
-    EXIT_NONFINITE,
-    EXIT_STOPPED,
-    NonFinite,
-    NonFiniteGuard,
-    NonFiniteWatch,
-    RunStopped,
-    StopOnSignal,
-    StopRequest,
-    batch_rows,
-)
+from archtune.train.guards import RunGuards, batch_rows
 from archtune.train.outputs import plot_losses, set_aside_previous_weights, write_summary
 from archtune.train.run_record import refuse_reuse, resume_checkpoint, write_run_record
 from archtune.train.trainer import ArchtuneTrainer
@@ -320,6 +310,27 @@ def _callbacks(cfg: Config, clock: TrainClock) -> list:
     return callbacks
 
 
+def run_guards(cfg: Config, console) -> RunGuards:
+    """The crash-safety guards of a run (train/guards.py), supervised or preference."""
+    return RunGuards(cfg.on_nonfinite, say=(lambda text: _say(console, text)) if console is not None else None)
+
+
+def run_training(trainer, guards: RunGuards, plan: Plan, resume, console, name_rows):
+    """trainer.train() under the run's guards, supervised or preference: resumed from `resume`, a
+    non-finite step or a signal ends it with one message (RunStopped), DDP's unused-parameter
+    failure becomes a user error naming the setting, skipped steps are reported."""
+    out = Path(plan.config.output_dir)
+    if resume is not None:
+        _say(console, f"resuming from {resume.name} (in {out})")
+    try:
+        result = guards.train(trainer, resume, out, name_rows)
+    except RuntimeError as exc:
+        raise _ddp_error(exc, plan) from exc
+    if (warning := guards.skipped_warning()) is not None:
+        _say(console, f"[yellow]warning:[/] {warning}")
+    return result
+
+
 def train(cfg: Config, *, console=None) -> dict:
     """Run a fine-tune; returns the train summary (also written to output_dir).
 
@@ -370,9 +381,7 @@ def _train(cfg: Config, console) -> dict:
     distributed.barrier()
 
     clock = TrainClock()
-    watch = NonFiniteWatch(cfg.on_nonfinite)
-    stop = StopRequest(say=(lambda text: _say(console, text)) if console is not None else None)
-    stop_callback = StopOnSignal(stop)
+    guards = run_guards(cfg, console)
     trainer = ArchtuneTrainer(
         model=model,
         args=training_arguments(plan, has_eval=data.eval is not None, steps_per_epoch=_steps_per_epoch(cfg, data.train)),
@@ -380,29 +389,18 @@ def _train(cfg: Config, console) -> dict:
         eval_dataset=data.eval,
         data_collator=data_collator(setup),
         processing_class=tokenizer,
-        callbacks=_callbacks(cfg, clock) + [NonFiniteGuard(watch), stop_callback] + run_hook(plugins, "callbacks", plan),
+        callbacks=_callbacks(cfg, clock) + guards.callbacks() + run_hook(plugins, "callbacks", plan),
         fsdp=distributed.fsdp_settings(plan),
-        nonfinite=watch,
+        nonfinite=guards.watch,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     if routing.layers:
         routing.install(trainer)
     eval_initial = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    if resume is not None:
-        _say(console, f"resuming from {resume.name} (in {out})")
-    try:
-        with stop:
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    except NonFinite as exc:
-        raise _nonfinite_stop(exc, data, trainer, out) from None
-    except RuntimeError as exc:
-        raise _ddp_error(exc, plan) from exc
-    if stop.signum is not None:
-        raise _signal_stop(stop, trainer, out)
-    if watch.skipped:
-        _say(console, f"[yellow]warning:[/] skipped {len(watch.skipped)} steps whose loss or gradient norm was not "
-                      f"finite (on_nonfinite: skip): {', '.join(map(str, watch.skipped[:20]))}")
+    pad_id = getattr(trainer.data_collator, "pad_token_id", None)
+    result = run_training(trainer, guards, plan, resume, console,
+                          name_rows=lambda batches: batch_rows(batches, data.train, pad_id))
     eval_final = trainer.evaluate()["eval_loss"] if data.eval is not None else None
 
     # 3. Final outputs: written under output_dir/.staging, renamed into place, the summary last.
@@ -444,7 +442,7 @@ def _train(cfg: Config, console) -> dict:
         "model_type": plan.model_type,
         "adapter": plan.get("adapter"),
         "data": data.stats,
-        "skipped_steps": watch.skipped,
+        "skipped_steps": guards.watch.skipped,
         "resumed_from": resume.name if resume is not None else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -466,27 +464,6 @@ def _claim_output_dir(cfg: Config, plan: Plan, out: Path, resume, data: Prepared
     write_run_record(out, config=cfg.model_dump(mode="json", exclude_unset=True), plan=plan.to_json(),
                      cache_key=Path(cache_dir).name if cache_dir else None, world_size=plan.world_size,
                      resumed_from=resume)
-
-
-def _last_good(out: Path) -> str:
-    last = checkpoints.last_complete_checkpoint(out)
-    return (f"the last good checkpoint is {last} (resume_from_checkpoint: true continues from it)" if last
-            else "no checkpoint was written yet (save_steps sets how often)")
-
-
-def _nonfinite_stop(exc: NonFinite, data: PreparedData, trainer, out: Path) -> RunStopped:
-    rows = batch_rows(exc.batches, data.train, getattr(trainer.data_collator, "pad_token_id", None))
-    distributed.barrier()
-    return RunStopped(
-        f"archtune: stopped at step {exc.step}: {exc.what}. The batch held: {', '.join(rows) or 'no rows'}.\n"
-        f"Nothing of this step was applied; {_last_good(out)}.\n"
-        "fix: lower learning_rate (or raise warmup_steps), check those rows, or set on_nonfinite: skip to skip "
-        "such steps", EXIT_NONFINITE)
-
-
-def _signal_stop(stop: StopRequest, trainer, out: Path) -> RunStopped:
-    return RunStopped(f"archtune: stopped by {stop.name} after step {trainer.state.global_step}; "
-                      f"{_last_good(out)}", EXIT_STOPPED)
 
 
 def _rss_mb() -> float:

@@ -1,7 +1,8 @@
 """A thin transformers.Trainer subclass: token-weighted evaluation, text-only batches for
-multimodal wrappers (archtune.patches.text_only), checkpoints written under a temporary name and
-renamed when complete (train/checkpoints.py), and what the non-finite guard needs to see
-(train/guards.py); nothing else re-invented."""
+multimodal wrappers (archtune.patches.text_only), and the crash-safety mixin every archtune
+trainer shares (CrashSafeTrainer: checkpoints written under a temporary name and renamed when
+complete, train/checkpoints.py; what the non-finite guard needs to see, train/guards.py); nothing
+else re-invented."""
 from __future__ import annotations
 
 import contextlib
@@ -37,26 +38,18 @@ def _drop_tied_copies(state: dict, model) -> dict:
     return out
 
 
-class ArchtuneTrainer(Trainer):
-    """`fsdp`: FSDP2 settings (archtune.train.distributed.fsdp_settings) or None. With them the model
-    is sharded here, right after the Trainer is built, and the Trainer treats it as a model that
-    owns its placement and gradient reduction (no DDP wrap; FSDP2 reduce-scatters). Checkpoints
-    are then sharded (torch.distributed.checkpoint: model, optimizer) and resumable; the final
-    `save_model` gathers the full weights once and rank 0 writes them as safetensors.
-    """
+class CrashSafeTrainer:
+    """What every archtune run's trainer adds to transformers' Trainer (or a TRL trainer built on it)
+    for crash safety, mixed in before it: checkpoints written under output_dir/.staging and renamed
+    when complete (train/checkpoints.py), and each step's losses and gradient norm shown to the
+    non-finite guard (train/guards.py) before the optimizer applies the step.
 
-    def __init__(self, *args, fsdp: dict | None = None, nonfinite: NonFiniteWatch | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    `nonfinite`: the run's NonFiniteWatch (None: nothing is watched)."""
+
+    def __init__(self, *args, nonfinite: NonFiniteWatch | None = None, **kwargs):
         self.nonfinite = nonfinite
         self._staging = False
-        self.sharded = fsdp is not None
-        if self.sharded:
-            from archtune.train.distributed import shard_model
-
-            shard_model(self.model, fsdp)
-            self.model_wrapped = self.model
-            # transformers' path for models sharded before training: no accelerate DDP/FSDP wrap.
-            self.is_distributed_loading_by_transformers = True
+        super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ complete checkpoints only
 
@@ -100,6 +93,26 @@ class ArchtuneTrainer(Trainer):
         if self.nonfinite is not None:
             self.nonfinite.saw_grad_norm(grad_norm)
         return grad_norm
+
+
+class ArchtuneTrainer(CrashSafeTrainer, Trainer):
+    """`fsdp`: FSDP2 settings (archtune.train.distributed.fsdp_settings) or None. With them the model
+    is sharded here, right after the Trainer is built, and the Trainer treats it as a model that
+    owns its placement and gradient reduction (no DDP wrap; FSDP2 reduce-scatters). Checkpoints
+    are then sharded (torch.distributed.checkpoint: model, optimizer) and resumable; the final
+    `save_model` gathers the full weights once and rank 0 writes them as safetensors.
+    """
+
+    def __init__(self, *args, fsdp: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sharded = fsdp is not None
+        if self.sharded:
+            from archtune.train.distributed import shard_model
+
+            shard_model(self.model, fsdp)
+            self.model_wrapped = self.model
+            # transformers' path for models sharded before training: no accelerate DDP/FSDP wrap.
+            self.is_distributed_loading_by_transformers = True
 
     # ------------------------------------------------------------------ sharded checkpoints
 
