@@ -53,3 +53,20 @@ def small_data(tmp_path) -> dict:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def evaluate_and_probe(capsys, config: Path) -> dict:
+    """`evaluate --json` (its result) after `check --probe --json` passed without errors."""
+    code, out, err = run_cli(capsys, "check", config, "--probe", "--json")
+    assert code == 0, err
+    assert json.loads(out)["errors"] == []
+    code, out, err = run_cli(capsys, "evaluate", config, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def preprocess_refused(capsys, config: Path, tmp_path: Path, *overrides: str) -> str:
+    """stderr of a `preprocess` (into a fresh cache under tmp_path) that must exit 2."""
+    code, _, err = run_cli(capsys, "preprocess", config, *overrides, f"dataset_prepared_path={tmp_path / 'p'}")
+    assert code == 2, err
+    return err

@@ -30,7 +30,7 @@ def test_image_sources_path_base64_bytes_struct_and_llava_column(tmp_path):
                      {"type": "image", "image": {"bytes": png, "path": None}},
                      {"type": "image"}, {"type": "text", "text": "?"})
     out, got = media.extract_media(messages, {"images": [png]}, base_dir=tmp_path)
-    assert got.images == [png] * 5 and got.kinds == {"image"}
+    assert got.images == [png] * 5 and media.content_kinds(messages, {"images": [png]}) == {"image"}
     assert out[0]["content"][:5] == [{"type": "image"}] * 5
     # llava: `<image>` in a string content takes the next image of the `images` column
     out, got = media.extract_media([{"role": "user", "content": "<image>\nWhat?"}], {"images": [png]})

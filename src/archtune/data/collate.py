@@ -18,11 +18,12 @@ document masks from position_ids cannot pack exactly at all, with or without the
 family refuses packing instead (plan: `sample_packing_drop_attention_mask`). Real tokens of a
 packed batch: `input_ids != pad id` (what the Trainer counts when there is no mask).
 
-Rows with images (data/media.py) carry their encoded image files and the processor's per-token
+Rows with images or audio (data/media.py) carry their encoded files and the processor's per-token
 type ids: the batch gets the image processor's outputs for every image of its rows, in row order
-(pixel_values, image_grid_thw, ...), and the per-token type ids under the names the processor
-gave them (token_type_ids, mm_token_type_ids), padded with 0 (text). A batch of text-only rows
-gets no image inputs, so batches of text-only and image rows mix freely.
+(pixel_values, image_grid_thw, ...), the feature extractor's for every audio (input_features,
+input_features_mask), and the per-token type ids under the names the processor gave them
+(token_type_ids, mm_token_type_ids), padded with 0 (text). A batch of text-only rows gets no
+media inputs, so batches of text-only and media rows mix freely.
 
 Extra columns (length, num_docs, ...) are left out.
 """
@@ -101,8 +102,9 @@ class DataCollator:
             types[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
         out = {name: types.clone() for name in self.media.token_type_names}
         images = [img for f in features for img in (f.get("images") or [])]
-        if images:
-            out.update(self.media.batch_inputs(images))
+        audios = [wav for f in features for wav in (f.get("audios") or [])]
+        if images or audios:
+            out.update(self.media.batch_inputs(images, audios))
         return out
 
 

@@ -36,9 +36,12 @@ IMAGE_MISSING = "image_missing"          # no such file, a remote URL, or fewer 
 IMAGE_UNDECODABLE = "image_undecodable"  # bytes Pillow cannot read as an image
 IMAGE_MODE = "image_mode"                # a pixel mode with no RGB conversion (e.g. 16-bit, float)
 IMAGE_DROP_REASONS: tuple[str, ...] = (IMAGE_MISSING, IMAGE_UNDECODABLE, IMAGE_MODE)
+AUDIO_MISSING = "audio_missing"          # no such file, a remote URL, or fewer audios than audio parts
+AUDIO_UNDECODABLE = "audio_undecodable"  # not a PCM WAV file, or one without samples
+AUDIO_DROP_REASONS: tuple[str, ...] = (AUDIO_MISSING, AUDIO_UNDECODABLE)
 DROP_REASONS: tuple[str, ...] = (
     BAD_JSON, UNDECODABLE, MISSING_FIELD, WRONG_TYPE, EMPTY, TEMPLATE_ERROR, NO_LABELS, TOO_LONG,
-    *IMAGE_DROP_REASONS)
+    *IMAGE_DROP_REASONS, *AUDIO_DROP_REASONS)
 
 FIXES: dict[str, str] = {
     BAD_JSON: "write one JSON object per line",
@@ -49,11 +52,15 @@ FIXES: dict[str, str] = {
     EMPTY: "remove the row or give it an answer",
     TEMPLATE_ERROR: "fix the conversation (e.g. roles alternate user/assistant) or set chat_template",
     NO_LABELS: "give the row a turn in roles_to_train (or set train_on_inputs: true)",
-    TOO_LONG: "raise sequence_len or set excess_length_strategy: truncate (rows with images are never truncated)",
+    TOO_LONG: "raise sequence_len or set excess_length_strategy: truncate (rows with images or audio are never "
+              "truncated)",
     IMAGE_MISSING: "give every image part a readable local path, base64 data or bytes (remote URLs are not "
                    "fetched), and as many `images` as image parts",
     IMAGE_UNDECODABLE: "replace the file with a PNG/JPEG/WebP image Pillow can open",
     IMAGE_MODE: "save the image as 8-bit RGB, RGBA, grayscale or palette",
+    AUDIO_MISSING: "give every audio part a readable local path, base64 data or bytes (remote URLs are not "
+                   "fetched), and as many `audios` as audio parts",
+    AUDIO_UNDECODABLE: "convert the audio to a PCM WAV file, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`",
 }
 
 
@@ -79,6 +86,8 @@ class Formatted:
     realigned: bool = False
     # Encoded image files, in the order of their placeholders in `text` (data/media.py).
     images: list[bytes] = field(default_factory=list)
+    # Encoded audio files (WAV), in the order of their placeholders in `text`.
+    audios: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -295,7 +304,7 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
     is counted in stats["mask_realigned"].
     """
     messages = _messages(row, ds)
-    messages, images = _media(messages, row, ctx)
+    messages, media = _media(messages, row, ctx)
     train_roles = {ROLE_ALIASES.get(r, r) for r in ds.roles_to_train}
     trained = [i for i, m in enumerate(messages) if m["role"] in train_roles]
     if trained and all(_is_blank(messages[i]["content"]) for i in trained):
@@ -344,23 +353,24 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
         keep = len(spans) - 1 if ds.train_on_eos == "last" else len(spans)
         spans = [(s, e) if k >= keep else (s, _without_end_marker(full, s, e, ctx.special_tokens))
                  for k, (s, e) in enumerate(spans)]
-    return Formatted(text=full, spans=spans, realigned=realigned, images=images)
+    return Formatted(text=full, spans=spans, realigned=realigned, images=media.images, audios=media.audios)
 
 
-def _media(messages: list[dict], row: dict, ctx: FormatContext) -> tuple[list[dict], list[bytes]]:
-    """Messages for the template and the row's images; a row with media this run cannot train
-    on raises MediaRefused (the whole run stops: such rows are never trained as text)."""
-    from archtune.data.media import MediaRefused, extract_media
+def _media(messages: list[dict], row: dict, ctx: FormatContext):
+    """Messages for the template and the row's media (data.media.RowMedia); a row with media this
+    run cannot train on raises MediaRefused before any file is read (the whole run stops: such
+    rows are never trained as text)."""
+    from archtune.data.media import MediaRefused, RowMedia, content_kinds, extract_media
 
     has_list = any(isinstance(m["content"], list) for m in messages)
     if not has_list and not row.get("images"):
-        return messages, []
-    messages, found = extract_media(messages, row, base_dir=ctx.base_dir)
-    if found.kinds:
+        return messages, RowMedia()
+    kinds = content_kinds(messages, row)
+    if kinds:
         if ctx.media is None:
-            raise MediaRefused(f"rows carry {', '.join(sorted(found.kinds))} content, but {ctx.media_refusal}")
-        ctx.media.check_kinds(found.kinds)
-    return messages, found.images
+            raise MediaRefused(f"rows carry {', '.join(sorted(kinds))} content, but {ctx.media_refusal}")
+        ctx.media.check_kinds(kinds)
+    return extract_media(messages, row, base_dir=ctx.base_dir)
 
 
 def _content_end(text: str, start: int, content: Any, specials: tuple[str, ...]) -> int:

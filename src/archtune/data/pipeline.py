@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 STATS_KEYS: tuple[str, ...] = (
     "rows_in", "rows_kept", "rows_dropped", "tokens", "label_tokens", "train_rows", "eval_rows",
-    "train_tokens", "eval_tokens", "truncated", "mask_realigned", "image_rows", "sources", "cache", "cache_dir")
+    "train_tokens", "eval_tokens", "truncated", "mask_realigned", "image_rows", "audio_rows", "sources", "cache", "cache_dir")
 # Reasons that strict_data turns into errors: everything but too_long, which
 # excess_length_strategy governs.
 STRICT_REASONS = frozenset(DROP_REASONS) - {formats.TOO_LONG}
@@ -256,31 +256,33 @@ def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path, media=None)
         "eval_tokens": eval_tokens,
         "truncated": t.truncated + (e.truncated if e else 0),
         "mask_realigned": t.realigned + (e.realigned if e else 0),
-        "image_rows": {"train": _image_rows(train), "eval": _image_rows(ev) if ev is not None else 0},
+        "image_rows": {"train": _media_rows(train, "images"), "eval": _media_rows(ev, "images")},
+        "audio_rows": {"train": _media_rows(train, "audios"), "eval": _media_rows(ev, "audios")},
         "sources": t.sources + (e.sources if e else []),
     }
 
 
-def _image_rows(ds) -> int:
-    """Rows of a split that carry images (0 when the run reads no images)."""
+def _media_rows(ds, column: str) -> int:
+    """Rows of a split that carry media in `column` (images, audios; 0 when the run reads none)."""
     import pyarrow.compute as pc
 
-    if ds is None or len(ds) == 0 or "images" not in ds.column_names:
+    if ds is None or len(ds) == 0 or column not in ds.column_names:
         return 0
-    return int(pc.sum(pc.greater(pc.list_value_length(ds.data.column("images")), 0)).as_py() or 0)
+    return int(pc.sum(pc.greater(pc.list_value_length(ds.data.column(column)), 0)).as_py() or 0)
 
 
 # ================================================================ entry point
 
-def _refuse_packed_images(cfg: Config, stats: dict, media: MediaSetup | None) -> None:
-    """Packing would drop the image columns (or, exactly done, needs the model's per-document
-    image attention): rows with images are never packed unless the family says it is exact."""
-    images = stats.get("image_rows") or {}
-    for split, key, on in (("train", "sample_packing", cfg.sample_packing), ("eval", "eval_sample_packing", eval_packing(cfg))):
-        if on and images.get(split) and (media is None or media.packing_refusal):
-            why = media.packing_refusal if media is not None else "packing does not carry images"
-            raise UserError.single(key, f"{images[split]} {split} rows carry images, which are not packed: {why}",
-                                   f"set {key}: false for this data")
+def _refuse_packed_media(cfg: Config, stats: dict, media: MediaSetup | None) -> None:
+    """Packing would drop the image and audio columns (or, exactly done, needs the model's
+    per-document media attention): rows with media are never packed unless the family says it is exact."""
+    for kind, rows in (("images", stats.get("image_rows") or {}), ("audio", stats.get("audio_rows") or {})):
+        for split, key, on in (("train", "sample_packing", cfg.sample_packing),
+                               ("eval", "eval_sample_packing", eval_packing(cfg))):
+            if on and rows.get(split) and (media is None or media.packing_refusal):
+                why = media.packing_refusal if media is not None else f"packing does not carry {kind}"
+                raise UserError.single(key, f"{rows[split]} {split} rows carry {kind}, which are not packed: {why}",
+                                       f"set {key}: false for this data")
 
 def eval_packing(cfg: Config) -> bool:
     return cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
@@ -336,7 +338,7 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True, media: MediaS
         state = "hit"
     train, ev, stats = hit
     stats = {**stats, "cache": state, "cache_dir": str(entry)}
-    _refuse_packed_images(cfg, stats, media)
+    _refuse_packed_media(cfg, stats, media)
     # Packing runs after the cache, so turning it on or off never re-tokenizes.
     if cfg.sample_packing:
         train = pack_dataset(train, cfg.sequence_len, seed=cfg.seed)

@@ -129,6 +129,7 @@ class RowEncoder:
         if self.media is not None:
             for result in out:
                 result.setdefault("images", [])
+                result.setdefault("audios", [])
                 result.setdefault("token_types", [0] * len(result["input_ids"]))
         return out
 
@@ -149,17 +150,19 @@ class RowEncoder:
             for a, b in ranges:
                 labels[a:b] = ids[a:b]
         extra = {}
-        if fm.images:
-            # The processor's tokens: images expanded, their tokens never labels (data/media.py).
-            ids, labels, types = self.media.encode(fm.text, fm.images, ids, labels)
-            extra = {"images": fm.images, "token_types": types}
+        media = bool(fm.images or fm.audios)
+        if media:
+            # The processor's tokens: images and audios expanded, their tokens never labels (data/media.py).
+            ids, labels, types = self.media.encode(fm.text, fm.images, ids, labels, audios=fm.audios)
+            extra = {"images": fm.images, "audios": fm.audios, "token_types": types}
         if all(lab == IGNORE_INDEX for lab in labels):
             return _dropped(formats.NO_LABELS, "no tokens left to train on after masking", fm.realigned)
         truncated = False
         limit = self.settings.sequence_len
         if len(ids) > limit:
-            if self.settings.excess_length_strategy != "truncate" or fm.images:
-                why = " (a row with images is never truncated: its image tokens must stay whole)" if fm.images else ""
+            if self.settings.excess_length_strategy != "truncate" or media:
+                why = " (a row with images or audio is never truncated: its media tokens must stay whole)" \
+                    if media else ""
                 return _dropped(formats.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit}{why}", fm.realigned)
             ids, labels, truncated = ids[:limit], labels[:limit], True
             if all(lab == IGNORE_INDEX for lab in labels):
@@ -301,8 +304,8 @@ def _plain_backend(tokenizer):
 
 
 OUTPUT_COLUMNS = ("input_ids", "labels", "length", "_drop", "_detail", "_src", "_truncated", "_realigned")
-# Added when the run trains on images: the encoded image files, the processor's per-token type ids.
-MEDIA_COLUMNS = ("images", "token_types")
+# Added when the run trains on media: the encoded image and audio files, the processor's per-token type ids.
+MEDIA_COLUMNS = ("images", "audios", "token_types")
 
 
 def output_features(media: bool = False):
@@ -312,7 +315,7 @@ def output_features(media: bool = False):
                 "length": Value("int64"), "_drop": Value("string"), "_detail": Value("string"),
                 "_src": Value("string"), "_truncated": Value("bool"), "_realigned": Value("bool")}
     if media:
-        features.update(images=List(Value("binary")), token_types=List(Value("int64")))
+        features.update(images=List(Value("binary")), audios=List(Value("binary")), token_types=List(Value("int64")))
     return Features(features)
 
 

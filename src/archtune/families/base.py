@@ -154,6 +154,10 @@ class Family:
     moe_shape_keys: dict[str, str] = field(default_factory=dict)
     # Keys of config.json whose (non-empty) sub-config means the model has that tower.
     tower_config_keys: tuple[str, ...] = ("vision_config", "audio_config")
+    # The tower each modality needs: {modality: key of config.json}; a modality whose key is
+    # absent or empty in a model's config is not trained on that model (e.g. audio on Gemma 4 31B).
+    modality_config_keys: dict[str, str] = field(default_factory=lambda: {"image": "vision_config",
+                                                                          "audio": "audio_config"})
     # Documentation data (rendered by `archtune docs`): real checkpoints, architecture notes,
     # measured figures and recommendations, known issues (symptom, cause, fix), recommended
     # normalize_weight_scales rules.
@@ -176,6 +180,12 @@ class Family:
         """True when this family has multimodal towers and the config declares at least one."""
         return bool(self.mm_module_prefixes) and any(
             isinstance(model_config.get(k), dict) and bool(model_config.get(k)) for k in self.tower_config_keys)
+
+    def modalities_of(self, model_config: dict[str, Any]) -> tuple[str, ...]:
+        """The family's modalities this model has a tower for."""
+        return tuple(m for m in self.modalities
+                     if isinstance(model_config.get(self.modality_config_keys.get(m, "")), dict)
+                     and bool(model_config.get(self.modality_config_keys[m])))
 
     def moe(self, model_config: dict[str, Any]) -> bool:
         """True when the config describes a mixture-of-experts model (the family's `is_moe` hook)."""

@@ -154,9 +154,11 @@ def _build(name: str):
 
 
 def _build_processor(config):
-    """Gemma4Processor (images only) at the tiny size: an image part renders as the soft token,
-    which expands to boi, one token per pooled patch group, eoi (a 32x32 image is resized to at
-    most 70 * 2 * 2 patches of 4x4 pixels: 64x64 pixels, 64 tokens)."""
+    """Gemma4Processor (images and audio, no video) at the tiny size: an image part renders as
+    the image soft token, which expands to boi, one token per pooled patch group, eoi (a 32x32
+    image is resized to at most 70 * 2 * 2 patches of 4x4 pixels: 64x64 pixels, 64 tokens); an
+    audio part renders as the audio soft token, which expands to boa, one token per 40 ms of
+    16 kHz audio (the feature extractor's 128 mel bins every 10 ms, subsampled 4x), eoa."""
     from transformers import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil, Gemma4Processor
 
     from archtune.families.media import media_chat_template, media_tokenizer, without_video_processor
@@ -169,7 +171,8 @@ def _build_processor(config):
                                               pooling_kernel_size=vision.pooling_kernel_size, max_soft_tokens=70)
     return without_video_processor(Gemma4Processor)(
         feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
-        video_processor=None, chat_template=media_chat_template({"image": "<image_soft_token>"}))
+        video_processor=None,
+        chat_template=media_chat_template({"image": "<image_soft_token>", "audio": "<audio_soft_token>"}))
 
 
 _DESCRIPTIONS = {
@@ -211,8 +214,8 @@ FAMILY = register_family(
         decoder_layer_cls="Gemma4TextDecoderLayer",
         mm_module_prefixes=("model.vision_tower", "model.embed_vision", "model.audio_tower", "model.embed_audio"),
         mm_projector_prefixes=("model.embed_vision", "model.embed_audio"),
-        # Audio parts are refused (never trained as text): the audio data path is not built yet.
-        modalities=("image",),
+        # Audio on the models with an audio tower (E2B/E4B); audio rows for the others are refused.
+        modalities=("image", "audio"),
         lora_target_regex=LORA_TARGET_REGEX,
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
         expert_param_aliases=EXPERT_PARAM_ALIASES,

@@ -58,10 +58,10 @@ def plan_for(cfg: Config, world_size: int = 1) -> Setup:
     return Setup(plan, tokenizer)
 
 
-# Why packed rows never hold images (the packer keeps token ids and labels only; exact packing
-# would also need each document's image attention kept per document).
-PACKING_IMAGES_REFUSED = ("packed rows keep token ids and labels only, and per-document image attention is "
-                          "not built for packed batches")
+# Why packed rows never hold images or audio (the packer keeps token ids and labels only; exact
+# packing would also need each document's media inputs and image attention kept per document).
+PACKING_IMAGES_REFUSED = ("packed rows keep token ids and labels only, and per-document image and audio inputs "
+                          "are not built for packed batches")
 
 
 def media_setup(plan: Plan):
@@ -73,7 +73,8 @@ def media_setup(plan: Plan):
     processor, refusal = load_processor(plan.config, plan)
     if processor is None:
         return MediaSetup(refusal=refusal, packing_refusal=PACKING_IMAGES_REFUSED)
-    media = MediaProcessor(processor, ImageSettings.from_config(plan.config), modalities=plan.family.modalities)
+    media = MediaProcessor(processor, ImageSettings.from_config(plan.config),
+                           modalities=plan.family.modalities_of(plan.model_config))
     return MediaSetup(processor=media, packing_refusal=PACKING_IMAGES_REFUSED)
 
 
