@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from archtune.families.base import Rule
+from archtune.plan.shared import refused
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import ModelStructure, Plan
@@ -79,7 +80,7 @@ PACKING_RULES: tuple[Rule, ...] = (
 
 def _refuse_inexact_packing(plan: "Plan") -> None:
     packed = [k for k in ("sample_packing", "eval_sample_packing") if plan.get(k)]
-    if not packed or any(p.key in packed for p in plan.errors):
+    if not packed or any(refused(plan, k) for k in packed):
         return
     key = packed[0]
     structure = plan.structure()

@@ -1,7 +1,7 @@
 """The Plan: every resolved setting with its value, source and reason.
 
 Only `resolve` makes decisions. The generic rules (plan/rules.py: GENERIC_RULES, driven by
-each family's data) run first, then the family's own rules (`Family.rules`), then the refusals
+each family's data, written by concern in plan/*_rules.py) run first, then the family's own rules (`Family.rules`), then the refusals
 of what this release cannot train (REFUSALS); nothing else decides, and `archtune check` and
 `archtune train` refuse exactly the same configurations. Later stages read the Plan and never look at the model's type again.
 `archtune check` prints it.
@@ -81,11 +81,11 @@ class Plan:
         return out or None
 
     # -- typed views: what later stages read. Each is a decision some rule makes for every model,
-    # so a missing one is a bug in plan/rules.py, never a reason for a stage to guess.
+    # so a missing one is a bug in the plan's rules, never a reason for a stage to guess.
     def decided(self, key: str) -> Any:
         """The value of a setting every plan must hold; KeyError naming the key when no rule set it."""
         if key not in self.settings:
-            raise KeyError(f"the plan has no decision for {key!r}: a rule in src/archtune/plan/rules.py must set it")
+            raise KeyError(f"the plan has no decision for {key!r}: a rule of src/archtune/plan/ (listed in rules.py) must set it")
         return self.settings[key].value
 
     @property
