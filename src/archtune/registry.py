@@ -1,4 +1,5 @@
-"""One registry idiom for every extension point: families, data formats, plugins, patches.
+"""One registry idiom for every extension point: families, data formats, plugins, patches,
+experts implementations.
 
 In the style of transformers' `GeneralInterface` (`ALL_ATTENTION_FUNCTIONS`,
 `ALL_EXPERTS_FUNCTIONS`): a name -> object mapping, filled by one `register` call in the

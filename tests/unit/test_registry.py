@@ -2,6 +2,7 @@
 name the file to edit; families and patches are discovered from their package."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from archtune.data.formats import FORMATS
 from archtune.families import FAMILIES
 from archtune.patches import PATCHES
+from archtune.plan.experts import EXPERTS, ExpertsImplementation, register_experts_implementation
 from archtune.plugins import PLUGINS
 from archtune.registry import Registry
 
@@ -31,7 +33,7 @@ def test_discovery_runs_once_on_first_use():
 
 
 def test_every_extension_point_is_a_registry():
-    for registry in (FAMILIES, FORMATS, PLUGINS, PATCHES):
+    for registry in (FAMILIES, FORMATS, PLUGINS, PATCHES, EXPERTS):
         assert isinstance(registry, Registry)
     assert {"alpaca", "chat_template", "completion"} <= set(FORMATS)
     with pytest.raises(KeyError, match="src/archtune/data/formats.py"):
@@ -51,3 +53,20 @@ def test_every_module_of_a_discovered_package_registers():
 
     assert set(FAMILIES.names()) == _modules("families") - set(_NOT_FAMILIES)  # families/<name>.py registers <name>
     assert {p.apply.__module__.rsplit(".", 1)[-1] for p in PATCHES.values()} == _modules("patches")
+
+
+def test_experts_implementations_are_one_registry_with_transformers_names_discovered():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    import archtune.moe
+
+    assert EXPERTS.names()[:4] == ["eager", "grouped_mm", "batched_mm", "scattermoe"]
+    assert set(ALL_EXPERTS_FUNCTIONS.keys()) - {"archtune_meta_balanced"} <= set(EXPERTS)  # deepgemm, sonicmoe, ...
+    with pytest.raises(KeyError, match=r"experts implementation 'grouped_mm' is registered twice.*plan/experts.py"):
+        register_experts_implementation(ExpertsImplementation("grouped_mm", "again"))
+    with pytest.raises(KeyError, match=r"no experts implementation 'grouped'.*add one in src/archtune/plan/experts.py"):
+        EXPERTS["grouped"]
+    # archtune's own forward is where its entry says, and it is what transformers runs under that name
+    module, _, attr = EXPERTS["scattermoe"].forward.partition(":")
+    assert ALL_EXPERTS_FUNCTIONS["scattermoe"] is getattr(importlib.import_module(module), attr)
+    assert archtune.moe.EXPERTS_IMPLEMENTATION == "scattermoe"

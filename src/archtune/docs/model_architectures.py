@@ -415,6 +415,7 @@ def _generic_rules() -> list[str]:
 def _general_moe(contexts: list[_Family]) -> list[str]:
     from archtune.config.schema import Config, WeightScaleRule
     from archtune.plan import rules
+    from archtune.plan.experts import EXPERTS
 
     out = ["## Mixture-of-experts and multimodal notes", ""]
     out.append(f"- {_sentence(rules.no_all_linear_into_towers().doc)}")
@@ -430,7 +431,7 @@ def _general_moe(contexts: list[_Family]) -> list[str]:
                "changes nothing and warns. `archtune scan-weights MODEL_DIR --rule PATTERN=THRESHOLD "
                "[--fix OUT_DIR]` runs the same rules on a checkpoint directory.")
     out.append("- Experts implementations (`experts_implementation`): "
-               + ", ".join(f"`{n}`" for n in rules.EXPERTS_IMPLEMENTATIONS)
+               + ", ".join(f"`{name}`" for name, impl in EXPERTS.items() if not impl.discovered)
                + " and any other name transformers registers; ScatterMoE is `experts_implementation: scattermoe` "
                "with the kernels plugin:")
     moe_ctx = next((c for c in contexts if c.moe), None)

@@ -15,8 +15,9 @@ from archtune.patches.expert_lora import (
     skip_parametrization_check,
 )
 from archtune.moe.scattermoe import scattermoe_experts_forward, sort_by_expert
+from archtune.plan.experts import SCATTERMOE
 
-EXPERTS_IMPLEMENTATION = "scattermoe"
+EXPERTS_IMPLEMENTATION = SCATTERMOE  # its entry in the plan's registry (plan/experts.py) names this forward
 
 
 def register() -> None:

@@ -1,4 +1,14 @@
-"""Which experts implementation `use_scattermoe` runs, by a rule on the shapes (no timing run).
+"""The experts implementations a config may name (EXPERTS, the one registry idiom), and which one
+`use_scattermoe` runs, by a rule on the shapes (no timing run).
+
+    EXPERTS["grouped_mm"]      # ExpertsImplementation(name, doc, forward)
+    EXPERTS["grouped"]         # KeyError: no experts implementation 'grouped'; known: eager, ... (add one in ...)
+
+transformers' own implementations (eager, grouped_mm, batched_mm) and archtune's scattermoe are
+registered below, each once; any other name transformers' registry holds when the registry is
+first read (e.g. deepgemm, sonicmoe) is discovered then. The plan checks names here without
+importing the implementations; archtune's own register with transformers when the model uses them
+(archtune.moe).
 
     choose_experts_implementation(num_experts=8, top_k=2, hidden=64, intermediate=32,
                                   tokens=2048, expert_lora=True)
@@ -30,12 +40,61 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from archtune.registry import Registry
+
 # Thresholds of the rule (see the module docstring), calibrated on bench/moe.py --sweep.
 MANY_PAIRS = 1024  # (token, expert) pairs per expert and micro-batch
 SOME_PAIRS = 256
 LARGE_EXPERT = 1 << 20  # hidden x intermediate
 STOCK = "grouped_mm"
 SCATTERMOE = "scattermoe"
+
+
+@dataclass(frozen=True)
+class ExpertsImplementation:
+    name: str
+    doc: str
+    # Where archtune's own forward lives ("module:function"), registered with transformers'
+    # ALL_EXPERTS_FUNCTIONS when a model uses it; "" for transformers' own implementations.
+    forward: str = ""
+    discovered: bool = False  # found in transformers' registry, not registered here
+
+
+def _discover() -> None:
+    """transformers' registered implementations not registered here (read once, on first use)."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:  # pragma: no cover - older transformers
+        return
+    for name in ALL_EXPERTS_FUNCTIONS.keys():
+        if name not in EXPERTS:
+            EXPERTS.register(name, ExpertsImplementation(name, "registered in transformers' ALL_EXPERTS_FUNCTIONS",
+                                                         discovered=True))
+
+
+EXPERTS: Registry[ExpertsImplementation] = Registry("experts implementation", "src/archtune/plan/experts.py",
+                                                    discover=_discover)
+
+
+def register_experts_implementation(impl: ExpertsImplementation) -> ExpertsImplementation:
+    return EXPERTS.register(impl.name, impl)
+
+
+register_experts_implementation(ExpertsImplementation(
+    "eager", "the experts module's own forward: a Python loop over the experts (transformers)"))
+register_experts_implementation(ExpertsImplementation(
+    STOCK, "torch's grouped GEMM over the experts' token groups (transformers' default)"))
+register_experts_implementation(ExpertsImplementation(
+    "batched_mm", "one batched matmul over gathered expert weights per token (transformers)"))
+register_experts_implementation(ExpertsImplementation(
+    SCATTERMOE, "archtune's ScatterMoE: tokens sorted by expert, gather-GEMM-scatter per expert, expert LoRA kept "
+                "factored (run through the kernels plugin)",
+    forward="archtune.moe.scattermoe:scattermoe_experts_forward"))
+
+
+def experts_implementations() -> list[str]:
+    """Valid `experts_implementation` names: archtune's registered ones, then transformers' others."""
+    return EXPERTS.names()
 
 
 @dataclass(frozen=True)
@@ -66,4 +125,5 @@ def choose_experts_implementation(*, num_experts: int, top_k: int, hidden: int, 
                          "measured faster")
 
 
-__all__ = ["Choice", "choose_experts_implementation", "MANY_PAIRS", "SOME_PAIRS", "LARGE_EXPERT"]
+__all__ = ["EXPERTS", "ExpertsImplementation", "register_experts_implementation", "experts_implementations",
+           "Choice", "choose_experts_implementation", "MANY_PAIRS", "SOME_PAIRS", "LARGE_EXPERT"]

@@ -6,26 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from archtune.families.base import Rule
+from archtune.plan.experts import EXPERTS, choose_experts_implementation
 from archtune.plan.shared import refused
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
-
-# Experts implementations archtune knows besides transformers' registry (which is read live).
-EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "grouped_mm", "batched_mm", "scattermoe")
-
-
-def experts_implementations() -> list[str]:
-    """Valid `experts_implementation` names: eager, transformers' registered ones, scattermoe."""
-    names = list(EXPERTS_IMPLEMENTATIONS)
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-        names += [n for n in ALL_EXPERTS_FUNCTIONS.keys() if n not in names]
-    except ImportError:  # pragma: no cover - older transformers
-        pass
-    return names
-
 
 def _experts_implementation(plan: "Plan") -> None:
     cfg, fam = plan.config, plan.family
@@ -42,9 +27,9 @@ def _experts_implementation(plan: "Plan") -> None:
                        "set `experts_implementation: scattermoe`, or `use_scattermoe: false`")
             return
     elif given is not None:
-        valid = experts_implementations()
-        if given not in valid:
-            plan.error(key, f"{given!r} is not an experts implementation", f"use one of: {', '.join(valid)}")
+        if given not in EXPERTS:
+            plan.error(key, f"{given!r} is not an experts implementation",
+                       f"use one of: {', '.join(EXPERTS.names())}")
             return
     if plan.get(key) is not None and fam.is_moe is not None and not fam.moe(plan.model_config):
         plan.warn(f"experts_implementation: {plan.get(key)} has no effect: this {plan.model_type} model has no experts")
@@ -53,8 +38,6 @@ def _experts_implementation(plan: "Plan") -> None:
 def _scattermoe_or_stock(plan: "Plan") -> tuple[str, str]:
     """use_scattermoe without an explicit experts_implementation: scattermoe where it measured
     faster for this model's experts, transformers' stock implementation elsewhere (plan/experts.py)."""
-    from archtune.plan.experts import choose_experts_implementation
-
     cfg = plan.config
     shape = plan.family.moe_shape(plan.model_config)
     if cfg.quantize_moe_experts:
@@ -140,4 +123,4 @@ REFUSE_LOAD_IN_8BIT = Rule(
     _refuse_8bit)
 
 
-__all__ = ["MOE_RULES", "REFUSE_LOAD_IN_8BIT", "EXPERTS_IMPLEMENTATIONS", "experts_implementations"]
+__all__ = ["MOE_RULES", "REFUSE_LOAD_IN_8BIT"]

@@ -31,7 +31,8 @@ from archtune.plan.adapter_rules import (ADAPTER_RULES, confine_target_names, fr
 from archtune.plan.distributed_rules import (DISTRIBUTED_REFUSALS, DISTRIBUTED_RULES, ddp_find_unused_parameters,
                                              fsdp1_refuses_quantized_base, non_reentrant_checkpointing)
 from archtune.plan.loss_rules import CHUNKED_CE_DEFAULT_CHUNKS, LARGE_VOCABULARY, LOSS_RULES
-from archtune.plan.moe_rules import EXPERTS_IMPLEMENTATIONS, MOE_RULES, REFUSE_LOAD_IN_8BIT, experts_implementations
+from archtune.plan.experts import experts_implementations
+from archtune.plan.moe_rules import MOE_RULES, REFUSE_LOAD_IN_8BIT
 from archtune.plan.packing import PACKING_RULES, REFUSE_INEXACT_PACKING
 from archtune.plan.preference import PREFERENCE_RULES
 from archtune.plan.shared import (ALL_LINEAR, LAYER_CLASSES_KEY, REENTRANT_KEY, WRAP_KEY, checkpoint_wrappers,
@@ -145,7 +146,6 @@ __all__ = [
     "LARGE_VOCABULARY",
     "FAMILY_RULE_BUILDERS",
     "family_rules",
-    "EXPERTS_IMPLEMENTATIONS",
     "experts_implementations",
     "names_to_language_model_regex",
     "checkpoint_wrappers",
