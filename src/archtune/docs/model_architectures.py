@@ -245,7 +245,8 @@ def _multi_gpu(ctx: _Family) -> list[str]:
     fam = ctx.family
     outcomes = [ctx.outcome(s) for s in SCENARIOS["multi_gpu"]]
     skel = _skeleton(fam, ctx.tiny.name)
-    absent = [c for c in skel.no_split_modules if c not in skel.class_names]
+    no_split = sorted(skel.no_split_modules)
+    absent = [c for c in no_split if c not in skel.class_names]
     for cls in absent:
         outcomes.append(ctx.outcome(Scenario(
             f"FSDP2, wrap class `{cls}`",
@@ -260,7 +261,7 @@ def _multi_gpu(ctx: _Family) -> list[str]:
     out.append("")
     if absent:
         out.append(f"transformers' `_no_split_modules` for this model class lists "
-                   + ", ".join(f"`{c}`" for c in skel.no_split_modules)
+                   + ", ".join(f"`{c}`" for c in no_split)
                    + f", whether or not the model has them (`tiny:{ctx.tiny.name}` has no "
                    + ", ".join(f"`{c}`" for c in absent)
                    + "): auto-wrapping by that list fails with \"Could not find the transformer layer class\". "
@@ -368,7 +369,7 @@ def _tiny_models(ctx: _Family) -> list[str]:
            "| Name | Shape | Towers | MoE |", "|---|---|---|---|"]
     for tiny in fam.tiny_models:
         skel = _skeleton(fam, tiny.name)
-        towers = [p for p in fam.mm_module_prefixes if p in skel.modules]
+        towers = [p for p in fam.mm_module_prefixes if p in skel.module_classes]
         moe = "yes" if fam.moe(_model_config(tiny.name)) else "no"
         out.append(f"| `tiny:{tiny.name}` | {_cell(tiny.description)} | "
                    f"{_cell(', '.join(f'`{t}`' for t in towers) or '-')} | {moe} |")

@@ -6,54 +6,14 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from archtune.plan.structure import ModelStructure, model_structure
+
 
 # ================================================================ the model's skeleton (meta device)
 
-@dataclass(frozen=True)
-class Skeleton:
-    """What a tiny model looks like when built on the meta device (no weights, no memory)."""
-
-    model_class: str
-    auto_class: str
-    modules: dict[str, str]  # module name -> class name
-    no_split_modules: tuple[str, ...]
-
-    def class_of(self, prefix: str) -> str | None:
-        return self.modules.get(prefix)
-
-    @property
-    def class_names(self) -> set[str]:
-        return set(self.modules.values())
-
-
-_SKELETONS: dict[str, Skeleton] = {}
-
-
-def _skeleton(family, tiny_name: str) -> Skeleton:
-    if tiny_name not in _SKELETONS:
-        import torch
-        import transformers
-
-        from archtune.models.tiny import build_tiny_config
-
-        config = build_tiny_config(tiny_name)
-        model, auto = None, None
-        for auto in dict.fromkeys((family.auto_class, "AutoModelForCausalLM")):
-            try:
-                with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                    model = getattr(transformers, auto).from_config(config)
-                break
-            except Exception:  # noqa: BLE001 - e.g. no mapping for this config in that Auto class
-                continue
-        if model is None:  # pragma: no cover - every tiny model builds (tests/unit/test_tiny_models.py)
-            raise RuntimeError(f"tiny model {tiny_name!r} does not build on the meta device")
-        _SKELETONS[tiny_name] = Skeleton(
-            model_class=type(model).__name__,
-            auto_class=auto,
-            modules={n: type(m).__name__ for n, m in model.named_modules() if n},
-            no_split_modules=tuple(sorted(getattr(model, "_no_split_modules", None) or ())),
-        )
-    return _SKELETONS[tiny_name]
+def _skeleton(family, tiny_name: str) -> ModelStructure:
+    """The tiny model's skeleton, built on the meta device by the plan's own builder (cached there)."""
+    return model_structure(_model_config(tiny_name), family.auto_class)
 
 
 _MODEL_CONFIGS: dict[str, dict[str, Any]] = {}

@@ -1,6 +1,7 @@
 """The model's skeleton: what a config.json builds, found on the meta device (no weights).
 
-Shared by the plan's rules (LoRA targets, the FSDP wrap class) and the generated docs.
+Shared by the plan's rules (LoRA targets, the FSDP wrap class, packing) and the generated docs
+(docs/scenarios.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ class ModelStructure:
     parameters: dict[str, tuple[int, ...]]  # parameter name -> shape
     no_split_modules: tuple[str, ...]  # transformers' `_no_split_modules` (may name absent classes)
     module_classes: dict[str, str] = field(default_factory=dict)  # module name -> its class name
+
+    @property
+    def model_class(self) -> str:
+        """Class name of the model itself (what the Auto class built)."""
+        return self.module_classes.get("", "")
+
+    def class_of(self, module_name: str) -> str | None:
+        """Class name of the module `module_name` (dotted), or None when the model has none."""
+        return self.module_classes.get(module_name) if module_name else None
 
     def parameters_matching(self, target: str) -> list[str]:
         """Parameter names PEFT's `target_parameters` entry `target` hits (equal, or a dotted suffix)."""
