@@ -10,6 +10,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART_DATA = REPO / "examples" / "data" / "quickstart"
+VISION_DATA = REPO / "examples" / "data" / "vision"
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -70,3 +71,16 @@ def preprocess_refused(capsys, config: Path, tmp_path: Path, *overrides: str) ->
     code, _, err = run_cli(capsys, "preprocess", config, *overrides, f"dataset_prepared_path={tmp_path / 'p'}")
     assert code == 2, err
     return err
+
+
+def vision_rows(name: str, n: int) -> list[dict]:
+    """The first n rows of a bundled vision split (train.jsonl, test.jsonl), image paths made absolute."""
+    out = []
+    for line in (VISION_DATA / name).read_text().splitlines()[:n]:
+        row = json.loads(line)
+        for msg in row["messages"]:
+            for part in msg["content"]:
+                if part.get("type") == "image":
+                    part["path"] = str(VISION_DATA / part["path"])
+        out.append(row)
+    return out

@@ -4,6 +4,7 @@ evaluate and check --probe take audio batches; packing and models without an aud
 audio rows with the reason."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -107,3 +108,51 @@ def test_audio_rows_are_refused_without_an_audio_tower(audio_run, capsys, tmp_pa
     tmp, config = audio_run
     err = preprocess_refused(capsys, config, tmp_path, f"base_model=tiny:{tiny}")
     assert f"{tmp / 'train.jsonl'}:1" in err and "audio" in err
+
+
+def _checkpoint_like(capsys, model: Path) -> Path:
+    """`init-tiny gemma4-e2b` written to `model`, its processor_config.json given a video part as
+    the real checkpoints' have (transformers' Gemma4VideoProcessor needs torchvision)."""
+    code, _, err = run_cli(capsys, "init-tiny", "gemma4-e2b", model)
+    assert code == 0, err
+    processor_config = json.loads((model / "processor_config.json").read_text())
+    assert processor_config["processor_class"] == "Gemma4Processor" and "feature_extractor" in processor_config
+    assert "video_processor" not in processor_config
+    video = {k: v for k, v in processor_config["image_processor"].items() if k != "image_processor_type"}
+    processor_config["video_processor"] = {**video, "video_processor_type": "Gemma4VideoProcessor"}
+    (model / "processor_config.json").write_text(json.dumps(processor_config))
+    return model
+
+
+def test_init_tiny_writes_the_processor_and_a_checkpoints_video_part_is_not_needed(audio_run, capsys, tmp_path):
+    """`init-tiny gemma4-e2b DIR` writes the processor (no video part); a model directory whose
+    processor has a video part loads without it where torchvision is missing (transformers'
+    AutoProcessor then fails), and audio rows read through it."""
+    from transformers import AutoProcessor
+
+    tmp, config = audio_run
+    model = _checkpoint_like(capsys, tmp_path / "model")
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError, match="Torchvision"):
+            AutoProcessor.from_pretrained(model)
+    code, out, err = run_cli(capsys, "preprocess", config, f"base_model={model}",
+                             f"dataset_prepared_path={tmp_path / 'p'}", "--json")
+    assert code == 0, err
+    assert json.loads(out)["audio_rows"] == {"train": 14, "eval": 6}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_a_processor_that_needs_torchvision_says_how_to_install_it(audio_run, capsys, tmp_path, monkeypatch):
+    """When the processor loads neither whole nor without its video part, the rows stop the run
+    with the reason and the install line, not a traceback."""
+    import archtune.families.media as family_media
+
+    def fails(processor_cls):
+        raise ImportError("the image processor needs torchvision too")
+
+    tmp, config = audio_run
+    model = _checkpoint_like(capsys, tmp_path / "model")
+    monkeypatch.setattr(family_media, "without_video_processor", fails)
+    err = preprocess_refused(capsys, config, tmp_path, f"base_model={model}")
+    assert f"{tmp / 'train.jsonl'}:1" in err and "Torchvision" in err
+    assert "pip install torchvision --index-url https://download.pytorch.org/whl/cpu" in err

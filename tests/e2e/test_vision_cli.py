@@ -10,22 +10,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import REPO, evaluate_and_probe, preprocess_refused, read_json, run_cli, write_config
+from tests.e2e.conftest import (
+    REPO,
+    evaluate_and_probe,
+    preprocess_refused,
+    read_json,
+    run_cli,
+    vision_rows,
+    write_config,
+)
 
 VISION = REPO / "examples" / "data" / "vision"
-
-
-def _rows(name: str, n: int) -> list[dict]:
-    """The first n rows of a bundled vision split, image paths made absolute."""
-    out = []
-    for line in (VISION / name).read_text().splitlines()[:n]:
-        row = json.loads(line)
-        for msg in row["messages"]:
-            for part in msg["content"]:
-                if part.get("type") == "image":
-                    part["path"] = str(VISION / part["path"])
-        out.append(row)
-    return out
 
 
 def _bad_rows(tmp: Path) -> list[dict]:
@@ -45,9 +40,9 @@ def _bad_rows(tmp: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def vision_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vision")
-    train = _rows("train.jsonl", 30) + _bad_rows(tmp)
+    train = vision_rows("train.jsonl", 30) + _bad_rows(tmp)
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows("test.jsonl", 8)))
+    (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vision_rows("test.jsonl", 8)))
     config = write_config(
         tmp / "config.yaml", base_model="tiny:gemma3",
         datasets=[{"path": str(tmp / "train.jsonl"), "type": "chat_template"}],
@@ -119,7 +114,7 @@ def test_images_train_on_gemma4_and_qwen3_5(tmp_path, capsys, tiny, projector, t
     from datasets import load_from_disk
     from safetensors.torch import load_file
 
-    rows = _rows("train.jsonl", 10)
+    rows = vision_rows("train.jsonl", 10)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = write_config(
         tmp_path / "config.yaml", base_model=f"tiny:{tiny}",

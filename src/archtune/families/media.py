@@ -6,6 +6,9 @@ placeholder text the processor expands.
 """
 from __future__ import annotations
 
+import copy
+import inspect
+
 # The part of archtune's chat template that joins a message's content parts: text parts only.
 _TEXT_PARTS = ("{%- for part in message['content'] if part['type'] == 'text' -%}"
                "{%- set ns.text = ns.text + part['text'] -%}{%- endfor -%}")
@@ -46,22 +49,72 @@ def media_tokenizer(named_tokens: dict[str, str]):
 
 
 def without_video_processor(processor_cls):
-    """`processor_cls` (e.g. Gemma4Processor, Qwen3VLProcessor) built with video_processor=None.
+    """`processor_cls` (e.g. Gemma4Processor, Qwen3VLProcessor) with video_processor=None.
 
     transformers 5.24 checks the class of every processor part, and its video processors need
-    torchvision, which image rows do not (the image processors have Pillow backends). The tiny
-    models' processors never see a video; such a processor cannot be saved (save_pretrained
-    writes every part), so `archtune init-tiny` writes none for it.
+    torchvision, which images and audio do not (the image processors have Pillow backends, the
+    audio feature extractors numpy). The subclass takes None for the video part, saves the other
+    parts (processor_config.json names `processor_cls` and holds no video part), and
+    `from_pretrained` loads every part but the video one: a model directory written by
+    `archtune init-tiny`, or a real checkpoint on a machine without torchvision.
     """
 
-    class ImagesOnly(processor_cls):
+    class WithoutVideo(processor_cls):
+        def __init__(self, *args, **kwargs):
+            # Some processors add their video token to the tokenizer they are given (Gemma 4:
+            # "<|video|>", beyond a tiny model's vocabulary); without a video part, the tokenizer
+            # saved is the one given.
+            names = processor_cls.get_attributes()
+            given = kwargs.get("tokenizer", args[names.index("tokenizer")] if len(args) > names.index("tokenizer")
+                               else None)
+            self._given_tokenizer = copy.deepcopy(given)
+            super().__init__(*args, **kwargs)
+
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
-    ImagesOnly.__name__ = ImagesOnly.__qualname__ = f"{processor_cls.__name__}WithoutVideo"
-    return ImagesOnly
+        @classmethod
+        def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+            names = processor_cls.get_attributes()
+
+            class Parts(processor_cls):  # the same loading, of every part but the video one
+                @classmethod
+                def get_attributes(klass):
+                    return [name for name in names if name != "video_processor"]
+
+            loaded = iter(Parts._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs))
+            return [None if name == "video_processor" else next(loaded) for name in names]
+
+        def to_dict(self):
+            out = super().to_dict()
+            out.pop("video_processor", None)
+            out["processor_class"] = processor_cls.__name__
+            return out
+
+        def save_pretrained(self, save_directory, **kwargs):
+            # ProcessorMixin.save_pretrained visits every part; a stand-in for the absent video
+            # part (to_dict leaves it out) lets it save the others as it saves them.
+            tokenizer = self.tokenizer
+            self.video_processor = _AbsentPart()
+            if self._given_tokenizer is not None:
+                self.tokenizer = self._given_tokenizer
+            try:
+                return super().save_pretrained(save_directory, **kwargs)
+            finally:
+                self.video_processor, self.tokenizer = None, tokenizer
+
+    # transformers reads a processor's parts from its __init__ signature (get_attributes).
+    WithoutVideo.__init__.__signature__ = inspect.signature(processor_cls.__init__)
+    WithoutVideo.__name__ = WithoutVideo.__qualname__ = f"{processor_cls.__name__}WithoutVideo"
+    return WithoutVideo
+
+
+class _AbsentPart:
+    """What save_pretrained sees of a processor part that is not there: nothing to save."""
+
+    _auto_class = None
 
 
 __all__ = ["media_chat_template", "media_tokenizer", "without_video_processor"]

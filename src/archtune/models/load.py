@@ -142,14 +142,45 @@ def load_processor(cfg, plan: Plan):
     source = cfg.tokenizer_config or cfg.base_model
     try:
         processor = cls.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except Exception as exc:  # no processor files, a class that does not match them
-        if cfg.processor_type:
-            raise UserError.single("processor_type", f"cannot load {cls_name} from {source}: {exc}",
-                                   "use AutoProcessor, or the class the model's processor_config.json names") from None
-        return None, f"no processor could be loaded from {source} ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # no processor files, a class that does not match them, no torchvision
+        processor = _without_video(cls, source, cfg.trust_remote_code)
+        if processor is None:
+            why = f"{type(exc).__name__}: {str(exc).strip()}"
+            if "torchvision" in why.lower():
+                why += f" ({TORCHVISION_INSTALL})"
+            if cfg.processor_type:
+                raise UserError.single("processor_type", f"cannot load {cls_name} from {source}: {why}",
+                                       "use AutoProcessor, or the class the model's processor_config.json names"
+                                       ) from None
+            return None, f"no processor could be loaded from {source} ({why})"
     if getattr(processor, "image_processor", None) is None:
         return None, f"the processor loaded from {source} ({type(processor).__name__}) has no image processor"
     return processor, None
+
+
+# What to run when a processor part needs torchvision: the build that matches the installed torch
+# (a plain `pip install torchvision` may bring another torch, or a CUDA build beside a CPU torch).
+TORCHVISION_INSTALL = ("to use it, install the torchvision build matching your torch, e.g. for a CPU torch: "
+                       "pip install torchvision --index-url https://download.pytorch.org/whl/cpu")
+
+
+def _without_video(cls, source, trust_remote_code: bool):
+    """The processor at `source` without its video part (families.media.without_video_processor),
+    or None when it has no video part or does not load that way either. Video processors need
+    torchvision; images (Pillow) and audio (numpy) do not."""
+    import transformers
+    from transformers import ProcessorMixin
+
+    from archtune.families.media import without_video_processor
+
+    try:
+        if not isinstance(cls, type) or not issubclass(cls, ProcessorMixin):  # AutoProcessor: the class saved
+            cls = getattr(transformers, ProcessorMixin.get_processor_dict(source)[0].get("processor_class") or "", None)
+        if cls is None or "video_processor" not in cls.get_attributes():
+            return None
+        return without_video_processor(cls).from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:  # the caller reports the first failure
+        return None
 
 
 def set_attn_implementation(model, plan: Plan) -> None:
