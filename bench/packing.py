@@ -64,6 +64,7 @@ def prepare(tmp: Path, seed: int, long_docs: int):
     from archtune.assets import load_tokenizer
     from archtune.config.schema import Config
     from archtune.data import prepare_data
+    from archtune.models.load import resolve_plan
 
     long_path = tmp / "long.jsonl"
     write_long_documents(long_path, long_docs, seed)
@@ -72,7 +73,7 @@ def prepare(tmp: Path, seed: int, long_docs: int):
                  datasets=[{"path": str(QUICKSTART), "type": "alpaca"},
                            {"path": str(long_path), "type": "completion"}])
     tokenizer = load_tokenizer()
-    return tokenizer, prepare_data(cfg, tokenizer, progress=False).train
+    return tokenizer, prepare_data(resolve_plan(cfg), tokenizer, progress=False).train
 
 
 def build_model():

@@ -27,7 +27,7 @@ def heldout_accuracy(config: str, overrides: list[str]) -> dict:
 
     cfg = load_config(config, overrides)
     setup = plan_for(cfg)
-    data = prepare_data(cfg, setup.tokenizer, progress=False, media=setup.media)
+    data = prepare_data(setup.plan, setup.tokenizer, progress=False, media=setup.media)
     model, _ = load_trained(cfg, setup.plan, setup.tokenizer)
     start = time.perf_counter()
     result = greedy_exact_match(model, data.eval, data_collator(setup), cfg.micro_batch_size)

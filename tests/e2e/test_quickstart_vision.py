@@ -26,7 +26,7 @@ def test_vision_quickstart_answers_held_out_images(tmp_path, capsys, monkeypatch
     # Held-out accuracy: the greedy answer to each of the 100 test questions (images not in train).
     cfg = load_config(CONFIG, redirect)
     setup = plan_for(cfg)
-    data = prepare_data(cfg, setup.tokenizer, progress=False, media=setup.media)
+    data = prepare_data(setup.plan, setup.tokenizer, progress=False, media=setup.media)
     model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
     assert kind == "adapter"
     accuracy = greedy_exact_match(model, data.eval, data_collator(setup), 50)["exact_match"]

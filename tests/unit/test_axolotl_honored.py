@@ -10,6 +10,7 @@ import torch
 from archtune.config import config_from_dict
 from archtune.models.tiny import build_tiny_config
 from archtune.plan import resolve
+from tests.data_plan import data_plan
 
 
 @functools.lru_cache(maxsize=None)
@@ -320,7 +321,7 @@ def test_split_slices_apply_to_local_files(tmp_path, split, rows):
     data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(40)))
     cfg = config_from_dict({"base_model": "tiny:llama", "dataset_prepared_path": str(tmp_path / "p"),
                             "datasets": [{"path": str(data), "type": "alpaca", "split": split}]})
-    assert len(prepare_data(cfg, load_tokenizer(), progress=False).train) == rows
+    assert len(prepare_data(data_plan(cfg), load_tokenizer(), progress=False).train) == rows
 
 
 def test_skip_prepare_dataset_writes_no_cache(tmp_path):
@@ -331,7 +332,7 @@ def test_skip_prepare_dataset_writes_no_cache(tmp_path):
     data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(8)))
     cfg = config_from_dict({"base_model": "tiny:llama", "dataset_prepared_path": str(tmp_path / "p"),
                             "skip_prepare_dataset": True, "datasets": [{"path": str(data), "type": "alpaca"}]})
-    prepared = prepare_data(cfg, load_tokenizer(), progress=False)
+    prepared = prepare_data(data_plan(cfg), load_tokenizer(), progress=False)
     assert len(prepared.train) == 8 and prepared.stats["cache"] == "skipped"
     assert not any((tmp_path / "p").glob("*/stats.json"))
 
@@ -348,7 +349,7 @@ def test_rows_of_another_type_get_one_message_naming_the_missing_field(tmp_path)
         cfg = config_from_dict({"base_model": "tiny:llama", "dataset_prepared_path": str(tmp_path / "p"),
                                 "strict_data": strict, "datasets": [{"path": str(data), "type": "alpaca"}]})
         with pytest.raises(UserError) as ei:
-            prepare_data(cfg, load_tokenizer(), progress=False)
+            prepare_data(data_plan(cfg), load_tokenizer(), progress=False)
         (p,) = ei.value.problems
         assert p.key == "datasets.0.type" and "'instruction' is missing" in p.message and '"output"' in p.fix
 

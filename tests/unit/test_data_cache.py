@@ -9,6 +9,7 @@ from archtune.assets import load_tokenizer
 from archtune.config.schema import Config
 from archtune.data import cache, prepare_data
 from archtune.errors import UserError
+from tests.data_plan import data_plan
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def entries(tmp_path) -> list[str]:
 
 def test_second_run_is_a_hit_with_the_same_rows_and_stats(tmp_path, tok):
     cfg = base_cfg(tmp_path, val_set_size=0.25)
-    first = prepare_data(cfg, tok, progress=False)
-    second = prepare_data(cfg, tok, progress=False)
+    first = prepare_data(data_plan(cfg), tok, progress=False)
+    second = prepare_data(data_plan(cfg), tok, progress=False)
     assert (first.stats["cache"], second.stats["cache"]) == ("miss", "hit")
     assert first.stats["cache_dir"] == second.stats["cache_dir"]
     strip = lambda s: {k: v for k, v in s.items() if k != "cache"}  # noqa: E731
@@ -72,21 +73,21 @@ def test_which_config_keys_change_the_cache_key(tmp_path, tok, change, same):
 
 def test_data_bytes_tokenizer_and_dataset_entries_change_the_key(tmp_path, tok):
     cfg = base_cfg(tmp_path)
-    assert prepare_data(cfg, tok, progress=False).stats["cache"] == "miss"
+    assert prepare_data(data_plan(cfg), tok, progress=False).stats["cache"] == "miss"
     data = tmp_path / "train.jsonl"
     data.write_bytes(data.read_bytes().replace(b"Count to 3", b"Count to 4"))  # one byte
-    p = prepare_data(cfg, tok, progress=False)
+    p = prepare_data(data_plan(cfg), tok, progress=False)
     assert p.stats["cache"] == "miss" and "Count to 4" in tok.decode(p.train[3]["input_ids"])
-    assert prepare_data(cfg, tok, progress=False).stats["cache"] == "hit"
+    assert prepare_data(data_plan(cfg), tok, progress=False).stats["cache"] == "hit"
     changed = load_tokenizer()
     changed.chat_template = changed.chat_template.replace("model", "assistant")
-    assert prepare_data(cfg, changed, progress=False).stats["cache"] == "miss"
+    assert prepare_data(data_plan(cfg), changed, progress=False).stats["cache"] == "miss"
     added = load_tokenizer()
     added.add_tokens(["<new_token>"])
-    assert prepare_data(cfg, added, progress=False).stats["cache"] == "miss"
+    assert prepare_data(data_plan(cfg), added, progress=False).stats["cache"] == "miss"
     renamed = cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"field_output": "answer"})]})
     with pytest.raises(UserError):  # a new key: the rows are read again and none has "answer"
-        prepare_data(renamed, tok, progress=False)
+        prepare_data(data_plan(renamed), tok, progress=False)
     assert len(entries(tmp_path)) == 4
 
 
@@ -100,38 +101,38 @@ def test_a_crash_while_writing_leaves_no_entry(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(pipeline, "_label_tokens", crash)  # runs after train/ and eval/ are on disk
     with pytest.raises(RuntimeError):
-        prepare_data(cfg, tok, progress=False)
+        prepare_data(data_plan(cfg), tok, progress=False)
     assert entries(tmp_path) == []
     monkeypatch.undo()
-    assert prepare_data(cfg, tok, progress=False).stats["cache"] == "miss"
+    assert prepare_data(data_plan(cfg), tok, progress=False).stats["cache"] == "miss"
 
 
 def test_a_damaged_entry_is_rebuilt(tmp_path, tok):
     cfg = base_cfg(tmp_path)
-    p = prepare_data(cfg, tok, progress=False)
+    p = prepare_data(data_plan(cfg), tok, progress=False)
     entry = tmp_path / "prepared" / entries(tmp_path)[0]
     (entry / "stats.json").unlink()
-    again = prepare_data(cfg, tok, progress=False)
+    again = prepare_data(data_plan(cfg), tok, progress=False)
     assert again.stats["cache"] == "miss" and again.stats["cache_dir"] == p.stats["cache_dir"]
     assert (entry / "stats.json").is_file() and entries(tmp_path) == [entry.name]
-    assert prepare_data(cfg, tok, progress=False).stats["cache"] == "hit"
+    assert prepare_data(data_plan(cfg), tok, progress=False).stats["cache"] == "hit"
 
 
 def test_commit_keeps_the_entry_another_process_finished_first(tmp_path, tok):
     cfg = base_cfg(tmp_path)
-    p = prepare_data(cfg, tok, progress=False)
+    p = prepare_data(data_plan(cfg), tok, progress=False)
     entry = tmp_path / "prepared" / entries(tmp_path)[0]
     late = tmp_path / "prepared" / ".tmp-late"
     late.mkdir()
     (late / "marker").write_text("x")
     cache.commit(late, entry)  # the same key finished twice: the first copy stays
     assert not late.exists() and not (entry / "marker").exists()
-    assert prepare_data(cfg, tok, progress=False).stats == {**p.stats, "cache": "hit"}
+    assert prepare_data(data_plan(cfg), tok, progress=False).stats == {**p.stats, "cache": "hit"}
 
 
 def test_validation_split_is_deterministic_under_seed(tmp_path, tok):
     def split(**kw):
-        p = prepare_data(base_cfg(tmp_path, **kw), tok, progress=False)
+        p = prepare_data(data_plan(base_cfg(tmp_path, **kw)), tok, progress=False)
         return [tok.decode(r) for r in p.train["input_ids"]], [tok.decode(r) for r in p.eval["input_ids"]], p.stats
 
     train, ev, stats = split(val_set_size=0.25, seed=1)
@@ -143,20 +144,20 @@ def test_validation_split_is_deterministic_under_seed(tmp_path, tok):
     assert split(val_set_size=0.25, seed=1)[:2] == (train, ev)  # same seed (a cache hit)
     cache_free = tmp_path / "other"
     cache_free.mkdir()
-    p = prepare_data(base_cfg(tmp_path, val_set_size=0.25, seed=1).model_copy(
-        update={"dataset_prepared_path": str(cache_free)}), tok, progress=False)
+    p = prepare_data(data_plan(base_cfg(tmp_path, val_set_size=0.25, seed=1).model_copy(
+        update={"dataset_prepared_path": str(cache_free)})), tok, progress=False)
     assert p.stats["cache"] == "miss" and [tok.decode(r) for r in p.eval["input_ids"]] == ev  # recomputed
     assert len(split(val_set_size=3)[1]) == 3
-    assert prepare_data(base_cfg(tmp_path), tok, progress=False).eval is None
+    assert prepare_data(data_plan(base_cfg(tmp_path)), tok, progress=False).eval is None
     with pytest.raises(UserError) as err:
-        prepare_data(base_cfg(tmp_path, val_set_size=20), tok, progress=False)
+        prepare_data(data_plan(base_cfg(tmp_path, val_set_size=20)), tok, progress=False)
     assert err.value.problems[0].key == "val_set_size"
 
 
 def test_test_datasets_are_the_eval_set(tmp_path, tok):
     held = tmp_path / "held.jsonl"
     write_rows(held, 4, start=100)
-    p = prepare_data(base_cfg(tmp_path, val_set_size=0.5, test_datasets=[{"path": str(held)}]), tok, progress=False)
+    p = prepare_data(data_plan(base_cfg(tmp_path, val_set_size=0.5, test_datasets=[{"path": str(held)}])), tok, progress=False)
     assert (p.stats["train_rows"], p.stats["eval_rows"], p.stats["rows_in"]) == (20, 4, 24)
     assert "Count to 100" in tok.decode(p.eval[0]["input_ids"])
     assert p.stats["tokens"] == p.stats["train_tokens"] + p.stats["eval_tokens"] == \

@@ -10,6 +10,7 @@ from archtune.assets import load_tokenizer
 from archtune.config.schema import Config
 from archtune.data import DROP_REASONS, prepare_data
 from archtune.errors import UserError
+from tests.data_plan import data_plan
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def write_broken_jsonl(path) -> None:
 def test_malformed_jsonl_rows_are_dropped_and_counted_by_reason(tmp_path, tok):
     data = tmp_path / "train.jsonl"
     write_broken_jsonl(data)
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(data)}]), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}])), tok, progress=False)
     s = p.stats
     assert (s["rows_in"], s["rows_kept"], s["train_rows"], s["eval_rows"]) == (8, 2, 2, 0)
     assert dropped(s) == {"bad_json": 2, "undecodable": 1, "missing_field": 1, "wrong_type": 1, "empty": 1}
@@ -68,7 +69,7 @@ def test_strict_data_reports_every_malformed_row_as_file_and_line(tmp_path, tok)
     data = tmp_path / "train.jsonl"
     write_broken_jsonl(data)
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True)), tok, progress=False)
     got = [(p.key, p.message.split(":")[0]) for p in err.value.problems]
     assert got == [(f"{data}:2", "bad_json"), (f"{data}:3", "undecodable"), (f"{data}:4", "bad_json"),
                    (f"{data}:5", "missing_field"), (f"{data}:6", "wrong_type"), (f"{data}:8", "empty")]
@@ -81,7 +82,7 @@ def test_strict_data_reports_every_malformed_row_as_file_and_line(tmp_path, tok)
 def test_strict_data_does_not_refuse_rows_that_are_only_too_long(tmp_path, tok):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [alpaca_row(1), alpaca_row(2, output="word " * 200)]))
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True, sequence_len=64), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True, sequence_len=64)), tok, progress=False)
     assert dropped(p.stats) == {"too_long": 1} and p.stats["train_rows"] == 1
 
 
@@ -91,11 +92,11 @@ def test_parquet_rows_are_named_by_row_number(tmp_path, tok):
 
     data = tmp_path / "train.parquet"
     pq.write_table(pa.table({"instruction": ["a", "b", None, "d"], "output": ["x", "", "z", "w"]}), data)
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(data)}]), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}])), tok, progress=False)
     assert (p.stats["rows_in"], p.stats["train_rows"]) == (4, 2)
     assert dropped(p.stats) == {"empty": 1, "missing_field": 1}
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True)), tok, progress=False)
     assert [p.key for p in err.value.problems] == [f"{data}:row 2", f"{data}:row 3"]
 
 
@@ -110,33 +111,33 @@ def test_csv_cells_are_strings_and_rows_keep_their_first_line(tmp_path, tok):
         b"Y\n"                             # 7 missing output
         b"Z,,caf\xe9\n")                   # 8 not UTF-8
     cfg = cfg_for(tmp_path, [{"path": str(data)}])
-    p = prepare_data(cfg, tok, progress=False)
+    p = prepare_data(data_plan(cfg), tok, progress=False)
     assert dropped(p.stats) == {"empty": 1, "missing_field": 1, "undecodable": 1}
     assert tok.decode(p.train[1]["input_ids"]).endswith("### Response:\n42<eos>")
     with pytest.raises(UserError) as err:
-        prepare_data(cfg.model_copy(update={"strict_data": True}), tok, progress=False)
+        prepare_data(data_plan(cfg.model_copy(update={"strict_data": True})), tok, progress=False)
     assert [p.key for p in err.value.problems] == [f"{data}:5", f"{data}:7", f"{data}:8"]
 
 
 def test_json_array_file_rows_and_their_lines(tmp_path, tok):
     data = tmp_path / "train.json"
     data.write_text(json.dumps([alpaca_row(1), {"instruction": "no output"}, alpaca_row(2)], indent=2))
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(data)}]), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}])), tok, progress=False)
     assert p.stats["train_rows"] == 2 and dropped(p.stats) == {"missing_field": 1}
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}], strict_data=True)), tok, progress=False)
     assert [p.key for p in err.value.problems] == [f"{data}:7"]  # the line the object starts on
     broken = tmp_path / "broken.json"
     broken.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]\n')
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(broken)}]), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(broken)}])), tok, progress=False)
     assert err.value.problems[0].key == f"{broken}:3" and "JSONL" in err.value.problems[0].fix
 
 
 def test_jsonl_content_in_a_json_file_is_read_line_by_line(tmp_path, tok):
     data = tmp_path / "train.json"
     data.write_text(json.dumps(alpaca_row(1)) + "\n{oops\n" + json.dumps(alpaca_row(2)) + "\n")
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(data)}]), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}])), tok, progress=False)
     assert p.stats["train_rows"] == 2 and dropped(p.stats) == {"bad_json": 1}
 
 
@@ -146,16 +147,16 @@ def test_directory_reads_the_split_and_data_files(tmp_path, tok):
     (d / "train.jsonl").write_text("\n".join(json.dumps(alpaca_row(i)) for i in range(3)))
     (d / "test.jsonl").write_text(json.dumps(alpaca_row(9)))
     (d / "README.md").write_text("not data")
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(d)}]), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(d)}])), tok, progress=False)
     assert p.stats["train_rows"] == 3
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(d), "split": "test"}]), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(d), "split": "test"}])), tok, progress=False)
     assert p.stats["train_rows"] == 1
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(d), "data_files": ["test.jsonl", "train.jsonl"]}]),
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(d), "data_files": ["test.jsonl", "train.jsonl"]}])),
                      tok, progress=False)
     assert p.stats["train_rows"] == 4
     assert "Say 9" in tok.decode(p.train[0]["input_ids"])  # in the order data_files names them
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(d), "split": "validation"}]), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(d), "split": "validation"}])), tok, progress=False)
     assert err.value.problems[0].key == "datasets.0.split"
 
 
@@ -163,17 +164,17 @@ def test_file_type_from_ds_type_and_errors_that_name_the_key(tmp_path, tok):
     odd = tmp_path / "rows.txt"
     odd.write_text(json.dumps(alpaca_row(1)))
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(odd)}]), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(odd)}])), tok, progress=False)
     assert err.value.problems[0].key == "datasets.0.ds_type"
-    p = prepare_data(cfg_for(tmp_path, [{"path": str(odd), "ds_type": "json"}]), tok, progress=False)
+    p = prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(odd), "ds_type": "json"}])), tok, progress=False)
     assert p.stats["train_rows"] == 1
     good = {"path": str(odd), "ds_type": "json"}
     for missing in ("./nope.jsonl", str(tmp_path / "nope.jsonl"), "data/sub/dir"):
         with pytest.raises(UserError) as err:
-            prepare_data(cfg_for(tmp_path, [good, {"path": missing}]), tok, progress=False)
+            prepare_data(data_plan(cfg_for(tmp_path, [good, {"path": missing}])), tok, progress=False)
         assert err.value.problems[0].key == "datasets.1.path" and "does not exist" in err.value.problems[0].message
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [good], test_datasets=[{"path": "./nope.csv"}]), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [good], test_datasets=[{"path": "./nope.csv"}])), tok, progress=False)
     assert err.value.problems[0].key == "test_datasets.0.path"
 
 
@@ -188,7 +189,7 @@ def test_unreadable_file_is_a_user_error_naming_the_key(tmp_path, tok, monkeypat
 
     monkeypatch.setattr(cache, "file_digest", denied)
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(data)}]), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}])), tok, progress=False)
     assert err.value.problems[0].key == "datasets.0.path" and "Permission denied" in err.value.problems[0].message
 
 
@@ -196,7 +197,7 @@ def test_no_usable_rows_is_an_error_with_the_reasons(tmp_path, tok):
     data = tmp_path / "train.jsonl"
     data.write_text('{"instruction": "x"}\nnot json\n')
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": str(data)}]), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": str(data)}])), tok, progress=False)
     problem = err.value.problems[0]
     assert problem.key == "datasets" and "missing_field 1" in problem.message and "bad_json 1" in problem.message
 
@@ -212,17 +213,17 @@ def test_hub_id_is_loaded_with_name_and_split(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = cfg_for(tmp_path, [{"path": "org/some-set", "name": "en", "split": "train[:10]"}])
-    p = prepare_data(cfg, tok, progress=False)
+    p = prepare_data(data_plan(cfg), tok, progress=False)
     assert calls == [("org/some-set", "en", "train[:10]", None)]
     assert (p.stats["train_rows"], dropped(p.stats)) == (1, {"empty": 1})
-    assert prepare_data(cfg, tok, progress=False).stats["cache"] == "hit"
+    assert prepare_data(data_plan(cfg), tok, progress=False).stats["cache"] == "hit"
     other = cfg_for(tmp_path, [{"path": "org/some-set", "name": "en", "split": "train[:20]"}])
-    assert prepare_data(other, tok, progress=False).stats["cache"] == "miss"
+    assert prepare_data(data_plan(other), tok, progress=False).stats["cache"] == "miss"
 
     def failing(*a, **kw):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(UserError) as err:
-        prepare_data(cfg_for(tmp_path, [{"path": "org/other"}]), tok, progress=False)
+        prepare_data(data_plan(cfg_for(tmp_path, [{"path": "org/other"}])), tok, progress=False)
     assert err.value.problems[0].key == "datasets.0.path" and "no network" in err.value.problems[0].message

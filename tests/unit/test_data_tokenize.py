@@ -10,6 +10,7 @@ from archtune.assets import load_tokenizer
 from archtune.config.schema import Config, DatasetConfig
 from archtune.data import DataCollator, encode_prompt, prepare_data, render_prompt
 from archtune.data.tokenize import RowEncoder, TokenizeSettings
+from tests.data_plan import data_plan
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def prepare(tmp_path, tok, rows, ds=None, **kw):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = Config(base_model="tiny:test", datasets=[{"path": str(data), **(ds or {})}],
                  dataset_prepared_path=str(tmp_path / "prepared"), **kw)
-    return prepare_data(cfg, tok, progress=False)
+    return prepare_data(data_plan(cfg), tok, progress=False)
 
 
 def trained_spans(tok, row) -> list[str]:

@@ -23,6 +23,7 @@ import yaml
 
 from archtune.config import Config, DatasetConfig, config_from_dict, load_config
 from archtune.errors import UserError
+from tests.data_plan import data_plan
 
 SEED = int(os.environ.get("ARCHTUNE_FUZZ_SEED", "20261130"))
 N_CONFIG_DICTS = 1200
@@ -511,7 +512,8 @@ def test_damaged_data_files_never_crash(tokenizer, tmp_path):
                "strict_data": r.random() < 0.4, "val_set_size": r.choice([0, 0, 0.5, 3]),
                "dataset_prepared_path": str(tmp_path / "prepared")}
         cfg = config_from_dict(raw)
-        out.run(f"data file #{i}: {_case(raw)}", lambda: prepare_data(cfg, tokenizer, progress=False), given=raw)
+        out.run(f"data file #{i}: {_case(raw)}", lambda: prepare_data(data_plan(cfg), tokenizer, progress=False),
+                given=raw)
     out.check()
 
 

@@ -11,6 +11,7 @@ from archtune.data.preference import prepare_preference_data, unpair
 from archtune.errors import UserError
 from archtune.models.tiny import build_tiny_config
 from archtune.plan import resolve
+from tests.data_plan import data_plan
 
 USER = {"role": "user", "content": "Give the category of each word.\ncat red"}
 
@@ -25,7 +26,7 @@ def prepare(tmp_path, tok, rows, ds_type="chat_template.default", **keys):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     cfg = config_from_dict({"base_model": "tiny:llama", "rl": "dpo", "datasets": [{"path": str(path), "type": ds_type}],
                             **keys})
-    return prepare_preference_data(cfg, tok, progress=False)
+    return prepare_preference_data(data_plan(cfg), tok, progress=False)
 
 
 def test_chat_pairs_prompt_is_the_generation_prompt_and_answers_end_at_the_turn_marker(tmp_path, tok):
@@ -70,7 +71,7 @@ def test_kto_rows_and_pairs_unpaired(tmp_path, tok):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = config_from_dict({"base_model": "tiny:llama", "rl": "kto",
                             "datasets": [{"path": str(path), "type": "chat_template.default"}]})
-    data = prepare_preference_data(cfg, tok, progress=False)
+    data = prepare_preference_data(data_plan(cfg), tok, progress=False)
     assert data.train["label"] == [True, False]
     pair = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4]}
     assert unpair([pair]) == [{"prompt_ids": [1, 2], "completion_ids": [3], "label": True},
@@ -82,7 +83,7 @@ def test_bradley_terry_rows_are_whole_conversations(tmp_path, tok):
     path.write_text(json.dumps({"input": USER["content"], "chosen": "animal color", "rejected": "red cat"}) + "\n")
     cfg = config_from_dict({"base_model": "tiny:llama", "reward_model": True,
                             "datasets": [{"path": str(path), "type": "bradley_terry.chat_template"}]})
-    row = prepare_preference_data(cfg, tok, progress=False).train[0]
+    row = prepare_preference_data(data_plan(cfg), tok, progress=False).train[0]
     whole = tok.apply_chat_template([USER, {"role": "assistant", "content": "animal color"}], tokenize=False)
     assert tok.decode(row["chosen_ids"]) == whole.rstrip()
     assert "prompt_ids" not in row

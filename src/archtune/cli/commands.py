@@ -175,7 +175,7 @@ def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    data = prepare_data(cfg, setup.tokenizer, progress=not as_json, media=setup.media)
+    data = prepare_data(setup.plan, setup.tokenizer, progress=not as_json, media=setup.media)
     if as_json:
         print(json.dumps(data.stats))
         return
@@ -207,7 +207,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
             console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
                           + f" ({weights} weights)")
         return
-    data = prepare_data(cfg, setup.tokenizer, progress=not as_json, media=setup.media)
+    data = prepare_data(setup.plan, setup.tokenizer, progress=not as_json, media=setup.media)
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data",
                                "set test_datasets, or val_set_size > 0")

@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 # Bump when the tokenization code changes what it produces for the same inputs.
 CACHE_VERSION = 2  # 2: rows keep their "source" (FILE:LINE)
-DEFAULT_DIR = "last_run_prepared"
 TOKEN_KEYS: tuple[str, ...] = (
     "datasets", "test_datasets", "val_set_size", "seed", "sequence_len", "excess_length_strategy",
     "strict_data", "train_on_inputs", "chat_template", "eot_tokens", "special_tokens")
@@ -58,6 +57,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def config_material(cfg) -> dict:
+    """The TOKEN_KEYS of the config as written (hashed: what the user wrote that shapes tokens)."""
     data = cfg.model_dump(mode="json")
     return {k: data.get(k) for k in TOKEN_KEYS}
 
@@ -68,10 +68,6 @@ def cache_key(cfg, tokenizer, sources: list[dict]) -> tuple[str, dict]:
     material = {"version": CACHE_VERSION, "config": config_material(cfg), "sources": sources,
                 "tokenizer": tokenizer_fingerprint(tokenizer)}
     return _sha(material), material
-
-
-def cache_root(cfg) -> Path:
-    return Path(cfg.dataset_prepared_path or DEFAULT_DIR)
 
 
 def load(entry: Path, in_memory: bool = False):

@@ -424,18 +424,11 @@ def render_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_te
     return prompt
 
 
-def resolve_chat_template(value: str | None, tokenizer) -> str | None:
-    """cfg.chat_template -> the Jinja string to render with (None: the tokenizer's own): a name
-    of config.chat_templates, or a Jinja string as written."""
-    from archtune.config.chat_templates import CHAT_TEMPLATES, template_problem
-
-    if value is None or value == "tokenizer_default":
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError.single(
-                "chat_template", "a dataset has type chat_template but the tokenizer has no chat template",
-                "set chat_template to a template name (chatml, llama3, gemma3, gemma4, qwen3_5, ...) or a Jinja string")
-        return None
-    problem = template_problem(value)
-    if problem:
-        raise UserError.single("chat_template", *problem)
-    return CHAT_TEMPLATES.get(value, value)
+def resolve_chat_template(template: str | None, tokenizer) -> str | None:
+    """The chat template to render with: the plan's (Jinja text, `plan.data.chat_template`), or
+    None for the tokenizer's own, which must then exist."""
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise UserError.single(
+            "chat_template", "a dataset has type chat_template but the tokenizer has no chat template",
+            "set chat_template to a template name (chatml, llama3, gemma3, gemma4, qwen3_5, ...) or a Jinja string")
+    return template

@@ -1,6 +1,6 @@
 """The data pipeline: load -> format -> tokenize + mask -> validate -> split -> cache.
 
-    prepared = prepare_data(cfg, tokenizer)
+    prepared = prepare_data(plan, tokenizer)   # plan.data: every setting it reads (plan/data_settings.py)
     prepared.train  # datasets.Dataset: input_ids, labels (-100 = no loss), length
     prepared.eval   # same columns, or None
     prepared.stats  # JSON-able counts (see STATS_KEYS)
@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from archtune.config.schema import Config, DatasetConfig
+from typing import TYPE_CHECKING
+
+from archtune.config.schema import DatasetConfig
 from archtune.data import cache, formats
 from archtune.data.formats import DROP_REASONS, FIXES
 from archtune.data.packing import pack_dataset, packing_stats
@@ -31,6 +33,10 @@ from archtune.data.readers import _read_source
 from archtune.data.sources import Source, resolve_source, slice_rows
 from archtune.data.tokenize import IGNORE_INDEX, RowEncoder, TokenizeSettings, check_eot_tokens, check_tokenizer
 from archtune.errors import Problem, UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from archtune.plan import Plan
+    from archtune.plan.data_settings import DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +192,17 @@ def _label_tokens(ds) -> tuple[int, int]:
             int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0))
 
 
-def _split(train, cfg: Config):
-    """Hold out val_set_size rows, chosen by cfg.seed; both parts keep the file order."""
+def _split(train, data: "DataSettings"):
+    """Hold out val_set_size rows, chosen by seed; both parts keep the file order."""
     import numpy as np
 
     n = len(train)
-    size = cfg.val_set_size
+    size = data.val_set_size
     n_eval = int(size) if size >= 1 else math.ceil(n * size)
     if n_eval >= n:
         raise UserError.single("val_set_size", f"holds out {n_eval} of the {n} usable rows, leaving none to train on",
                                "lower val_set_size (a fraction < 1, or a row count)")
-    order = np.random.default_rng(cfg.seed).permutation(n)
+    order = np.random.default_rng(data.seed).permutation(n)
     return _select(train, sorted(order[n_eval:].tolist())), _select(train, sorted(order[:n_eval].tolist()))
 
 
@@ -206,18 +212,18 @@ def _no_rows_error(key: str, tally: _Tally) -> UserError:
                             "fix the data (strict_data: true lists every bad row as FILE:LINE)")
 
 
-def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path, media=None):
-    settings = TokenizeSettings(sequence_len=cfg.sequence_len, excess_length_strategy=cfg.excess_length_strategy,
-                                train_on_inputs=cfg.train_on_inputs, chat_template=cfg.chat_template,
-                                eot_tokens=tuple(cfg.eot_tokens or ()))
+def _build(data: "DataSettings", tokenizer, train_srcs, eval_srcs, tmp: Path, media=None):
+    settings = TokenizeSettings(sequence_len=data.sequence_len, excess_length_strategy=data.excess_length_strategy,
+                                train_on_inputs=data.train_on_inputs, chat_template=data.chat_template,
+                                eot_tokens=data.eot_tokens)
     work = tmp / "_work"
     work.mkdir()
     train_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"train{i}", media))
                    for i, s in enumerate(train_srcs)]
     eval_parts = [(s, _tokenize_source(s, tokenizer, settings, work, f"eval{i}", media))
                   for i, s in enumerate(eval_srcs)]
-    t = _tally(train_parts, cfg.strict_data)
-    e = _tally(eval_parts, cfg.strict_data) if eval_parts else None
+    t = _tally(train_parts, data.strict_data)
+    e = _tally(eval_parts, data.strict_data) if eval_parts else None
     problems = t.problems + (e.problems if e else [])
     mismatched = [p for p in problems if p.key.endswith(".type")]
     if mismatched:
@@ -235,8 +241,8 @@ def _build(cfg: Config, tokenizer, train_srcs, eval_srcs, tmp: Path, media=None)
     if e is not None and len(e.kept) == 0:
         raise _no_rows_error("test_datasets", e)
     train, ev = t.kept, (e.kept if e else None)
-    if ev is None and cfg.val_set_size > 0:
-        train, ev = _split(train, cfg)
+    if ev is None and data.val_set_size > 0:
+        train, ev = _split(train, data)
     train.save_to_disk(str(tmp / "train"))
     if ev is not None:
         ev.save_to_disk(str(tmp / "eval"))
@@ -273,19 +279,16 @@ def _media_rows(ds, column: str) -> int:
 
 # ================================================================ entry point
 
-def _refuse_packed_media(cfg: Config, stats: dict, media: MediaSetup | None) -> None:
+def _refuse_packed_media(data: "DataSettings", stats: dict, media: MediaSetup | None) -> None:
     """Packing would drop the image and audio columns (or, exactly done, needs the model's
     per-document media attention): rows with media are never packed unless the family says it is exact."""
     for kind, rows in (("images", stats.get("image_rows") or {}), ("audio", stats.get("audio_rows") or {})):
-        for split, key, on in (("train", "sample_packing", cfg.sample_packing),
-                               ("eval", "eval_sample_packing", eval_packing(cfg))):
+        for split, key, on in (("train", "sample_packing", data.sample_packing),
+                               ("eval", "eval_sample_packing", data.eval_sample_packing)):
             if on and rows.get(split) and (media is None or media.packing_refusal):
                 why = media.packing_refusal if media is not None else f"packing does not carry {kind}"
                 raise UserError.single(key, f"{rows[split]} {split} rows carry {kind}, which are not packed: {why}",
                                        f"set {key}: false for this data")
-
-def eval_packing(cfg: Config) -> bool:
-    return cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
 
 
 @dataclass
@@ -299,33 +302,35 @@ class MediaSetup:
     packing_refusal: str | None = None
 
 
-def prepare_data(cfg: Config, tokenizer, *, progress: bool = True, media: MediaSetup | None = None) -> PreparedData:
-    """Tokenized, masked, validated train (and eval) data, from the cache when it has them.
+def prepare_data(plan: "Plan", tokenizer, *, progress: bool = True, media: MediaSetup | None = None) -> PreparedData:
+    """Tokenized, masked, validated train (and eval) data, from the cache when it has them, as the
+    plan decided (`plan.data`).
 
     Raises UserError naming the key (datasets.N.path, val_set_size, ...) or FILE:LINE.
     """
+    data = plan.data
     check_tokenizer(tokenizer)
-    check_eot_tokens(tokenizer, cfg.eot_tokens)
-    train_srcs = [resolve_source(ds, f"datasets.{i}") for i, ds in enumerate(cfg.datasets)]
-    eval_srcs = [resolve_source(ds, f"test_datasets.{i}") for i, ds in enumerate(cfg.test_datasets or [])]
+    check_eot_tokens(tokenizer, data.eot_tokens)
+    train_srcs = [resolve_source(ds, f"datasets.{i}") for i, ds in enumerate(data.datasets)]
+    eval_srcs = [resolve_source(ds, f"test_datasets.{i}") for i, ds in enumerate(data.test_datasets)]
     described = [s.describe() for s in train_srcs + eval_srcs]
     if media is not None and media.processor is not None:
         described.append({"processor": media.processor.fingerprint()})
-    key, material = cache.cache_key(cfg, tokenizer, described)
-    root = cache.cache_root(cfg)
+    key, material = cache.cache_key(plan.config, tokenizer, described)
+    root = Path(data.prepared_path)
     entry = (root / key).resolve()
-    hit = None if cfg.skip_prepare_dataset else cache.load(entry)
-    if cfg.skip_prepare_dataset:  # Axolotl's meaning: tokenize for this run only, write no cache
+    hit = None if data.skip_prepare_dataset else cache.load(entry)
+    if data.skip_prepare_dataset:  # Axolotl's meaning: tokenize for this run only, write no cache
         import tempfile
 
         with _progress_bars(progress), tempfile.TemporaryDirectory(prefix="archtune-data-") as tmp:
-            stats = _build(cfg, tokenizer, train_srcs, eval_srcs, Path(tmp))
+            stats = _build(data, tokenizer, train_srcs, eval_srcs, Path(tmp))
             cache.write_json(Path(tmp) / cache.STATS_FILE, stats)
             hit = cache.load(Path(tmp), in_memory=True)
         state, entry = "skipped", Path("(not cached: skip_prepare_dataset)")
     elif hit is None:
         with _progress_bars(progress), cache.staging(root, key) as tmp:
-            stats = _build(cfg, tokenizer, train_srcs, eval_srcs, tmp, media)
+            stats = _build(data, tokenizer, train_srcs, eval_srcs, tmp, media)
             cache.write_json(tmp / "key.json", material)
             cache.write_json(tmp / cache.STATS_FILE, stats)
             cache.commit(tmp, entry)
@@ -338,14 +343,14 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True, media: MediaS
         state = "hit"
     train, ev, stats = hit
     stats = {**stats, "cache": state, "cache_dir": str(entry)}
-    _refuse_packed_media(cfg, stats, media)
+    _refuse_packed_media(data, stats, media)
     # Packing runs after the cache, so turning it on or off never re-tokenizes.
-    if cfg.sample_packing:
-        train = pack_dataset(train, cfg.sequence_len, seed=cfg.seed)
-        stats["packing"] = {"train": packing_stats(train, cfg.sequence_len)}
-    if ev is not None and eval_packing(cfg):
-        ev = pack_dataset(ev, cfg.sequence_len, seed=cfg.seed)
-        stats.setdefault("packing", {})["eval"] = packing_stats(ev, cfg.sequence_len)
+    if data.sample_packing:
+        train = pack_dataset(train, data.sequence_len, seed=data.seed)
+        stats["packing"] = {"train": packing_stats(train, data.sequence_len)}
+    if ev is not None and data.eval_sample_packing:
+        ev = pack_dataset(ev, data.sequence_len, seed=data.seed)
+        stats.setdefault("packing", {})["eval"] = packing_stats(ev, data.sequence_len)
     dropped = {r: n for r, n in stats["rows_dropped"].items() if n}
     log.info("data: %d train rows, %d eval rows, %d tokens (cache %s: %s)%s", stats["train_rows"],
              stats["eval_rows"], stats["tokens"], state, entry,
@@ -353,4 +358,4 @@ def prepare_data(cfg: Config, tokenizer, *, progress: bool = True, media: MediaS
     return PreparedData(train=train, eval=ev, stats=stats)
 
 
-__all__ = ["PreparedData", "prepare_data", "eval_packing", "STATS_KEYS"]
+__all__ = ["PreparedData", "prepare_data", "STATS_KEYS"]

@@ -33,14 +33,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from archtune.config.schema import Config, DatasetConfig
+from archtune.config.schema import DatasetConfig
 from archtune.data import formats
 from archtune.data.formats import FIXES, FormatContext, RowError, render_chat
 from archtune.data.tokenize import _is_utf8, bos_to_add, check_tokenizer, special_token_strings
 from archtune.errors import Problem, UserError
 from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED, data_kind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from archtune.plan import Plan
+    from archtune.plan.data_settings import DataSettings
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -196,18 +200,19 @@ def _rows(src, work) -> list[tuple[str, Any]]:
     return out
 
 
-def _encode_source(src, cfg: Config, enc: _Encoder, kind: str, work, dropped: Counter, problems: list) -> list[dict]:
+def _encode_source(src, data: "DataSettings", enc: _Encoder, kind: str, work, dropped: Counter,
+                   problems: list) -> list[dict]:
     kept = []
     for where, row in _rows(src, work):
         try:
             if isinstance(row, RowError):
                 raise row
             item = encode_row(row, src.cfg, enc, kind)
-            if _length(item) > cfg.sequence_len and cfg.excess_length_strategy != "truncate":
-                raise RowError(formats.TOO_LONG, f"{_length(item)} tokens > sequence_len {cfg.sequence_len}")
+            if _length(item) > data.sequence_len and data.excess_length_strategy != "truncate":
+                raise RowError(formats.TOO_LONG, f"{_length(item)} tokens > sequence_len {data.sequence_len}")
         except RowError as exc:
             dropped[exc.reason] += 1
-            if cfg.strict_data and exc.reason != formats.TOO_LONG:
+            if data.strict_data and exc.reason != formats.TOO_LONG:
                 problems.append(Problem(where, f"{exc.reason}: {exc.detail}", FIXES[exc.reason]))
             continue
         kept.append({**item, SOURCE: where})
@@ -238,8 +243,8 @@ def _dataset(rows: list[dict]):
     return Dataset.from_dict({k: [r[k] for r in rows] for k in columns})
 
 
-def prepare_preference_data(cfg: Config, tokenizer, *, progress: bool = True) -> PreferenceData:
-    """Tokenized preference rows (train, eval) for `cfg` (an rl or reward_model config)."""
+def prepare_preference_data(plan: "Plan", tokenizer, *, progress: bool = True) -> PreferenceData:
+    """Tokenized preference rows (train, eval) for the plan of an rl or reward_model config (`plan.data`)."""
     import tempfile
     from pathlib import Path
 
@@ -248,12 +253,13 @@ def prepare_preference_data(cfg: Config, tokenizer, *, progress: bool = True) ->
     from archtune.data.sources import resolve_source
     from archtune.data.formats import resolve_chat_template
 
-    kind = data_kind(cfg)
+    data = plan.data
+    kind = data_kind(plan.config)
     check_tokenizer(tokenizer)
-    entries = [(f"datasets.{i}", ds) for i, ds in enumerate(cfg.datasets)]
-    entries += [(f"test_datasets.{i}", ds) for i, ds in enumerate(cfg.test_datasets or [])]
+    entries = [(f"datasets.{i}", ds) for i, ds in enumerate(data.datasets)]
+    entries += [(f"test_datasets.{i}", ds) for i, ds in enumerate(data.test_datasets)]
     uses_template = any(ds.type != "passthrough.default" for _, ds in entries)
-    template = resolve_chat_template(cfg.chat_template, tokenizer) if uses_template else None
+    template = resolve_chat_template(data.chat_template, tokenizer) if uses_template else None
     enc = _Encoder(tokenizer, FormatContext(tokenizer=tokenizer, chat_template=template,
                                             special_tokens=special_token_strings(tokenizer)),
                    bos_to_add(tokenizer), getattr(tokenizer, "eos_token_id", None),
@@ -267,7 +273,7 @@ def prepare_preference_data(cfg: Config, tokenizer, *, progress: bool = True) ->
         for key, ds in entries:
             src = resolve_source(ds, key)
             before = sum(dropped.values())
-            rows = _encode_source(src, cfg, enc, kind, Path(work), dropped, problems)
+            rows = _encode_source(src, data, enc, kind, Path(work), dropped, problems)
             rows_in += len(rows) + sum(dropped.values()) - before
             (evals if key.startswith("test_") else train).extend(rows)
     if problems:
@@ -280,12 +286,12 @@ def prepare_preference_data(cfg: Config, tokenizer, *, progress: bool = True) ->
         why = ", ".join(f"{r} {c}" for r, c in dropped.most_common()) or "the data is empty"
         raise UserError.single("datasets", f"no usable rows ({rows_in} read; dropped: {why})",
                                "fix the data (strict_data: true lists every bad row as FILE:LINE)")
-    if not cfg.test_datasets and cfg.val_set_size > 0:
-        n_eval = int(cfg.val_set_size) if cfg.val_set_size >= 1 else int(np.ceil(len(train) * cfg.val_set_size))
+    if not data.test_datasets and data.val_set_size > 0:
+        n_eval = int(data.val_set_size) if data.val_set_size >= 1 else int(np.ceil(len(train) * data.val_set_size))
         if n_eval >= len(train):
             raise UserError.single("val_set_size", f"holds out {n_eval} of the {len(train)} usable rows, leaving none "
                                    "to train on", "lower val_set_size (a fraction < 1, or a row count)")
-        order = np.random.default_rng(cfg.seed).permutation(len(train))
+        order = np.random.default_rng(data.seed).permutation(len(train))
         held = set(order[:n_eval].tolist())
         evals = [r for i, r in enumerate(train) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]

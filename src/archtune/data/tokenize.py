@@ -31,8 +31,8 @@ class TokenizeSettings:
     sequence_len: int
     excess_length_strategy: str = "drop"  # "drop" | "truncate"
     train_on_inputs: bool = False
-    chat_template: str | None = None  # cfg.chat_template as written
-    eot_tokens: tuple[str, ...] = ()  # cfg.eot_tokens: turn-end markers that get loss with their turn
+    chat_template: str | None = None  # the plan's chat template (Jinja text); None: the tokenizer's own
+    eot_tokens: tuple[str, ...] = ()  # eot_tokens: turn-end markers that get loss with their turn
 
 
 def special_token_strings(tokenizer) -> tuple[str, ...]:
@@ -76,7 +76,7 @@ class RowEncoder:
         # Rows with images render with the processor's chat template (the tokenizer's may not
         # render image parts), unless the config names one.
         template_owner = media.processor if media is not None and getattr(media.processor, "chat_template", None) \
-            and settings.chat_template in (None, "tokenizer_default") else tokenizer
+            and settings.chat_template is None else tokenizer
         template = (formats.resolve_chat_template(settings.chat_template, template_owner)
                     if ds.type == "chat_template" else None)
         if template is None and template_owner is not tokenizer:

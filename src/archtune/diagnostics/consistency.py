@@ -280,25 +280,22 @@ def _compare(train: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> tupl
     return max_diff, float(r.abs().max())
 
 
-def probe_batch(cfg, tokenizer, plan=None) -> dict:
+def probe_batch(cfg, tokenizer, plan) -> dict:
     """The first micro_batch_size training rows of the configured data, collated as training does
     (rows with images: their image inputs too)."""
     from archtune.data import prepare_data
     from archtune.data.collate import DataCollator
 
-    media = None
-    if plan is not None:
-        from archtune.train.recipe import media_setup
+    from archtune.train.recipe import media_setup
 
-        media = media_setup(plan)
-    data = prepare_data(cfg, tokenizer, progress=False, media=media)
+    media = media_setup(plan)
+    data = prepare_data(plan, tokenizer, progress=False, media=media)
     n = min(cfg.micro_batch_size, len(data.train))
     rows = data.train.select(range(n))
     features = [rows[i] for i in range(n)]
-    drop = plan.drop_attention_mask if plan is not None else True
-    batch = DataCollator(tokenizer, drop_attention_mask=drop, media=media.processor if media else None)(features)
-    if (plan is not None and "position_ids" in batch and plan.get("sample_packing")
-            and plan.drop_attention_mask):
+    batch = DataCollator(tokenizer, drop_attention_mask=plan.drop_attention_mask,
+                         media=media.processor if media else None)(features)
+    if "position_ids" in batch and plan.get("sample_packing") and plan.drop_attention_mask:
         # The family's packing policy: no attention mask, position_ids restart per document.
         mask = batch.pop("attention_mask", None)
         batch["real_token_mask"] = mask if mask is not None else batch["input_ids"] != tokenizer.pad_token_id

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
 from archtune.families import Family, Rule, detect, model_types_of
+from archtune.plan.data_settings import DataSettings, data_settings
 from archtune.plan.rules import GENERIC_RULES, LAYER_CLASSES_KEY, REFUSALS, family_rules
 from archtune.plan.structure import ModelStructure, StructureUnavailable, model_structure
 
@@ -110,6 +111,11 @@ class Plan:
     def drop_attention_mask(self) -> bool:
         """Packed batches carry no attention mask (documents are told apart by position_ids)."""
         return bool(self.decided("sample_packing_drop_attention_mask"))
+
+    @property
+    def data(self) -> DataSettings:
+        """Every setting the data pipeline reads, typed (plan/data_settings.py)."""
+        return data_settings(self)
 
     @property
     def eval_sample_packing(self) -> bool:

@@ -13,7 +13,7 @@ Two kinds, both `Rule(name, doc, apply)`:
 
 The rules sit by concern, each group in its own module: training_rules (precision, attention,
 optimizer, schedules, ...), adapter_rules (LoRA targets, freezing), distributed_rules (DDP, FSDP,
-checkpointing, decoder layers), packing, moe_rules (experts implementations, quantization),
+checkpointing, decoder layers), packing, data_settings (what data/ reads), moe_rules (experts implementations, quantization),
 loss_rules (chunked cross-entropy), preference (rl, reward models); this module holds the order,
 the two config-level rules (plugins, Axolotl keys without effect) and the family builders' table.
 
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from archtune.families.base import Family, Rule
 from archtune.plan.adapter_rules import (ADAPTER_RULES, confine_target_names, freeze_mm_modules,
                                          names_to_language_model_regex, no_all_linear_into_towers)
+from archtune.plan.data_settings import DATA_RULES
 from archtune.plan.distributed_rules import (DISTRIBUTED_REFUSALS, DISTRIBUTED_RULES, ddp_find_unused_parameters,
                                              fsdp1_refuses_quantized_base, non_reentrant_checkpointing)
 from archtune.plan.loss_rules import CHUNKED_CE_DEFAULT_CHUNKS, LARGE_VOCABULARY, LOSS_RULES
@@ -85,6 +86,7 @@ GENERIC_RULES: tuple[Rule, ...] = (
     *ADAPTER_RULES,
     *DISTRIBUTED_RULES,
     *PACKING_RULES,
+    *DATA_RULES,
     *MOE_RULES,
     Rule("plugins",
          "Only built-in plugins load; Axolotl's `axolotl.integrations.kernels.KernelsPlugin` is accepted as an alias "

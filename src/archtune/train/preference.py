@@ -371,7 +371,7 @@ def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> tuple
     from archtune.errors import UserError
     from archtune.models.load import load_model, load_trained
 
-    data = prepare_preference_data(cfg, tokenizer, progress=progress)
+    data = prepare_preference_data(plan, tokenizer, progress=progress)
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data", "set test_datasets, or val_set_size > 0")
     policy, weights = load_trained(cfg, plan, tokenizer)
@@ -437,7 +437,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     main = distributed.is_main()
     out = Path(cfg.output_dir)
     with distributed.main_process_first():
-        data = prepare_preference_data(cfg, tokenizer, progress=main)
+        data = prepare_preference_data(plan, tokenizer, progress=main)
     plugins = load_plugins(cfg)
     model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
     trainable, total = count_params(model)

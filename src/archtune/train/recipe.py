@@ -368,7 +368,7 @@ def _train(cfg: Config, console) -> dict:
         return train_preference(cfg, plan, tokenizer, console, resume)
 
     with distributed.main_process_first():  # rank 0 tokenizes and caches, the others read its cache
-        data: PreparedData = prepare_data(cfg, tokenizer, progress=main, media=setup.media)
+        data: PreparedData = prepare_data(plan, tokenizer, progress=main, media=setup.media)
     plugins = load_plugins(cfg)
     rss_before_model_mb = _rss_mb()  # what the process holds before the model: the baseline of its training memory
     model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
