@@ -2,8 +2,9 @@
 
 The bundled preference data (scripts/make_preference_data.py) prefers the quickstart task's answer
 (the categories of three words) over the other task's (the words reversed), on word lists the test
-files hold out. Each method trains once (module-scoped runs, shared by the assertions) for a few
-dozen steps; held-out preference accuracy must reach 0.9 and the reward margin must grow.
+files hold out. Each method trains once (module-scoped runs and evaluations, shared by the
+assertions) for 6 to 30 steps; held-out preference accuracy must reach 0.9 and the reward margin
+must grow.
 """
 from __future__ import annotations
 
@@ -15,28 +16,31 @@ from tests.e2e.conftest import REPO, read_json, run_cli, write_config
 
 PREF = REPO / "examples" / "data" / "preference"
 COMMON = {"base_model": "tiny:llama", "sequence_len": 64, "micro_batch_size": 8, "learning_rate": 0.01,
-          "warmup_steps": 3, "logging_steps": 5, "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "seed": 3}
+          "warmup_steps": 3, "logging_steps": 5, "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "seed": 3,
+          "use_tensorboard": False}
 PAIRS = {"datasets": [{"path": str(PREF / "train.jsonl"), "type": "chat_template.default"}],
          "test_datasets": [{"path": str(PREF / "test.jsonl"), "type": "chat_template.default"}]}
 METHODS = {
-    "dpo": {"rl": "dpo", "max_steps": 30, **PAIRS},
-    "ipo": {"rl": "ipo", "max_steps": 20, **PAIRS},
+    "dpo": {"rl": "dpo", "max_steps": 15, **PAIRS},
+    "ipo": {"rl": "ipo", "max_steps": 10, **PAIRS},
     "orpo": {"rl": "orpo", "max_steps": 30, **PAIRS},
-    "simpo": {"rl": "simpo", "max_steps": 20, **PAIRS},
+    "simpo": {"rl": "simpo", "max_steps": 10, **PAIRS},
     # KTO trains on unpaired rows and is evaluated on the held-out pairs.
-    "kto": {"rl": "kto", "max_steps": 30, **PAIRS,
+    "kto": {"rl": "kto", "max_steps": 15, **PAIRS,
             "datasets": [{"path": str(PREF / "kto_train.jsonl"), "type": "chat_template.default"}]},
-    "reward": {"reward_model": True, "max_steps": 30,
+    "reward": {"reward_model": True, "max_steps": 20,
                "datasets": [{"path": str(PREF / "reward_train.jsonl"), "type": "bradley_terry.chat_template"}],
                "test_datasets": [{"path": str(PREF / "reward_test.jsonl"), "type": "bradley_terry.chat_template"}]},
     # Full fine-tune: the reference is a frozen copy of the starting weights.
     "dpo_full": {"rl": "dpo", "max_steps": 6, "adapter": None, "learning_rate": 0.001, **PAIRS},
+    # QLoRA: a bitsandbytes 4-bit base (its CPU path), the reference is that base with the adapter off.
+    "dpo_qlora": {"rl": "dpo", "max_steps": 6, "adapter": "qlora", "load_in_4bit": True, **PAIRS},
 }
 
 
 class Runs:
     def __init__(self, root, capsys):
-        self.root, self.capsys, self.done = root, capsys, {}
+        self.root, self.capsys, self.done, self.evaluated = root, capsys, {}, {}
 
     def config(self, name: str):
         keys = {**COMMON, **METHODS[name], "output_dir": str(self.root / name)}
@@ -48,6 +52,15 @@ class Runs:
             assert code == 0, err[-3000:]
             self.done[name] = read_json(self.root / name / "train_summary.json")
         return self.done[name]
+
+    def evaluate(self, name: str) -> dict:
+        """`archtune evaluate CONFIG --json` on the trained run."""
+        if name not in self.evaluated:
+            self(name)
+            code, out, err = run_cli(self.capsys, "evaluate", self.config(name), "--json")
+            assert code == 0, err[-3000:]
+            self.evaluated[name] = json.loads(out)
+        return self.evaluated[name]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +100,7 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 @pytest.mark.parametrize("name", ["dpo", "reward", "dpo_full"])
 def test_evaluate_json_reports_the_final_held_out_rewards(trained, name):
     s = trained(name)
-    code, out, err = run_cli(trained.capsys, "evaluate", trained.config(name), "--json")
-    assert code == 0, err[-3000:]
-    result = json.loads(out)
+    result = trained.evaluate(name)
     # The public shape: eval_loss, eval_tokens, eval_rows, plus the rewards under eval_ names.
     assert set(result) == {"eval_loss", "eval_tokens", "eval_rows"} | {f"eval_{k}" for k in REWARDS}
     assert isinstance(result["eval_loss"], float) and isinstance(result["eval_tokens"], int)
@@ -125,8 +136,22 @@ def test_eval_loss_is_the_chosen_answers_token_weighted_cross_entropy(trained):
             total += float(model(input_ids=ids, labels=labels).loss) * n
             tokens += n
     assert s["eval_loss_final"] == pytest.approx(total / tokens, rel=1e-5)
-    code, out, _ = run_cli(trained.capsys, "evaluate", trained.config("dpo"), "--json")
-    assert json.loads(out)["eval_tokens"] == tokens
+    assert trained.evaluate("dpo")["eval_tokens"] == tokens
+
+
+def test_qlora_dpo_trains_on_a_4bit_base_and_evaluate_reloads_it(trained):
+    """QLoRA + DPO on bitsandbytes' CPU path: the policy's linears are 4-bit, the reference is the
+    4-bit base with the adapter disabled, and `evaluate` reloads the base in 4 bit (as training saw
+    it), so it reports the figures of the run's final evaluation."""
+    pytest.importorskip("bitsandbytes")
+    s, lora = trained("dpo_qlora"), trained("dpo")
+    assert s["adapter"] == "qlora" and s["reference_model"] == "adapter_disabled"
+    assert s["model_bytes"] < 0.8 * lora["model_bytes"]  # the same tiny:llama base, its linears in 4 bit
+    assert s["eval_rewards/margins"] > s["eval_rewards/margins_initial"] == 0.0
+    result = trained.evaluate("dpo_qlora")
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert result[f"eval_{key}"] == pytest.approx(s[f"eval_{key}" if key != "loss" else "eval_loss_final"],
+                                                      abs=1e-5), key
 
 
 def test_full_fine_tune_trains_against_a_frozen_copy(trained):
@@ -215,3 +240,47 @@ def test_a_poisoned_pair_stops_dpo_naming_its_file_and_line(tmp_path, capsys):
         assert f"the last good checkpoint is {out / f'checkpoint-{step - 1}'}" in text
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(1, step)]
     assert not list(out.glob(".staging/*")) and not (out / "train_summary.json").exists()
+
+
+# ---------------------------------------------------------------- reward heads transformers lacks
+
+@pytest.mark.parametrize("tiny, family, from_dir", [("gemma4-moe", "gemma4", False),
+                                                    ("qwen3_5-moe", "qwen3_5_moe", True)])
+def test_reward_model_where_transformers_has_no_sequence_classification_class(capsys, tmp_path, tiny, family,
+                                                                              from_dir):
+    """Gemma 4 and Qwen 3.5 MoE reward models: the generic score head on the family's base model
+    (Qwen's from a model directory: its untied lm_head is the head the score replaces), with the
+    family rules intact (towers frozen, LoRA on the language model only); evaluate reloads it."""
+    base = f"tiny:{tiny}"
+    if from_dir:
+        base = str(tmp_path / "base")
+        code, _, err = run_cli(capsys, "init-tiny", tiny, base)
+        assert code == 0, err[-3000:]
+    # 8 pairs, 3 epochs: the head must fit them (evaluated on the same pairs).
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join((PREF / "reward_train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    cfg = write_config(tmp_path / "c.yaml", **{
+        **COMMON, "base_model": base, "reward_model": True, "lora_r": 8, "lora_alpha": 16, "num_epochs": 3,
+        "micro_batch_size": 4, "bf16": False, "output_dir": str(tmp_path / "out"),
+        "datasets": [{"path": str(pairs), "type": "bradley_terry.chat_template"}],
+        "test_datasets": [{"path": str(pairs), "type": "bradley_terry.chat_template"}]})
+    code, out, err = run_cli(capsys, "check", cfg, "--json")
+    head = json.loads(out)["settings"]["reward_head_class"]
+    assert code == 0 and head["value"].endswith("ForSequenceClassification") and head["source"] == "family"
+    code, _, err = run_cli(capsys, "train", cfg)
+    assert code == 0, err[-3000:]
+    s = read_json(tmp_path / "out" / "train_summary.json")
+    assert s["method"] == "reward" and s["family"] == family
+    assert s["steps"] == 6 and s["eval_loss_final"] < s["eval_loss_initial"]  # the pairwise loss falls
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("score.weight") for k in keys)
+    lora = [k for k in keys if "lora_" in k]
+    assert lora and all("language_model" in k for k in lora)  # the family's targets, towers untouched
+    code, out, err = run_cli(capsys, "evaluate", cfg, "--json")
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["eval_loss"] == pytest.approx(s["eval_loss_final"], abs=1e-5)
+    assert result["eval_rewards/margins"] == pytest.approx(s["eval_rewards/margins"], abs=1e-5)

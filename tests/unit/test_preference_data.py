@@ -148,5 +148,20 @@ def test_reward_model_head_and_lora_score():
     p = plan(reward_model=True, ds_type="bradley_terry.chat_template", adapter="lora")
     assert p.get("model_auto_class") == "AutoModelForSequenceClassification"
     assert p.get("lora_modules_to_save") == ["score"]
-    # transformers 5.24 has no sequence-classification class for Gemma 4: refused before loading.
-    assert "reward_model" in errors(plan("gemma4-moe", reward_model=True, ds_type="bradley_terry.chat_template"))
+    assert p.get("reward_head_class") is None  # transformers' own LlamaForSequenceClassification
+
+
+@pytest.mark.parametrize("name, head", [("gemma4-moe", "Gemma4ForSequenceClassification"),
+                                        ("qwen3_5-moe", "Qwen3_5MoeForSequenceClassification")])
+def test_reward_head_transformers_lacks_is_the_familys_generic_one(name, head):
+    # transformers 5.24 has no sequence-classification class for Gemma 4 or Qwen 3.5 MoE: their
+    # families name the PreTrainedModel class the generic head goes on.
+    p = plan(name, reward_model=True, ds_type="bradley_terry.chat_template", adapter="lora")
+    assert not p.errors and p.get("reward_head_class") == head and p.source("reward_head_class") == "family"
+
+
+def test_reward_model_without_any_head_class_is_refused_before_loading():
+    cfg = config_from_dict({"base_model": "tiny:llama", "reward_model": True,
+                            "datasets": [{"path": "d.jsonl", "type": "bradley_terry.chat_template"}]})
+    p = resolve(cfg, {**build_tiny_config("llama").to_dict(), "model_type": "cohere"})  # no *ForSequenceClassification
+    assert errors(p) == ["reward_model"] and "no sequence-classification" in p.errors[0].message

@@ -152,6 +152,10 @@ class Family:
     # Text-config keys of the experts' shape: {"num_experts", "top_k", "hidden", "intermediate"}
     # -> the key naming it in this family's config.json (the experts implementation rule reads them).
     moe_shape_keys: dict[str, str] = field(default_factory=dict)
+    # Dotted path of the family's PreTrainedModel class, for a family transformers gives no
+    # *ForSequenceClassification class: a reward model's score head is then built on it as
+    # transformers builds its siblings' (GenericForSequenceClassification + e.g. Gemma3PreTrainedModel).
+    sequence_classification_base: str = ""
     # Keys of config.json whose (non-empty) sub-config means the model has that tower.
     tower_config_keys: tuple[str, ...] = ("vision_config", "audio_config")
     # The tower each modality needs: {modality: key of config.json}; a modality whose key is

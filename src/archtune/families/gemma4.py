@@ -224,6 +224,7 @@ FAMILY = register_family(
                         "intermediate": "moe_intermediate_size"},
         lora_target_redirects={"Gemma4ClippableLinear": "linear"},
         packing_drop_attention_mask=True,
+        sequence_classification_base="transformers.models.gemma4.modeling_gemma4.Gemma4PreTrainedModel",
         tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name), _build_processor) for name in _VARIANTS),
         rules=[
             FamilyRule("freeze_mm_modules"),

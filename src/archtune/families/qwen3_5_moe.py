@@ -153,6 +153,7 @@ FAMILY = register_family(
         moe_shape_keys={"num_experts": "num_experts", "top_k": "num_experts_per_tok", "hidden": "hidden_size",
                         "intermediate": "moe_intermediate_size"},
         packing_drop_attention_mask=False,
+        sequence_classification_base="transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoePreTrainedModel",
         tiny_models=(
             TinyModel(
                 "qwen3_5-moe",

@@ -205,8 +205,10 @@ def _auto_class(plan: Plan):
     return getattr(transformers, plan.auto_class)
 
 
-# A head the Plan adds to the base model (a reward model's score): absent from the checkpoint by design.
+# A head the Plan adds to the base model (a reward model's score): absent from the checkpoint by design;
+# and the head it replaces (the language-model head of a checkpoint with untied embeddings): dropped by design.
 _NEW_HEAD_PREFIXES = {"AutoModelForSequenceClassification": ("score.",)}
+_REPLACED_HEAD_PREFIXES = {"AutoModelForSequenceClassification": ("lm_head.",)}
 
 
 def _head_settings(plan: Plan) -> dict:
@@ -215,10 +217,13 @@ def _head_settings(plan: Plan) -> dict:
 
 
 def _drop_new_head(info: dict, plan: Plan) -> dict:
-    prefixes = _NEW_HEAD_PREFIXES.get(plan.get("model_auto_class") or "", ())
+    auto = plan.get("model_auto_class") or ""
+    prefixes = _NEW_HEAD_PREFIXES.get(auto, ())
     if not prefixes:
         return info
-    return {**info, "missing_keys": [k for k in info.get("missing_keys", []) if not k.startswith(prefixes)]}
+    replaced = _REPLACED_HEAD_PREFIXES.get(auto, ())
+    return {**info, "missing_keys": [k for k in info.get("missing_keys", []) if not k.startswith(prefixes)],
+            "unexpected_keys": [k for k in info.get("unexpected_keys", []) if not k.startswith(replaced)]}
 
 
 def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
@@ -226,6 +231,9 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
 
     `path` loads full weights from another directory (e.g. a full fine-tune's output_dir).
     """
+    from archtune.models.heads import register_score_head
+
+    register_score_head(plan)  # a reward model's score head transformers lacks for this family
     dtype = torch_dtype(cfg, plan)
     name = tiny_name(cfg.base_model) if path is None else None
     if name is not None:
@@ -337,13 +345,17 @@ def trained_weights_kind(output_dir: str | os.PathLike) -> str | None:
 
 
 def load_trained(cfg, plan: Plan, tokenizer):
-    """Base model plus the trained weights in output_dir (adapter or full), else the base model."""
+    """Base model plus the trained weights in output_dir (adapter or full), else the base model.
+    QLoRA (a 4-bit base): the base is loaded in 4 bit, as training saw it, so evaluating here gives
+    the figures the run reported."""
+    from archtune.models import quant
+
     kind = trained_weights_kind(cfg.output_dir)
     if kind == "full":
         model = load_model(cfg, plan, tokenizer, path=cfg.output_dir)
         set_attn_implementation(model, plan)
         return model, kind
-    model = load_model(cfg, plan, tokenizer)
+    model = quant.load_quantized(cfg, plan, tokenizer) if quant.is_quantized(plan) else load_model(cfg, plan, tokenizer)
     set_attn_implementation(model, plan)
     if kind == "adapter":
         from peft import PeftModel

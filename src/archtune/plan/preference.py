@@ -130,6 +130,12 @@ def _reward_model(plan: "Plan") -> None:
                    f"{plan.model_type!r}, so no reward model can be built from it",
                    "use a base model whose type has one (e.g. Gemma 3, Llama)")
         return
+    if head == generic_head_name(plan):
+        base = plan.family.sequence_classification_base.rsplit(".", 1)[-1]
+        plan.set("reward_head_class", head, "family",
+                 f"transformers has no sequence-classification class for {plan.model_type}: archtune builds {head} "
+                 f"as transformers builds its siblings' (Gemma 3's, Qwen 3.5's): its generic score head "
+                 f"(GenericForSequenceClassification) on {base}, with the same module names as the base model")
     if cfg.load_in_4bit or cfg.load_in_8bit:
         plan.error("reward_model", "a quantized base with a new score head is not built yet",
                    "remove load_in_4bit / load_in_8bit (use adapter: lora) for the reward model")
@@ -145,11 +151,19 @@ def _reward_model(plan: "Plan") -> None:
 
 
 def sequence_classification_class(plan: "Plan") -> str | None:
-    """transformers' sequence classification class for the model's type (its text config's type
-    for a multimodal wrapper without one), or None."""
+    """transformers' sequence classification class for the model's type; for a family that declares
+    `sequence_classification_base` where transformers has none, the generic head archtune builds
+    (models/heads.py); else None."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as names
 
-    return names.get(plan.model_type)
+    return names.get(plan.model_type) or generic_head_name(plan)
+
+
+def generic_head_name(plan: "Plan") -> str | None:
+    """The class name of the generic score head built on the family's PreTrainedModel class
+    (Gemma4PreTrainedModel -> Gemma4ForSequenceClassification), or None when it declares none."""
+    base = plan.family.sequence_classification_base
+    return base.rsplit(".", 1)[-1].replace("PreTrainedModel", "ForSequenceClassification") if base else None
 
 
 def _data_types(plan: "Plan") -> None:
@@ -186,8 +200,9 @@ def _packing(plan: "Plan") -> None:
 PREFERENCE_RULES: tuple[Rule, ...] = (
     Rule("rl_method",
          "`rl: dpo|ipo|kto|orpo|simpo` trains on TRL's DPOTrainer (ipo: loss ipo), KTOTrainer, ORPOTrainer or "
-         "CPOTrainer (loss simpo), and `reward_model: true` on RewardTrainer with a one-output score head; the "
-         "reference model is the adapter-disabled base with LoRA and a frozen copy with full fine-tuning.",
+         "CPOTrainer (loss simpo), and `reward_model: true` on RewardTrainer with a one-output score head "
+         "(transformers' class for the model type, or its generic head on the base model class a family names "
+         "where transformers has none); the reference model is the adapter-disabled base with LoRA and a frozen copy with full fine-tuning.",
          _method),
     Rule("rl_data_types",
          "Preference configs read chat_template.default or passthrough.default rows, reward models "

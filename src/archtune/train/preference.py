@@ -235,10 +235,14 @@ def _answer_logps(model, prompts: list[list[int]], answers: list[list[int]], pad
 def _scores(model, seqs: list[list[int]], pad_id: int, device, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(a reward model's score, the sequence's tokens) per sequence (transformers' sequence
     classification head reads the last non-padding token)."""
+    from archtune.patches.text_only import text_only_extras
+
     seqs = [list(s)[:max_length] for s in seqs]
     input_ids = _pad(seqs, pad_id).to(device)
     attention = _pad([[1] * len(s) for s in seqs], 0).to(device)
-    scores = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, 0].float()
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    batch.update(text_only_extras(model, batch))
+    scores = model(**batch, use_cache=False).logits[:, 0].float()
     return scores, attention.sum(-1)
 
 
@@ -426,6 +430,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
 
     from archtune.adapters.lora import count_params
     from archtune.data.preference import prepare_preference_data
+    from archtune.moe.quant4 import model_bytes
     from archtune.plugins import load_plugins, run_hook
     from archtune.train import distributed
     from archtune.train.callbacks import LossBar, TrainClock
@@ -441,6 +446,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     plugins = load_plugins(cfg)
     model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
     trainable, total = count_params(model)
+    weight_bytes = model_bytes(model, adapters=False)  # the loaded policy (QLoRA: its 4-bit base)
     if main:
         _claim_output_dir(cfg, plan, out, resume, data, console)
     distributed.barrier()
@@ -490,6 +496,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": trainable,
         "total_params": total,
+        "model_bytes": weight_bytes,
         "world_size": plan.world_size,
         "strategy": "single" if plan.world_size == 1 else "ddp",
         "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
