@@ -9,6 +9,7 @@ most likely next token, which is exactly when greedy generation from the prompt 
 answer; one forward per batch instead of a decoding loop.
 
 Usage: python scripts/vision_accuracy.py examples/quickstart-vision.yaml [key=value ...]
+       (any config: examples/quickstart-audio.yaml too)
 Prints one JSON object: {"accuracy": float, "rows": int, "seconds": float}.
 """
 from __future__ import annotations

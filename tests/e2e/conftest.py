@@ -84,3 +84,29 @@ def vision_rows(name: str, n: int) -> list[dict]:
                     part["path"] = str(VISION_DATA / part["path"])
         out.append(row)
     return out
+
+
+def train_as_shipped(capsys, config: Path, tmp_path: Path, monkeypatch) -> tuple[dict, list[str]]:
+    """`archtune train CONFIG` run from the repository root (the shipped configs' data paths are
+    relative to it), outputs redirected under tmp_path: (train_summary.json, the overrides)."""
+    monkeypatch.chdir(REPO)
+    redirect = [f"output_dir={tmp_path / 'out'}", f"dataset_prepared_path={tmp_path / 'prepared'}"]
+    code, out, err = run_cli(capsys, "train", config, *redirect)
+    assert code == 0, err
+    return read_json(tmp_path / "out" / "train_summary.json"), redirect
+
+
+def heldout_accuracy(config: Path, overrides: list[str]) -> float:
+    """Greedy exact-match accuracy of the trained adapter on the config's evaluation rows."""
+    from archtune.config import load_config
+    from archtune.data import prepare_data
+    from archtune.models.load import load_trained
+    from archtune.train.evaluation import greedy_exact_match
+    from archtune.train.recipe import data_collator, plan_for
+
+    cfg = load_config(config, overrides)
+    setup = plan_for(cfg)
+    data = prepare_data(setup.plan, setup.tokenizer, progress=False, media=setup.media)
+    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    assert kind == "adapter"
+    return greedy_exact_match(model, data.eval, data_collator(setup), 50)["exact_match"]

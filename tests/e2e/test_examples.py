@@ -17,7 +17,8 @@ import yaml
 from tests.e2e.conftest import REPO, run_cli
 
 EXAMPLES = REPO / "examples"
-NOT_MODEL_EXAMPLES = {"quickstart.yaml", "quickstart-lora.yaml", "quickstart-vision.yaml"}  # the CPU quickstart has its own tests
+NOT_MODEL_EXAMPLES = {"quickstart.yaml", "quickstart-lora.yaml", "quickstart-vision.yaml",
+                      "quickstart-audio.yaml"}  # the CPU quickstarts have their own tests
 WRAP = "fsdp_config.fsdp_transformer_layer_cls_to_wrap"
 REENTRANT = "gradient_checkpointing_kwargs.use_reentrant"
 GEMMA4_REGEX = r"model.language_model.layers.[\d]+.(_checkpoint_wrapped_module.)?(mlp|self_attn).(up|down|gate|q|k|v|o)_proj"

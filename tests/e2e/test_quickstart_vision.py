@@ -3,33 +3,18 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e.conftest import REPO, read_json, run_cli
+from tests.e2e.conftest import REPO, heldout_accuracy, run_cli, train_as_shipped
 
 CONFIG = REPO / "examples" / "quickstart-vision.yaml"
 VISION = REPO / "examples" / "data" / "vision"
 
 
 def test_vision_quickstart_answers_held_out_images(tmp_path, capsys, monkeypatch):
-    from archtune.config import load_config
-    from archtune.data import prepare_data
-    from archtune.models.load import load_trained
-    from archtune.train.evaluation import greedy_exact_match
-    from archtune.train.recipe import data_collator, plan_for
-
-    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository root
-    redirect = [f"output_dir={tmp_path / 'out'}", f"dataset_prepared_path={tmp_path / 'prepared'}"]
-    code, out, err = run_cli(capsys, "train", CONFIG, *redirect)
-    assert code == 0, err
-    summary = read_json(tmp_path / "out" / "train_summary.json")
+    summary, redirect = train_as_shipped(capsys, CONFIG, tmp_path, monkeypatch)
     assert summary["family"] == "gemma3" and summary["data"]["image_rows"]["eval"] == 100
 
     # Held-out accuracy: the greedy answer to each of the 100 test questions (images not in train).
-    cfg = load_config(CONFIG, redirect)
-    setup = plan_for(cfg)
-    data = prepare_data(setup.plan, setup.tokenizer, progress=False, media=setup.media)
-    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
-    assert kind == "adapter"
-    accuracy = greedy_exact_match(model, data.eval, data_collator(setup), 50)["exact_match"]
+    accuracy = heldout_accuracy(CONFIG, redirect)
     assert accuracy >= 0.9, accuracy
 
     # generate --image on a held-out image answers like the test row says
