@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from archtune.cli.threads import PROBE, set_wait_policy
 from archtune.errors import RunStopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -377,9 +378,9 @@ def docs_command(check_only: bool = typer.Option(False, "--check", help="Only ve
 
 
 def main() -> None:
-    # GNU OpenMP threads spin while idle; on a small CPU box they starve the main thread
-    # (measured: 311 vs 7,527 tokens/s on the quickstart, 2 cores). Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # How idle OpenMP threads wait: spin on idle CPUs, sleep when other processes keep them busy
+    # (spinning there measured 311 vs 7,527 tokens/s on the quickstart, 2 cores). Before torch loads.
+    set_wait_policy(PROBE)
     try:
         app(standalone_mode=False)
     except UserError as exc:

@@ -8,11 +8,13 @@ only once the config, the plan, the data and the model have all passed their che
     {"config": the keys as given (file and overrides), "plan": the `archtune check --json` object,
      "versions": {archtune, torch, transformers, peft, ...}, "data_cache_key": "...",
      "world_size": N, "resumed_from": "checkpoint-N" | null, "started_at": "...",
+     "threads": {"torch_threads": N, "omp_wait_policy": "PASSIVE" | "libgomp default ..."},
      "earlier_starts": [the records of earlier starts of this run (resumed runs)]}
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from importlib import metadata
@@ -39,6 +41,15 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def threads() -> dict:
+    """torch's CPU threads and how idle ones wait (the command line chose that before torch loaded:
+    archtune/cli/threads.py)."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "libgomp default (spin briefly, then sleep)"}
 
 
 def resume_checkpoint(cfg, out: Path) -> Path | None:
@@ -103,9 +114,10 @@ def write_run_record(out: Path, *, config: dict, plan: dict, cache_key: str | No
         "world_size": world_size,
         "resumed_from": resumed_from.name if resumed_from is not None else None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "threads": threads(),
         "earlier_starts": earlier,
     }
     return write_json_atomic(path, record)
 
 
-__all__ = ["RECORD", "versions", "resume_checkpoint", "refuse_reuse", "write_run_record"]
+__all__ = ["RECORD", "versions", "threads", "resume_checkpoint", "refuse_reuse", "write_run_record"]
