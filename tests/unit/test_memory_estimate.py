@@ -88,3 +88,40 @@ def test_a_budget_names_settings_that_fit():
     assert not any("qlora" in f for f in fits)  # QLoRA barely changes a tiny model's memory: not a fit
     generous = fitting_settings(plan, e.peak_bytes * 10)  # every candidate change fits
     assert {"gradient_checkpointing: true", "adapter: lora", "chunked_cross_entropy: true"} <= set(generous)
+
+
+def _parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters(): shared ones once
+
+
+def test_four_bit_experts_count_as_the_real_quantized_tensors():
+    """quantize_moe_experts: the estimate's weights shrink by exactly what quantizing the real model's
+    expert tensors (archtune.moe.quant4, bitsandbytes NF4) takes off its parameter and buffer bytes."""
+    from archtune.moe import quant4
+
+    keys = {"adapter": "qlora", "load_in_4bit": True}
+    plan, four_bit = _estimate("gemma4-moe", **keys)
+    assert plan.quantize_moe_experts
+    _, dense = _estimate("gemma4-moe", quantize_moe_experts=False, **keys)
+    model, _ = build_tiny_model("gemma4-moe")
+    before = quant4.model_bytes(model)
+    assert quant4.quantize_experts(model, plan.expert_param_names)  # 2 tensors in each of the layers
+    saved = before - quant4.model_bytes(model)
+    assert saved > 0.6 * before / 2  # most of this model's weights are experts
+    assert dense.parts["weights"] - four_bit.parts["weights"] == saved
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_preference_training_of_a_full_fine_tune_holds_a_frozen_reference_copy(adapter):
+    keys = {"adapter": adapter} if adapter else {}
+    _, sft = _estimate(**keys)
+    plan, dpo = _estimate(rl="dpo", datasets=[{"path": "d.jsonl", "type": "chat_template.default"}], **keys)
+    model, _ = build_tiny_model("llama")
+    real = _parameter_bytes(model)
+    if adapter is None:
+        assert plan.get("rl_reference_model") == "frozen_copy"
+        assert sft.parts["weights"] == real and dpo.parts["weights"] == 2 * real
+        assert dpo.parts["buffers"] == 2 * sft.parts["buffers"]
+    else:  # the reference is the base with the adapter disabled: no copy
+        assert plan.get("rl_reference_model") == "adapter_disabled"
+        assert dpo.parts["weights"] == sft.parts["weights"] == real

@@ -5,7 +5,10 @@ weights) and adds up, per device, for the world size and strategy the Plan resol
 
 - weights: the base parameters in their training dtype (bf16: 2 bytes, else 4); QLoRA keeps
   nn.Linear weights in 4 bit (`weight_bytes(n, "nf4")`) and, as PEFT's k-bit preparation does,
-  every other parameter in fp32; FSDP2 holds 1/world_size of them (none with CPU offloading);
+  every other parameter in fp32, but for the expert tensors `quantize_moe_experts` stores in 4
+  bits (`expert_4bit_bytes`); FSDP2 holds 1/world_size of them (none with CPU offloading);
+  preference training of a full fine-tune (`rl_reference_model: frozen_copy`) holds a second,
+  frozen copy as its reference (its buffers too);
 - adapter: LoRA matrices (fp32), r * (in + out) per targeted linear layer, r * E * (in + out) per
   targeted expert tensor [E, out, in]; `lora_modules_to_save` copies;
 - gradients: one per trainable parameter, in its dtype (FSDP2: sharded);
@@ -39,12 +42,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PARTS = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "buffers")
 
+# bitsandbytes' 4-bit layout (archtune.moe.quant4 stores 4-bit experts the same way).
+BLOCKSIZE = 64  # elements per absmax (bitsandbytes' default for 4 bit)
+NESTED_BLOCKSIZE = 256  # absmaxes per fp32 scale (bitsandbytes' double quantization)
 # Bytes per parameter of each storage kind. NF4 stores two weights per byte plus one absmax per
 # block of 64; with double quantization that absmax is itself 8 bit (plus an fp32 scale per 256
 # blocks).
 BYTES_PER_PARAM: dict[str, float] = {
     "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 + 4 / 4096,
-    "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "nf4-no-double-quant": 0.5 + 4 / 64,
+    "nf4": 0.5 + 1 / BLOCKSIZE + 4 / (BLOCKSIZE * NESTED_BLOCKSIZE), "nf4-no-double-quant": 0.5 + 4 / BLOCKSIZE,
 }
 # Optimizer states per trainable parameter, in units of the parameter's own bytes ("x") or fixed bytes.
 OPTIMIZER_STATES: dict[str, tuple[float, str]] = {
@@ -64,6 +70,21 @@ def weight_bytes(numel: int, kind: str) -> int:
         return int(math.ceil(numel * BYTES_PER_PARAM[kind]))
     except KeyError:
         raise KeyError(f"unknown weight storage {kind!r}; known: {', '.join(BYTES_PER_PARAM)}") from None
+
+
+def expert_4bit_bytes(shape: tuple[int, ...], blocksize: int = BLOCKSIZE,
+                      nested_blocksize: int = NESTED_BLOCKSIZE) -> int:
+    """Bytes one [E, out, in] expert tensor takes with `quantize_moe_experts` (all its stored parts:
+    archtune.moe.quant4 quantizes each expert on its own, NF4 with double quantization).
+
+    >>> expert_4bit_bytes((64, 256, 512))   # 8.4M weights: 16 MiB in bf16
+    4330816
+    """
+    experts, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
+    blocks = math.ceil(n / blocksize)
+    nested = math.ceil(blocks / nested_blocksize)
+    per_expert = math.ceil(n / 2) + blocks + 4 * nested + 4  # codes, absmax codes, scales, offset
+    return experts * per_expert + 4 * (16 + 256 + 512)  # + the NF4 and 8-bit code tables, the byte decoder
 
 
 @dataclass
@@ -231,12 +252,19 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
     quantized_weights = set()
     if quantized:
         quantized_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output}
+    four_bit_experts = set()
+    if plan.quantize_moe_experts:  # the expert tensors stored as archtune.moe.quant4 stores them
+        four_bit_experts = {id(p) for n, p in model.named_parameters() if p.dim() == 3 and any(
+            n == t or n.endswith("." + t) for t in plan.expert_param_names)}
     weights = 0
     seen = set()
     for _, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if id(p) in four_bit_experts:
+            weights += expert_4bit_bytes(tuple(p.shape))
+            continue
         kind = ("nf4" if id(p) in quantized_weights else "float32") if quantized else base_kind
         weights += weight_bytes(p.numel(), kind)
     adapter_params = 0
@@ -317,6 +345,11 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
     offload_params = fsdp and bool(plan.get("fsdp_config.fsdp_offload_params"))
 
     weights = 0 if offload_params else sizes["weights"] // shard
+    buffers = sizes["buffers"]
+    if plan.get("rl_reference_model") == "frozen_copy":  # preference training of a full fine-tune
+        weights += sizes["weights"]
+        buffers += sizes["buffers"]
+        notes.append("rl_reference_model: frozen_copy: a second, frozen copy of the model is the reference")
     adapter = sizes["adapter"] // shard
     gradients = sizes["trainable_bytes"] // shard
     optimizer = _optimizer_bytes(str(cfg.optimizer), sizes["trainable_params"], sizes["trainable_bytes"], notes) // shard
@@ -348,7 +381,6 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
     else:
         logits = tokens * vocab * per_element
 
-    buffers = sizes["buffers"]
     if ws > 1 and not fsdp:
         buffers += sizes["trainable_bytes"]  # DDP's gradient buckets
     if fsdp:
@@ -424,6 +456,6 @@ def fitting_settings(plan: "Plan", budget: int) -> list[str]:
     return fits
 
 
-__all__ = ["BYTES_PER_PARAM", "MemoryEstimate", "PARTS", "estimate_memory", "fitting_settings", "layer_classes",
+__all__ = ["BLOCKSIZE", "NESTED_BLOCKSIZE", "BYTES_PER_PARAM", "MemoryEstimate", "expert_4bit_bytes", "PARTS", "estimate_memory", "fitting_settings", "layer_classes",
            "measure_activations",
            "parse_bytes", "strategy", "weight_bytes"]
