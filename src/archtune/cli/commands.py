@@ -265,7 +265,7 @@ def _image_prompt(cfg, setup, prompt: str, paths: list[Path]) -> dict:
     try:
         from archtune.data.formats import RowError
 
-        return prompt_inputs(media, setup.tokenizer, prompt, images, cfg.chat_template)
+        return prompt_inputs(media, setup.tokenizer, prompt, images, setup.plan.data.chat_template)
     except (RowError, MediaRefused) as exc:
         raise UserError.single("--image", str(exc), "give a PNG/JPEG/WebP image the model's processor reads") from None
 

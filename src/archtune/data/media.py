@@ -78,13 +78,6 @@ class ImageSettings:
     size: tuple[int, int] | None = None
     resample: str = "bilinear"
 
-    @classmethod
-    def from_config(cls, cfg) -> "ImageSettings":
-        size = getattr(cfg, "image_size", None)
-        if isinstance(size, int):
-            size = (size, size)
-        return cls(tuple(size) if size else None, getattr(cfg, "image_resize_algorithm", None) or "bilinear")
-
 
 def decode_image(data: bytes, settings: ImageSettings = ImageSettings()):
     """RGB PIL image from encoded bytes (RowError with the reason when it cannot be one)."""
@@ -409,14 +402,13 @@ class MediaProcessor:
 def prompt_inputs(media: MediaProcessor, tokenizer, prompt: str, images: list[bytes],
                   chat_template: str | None = None) -> dict:
     """Model inputs (batch of one) for a generation prompt: one user turn holding the images,
-    then the prompt, rendered as training renders it (the processor's chat template unless
-    `chat_template` names one), with the generation prompt."""
+    then the prompt, rendered as training renders it (the processor's chat template unless the
+    plan's `chat_template`, Jinja text, is given), with the generation prompt."""
     import torch
 
     from archtune.data.formats import FormatContext, render_chat
 
-    template = chat_template if chat_template not in (None, "tokenizer_default") else \
-        getattr(media.processor, "chat_template", None)
+    template = chat_template if chat_template is not None else getattr(media.processor, "chat_template", None)
     ctx = FormatContext(tokenizer=tokenizer, chat_template=template)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
     text = render_chat(ctx, [{"role": "user", "content": content}], add_generation_prompt=True)

@@ -36,6 +36,8 @@ class DataSettings:
     eval_sample_packing: bool
     prepared_path: str
     skip_prepare_dataset: bool
+    image_size: tuple[int, ...] | None  # (height, width) images are resized to first; None: as they are
+    image_resize_algorithm: str
 
 
 def chat_template_text(name: str | None) -> str | None:
@@ -64,7 +66,16 @@ def data_settings(plan: "Plan") -> DataSettings:
         eval_sample_packing=bool(d("eval_sample_packing")),
         prepared_path=str(d("dataset_prepared_path")),
         skip_prepare_dataset=bool(d("skip_prepare_dataset")),
+        image_size=_image_size(d("image_size")),
+        image_resize_algorithm=str(d("image_resize_algorithm")),
     )
+
+
+def _image_size(value) -> tuple[int, ...] | None:
+    """Axolotl's `image_size`: an int is a square, a list is [height, width]."""
+    if not value:
+        return None
+    return (int(value), int(value)) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
 def _dataset_prepared_path(plan: "Plan") -> None:
@@ -73,10 +84,18 @@ def _dataset_prepared_path(plan: "Plan") -> None:
                  f"tokenized data is cached under ./{DEFAULT_PREPARED_PATH} (Axolotl's default)")
 
 
+def _image_resize_algorithm(plan: "Plan") -> None:
+    if plan.get("image_resize_algorithm") is None:
+        plan.set("image_resize_algorithm", "bilinear", "default", "Axolotl's default resampling filter")
+
+
 DATA_RULES: tuple[Rule, ...] = (Rule(
     "dataset_prepared_path",
     "Tokenized data sets are cached under `dataset_prepared_path`, `last_run_prepared` when not given, keyed by the "
-    "data files, the tokenizer and the keys that shape tokens.", _dataset_prepared_path),)
+    "data files, the tokenizer and the keys that shape tokens.", _dataset_prepared_path), Rule(
+    "image_resize_algorithm",
+    "Images resized to `image_size` use `image_resize_algorithm`, bilinear when not given.",
+    _image_resize_algorithm))
 
 
 __all__ = ["DataSettings", "DATA_RULES", "DEFAULT_PREPARED_PATH", "chat_template_text", "data_settings"]

@@ -73,7 +73,7 @@ def media_setup(plan: Plan):
     processor, refusal = load_processor(plan.config, plan)
     if processor is None:
         return MediaSetup(refusal=refusal, packing_refusal=PACKING_IMAGES_REFUSED)
-    media = MediaProcessor(processor, ImageSettings.from_config(plan.config),
+    media = MediaProcessor(processor, ImageSettings(plan.data.image_size, plan.data.image_resize_algorithm),
                            modalities=plan.family.modalities_of(plan.model_config))
     return MediaSetup(processor=media, packing_refusal=PACKING_IMAGES_REFUSED)
 
