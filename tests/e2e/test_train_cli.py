@@ -121,7 +121,7 @@ def test_preprocess_json_reports_statistics(tmp_path, small_data, capsys):
 
 @pytest.mark.parametrize("keys, override, needle", [
     ({"learning_rat": 0.1}, [], "did you mean"),
-    ({"deepspeed": "ds.json"}, [], "is refused"),
+    ({"relora": True}, [], "is refused"),
     ({}, ["base_model=tiny:nosuch"], "tiny:gemma4-moe"),
     ({}, ["datasets.0.path=/nonexistent/file.jsonl"], "datasets.0.path"),
     ({}, ["lora_r=0"], "lora_r"),

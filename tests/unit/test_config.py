@@ -122,7 +122,7 @@ def test_unknown_key_without_close_match(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("deepspeed", "ds.json", "FSDP2"), ("lisa_n_layers", "4", "unfrozen weight"),
+("lisa_n_layers", "4", "unfrozen weight"),
     ("peft_use_dora", "true", "plain LoRA"), ("neftune_noise_alpha", "5", "without noise"),
 ])
 def test_refused_axolotl_key_names_what_archtune_does_instead(tmp_path, key, value, words):
@@ -132,7 +132,7 @@ def test_refused_axolotl_key_names_what_archtune_does_instead(tmp_path, key, val
     assert "cfg.yaml:5" in p.message and f"remove `{key}`" in p.fix
 
 
-@pytest.mark.parametrize("text", ["deepspeed:\n", "rl: null\n", "peft_use_dora: false\n"])
+@pytest.mark.parametrize("text", ["relora:\n", "rl: null\n", "peft_use_dora: false\n"])
 def test_refused_key_left_empty_or_off_is_accepted(tmp_path, text):
     cfg = load_config(write(tmp_path, MINIMAL + text))
     assert cfg.axolotl_notes == []
@@ -144,6 +144,21 @@ def test_no_effect_keys_are_accepted_with_a_note_only_when_they_ask_for_somethin
     notes = dict(cfg.axolotl_notes)
     assert set(notes) == {"lora_mlp_kernel", "use_comet", "model_type"}
     assert "PEFT" in notes["lora_mlp_kernel"] and "Comet" in notes["use_comet"]
+    # DeepSpeed's ZeRO trains the same weights as DDP: accepted with a note that says how to shard.
+    notes = dict(load_config(write(tmp_path, MINIMAL + "deepspeed: deepspeed_configs/zero1.json\n")).axolotl_notes)
+    assert "fsdp_version: 2" in notes["deepspeed"]
+
+
+@pytest.mark.parametrize("key", ["model_type", "type_of_model"])
+def test_sequence_classification_class_is_accepted_only_for_a_reward_model(tmp_path, key):
+    """Axolotl's reward-model configs name the classifier class; elsewhere it would be another model."""
+    line = f"{key}: AutoModelForSequenceClassification\n"
+    cfg = load_config(write(tmp_path, MINIMAL + "reward_model: true\n" + line))
+    assert cfg.reward_model is True and key in dict(cfg.axolotl_notes)
+    (p,) = problems_of(write(tmp_path, MINIMAL + line))
+    assert p.key == key and "is refused" in p.message and "reward_model: true" in p.message
+    (p,) = problems_of(write(tmp_path, MINIMAL + "reward_model: true\n" + f"{key}: AutoModelForTokenClassification\n"))
+    assert p.key == key
 
 
 def test_refused_dataset_key_is_named(tmp_path):
@@ -465,7 +480,7 @@ def test_all_problems_are_raised_once(tmp_path):
             type: sharegpt
             pth: b
         lerning_rate: 1e-4
-        deepspeed: ds.json
+        relora: true
         lora_r: -1
         bf16: true
         fp16: true
@@ -475,7 +490,7 @@ def test_all_problems_are_raised_once(tmp_path):
     problems = ei.value.problems
     keys = [p.key for p in problems]
     assert len(keys) == len(set(keys))
-    assert set(keys) == {"nonsense", "datasets.0.type", "datasets.0.pth", "lerning_rate", "deepspeed",
+    assert set(keys) == {"nonsense", "datasets.0.type", "datasets.0.pth", "lerning_rate", "relora",
                          "lora_r", "bf16", "max_steps"}
     assert all(p.fix for p in problems), [p for p in problems if not p.fix]
     text = str(ei.value)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import re
 
-from archtune.config.axolotl_keys import SECTIONS, VALUE_REFUSALS, asks_for_something
+from archtune.config.axolotl_keys import SECTIONS, VALUE_REFUSALS, VALUES_ACCEPTED_WITH, asks_for_something
 from archtune.errors import Problem
 
 Where = Callable[[tuple], str]  # key path -> " (cfg.yaml:12)"
@@ -71,7 +71,7 @@ def _sort_section(mapping: dict, path: tuple, section: str, fields: set[str], ou
         value = mapping[key]
         dotted = ".".join(str(p) for p in (*path, key))
         refusal = VALUE_REFUSALS.get(plain) if section == "config" else None
-        if refusal and asks_for_something(value) and not re.fullmatch(refusal[0], str(value)):
+        if refusal and asks_for_something(value) and not _value_accepted(mapping, plain, str(value)):
             del mapping[key]
             out.problems.append(Problem(dotted, f"`{key}: {_short(value)}` is refused: {refusal[1]}"
                                         + where((*path, key)), f"remove `{key}`"))
@@ -85,6 +85,14 @@ def _sort_section(mapping: dict, path: tuple, section: str, fields: set[str], ou
                 out.problems.append(Problem(dotted, f"`{key}: {_short(value)}` is refused: {refused[plain]}"
                                             + where((*path, key)),
                                             f"remove `{key}`" + ("" if path else f" (or set `{key}: null`)")))
+
+
+def _value_accepted(config: dict, key: str, value: str) -> bool:
+    """A value VALUE_REFUSALS accepts, or one VALUES_ACCEPTED_WITH accepts because its other key is set."""
+    if re.fullmatch(VALUE_REFUSALS[key][0], value):
+        return True
+    other, pattern = VALUES_ACCEPTED_WITH.get(key, (None, ""))
+    return other is not None and asks_for_something(config.get(other)) and re.fullmatch(pattern, value) is not None
 
 
 def _unprefixed(key: str) -> str:

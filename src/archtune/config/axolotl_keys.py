@@ -106,6 +106,8 @@ NO_EFFECT: dict[str, str] = _table(
     ("gptq", "GPTQ checkpoints load through transformers' own quantizer when the model says so"),
     ("trainer_cls", "archtune runs its own Trainer (a transformers Trainer subclass)"),
     ("accelerator_config", "accelerate is configured by archtune from the plan"),
+    ("deepspeed", "DeepSpeed is not used: archtune runs data parallel (DDP) over `archtune train --nproc N`; "
+     "ZeRO's sharding saves memory and trains the same weights: to shard, set `fsdp_config: {fsdp_version: 2}`"),
     ("deepcompile", "DeepSpeed is not used (see `deepspeed`)"),
     ("torchdistx_path", "only needed for the adamw_anyprecision optimizer, which archtune does not offer"),
     ("expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes "
@@ -142,8 +144,6 @@ REFUSED: dict[str, str] = _table(
      "kd_online_topk kd_online_server kd_online_timeout kd_temperature_min",
      "knowledge distillation is not supported: archtune trains on the data's tokens (cross-entropy)"),
     ("diffusion", "diffusion language-model training is not supported: archtune trains causal next-token loss"),
-    ("deepspeed", "DeepSpeed is not supported: archtune shards with FSDP2 (`fsdp_config: {fsdp_version: 2}`) "
-     "and launches with `archtune train --nproc N`"),
     ("sequence_parallel_degree context_parallel_size ring_attn_func tensor_parallel_size expert_parallel_size "
      "expert_parallel_token_capacity dp_shard_size dp_replicate_size",
      "this parallelism is not supported: archtune runs data parallel (DDP) or FSDP2 over `--nproc N` processes"),
@@ -283,9 +283,15 @@ HONORED_ALIASES: dict[str, str] = {
 VALUE_REFUSALS: dict[str, tuple[str, str]] = {
     "model_type": (r"\w*(ForCausalLM|ForConditionalGeneration|ForImageTextToText)",
                    "archtune trains causal language models (next-token loss); a classification or other head would "
-                   "be a different model"),
+                   "be a different model (a one-output score head is trained with `reward_model: true`)"),
 }
 VALUE_REFUSALS["type_of_model"] = VALUE_REFUSALS["model_type"]
+# Values accepted besides VALUE_REFUSALS' own when another key is set: key -> (that key, regex fullmatch).
+# A reward model is a sequence classifier: Axolotl's reward configs name its class.
+VALUES_ACCEPTED_WITH: dict[str, tuple[str, str]] = {
+    "model_type": ("reward_model", r"\w*ForSequenceClassification"),
+}
+VALUES_ACCEPTED_WITH["type_of_model"] = VALUES_ACCEPTED_WITH["model_type"]
 # special_tokens: the tokenizer's special-token attributes archtune sets.
 SPECIAL_TOKENS_HONORED: frozenset[str] = frozenset({"bos_token", "eos_token", "pad_token", "unk_token"})
 
