@@ -25,6 +25,7 @@ import torch
 from archtune.adapters.freeze import canonical_name, check_towers_frozen, tower_prefixes, under_prefix
 from archtune.errors import UserError
 from archtune.patches.lora_redirect import redirect_targets
+from archtune.patches.peft_targets import keep_module_targets
 from archtune.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,8 @@ def apply_lora(model, plan: Plan):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.decided("seed"))
         try:
-            peft_model = get_peft_model(model, config)
+            with keep_module_targets():
+                peft_model = get_peft_model(model, config)
         except ValueError as exc:
             # e.g. a target of a class PEFT cannot wrap: a config problem, reported on the key.
             raise UserError.single("lora_target_modules", f"PEFT could not place the adapters: {exc}",
@@ -237,12 +239,41 @@ def load_adapter_to_train(model, plan: Plan):
 
     path = plan.config.lora_model_dir
     try:
-        peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        with keep_module_targets():
+            peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
     except (OSError, ValueError) as exc:
         raise UserError.single("lora_model_dir", f"cannot load the adapter in {path}: {exc}",
                                "point lora_model_dir at the output_dir of a LoRA run of this base model") from None
     check_towers_frozen(peft_model, plan)
     return peft_model
+
+
+def load_adapter(model, path):
+    """The adapter saved in `path` on `model` (for inference and merging), its targets as saved."""
+    from peft import PeftModel
+
+    with keep_module_targets():
+        return PeftModel.from_pretrained(model, path)
+
+
+def load_trained(cfg, plan: Plan, tokenizer):
+    """Base model plus the trained weights in output_dir (adapter or full), else the base model.
+    QLoRA (a 4-bit base): the base is loaded in 4 bit, as training saw it, so evaluating here gives
+    the figures the run reported."""
+    from archtune.models import quant
+    from archtune.models.load import load_model, set_attn_implementation, trained_weights_kind
+
+    kind = trained_weights_kind(cfg.output_dir)
+    if kind == "full":
+        model = load_model(cfg, plan, tokenizer, path=cfg.output_dir)
+    elif quant.is_quantized(plan):
+        model = quant.load_quantized(cfg, plan, tokenizer)
+    else:
+        model = load_model(cfg, plan, tokenizer)
+    set_attn_implementation(model, plan)
+    if kind == "adapter":
+        model = load_adapter(model, cfg.output_dir)
+    return model, kind
 
 
 def count_params(model) -> tuple[int, int]:

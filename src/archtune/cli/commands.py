@@ -192,7 +192,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     """Token-weighted mean loss over the evaluation data, with the trained weights if any (rl and
     reward_model configs: also the held-out rewards, accuracy and margin)."""
     from archtune.data import prepare_data
-    from archtune.models.load import load_trained
+    from archtune.adapters.lora import load_trained
     from archtune.train.evaluation import token_weighted_loss
     from archtune.train.recipe import data_collator, plan_for, prepare_loss, prepare_packing
 
@@ -232,7 +232,7 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     """Greedy generation with the trained weights, the prompt rendered as the first dataset's format
     (with --image: one user turn holding the images, then the prompt)."""
     from archtune.data import encode_prompt
-    from archtune.models.load import load_trained
+    from archtune.adapters.lora import load_trained
     from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)
@@ -295,7 +295,7 @@ def generate_from_inputs(model, tokenizer, inputs: dict, max_new_tokens: int) ->
 def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
                out: Optional[Path] = typer.Option(None, "--out", help="Default: OUTPUT_DIR/merged.")) -> None:
     """Merge the trained LoRA adapter into the base weights; the result loads with transformers alone."""
-    from archtune.models.load import load_trained
+    from archtune.adapters.lora import load_trained
     from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)

@@ -342,23 +342,3 @@ def trained_weights_kind(output_dir: str | os.PathLike) -> str | None:
     if has_adapter:
         return "adapter"
     return "full" if has_full else None
-
-
-def load_trained(cfg, plan: Plan, tokenizer):
-    """Base model plus the trained weights in output_dir (adapter or full), else the base model.
-    QLoRA (a 4-bit base): the base is loaded in 4 bit, as training saw it, so evaluating here gives
-    the figures the run reported."""
-    from archtune.models import quant
-
-    kind = trained_weights_kind(cfg.output_dir)
-    if kind == "full":
-        model = load_model(cfg, plan, tokenizer, path=cfg.output_dir)
-        set_attn_implementation(model, plan)
-        return model, kind
-    model = quant.load_quantized(cfg, plan, tokenizer) if quant.is_quantized(plan) else load_model(cfg, plan, tokenizer)
-    set_attn_implementation(model, plan)
-    if kind == "adapter":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, cfg.output_dir)
-    return model, kind

@@ -8,7 +8,9 @@
 - lora_redirect.py: LoRA aimed at a wrapper PEFT cannot adapt (Gemma 4's ClippableLinear) lands
   on the nn.Linear inside it;
 - text_only.py: the zero "no multimodal token" inputs a multimodal wrapper's forward takes on
-  text-only batches.
+  text-only batches;
+- peft_targets.py: LoRA targets naming real modules stay on them under PEFT's transformers-v5 MoE
+  config conversion (Qwen3-Next's shared expert).
 
 Each registers a `Patch` in PATCHES (discovered: every module of this package) naming the
 upstream version it was written against and the upstream code it relies on, each with a

@@ -14,7 +14,7 @@ def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
 
     For `archtune merge-lora` on a run with `adapter: qlora` / `load_in_4bit: true`.
     """
-    from peft import PeftModel
+    from archtune.adapters.lora import load_adapter
 
     base = load_quantized(cfg, plan, tokenizer)
     dequantize(base)
@@ -24,7 +24,7 @@ def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
 
         quant4.quantize_experts(base, plan.expert_param_names, dtype=compute_dtype(cfg))
         quant4.dequantize_experts(base)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    model = load_adapter(base, adapter_dir)
     return model.merge_and_unload()
 
 

@@ -371,9 +371,10 @@ def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> tuple
     """`archtune evaluate` for rl / reward_model configs: ({eval_loss, eval_tokens, eval_rows and the
     held-out rewards}, which weights: adapter / full / base) of the trained weights in output_dir
     (against the base model as the reference), else of the base model."""
+    from archtune.adapters.lora import load_trained
     from archtune.data.preference import prepare_preference_data
     from archtune.errors import UserError
-    from archtune.models.load import load_model, load_trained
+    from archtune.models.load import load_model
 
     data = prepare_preference_data(plan, tokenizer, progress=progress)
     if data.eval is None:
