@@ -3,7 +3,7 @@
 `archtune train max_steps=2`, with only base_model, the data and output_dir swapped for local
 tiny ones. Prints one JSON object (the counts, and per config what stopped it).
 
-Usage: python bench/axolotl_examples.py AXOLOTL_GIT_DIR WORK_DIR [--no-train]
+Usage: python bench/axolotl_examples.py AXOLOTL_GIT_DIR WORK_DIR [--no-train] [--only=REGEX]
 
 AXOLOTL_GIT_DIR is a clone of https://github.com/axolotl-ai-cloud/axolotl (read with `git show`;
 nothing of it is copied into this repository). For each example of the families archtune
@@ -11,8 +11,9 @@ covers (examples/gemma3, gemma3n, gemma4, qwen3, qwen3.5, qwen3-next):
 - base_model -> a tiny random model of the same architecture, written under WORK_DIR (archtune's
   embedded tiny models where one exists, else one built from a small transformers config);
 - each dataset's path -> a local JSONL file of the same format (chat_template rows under its
-  field_messages with its message_property_mappings, alpaca rows, or preference pairs), the rest
-  of the entry (type, split, fields) unchanged;
+  field_messages with its message_property_mappings, alpaca rows, preference pairs, or reward
+  pairs), large enough that its split slice (`train[:1%]`) keeps the same number of rows; the rest
+  of the entry (type, split, fields) unchanged; text only (rows of image datasets carry no image);
 - output_dir (and dataset_prepared_path when set) -> under WORK_DIR.
 Every other key stays exactly as Axolotl publishes it.
 """
@@ -60,13 +61,23 @@ def _built(kind: str, vocab: int):
             linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]))
     if kind == "qwen3_5":
-        return tf.Qwen3_5ForCausalLM(_small_text(
+        # Qwen3.5 dense checkpoints (9B, 27B) are image-text models: the language model sits under
+        # model.language_model, beside model.visual.
+        text = _small_text(
             tf.Qwen3_5TextConfig, vocab, num_hidden_layers=4, linear_num_value_heads=4, linear_num_key_heads=2,
             linear_key_head_dim=16, linear_value_head_dim=16,
-            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]))
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+            rope_parameters=dict(rope_type="default", rope_theta=10_000_000.0, partial_rotary_factor=0.25,
+                                 mrope_section=[2, 1, 1], mrope_interleaved=True))
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
+                      spatial_merge_size=2, num_position_embeddings=64, out_hidden_size=64)
+        return tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
+                                                                   tie_word_embeddings=True))
     if kind == "gemma3_text":
         return tf.Gemma3ForCausalLM(_small_text(tf.Gemma3TextConfig, vocab, sliding_window=64))
     if kind == "gemma3n":
+        # Gemma 3n checkpoints are image-audio-text models, but their vision tower (MobileNet v5) is a
+        # timm model, which is not installed here: the stand-in is the text model alone.
         return tf.Gemma3nForCausalLM(_small_text(
             tf.Gemma3nTextConfig, vocab, num_hidden_layers=4, sliding_window=64, hidden_size_per_layer_input=16,
             vocab_size_per_layer_input=vocab, num_kv_shared_layers=0, laurel_rank=8,
@@ -121,13 +132,22 @@ def _conversation(i: int, role_key: str, content_key: str, roles: tuple[str, str
             {role_key: roles[1], content_key: f"{i} plus {i} is {2 * i}."}]
 
 
+def _rows_for(entry: dict) -> int:
+    """ROWS, or enough rows that the entry's split slice (`train[:1%]`) still holds ROWS of them."""
+    share = re.search(r"\[:(\d+(?:\.\d+)?)%\]", str(entry.get("split") or ""))
+    return ROWS if share is None else int(ROWS * 100 / float(share.group(1)))
+
+
 def local_data(entry: dict, work: Path, n: int) -> str:
     kind = str(entry.get("type", "alpaca"))
     path = work / "data" / f"{n}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(ROWS):
-        if kind.startswith("bradley_terry") or kind.endswith(("dpo", "chatml.intel")) or "chosen" in kind:
+    for i in range(_rows_for(entry)):
+        if kind.startswith("bradley_terry"):  # Axolotl's bradley_terry.chat_template: system/input/chosen/rejected
+            rows.append({"system": "", "input": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.",
+                         "rejected": f"{i} plus {i} is {2 * i + 1}."})
+        elif kind.endswith(("dpo", "chatml.intel")) or "chosen" in kind:
             rows.append({"chosen": _conversation(i, "role", "content", ("user", "assistant")),
                          "rejected": _conversation(i + 1, "role", "content", ("user", "assistant")),
                          "prompt": f"What is {i} plus {i}?"})
@@ -183,9 +203,10 @@ def first_errors(output: str) -> list[str]:
 def main() -> None:
     git_dir, work = sys.argv[1], Path(sys.argv[2]).resolve()
     train = "--no-train" not in sys.argv
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), "")
     commit = git(git_dir, "rev-parse", "HEAD").strip()
     files = [f for f in git(git_dir, "ls-tree", "-r", "--name-only", "HEAD", "examples").split()
-             if f.split("/")[1] in FAMILIES and f.endswith((".yml", ".yaml"))]
+             if f.split("/")[1] in FAMILIES and f.endswith((".yml", ".yaml")) and re.search(only, f)]
     results = []
     for idx, f in enumerate(sorted(files)):
         config = yaml.safe_load(git(git_dir, "show", f"HEAD:{f}"))

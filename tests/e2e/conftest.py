@@ -98,9 +98,9 @@ def train_as_shipped(capsys, config: Path, tmp_path: Path, monkeypatch) -> tuple
 
 def heldout_accuracy(config: Path, overrides: list[str]) -> float:
     """Greedy exact-match accuracy of the trained adapter on the config's evaluation rows."""
+    from archtune.adapters.lora import load_trained
     from archtune.config import load_config
     from archtune.data import prepare_data
-    from archtune.models.load import load_trained
     from archtune.train.evaluation import greedy_exact_match
     from archtune.train.recipe import data_collator, plan_for
 

@@ -118,7 +118,7 @@ def test_eval_loss_is_the_chosen_answers_token_weighted_cross_entropy(trained):
 
     from archtune.config import load_config
     from archtune.data.preference import prepare_preference_data
-    from archtune.models.load import load_trained
+    from archtune.adapters.lora import load_trained
     from archtune.train.recipe import plan_for
 
     s = trained("dpo")

@@ -55,9 +55,9 @@ def test_evaluate_matches_the_training_summary(lora_run, capsys):
 def test_merged_model_reloads_with_transformers_alone_and_generates_the_same(lora_run, capsys):
     from transformers import AutoModelForImageTextToText
 
+    from archtune.adapters.lora import load_trained
     from archtune.cli import generate_text
     from archtune.config import load_config
-    from archtune.models.load import load_trained
     from archtune.train.recipe import plan_for
 
     cfg_path, out, _ = lora_run

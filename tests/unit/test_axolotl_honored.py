@@ -286,6 +286,26 @@ def test_named_chat_templates_train_on_the_answers_with_their_end_token(name, en
     assert [out.text[s:e] for s, e in last.spans] == [trained[0][: -len(end)], trained[1]]
 
 
+@pytest.mark.parametrize("messages", [CHAT, CHAT[1:]], ids=["with_system", "without_system"])
+def test_train_on_eos_all_adds_the_end_token_of_every_turn(messages):
+    """Axolotl's `all`: the end-of-turn token of every turn gets loss, also after turns without loss
+    (user, system), and nothing else changes; compared token by token with `turn`."""
+    from archtune.assets import load_tokenizer
+    from archtune.config import DatasetConfig
+    from archtune.data.tokenize import RowEncoder, TokenizeSettings
+
+    tok = load_tokenizer()
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    settings = TokenizeSettings(sequence_len=512, chat_template="gemma3")
+    rows = {mode: RowEncoder(tok, DatasetConfig(path="x", type="chat_template", train_on_eos=mode), settings)
+            .encode({"messages": messages}) for mode in ("turn", "all")}
+    ids = rows["all"]["input_ids"]
+    assert ids == rows["turn"]["input_ids"] and ids.count(end) == sum(m["role"] != "system" for m in messages)
+    expected = [t if t == end else label for t, label in zip(ids, rows["turn"]["labels"])]
+    assert rows["all"]["labels"] == expected
+    assert sum(label == end for label in rows["turn"]["labels"]) == 2  # the answers' own ends only
+
+
 def test_chat_template_names_are_checked_before_training():
     assert not plan_for(chat_template="gemma4").errors and not plan_for(chat_template="tokenizer_default").errors
     (p,) = plan_for(chat_template="gema3").errors
@@ -365,3 +385,41 @@ def test_text_only_checkpoint_of_a_multimodal_family_loads_as_a_causal_lm():
     plan = resolve(cfg, text)
     assert plan.family.name == "gemma3" and plan.auto_class == "AutoModelForCausalLM"
     assert plan_for("gemma3").auto_class == plan_for("gemma3").family.auto_class
+
+
+# ---------------------------------------------------------------- model_config / model_kwargs
+
+@pytest.mark.parametrize("where", ["tiny", "directory"])
+def test_model_config_overrides_reach_the_built_model_and_the_plan(tmp_path, where):
+    """Axolotl's `model_config`: set on the model's config before it is built (read back from the
+    model's own modules), and the plan resolves on the overridden config."""
+    from archtune.models.load import load_model, load_tokenizer, read_model_config, resolve_plan
+    from archtune.models.tiny import write_tiny_model
+
+    base = "tiny:llama"
+    if where == "directory":
+        base = str(write_tiny_model("llama", tmp_path / "llama"))
+    keys = {"base_model": base, "datasets": [{"path": "data.jsonl"}]}
+    plain = config_from_dict(keys)
+    cfg = config_from_dict({**keys, "model_config": {"rms_norm_eps": 0.125, "use_cache": False}})
+    assert cfg.overrides_of_model_config == {"rms_norm_eps": 0.125, "use_cache": False}
+    assert read_model_config(cfg)["rms_norm_eps"] == 0.125 != read_model_config(plain)["rms_norm_eps"]
+    model = load_model(cfg, resolve_plan(cfg), load_tokenizer(cfg))
+    assert model.model.norm.variance_epsilon == 0.125 and model.config.use_cache is False
+    reference = load_model(plain, resolve_plan(plain), load_tokenizer(plain))
+    assert reference.model.norm.variance_epsilon != 0.125
+    torch.testing.assert_close(model.state_dict(), reference.state_dict())  # the same weights
+
+
+def test_model_kwargs_reach_from_pretrained_and_own_arguments_are_refused(tmp_path):
+    from archtune.errors import UserError
+    from archtune.models.load import load_model, load_tokenizer, resolve_plan
+    from archtune.models.tiny import write_tiny_model
+
+    keys = {"base_model": str(write_tiny_model("llama", tmp_path / "llama")), "datasets": [{"path": "data.jsonl"}]}
+    cfg = config_from_dict({**keys, "model_kwargs": {"use_cache": False, "output_attentions": True}})
+    model = load_model(cfg, resolve_plan(cfg), load_tokenizer(cfg))
+    assert model.config.use_cache is False and model.config.output_attentions is True
+    with pytest.raises(UserError) as ei:
+        config_from_dict({**keys, "model_kwargs": {"torch_dtype": "float16"}})
+    assert "torch_dtype (use bf16 / fp16)" in str(ei.value)

@@ -101,7 +101,8 @@ def _unprefixed(key: str) -> str:
 
 _ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "flex_attention": "flex_attention",
                     "eager_attention": "eager"}
-_RENAMED = {"revision_of_model": "model_revision", "evaluation_strategy": "eval_strategy"}
+_RENAMED = {"revision_of_model": "model_revision", "evaluation_strategy": "eval_strategy",
+            "model_config": "overrides_of_model_config", "model_kwargs": "overrides_of_model_kwargs"}
 
 
 def _aliases(data: dict, out: Translated, where: Where) -> None:

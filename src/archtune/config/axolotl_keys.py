@@ -175,8 +175,6 @@ REFUSED: dict[str, str] = _table(
     ("cosine_constant_lr_ratio lr_div_factor lr_quadratic_warmup",
      "Axolotl's own schedule shapes are not offered: use lr_scheduler (cosine, linear, ...) with warmup_steps "
      "and cosine_min_lr_ratio"),
-    ("model_config overrides_of_model_config model_kwargs overrides_of_model_kwargs",
-     "overriding the model's config.json changes the model: edit config.json (a local copy) instead"),
     ("lr_groups embedding_lr embedding_lr_scale",
      "per-group learning rates are not supported: one learning_rate for every trained weight"),
     ("optim_target_modules", "optimizer-specific module selection (GaLore, ...) is not supported"),
@@ -277,6 +275,8 @@ HONORED_ALIASES: dict[str, str] = {
     "revision_of_model": "model_revision",
     "auto_resume_from_checkpoints": "resume_from_checkpoint: auto",
     "evaluation_strategy": "eval_strategy",
+    "model_config": "overrides_of_model_config",
+    "model_kwargs": "overrides_of_model_kwargs",
     "chat_template_jinja": "chat_template (the template text, with `chat_template: jinja` or alone)",
 }
 # Values of class-2 keys that would train something else: key -> (accepted values, regex fullmatch; why not others).
@@ -375,10 +375,6 @@ UNSUPPORTED_VALUE_HINTS: dict[str, dict[str, str]] = {
     "adapter": {
         "llama-adapter": "use `adapter: lora`",
         "ia3": "use `adapter: lora`",
-    },
-    "train_on_eos": {
-        "all": "use `train_on_eos: turn` (the end of every trained turn); untrained turns' end tokens get no loss "
-               "here",
     },
     "type": {
         "bradley_terry.chat_template": "this is a reward-model dataset (reward_model: true), and reward modelling is "

@@ -50,9 +50,9 @@ class DatasetConfig(_Strict):
         default_factory=lambda: {"role": "role", "content": "content"},
         description="chat_template: keys of a message that hold its role and content.")
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="chat_template: roles whose turns get loss.")
-    train_on_eos: Literal["turn", "last", "none"] = Field(
-        "turn", description="chat_template: which trained turns' end-of-turn token gets loss: each (turn), only the "
-        "last (last), none.")
+    train_on_eos: Literal["all", "turn", "last", "none"] = Field(
+        "turn", description="chat_template: which end-of-turn tokens get loss: every turn's, also of turns without "
+        "loss (all), each trained turn's (turn), only the last trained turn's (last), none.")
     field: str = Field("text", description="completion: column holding the text.")
     # preference data (rl / reward_model)
     field_prompt: str = Field("prompt", description="passthrough.default: column holding the prompt string.")
@@ -118,6 +118,12 @@ class Config(_Strict):
     tokenizer_config: str | None = Field(None, description="Where to read the tokenizer from, when not base_model.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off by default: safe.")
     model_revision: str | None = Field(None, description="Hub revision of the model.")
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        None, description="Axolotl's `model_config`: values set on the model's config (top-level keys of config.json) "
+        "before the model is built, e.g. {rope_theta: 2000000}; the plan reads the overridden config.")
+    overrides_of_model_kwargs: dict[str, Any] | None = Field(
+        None, description="Axolotl's `model_kwargs`: extra from_pretrained arguments; arguments archtune sets from "
+        "its own keys (dtype, quantization, device placement, attention) are refused with the key to use.")
     tokenizer_type: str | None = Field(None, description="transformers tokenizer class to load with (default "
                                        "AutoTokenizer).")
     attn_implementation: str | None = Field(
@@ -347,6 +353,15 @@ class Config(_Strict):
                 raise ValueError(f"{name} is empty: give the token's text, e.g. {name}: '<eos>'")
         return v
 
+    @field_validator("overrides_of_model_kwargs")
+    @classmethod
+    def _own_load_arguments(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        own = [f"{k} (use {OWN_LOAD_ARGUMENTS[k]})" for k in v or {} if k in OWN_LOAD_ARGUMENTS]
+        if own:
+            raise ValueError("model_kwargs names from_pretrained arguments archtune sets from its own keys: "
+                             + "; ".join(own))
+        return v
+
     @field_validator("lora_target_modules")
     @classmethod
     def _target_regex(cls, v: list[str] | str | None) -> list[str] | str | None:
@@ -362,6 +377,16 @@ class Config(_Strict):
                 "cross_field", "{summary}",
                 {"summary": "; ".join(f"{k}: {m}" for k, m, _ in broken), "problems": broken})
         return self
+
+
+# from_pretrained arguments archtune sets from its own keys (model_kwargs may not name them): the key to use.
+OWN_LOAD_ARGUMENTS: dict[str, str] = {
+    "dtype": "bf16 / fp16", "torch_dtype": "bf16 / fp16", "quantization_config": "load_in_4bit and bnb_config_kwargs",
+    "load_in_4bit": "load_in_4bit", "load_in_8bit": "load_in_8bit", "device_map": "--nproc / fsdp_config",
+    "max_memory": "--nproc / fsdp_config", "attn_implementation": "attn_implementation",
+    "experts_implementation": "experts_implementation", "trust_remote_code": "trust_remote_code",
+    "revision": "model_revision", "config": "model_config", "output_loading_info": "nothing: archtune reads it",
+}
 
 
 # ---- rules between keys

@@ -349,10 +349,12 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
             end = _content_end(full, start, messages[i]["content"], ctx.special_tokens)
         if end > start:
             spans.append((start, end))
-    if ds.train_on_eos != "turn":  # `last`: only the final trained turn keeps its end marker; `none`: no turn
+    if ds.train_on_eos in ("last", "none"):  # `last`: only the final trained turn keeps its end marker
         keep = len(spans) - 1 if ds.train_on_eos == "last" else len(spans)
         spans = [(s, e) if k >= keep else (s, _without_end_marker(full, s, e, ctx.special_tokens))
                  for k, (s, e) in enumerate(spans)]
+    elif ds.train_on_eos == "all":  # also the end marker of every turn that gets no loss (system, user, ...)
+        spans = sorted(spans + _untrained_turn_ends(full, messages, trained, spans, start_of, end_of, ctx))
     return Formatted(text=full, spans=spans, realigned=realigned, images=media.images, audios=media.audios)
 
 
@@ -387,6 +389,25 @@ def _content_end(text: str, start: int, content: Any, specials: tuple[str, ...])
         if marker and text.startswith(marker, end):
             return end + len(marker)
     return end
+
+
+def _untrained_turn_ends(text: str, messages: list[dict], trained: list[int], spans: list[tuple[int, int]],
+                         start_of, end_of, ctx: FormatContext) -> list[tuple[int, int]]:
+    """`train_on_eos: all`: the spans of the end-of-turn markers closing the turns without loss.
+
+    A marker counts when it is one that closes the trained turns in this rendering (or the
+    tokenizer's eos token): a turn that renders nothing of its own (Gemma's system message, merged
+    into the next user turn) ends in no marker, and a `<bos>` before it is not one.
+    """
+    closing = {text[_without_end_marker(text, s, e, ctx.special_tokens):e] for s, e in spans} - {""}
+    closing.add(getattr(ctx.tokenizer, "eos_token", None) or "")
+    out = []
+    for i in sorted(set(range(len(messages))) - set(trained)):
+        end = _strip_after_end_marker(text, start_of(i), end_of(i), ctx.special_tokens)
+        cut = _without_end_marker(text, 0, end, ctx.special_tokens)
+        if cut < end and text[cut:end] in closing:
+            out.append((cut, end))
+    return out
 
 
 def _without_end_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:

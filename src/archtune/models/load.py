@@ -29,7 +29,12 @@ def _unknown_tiny(name: str) -> UserError:
 
 
 def read_model_config(cfg) -> dict[str, Any]:
-    """config.json of the base model as a dict, without touching weights."""
+    """config.json of the base model as a dict, without touching weights, with the config's
+    `model_config` overrides (Axolotl's overrides_of_model_config) set on its top-level keys."""
+    return {**_config_json(cfg), **(cfg.overrides_of_model_config or {})}
+
+
+def _config_json(cfg) -> dict[str, Any]:
     name = tiny_name(cfg.base_model)
     if name is not None:
         from archtune.families import find_tiny
@@ -216,6 +221,29 @@ def _head_settings(plan: Plan) -> dict:
     return {"num_labels": plan.get("num_labels")} if plan.get("model_auto_class") else {}
 
 
+def _config_updates(plan: Plan) -> dict:
+    """Values set on the base model's config: the `model_config` overrides, then the head's."""
+    return {**(plan.config.overrides_of_model_config or {}), **_head_settings(plan)}
+
+
+def pretrained_kwargs(cfg, plan: Plan) -> dict:
+    """from_pretrained arguments for the base model: `model_kwargs` (Axolotl's overrides_of_model_kwargs;
+    the plan refuses the ones archtune sets itself), and the config updates: as keyword arguments
+    (transformers sets them on the config), or, with `model_config` overrides (which may name keys
+    the config class does not declare), on a config object built here, as Axolotl does."""
+    kwargs = dict(cfg.overrides_of_model_kwargs or {})
+    updates = _config_updates(plan)
+    if not cfg.overrides_of_model_config:
+        return {**kwargs, **updates}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.base_model_config or cfg.base_model, trust_remote_code=cfg.trust_remote_code,
+                                        revision=cfg.model_revision)
+    for key, value in updates.items():
+        setattr(config, key, value)
+    return {**kwargs, "config": config}
+
+
 def _drop_new_head(info: dict, plan: Plan) -> dict:
     auto = plan.get("model_auto_class") or ""
     prefixes = _NEW_HEAD_PREFIXES.get(auto, ())
@@ -241,7 +269,7 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
 
         try:
             model, _ = build_tiny_model(name, seed=cfg.seed, auto_class=plan.get("model_auto_class"),
-                                        **_head_settings(plan))
+                                        **_config_updates(plan))
         except KeyError:
             raise _unknown_tiny(name) from None
         return model.to(dtype)
@@ -250,7 +278,7 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
     try:
         model, info = _auto_class(plan).from_pretrained(
             source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision,
-            output_loading_info=True, **_head_settings(plan))
+            output_loading_info=True, **(pretrained_kwargs(cfg, plan) if path is None else _head_settings(plan)))
     except RuntimeError as exc:
         if "ignore_mismatched_sizes" not in str(exc):
             raise

@@ -70,7 +70,7 @@ def bnb_config(cfg, plan: Plan):
 
 def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
     """The base model with its linear layers in bitsandbytes 4 bit (on CPU, or this rank's GPU)."""
-    from archtune.models.load import _auto_class, check_loading_info, tiny_name
+    from archtune.models.load import _auto_class, check_loading_info, pretrained_kwargs, tiny_name
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     name = tiny_name(cfg.base_model) if path is None else None
@@ -92,6 +92,8 @@ def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
         _keep_training_layout(model)
         return model
     source = str(path or cfg.base_model)
+    if path is None:
+        kwargs.update(pretrained_kwargs(cfg, plan))
     model, info = _auto_class(plan).from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
                                                     revision=cfg.model_revision, **kwargs)
     check_loading_info(info, source)

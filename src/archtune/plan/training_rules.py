@@ -333,6 +333,29 @@ def _unfrozen_parameters(plan: "Plan") -> None:
                        + next(iter(structure.parameters), "model.layers.0.mlp.up_proj.weight"))
 
 
+def _lora_target_modules_match(plan: "Plan") -> None:
+    """A target list or regex that matches no module of the model is refused here, before any weight
+    loads (the adapter step would stop on it at train time)."""
+    cfg = plan.config
+    spec = cfg.lora_target_modules
+    if cfg.adapter is None or cfg.lora_target_linear or not spec or (isinstance(spec, str) and spec.lower() == "all-linear"):
+        return
+    structure = plan.structure()
+    if structure is None:
+        return
+    if isinstance(spec, str):
+        regex = re.compile(spec)
+        hit = any(regex.fullmatch(n) for n in structure.module_names)
+    else:
+        hit = any(n == e or n.endswith("." + e) for n in structure.module_names for e in map(str, spec))
+    if not hit:
+        layer = [n[: -len(".weight")] for n, shape in structure.parameters.items()
+                 if n.endswith(".weight") and len(shape) == 2 and ".0." in n]
+        plan.error("lora_target_modules", f"{spec!r} matches no module of this model",
+                   "a list entry must equal a module name or its dotted end (e.g. q_proj); a string is a regex over "
+                   "whole names; this model's modules are named like " + ", ".join(layer[:4]))
+
+
 TRAINING_RULES: tuple[Rule, ...] = (
     Rule("gradient_checkpointing_offload",
          "`gradient_checkpointing: offload` turns on activation_offloading (each layer checkpointed, its inputs kept "
@@ -364,4 +387,6 @@ TRAINING_RULES: tuple[Rule, ...] = (
          _lora_model_dir),
     Rule("unfrozen_parameters", "`unfrozen_parameters` (full fine-tune only) must match parameters of the model.",
          _unfrozen_parameters),
+    Rule("lora_target_modules_match", "`lora_target_modules` (names or a regex) must match modules of the model; "
+         "`check` refuses one that matches nothing.", _lora_target_modules_match),
 )
