@@ -116,9 +116,9 @@ def test_eval_loss_is_the_chosen_answers_token_weighted_cross_entropy(trained):
     are the labels. Checked against transformers' own loss, one row at a time."""
     import torch
 
+    from archtune.adapters.lora import load_trained
     from archtune.config import load_config
     from archtune.data.preference import prepare_preference_data
-    from archtune.adapters.lora import load_trained
     from archtune.train.recipe import plan_for
 
     s = trained("dpo")
