@@ -60,19 +60,6 @@ def _built(kind: str, vocab: int):
             moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_value_heads=4,
             linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]))
-    if kind == "qwen3_5":
-        # Qwen3.5 dense checkpoints (9B, 27B) are image-text models: the language model sits under
-        # model.language_model, beside model.visual.
-        text = _small_text(
-            tf.Qwen3_5TextConfig, vocab, num_hidden_layers=4, linear_num_value_heads=4, linear_num_key_heads=2,
-            linear_key_head_dim=16, linear_value_head_dim=16,
-            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-            rope_parameters=dict(rope_type="default", rope_theta=10_000_000.0, partial_rotary_factor=0.25,
-                                 mrope_section=[2, 1, 1], mrope_interleaved=True))
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
-                      spatial_merge_size=2, num_position_embeddings=64, out_hidden_size=64)
-        return tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
-                                                                   tie_word_embeddings=True))
     if kind == "gemma3_text":
         return tf.Gemma3ForCausalLM(_small_text(tf.Gemma3TextConfig, vocab, sliding_window=64))
     if kind == "gemma3n":

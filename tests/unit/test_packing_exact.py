@@ -26,8 +26,8 @@ from archtune.train.evaluation import token_weighted_loss
 SEQUENCE_LEN = 256
 RTOL = 1e-4
 # Families whose layers need a packing patch (the one each family declares in `patches`).
-PATCHES = {"qwen3_5-moe": [GATED_DELTANET_PACKING]}
-FAMILIES = ["gemma4-moe", "gemma4-e2b", "gemma3", "qwen3_5-moe", "llama"]
+PATCHES = {"qwen3_5-moe": [GATED_DELTANET_PACKING], "qwen3_5": [GATED_DELTANET_PACKING]}
+FAMILIES = ["gemma4-moe", "gemma4-e2b", "gemma3", "qwen3_5-moe", "qwen3_5", "llama"]
 LLAMA_TARGETS = r".*\.(q|k|v|o|gate|up|down)_proj"
 
 
@@ -211,10 +211,11 @@ def test_a_trainer_step_on_packed_rows_is_the_unpacked_step(tmp_path):
     assert grad_rel(u_packed, u_unpacked) < RTOL
 
 
-def test_the_qwen3_5_family_declares_the_deltanet_patch():
-    family, _ = find_tiny("qwen3_5-moe")
+@pytest.mark.parametrize("name", ["qwen3_5-moe", "qwen3_5"])
+def test_the_qwen3_5_families_declare_the_deltanet_patch(name):
+    family, _ = find_tiny(name)
     assert GATED_DELTANET_PACKING.name in family.patches, (
-        "families/qwen3_5_moe.py must declare patches=[\"gated_deltanet_packing\"] (archtune.patches.packing)")
+        f"families/{family.name}.py must declare patches=[\"gated_deltanet_packing\"] (archtune.patches.packing)")
 
 
 def test_without_use_cache_false_llama_packing_leaks():
