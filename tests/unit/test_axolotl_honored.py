@@ -292,11 +292,12 @@ def test_train_on_eos_all_adds_the_end_token_of_every_turn(messages):
     (user, system), and nothing else changes; compared token by token with `turn`."""
     from archtune.assets import load_tokenizer
     from archtune.config import DatasetConfig
+    from archtune.config.chat_templates import CHAT_TEMPLATES
     from archtune.data.tokenize import RowEncoder, TokenizeSettings
 
     tok = load_tokenizer()
     end = tok.convert_tokens_to_ids("<end_of_turn>")
-    settings = TokenizeSettings(sequence_len=512, chat_template="gemma3")
+    settings = TokenizeSettings(sequence_len=512, chat_template=CHAT_TEMPLATES["gemma3"])
     rows = {mode: RowEncoder(tok, DatasetConfig(path="x", type="chat_template", train_on_eos=mode), settings)
             .encode({"messages": messages}) for mode in ("turn", "all")}
     ids = rows["all"]["input_ids"]
