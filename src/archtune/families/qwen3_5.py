@@ -65,6 +65,7 @@ FAMILY = register_family(dataclasses.replace(
     expert_param_aliases={},
     is_moe=None,
     moe_shape_keys={},
+    sequence_classification_base="",  # transformers has Qwen3_5ForSequenceClassification
     tiny_models=(
         TinyModel("qwen3_5", "Qwen 3.5 dense shape: 3 linear-attention (DeltaNet) + 1 full-attention layer, "
                   "dense MLP, vision tower (1 block)", _build_config, moe._build_processor),
