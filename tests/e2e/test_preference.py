@@ -81,6 +81,7 @@ def test_held_out_preference_accuracy_reaches_0_9_and_the_margin_grows(trained, 
     assert s["eval_rewards/margins"] > s["eval_rewards/margins_initial"]
     assert s["eval_rewards/chosen"] > s["eval_rewards/rejected"]
     assert s["data"]["eval_rows"] == 64
+    assert s["train_tokens"] > 0 and s["tokens_per_second"] > 0  # the real tokens of every sequence trained on
 
 
 def test_summary_plot_and_adapter(trained):

@@ -67,8 +67,6 @@ def trl_arguments(plan, base_args):
         extra.update(beta=plan.get("rl_beta"))
         if kind == "simpo":
             extra.update(loss_type="simpo", simpo_gamma=plan.get("simpo_gamma"), cpo_alpha=plan.get("cpo_alpha"))
-        # Their batches have no `input_ids` for the Trainer's token count (chosen_/rejected_input_ids).
-        common["include_num_input_tokens_seen"] = "no"
     elif kind == "reward":
         extra.update(center_rewards_coefficient=plan.get("center_rewards_coefficient"), pad_to_multiple_of=None)
     return cls(**common, **extra)
@@ -172,7 +170,15 @@ def trainer_class(kind: str):
     if kind in ("orpo", "simpo"):
         def tokenize_row(self, feature, model=None):
             return _to_orpo_features(feature, self.max_length)
+
+        def _track_num_input_tokens(self, inputs):
+            # Their batches hold chosen_/rejected_input_ids (each with its prompt), not the `input_ids`
+            # the Trainer counts: the real tokens of both sequences, summed over all processes.
+            tokens = sum(inputs[f"{name}_attention_mask"].sum() for name in ("chosen", "rejected"))
+            tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
         body["tokenize_row"] = tokenize_row
+        body["_track_num_input_tokens"] = _track_num_input_tokens
     return type(f"Archtune{base.__name__}", (PreferenceTrainerMixin, CrashSafeTrainer, base), body)
 
 
@@ -473,8 +479,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         history = [{"step": 0, **initial}] + [h for h in history if not (h.get("step") == 0 and "eval_rows" in h)]
     train_logs = [h for h in history if "loss" in h]
     train_losses = [h["loss"] for h in train_logs]
-    # Tokens the model read (prompt + answer of every sequence, over all processes); ORPO's and
-    # SimPO's batches are not counted by the Trainer: None there.
+    # Tokens the model read (prompt + answer of every sequence, over all processes).
     train_tokens = int(trainer.state.num_input_tokens_seen) or None
     summary = {
         "method": method(plan),
