@@ -568,3 +568,17 @@ def test_every_rule_has_a_one_line_doc_and_a_unique_name():
         for rule in rules:
             doc = rule.doc
             assert "\n" not in doc and doc.endswith(".") and (doc[0].isupper() or doc[0] == "`"), rule.name
+
+
+def test_quantize_moe_experts_on_experts_no_family_declares_says_so():
+    """Qwen3-Next has 3D expert tensors, but no family declares them: the warning does not claim the
+    model has none."""
+    from archtune.models.tiny import build_tiny_config
+
+    cfg = config_from_dict({"base_model": "some/model", "datasets": [{"path": "d.jsonl"}], "adapter": "qlora",
+                            "load_in_4bit": True, "quantize_moe_experts": True})
+    (warning,) = [w for w in resolve(cfg, qwen3_next_config()).warnings if w.startswith("quantize_moe_experts")]
+    assert "knows no expert tensors of this qwen3_next model" in warning
+    (warning,) = [w for w in resolve(cfg, build_tiny_config("llama").to_dict()).warnings
+                  if w.startswith("quantize_moe_experts")]
+    assert "this llama model has no expert tensors" in warning

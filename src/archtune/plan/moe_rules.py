@@ -75,8 +75,12 @@ def _quantize_moe_experts(plan: "Plan") -> None:
                    "set `load_in_4bit: true` and `adapter: qlora`, or remove quantize_moe_experts")
         return
     if not moe:
-        plan.warn(f"quantize_moe_experts: true has no effect: this {plan.model_type} model has no expert tensors")
-        plan.set(key, False, "auto", "the model has no expert tensors")
+        structure = plan.structure()
+        stacked = structure is not None and any(len(shape) == 3 for shape in structure.parameters.values())
+        why = (f"archtune knows no expert tensors of this {plan.model_type} model (no family declares them), so its "
+               "3D tensors stay in 16 bits" if stacked else f"this {plan.model_type} model has no expert tensors")
+        plan.warn(f"quantize_moe_experts: true has no effect: {why}")
+        plan.set(key, False, "auto", why)
 
 
 def _experts_for_4bit_experts(plan: "Plan") -> None:
