@@ -333,6 +333,15 @@ def test_eot_tokens_must_be_single_tokens():
     assert ei.value.problems[0].key == "eot_tokens" and "<|not a token|>" in ei.value.problems[0].message
 
 
+def test_eot_tokens_that_are_not_single_tokens_are_refused_by_the_plan_check_and_train_share():
+    from archtune.models.load import resolve_plan
+
+    keys = {"base_model": "tiny:llama", "datasets": [{"path": "data.jsonl"}]}
+    assert not resolve_plan(config_from_dict({**keys, "eot_tokens": ["<end_of_turn>"]})).errors
+    (problem,) = resolve_plan(config_from_dict({**keys, "eot_tokens": ["<|im_end|>"]})).errors
+    assert problem.key == "eot_tokens" and "'<|im_end|>'" in problem.message
+
+
 @pytest.mark.parametrize("split, rows", [("train[:10%]", 4), ("train[:5]", 5), ("train[-3:]", 3), ("train", 40)])
 def test_split_slices_apply_to_local_files(tmp_path, split, rows):
     from archtune.assets import load_tokenizer

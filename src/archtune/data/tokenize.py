@@ -45,11 +45,11 @@ def special_token_strings(tokenizer) -> tuple[str, ...]:
 
 def check_eot_tokens(tokenizer, tokens: list[str] | None) -> None:
     """Each of `eot_tokens` must be exactly one token of the tokenizer (Axolotl's rule)."""
-    bad = [t for t in tokens or () if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
-    if bad:
-        raise UserError.single("eot_tokens", f"not a single token of this tokenizer: {', '.join(map(repr, bad))}",
-                               "list the tokenizer's own end-of-turn tokens (e.g. <end_of_turn>, <|im_end|>), or "
-                               "remove eot_tokens")
+    from archtune.models.load import eot_token_problem
+
+    problem = eot_token_problem(tokenizer, tokens)
+    if problem:
+        raise UserError.single("eot_tokens", *problem)
 
 
 def bos_to_add(tokenizer) -> int | None:

@@ -70,7 +70,21 @@ def resolve_plan(cfg, world_size: int = 1) -> Plan:
     `archtune check` and `archtune train` both resolve through here, so they accept and refuse the
     same configurations. Problems stay in `plan.errors` (nothing is raised for them).
     """
-    return resolve(cfg, read_model_config(cfg), world_size=world_size)
+    plan = resolve(cfg, read_model_config(cfg), world_size=world_size)
+    if cfg.eot_tokens:  # a property of the tokenizer, which config.json does not describe
+        problem = eot_token_problem(load_tokenizer(cfg), cfg.eot_tokens)
+        if problem:
+            plan.error("eot_tokens", *problem)
+    return plan
+
+
+def eot_token_problem(tokenizer, tokens: list[str] | None) -> tuple[str, str] | None:
+    """(message, fix) when one of `eot_tokens` is not exactly one token of the tokenizer (Axolotl's rule)."""
+    bad = [t for t in tokens or () if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    if not bad:
+        return None
+    return (f"not a single token of this tokenizer: {', '.join(map(repr, bad))}",
+            "list the tokenizer's own end-of-turn tokens (e.g. <end_of_turn>, <|im_end|>), or remove eot_tokens")
 
 
 def load_tokenizer(cfg):
