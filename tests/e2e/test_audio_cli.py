@@ -91,7 +91,8 @@ def test_audio_full_fine_tune_end_to_end(audio_run, capsys):
     state = base.state_dict()
     towers = [k for k in trained if k.startswith(("model.audio_tower.", "model.embed_audio."))]
     assert towers and all(torch.equal(trained[k], state[k]) for k in towers)
-    moved = [k for k in trained if k.startswith("model.language_model.layers.") and not torch.equal(trained[k], state[k])]
+    layers = [k for k in trained if k.startswith("model.language_model.layers.")]
+    moved = [k for k in layers if not torch.equal(trained[k], state[k])]
     assert moved
 
     result = evaluate_and_probe(capsys, config)
@@ -156,3 +157,25 @@ def test_a_processor_that_needs_torchvision_says_how_to_install_it(audio_run, ca
     err = preprocess_refused(capsys, config, tmp_path, f"base_model={model}")
     assert f"{tmp / 'train.jsonl'}:1" in err and "Torchvision" in err
     assert "pip install torchvision --index-url https://download.pytorch.org/whl/cpu" in err
+
+
+def test_lora_inside_the_audio_tower_trains_its_adapters_only(audio_run, capsys, tmp_path):
+    """An explicit regex puts LoRA in the audio tower (freeze_mm_modules: false): on the linear
+    inside each Gemma4ClippableLinear, trained by the audio rows; nothing else is trainable."""
+    import torch
+    from safetensors.torch import load_file
+
+    tmp, config = audio_run
+    regex = (r"model\.audio_tower\.layers\.\d+\.self_attn\.(q|k|v)_proj"
+             r"|model\.language_model\.layers\.\d+\.self_attn\.q_proj")
+    code, out, err = run_cli(capsys, "train", config, "adapter=lora", "lora_r=4", "lora_alpha=8",
+                             f"lora_target_modules={regex}", "freeze_mm_modules=false", "learning_rate=0.01",
+                             f"output_dir={tmp_path / 'out'}", f"dataset_prepared_path={tmp_path / 'p'}")
+    assert code == 0, err
+    summary = read_json(tmp_path / "out" / "train_summary.json")
+    adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    tower = {k: v for k, v in adapter.items() if "model.audio_tower." in k}
+    assert len(tower) == 6 and all(".self_attn." in k and ".linear.lora_" in k for k in tower)
+    assert all(torch.count_nonzero(v) > 0 for k, v in tower.items() if ".lora_B." in k)  # B starts at zero
+    assert summary["trainable_params"] == sum(v.numel() for v in adapter.values())
+

@@ -309,7 +309,8 @@ class MediaProcessor:
 
             probe = [Image.new("RGB", (32, 32), (128, 128, 128))]
             enc = self.processor(text=[self.image_token or ""], images=[probe], add_special_tokens=False)
-            self._token_type_names = tuple(sorted(per_token_outputs(enc, len(enc["input_ids"][0]), self.media_input_names)))
+            names = per_token_outputs(enc, len(enc["input_ids"][0]), self.media_input_names)
+            self._token_type_names = tuple(sorted(names))
         return self._token_type_names
 
     @property
