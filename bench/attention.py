@@ -11,6 +11,10 @@ itself (causal, and within the sliding window on sliding layers). Methods, all e
   position_ids inside the timed step, as the model builds it every forward;
 * `per_document`: one sdpa call per document block (archtune's "sdpa_packed": documents
   shorter than 64 tokens share a block), each with its diagonal slice of that mask;
+* `band`: chunks of C queries attend to the 2C keys before and in them, one sdpa call for the
+  batch (C = the farthest any query looks back: the window, or the longest document);
+* `archtune`: what "sdpa_packed" runs (`document_sdpa_attention`): band or per-document blocks,
+  whichever computes fewer scores (its choice is reported as `archtune_layout`);
 * `flex`: torch's flex_attention with a document mask, reported only where it runs (on CPU it
   needs torch.compile; when it fails the reason is recorded).
 
@@ -118,6 +122,37 @@ def run_per_document_causal(q, k, v, pos, window, grad):
     torch.cat(rows).backward(grad)
 
 
+class _Module:  # what transformers' attention functions read from the attention module
+    is_causal = True
+
+    def __init__(self, groups: int):
+        self.num_key_value_groups = groups
+
+
+def run_band(q, k, v, pos, window, grad):
+    from archtune.patches.packing import _band_attention, _window_band
+
+    mask = document_mask(pos, window)
+    chunk, band = _window_band(mask, mask.shape[-1])
+    _band_attention(q, k, v, chunk, band, 0.0, None).backward(grad.transpose(1, 2))
+
+
+def run_archtune(q, k, v, pos, window, grad):
+    from archtune.patches.packing import document_sdpa_attention
+
+    out, _ = document_sdpa_attention(_Module(q.shape[1] // k.shape[1]), q, k, v, document_mask(pos, window),
+                                     position_ids=pos)
+    out.backward(grad.transpose(1, 2))
+
+
+def archtune_layout(pos, window) -> str:
+    from archtune.patches.packing import _attention_layout
+
+    mask = document_mask(pos, window)
+    layout = _attention_layout(mask, pos, mask.shape[-1], mask.shape[-1])
+    return "plain sdpa" if layout is None else f"band of {layout[1]}" if layout[0] == "band" else "blocks"
+
+
 def make_flex(window):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -149,8 +184,8 @@ def measure(model: dict, docs: tuple[int, int], window: int | None, batch: int, 
     grad = torch.randn(batch, h, length, d, generator=gen)
     pos = packed_positions(batch, length, docs, seed=1)
     methods = {"block_mask": run_block_mask, "per_document": run_per_document,
-               "per_document_causal": run_per_document_causal}
-    notes = {}
+               "per_document_causal": run_per_document_causal, "band": run_band, "archtune": run_archtune}
+    notes = {"archtune_layout": archtune_layout(pos, window)}
     if with_flex:
         flex, why = make_flex(window)
         if flex is None:
@@ -182,7 +217,8 @@ def measure(model: dict, docs: tuple[int, int], window: int | None, batch: int, 
     med = {name: statistics.median(v) for name, v in times.items()}
     best = min(med, key=med.get)
     return {"ms": {n: round(t * 1e3, 2) for n, t in med.items()}, "fastest": best,
-            "per_document_vs_block_mask": round(med["block_mask"] / med["per_document"], 3), **notes}
+            "per_document_vs_block_mask": round(med["block_mask"] / med["per_document"], 3),
+            "archtune_vs_fastest": round(med[best] / med["archtune"], 3), **notes}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -313,6 +313,64 @@ def test_document_attention_falls_back_to_sdpa_when_blocks_do_not_apply(monkeypa
     assert _document_blocks(full, long_first, 8, 8) == [[(0, 7, True), (7, 8, True)]]
 
 
+def _attention_case(position_ids, mask, heads=4, kv_heads=2):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from archtune.patches.packing import document_sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    batch, length = position_ids.shape
+    q = torch.randn(batch, heads, length, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(batch, kv_heads, length, 8, generator=g, requires_grad=True) for _ in range(2))
+    module = _Attention()
+    ours, _ = document_sdpa_attention(module, q, k, v, mask, scaling=0.5, position_ids=position_ids)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.5, position_ids=position_ids)
+    assert ours.shape == ref.shape == (batch, length, heads, 8)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_rows_that_look_back_a_few_tokens_run_as_one_band(window, monkeypatch):
+    from archtune.patches import packing as packing_patch
+    from archtune.patches.packing import _attention_layout
+
+    monkeypatch.setattr(packing_patch, "_BAND_ALIGN", 1)
+    # Full layers on short documents (at most 3 tokens: chunks of 3), or a sliding window of 4 over
+    # longer ones (chunks of 4); 22 tokens, not a multiple of either (padding queries see themselves).
+    short = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 0, 0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1]] * 2)
+    long = torch.tensor([[*range(9), *range(7), *range(6)], [*range(12), *range(10)]])
+    position_ids = long if window else short
+    mask = _packed_masks(position_ids)[int(window)]
+    layout = _attention_layout(mask, position_ids, 22, 22)
+    assert layout[0] == "band" and layout[1] == (4 if window else 3)
+    _attention_case(position_ids, mask)
+    # Without the window the long documents are blocks: a band would be as wide as the row.
+    monkeypatch.setattr(packing_patch, "_MIN_BLOCK", 1)
+    monkeypatch.setattr(packing_patch, "_CALL_SCORES", 0)
+    assert _attention_layout(_packed_masks(long)[0], long, 22, 22)[0] == "blocks"
+
+
+def test_a_band_is_refused_when_the_mask_reaches_further(monkeypatch):
+    from archtune.patches import packing as packing_patch
+    from archtune.patches.packing import _window_band
+
+    monkeypatch.setattr(packing_patch, "_BAND_ALIGN", 1)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]])
+    mask = _packed_masks(position_ids)[0]
+    chunk, band = _window_band(mask, 12)
+    assert chunk == 4 and band.shape == (1, 1, 12, 8)
+    # The band of query i starts at the chunk before i's: position (i // C - 1) * C.
+    i, j = 9, 6
+    assert band[0, 0, i, j - (i // chunk - 1) * chunk] == mask[0, 0, i, j]
+    # A gap-free reach is all the band reads: a pair outside the chunk reach is never dropped.
+    sparse = torch.eye(12, dtype=torch.bool)[None, None].clone()
+    sparse[0, 0, 11, 0] = True  # looks back 11 tokens: the band becomes the whole row
+    assert _window_band(sparse, 12)[0] == 12
+
+
 def test_prepare_model_for_packing_switches_only_the_language_model_to_document_attention():
     from transformers import LlamaConfig, LlamaForCausalLM
 

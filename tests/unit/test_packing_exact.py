@@ -235,7 +235,7 @@ def test_without_use_cache_false_llama_packing_leaks():
 
 
 def test_packed_rows_run_attention_per_document_and_plain_sdpa_agrees(monkeypatch):
-    import transformers.integrations.sdpa_attention as sdpa
+    import torch.nn.functional as F
 
     model, tok = lora_model("gemma4-moe")
     collator = DataCollator(tok)
@@ -247,14 +247,14 @@ def test_packed_rows_run_attention_per_document_and_plain_sdpa_agrees(monkeypatc
     assert rel(plain, unpacked) < RTOL
 
     lengths = []
-    original = sdpa.sdpa_attention_forward
+    original = F.scaled_dot_product_attention
 
-    def spy(module, query, *args, **kwargs):
-        lengths.append(query.shape[2])
-        return original(module, query, *args, **kwargs)
+    def spy(query, *args, **kwargs):
+        lengths.append(query.shape[-2])
+        return original(query, *args, **kwargs)
 
-    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     assert prepare_model_for_packing(model)["attention"] == "sdpa_packed"
     per_document = token_weighted_loss(model, packed, collator, batch_size=3)["eval_loss"]
     assert rel(per_document, unpacked) < RTOL
-    assert lengths and max(lengths) < max(packed["length"])  # sdpa saw documents, never a whole row
+    assert lengths and max(lengths) < max(packed["length"])  # sdpa saw documents or chunks, never a whole row
