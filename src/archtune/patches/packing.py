@@ -32,13 +32,13 @@ has a state-carrying layer no patch covers (never a silent leak).
 Softmax attention needs no patch to be exact, but it can be made cheaper. sdpa over a packed
 row computes all L x L scores and masks most of them away (on CPU the masked kernel skips
 nothing). `document_sdpa_attention`, registered with transformers as the attention
-implementation "sdpa_packed", runs sdpa per document (short neighbours grouped into one block)
-on the diagonal blocks of the very mask transformers built (so sliding windows and any overlay
-inside a document are kept): the work drops from L^2 to about the sum of the documents'
-squared lengths (-25% step time on the benchmark's packed rows), and the result is the same
-as over the whole row because transformers' packed mask has nothing outside those blocks
-(checked, once per mask; anything else falls back to plain sdpa). `prepare_model_for_packing`
-switches a text config from "sdpa" to it.
+implementation "sdpa_packed", skips most of what the very mask transformers built forbids
+(and keeps what it allows, so sliding windows and any overlay inside a document are kept), in one of two layouts, chosen
+once per mask by the scores each computes: a band (chunks of C queries over the 2C keys before
+and in them, one call; for sliding windows and rows of short documents) or per-document blocks
+(documents over 64 tokens). The result is the same as over the whole row because transformers'
+packed mask allows nothing outside them (checked, once per mask; anything else falls back to
+plain sdpa). `prepare_model_for_packing` switches a text config from "sdpa" to it.
 """
 from __future__ import annotations
 
