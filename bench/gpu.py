@@ -118,17 +118,27 @@ def attention(args) -> None:
         def __init__(self, groups):
             self.num_key_value_groups = groups
 
+    def document_mask(pos, window):  # bench/attention.py's mask, built on the rows' device
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        doc = starts.cumsum(-1)
+        i = torch.arange(pos.shape[1], device=pos.device)
+        mask = (doc[:, :, None] == doc[:, None, :]) & (i[None, :, None] >= i[None, None, :])
+        if window is not None:
+            mask &= (i[None, :, None] - i[None, None, :]) < window
+        return mask[:, None]
+
     def run_archtune(q, k, v, pos, window, grad):
-        mask = bench_attention.document_mask(pos, window)
+        mask = document_mask(pos, window)
         out, _ = document_sdpa_attention(Module(q.shape[1] // k.shape[1]), q, k, v, mask, position_ids=pos)
         out.backward(grad.transpose(1, 2))
 
     def run_block_mask(q, k, v, pos, window, grad):
-        mask = bench_attention.document_mask(pos, window)
+        mask = document_mask(pos, window)
         torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).backward(grad)
 
     def run_per_document(q, k, v, pos, window, grad):
-        mask = bench_attention.document_mask(pos, window)
+        mask = document_mask(pos, window)
         rows = []
         for b, spans in enumerate(bench_attention.blocks_of(pos.cpu())):
             rows.append(torch.cat([torch.nn.functional.scaled_dot_product_attention(
