@@ -371,6 +371,24 @@ def test_a_band_is_refused_when_the_mask_reaches_further(monkeypatch):
     assert _window_band(sparse, 12)[0] == 12
 
 
+@pytest.mark.parametrize("cuda, attention", [(False, "sdpa_packed"), (True, "sdpa")])
+def test_training_applies_the_plans_document_attention(monkeypatch, cuda, attention):
+    """The plan decides per device (CPU: per-document sdpa; CUDA: one masked sdpa call) and the
+    recipe applies that decision to the model it trains."""
+    from archtune.config import config_from_dict
+    from archtune.models.tiny import build_tiny_config, build_tiny_model
+    from archtune.plan import resolve
+    from archtune.train.recipe import prepare_packing
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    cfg = config_from_dict({"base_model": "tiny:llama", "datasets": [{"path": "d.jsonl"}], "sample_packing": True})
+    plan = resolve(cfg, build_tiny_config("llama").to_dict())
+    model, _ = build_tiny_model("llama")
+    prepare_packing(model, plan)
+    assert model.config._attn_implementation == attention and model.config.use_cache is False
+
+
 def test_prepare_model_for_packing_switches_only_the_language_model_to_document_attention():
     from transformers import LlamaConfig, LlamaForCausalLM
 

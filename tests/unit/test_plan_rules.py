@@ -407,6 +407,22 @@ def test_packed_rows_drop_the_attention_mask_with_the_family_reason_for_gemma(na
         assert "position_ids" in plan.settings["sample_packing_drop_attention_mask"].reason
 
 
+@pytest.mark.parametrize("cuda, keys, value", [
+    (False, {"sample_packing": True}, True),      # CPU: only each document's scores
+    (True, {"sample_packing": True}, False),      # CUDA: one fused masked sdpa call
+    (False, {"sample_packing": False}, None),     # nothing packed: nothing to decide
+    (False, {"sample_packing": True, "attn_implementation": "eager"}, None),
+])
+def test_document_attention_is_chosen_by_device(monkeypatch, cuda, keys, value):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    plan = plan_for("gemma4-moe", **keys)
+    assert plan.get("document_attention") is value
+    if value is not None:
+        assert plan.settings["document_attention"].source == "auto"
+        assert ("CUDA" if cuda else "CPU") in plan.settings["document_attention"].reason
+
+
 def qwen3_next_config() -> dict:
     """A tiny Qwen3-Next config.json: Gated DeltaNet layers of another layout (fused in_proj_qkvz), which
     no family claims and no packing patch covers."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -43,7 +43,7 @@ def _gradient_checkpointing_offload(plan: "Plan") -> None:
 def _bf16_supported() -> bool:
     import torch
 
-    return _cuda() and torch.cuda.is_bf16_supported()
+    return cuda_available() and torch.cuda.is_bf16_supported()
 
 
 def _precision(plan: "Plan") -> None:
@@ -53,10 +53,10 @@ def _precision(plan: "Plan") -> None:
         plan.set("bf16", on, "auto", "bf16: auto: " + ("the GPU supports bfloat16" if on else
                                                        "no CUDA GPU with bfloat16 here, so fp32"))
     if fp16 == "auto":
-        on = _cuda() and not plan.get("bf16")
+        on = cuda_available() and not plan.get("bf16")
         plan.set("fp16", on, "auto", "fp16: auto: " + ("a CUDA GPU without bfloat16 (or bf16 off)" if on else
                                                        "bf16 is on or there is no CUDA GPU, so no fp16"))
-    if plan.get("tf32") and not _cuda():
+    if plan.get("tf32") and not cuda_available():
         plan.set("tf32", False, "auto", "tf32 is an NVIDIA GPU (Ampere or newer) matmul mode; there is no CUDA GPU "
                  "here, so matmuls run in full fp32")
         plan.note("tf32: no effect here: there is no CUDA GPU; matmuls run in full fp32")
@@ -66,7 +66,7 @@ def _torch_compile(plan: "Plan") -> None:
     value = plan.get("torch_compile")
     if not value:
         return
-    if _cuda():
+    if cuda_available():
         plan.set("torch_compile", True, "user" if value is True else "auto", "torch.compile on CUDA")
         return
     plan.set("torch_compile", False, "auto", "torch.compile is only used on CUDA GPUs: on CPU its compile time "
@@ -99,10 +99,10 @@ def _attn_implementation(plan: "Plan") -> None:
         plan.error(key, f"{asked!r} is not an attention implementation",
                    f"did you mean `{key}: {close[0]}`?" if close else f"use one of: {', '.join(valid)}")
         return
-    if _cuda() and (package is None or _installed(package)):
+    if cuda_available() and (package is None or _installed(package)):
         plan.set(key, asked, "user", "set in config (CUDA)")
         return
-    why = "there is no CUDA GPU" if not _cuda() else f"the {package} package is not installed"
+    why = "there is no CUDA GPU" if not cuda_available() else f"the {package} package is not installed"
     plan.set(key, "sdpa", "auto", f"{asked} needs a CUDA GPU{f' and {package}' if package else ''}; {why}, so "
              "sdpa runs: the same attention values, exact per document with sample packing")
     plan.note(f"attn_implementation: {asked} runs as sdpa here ({why}): same attention values, packing stays exact")

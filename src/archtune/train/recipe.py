@@ -182,7 +182,8 @@ def prepare_packing(model, plan: Plan) -> None:
     if not plan.packs:
         return
     try:
-        prepare_model_for_packing(model, plan.packing_patches)
+        prepare_model_for_packing(model, plan.packing_patches,
+                                  document_attention=bool(plan.get("document_attention")))
     except PackingUnsupported as exc:
         raise UserError.single("sample_packing", f"packing cannot be made exact for this model: {exc}",
                                "set sample_packing: false") from None
