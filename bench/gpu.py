@@ -168,8 +168,12 @@ def attention(args) -> None:
     methods = {"block_mask": run_block_mask, "per_document": run_per_document, "archtune": run_archtune}
     if flex is not None and not args.no_flex:
         methods["flex"] = flex
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
     length, batch = (512, 2) if args.quick else (args.length, args.batch)
     for model_name, model in bench_attention.MODELS.items():
+        if args.models and model_name not in args.models.split(","):
+            continue
         for docs_name, docs in bench_attention.DOCS.items():
             for window in (None, model["window"]):
                 gen = torch.Generator().manual_seed(0)
@@ -253,6 +257,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--methods", help="attention: comma-separated subset of block_mask,per_document,archtune,flex")
+    parser.add_argument("--models", help="attention: comma-separated subset of bench/attention.py's MODELS")
     parser.add_argument("--model", default="gemma4-moe")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cpu-smoke", action="store_true", help="run on CPU to try the script")
