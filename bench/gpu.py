@@ -8,6 +8,11 @@
 CPU benchmarks time with this thread's CPU time; here every step is timed with CUDA events after
 warm-up, median of `--reps`. Exactness is checked on the same device: each method's gradients
 against a reference method's, and scattermoe's against grouped_mm's.
+
+moe: `scattermoe` runs scattermoe's default strategy for the device (on CUDA "grouped": one
+grouped_mm per product over all experts), and the other strategy is timed beside it under its
+own name (`scattermoe_loop` on CUDA, `scattermoe_grouped` on CPU; bench/moe_strategies.py);
+`scattermoe_strategy` says which strategy `scattermoe` ran, and `best_stock` excludes all three.
 """
 from __future__ import annotations
 
@@ -61,6 +66,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def moe(args) -> None:
     import moe as bench_moe
+    import moe_strategies
+    from archtune.moe.routing_stats import experts_modules
+    from archtune.moe.scattermoe import STRATEGIES, resolve_strategy
     from archtune.plan.experts import choose_experts_implementation
 
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -73,33 +81,42 @@ def moe(args) -> None:
                 gen = torch.Generator().manual_seed(1)
                 x = torch.randn(shape["tokens"], shape["hidden"], generator=gen).to(dtype).to(DEV)
                 grad = torch.randn(shape["tokens"], shape["hidden"], generator=gen).to(dtype).to(DEV)
-                impls = ["grouped_mm", "scattermoe", "eager"]
+                experts = experts_modules(block)[0][1]
+                index = torch.zeros(shape["tokens"], shape["top_k"], dtype=torch.long, device=DEV)
+                strategy = resolve_strategy(experts, x, index)[0]
+                other = next(f"scattermoe_{s}" for s in STRATEGIES if s != strategy)
+                impls = ["grouped_mm", "scattermoe", other, "eager"]
                 pairs = shape["tokens"] * shape["top_k"]
                 if pairs * shape["hidden"] * 3 * shape["intermediate"] * x.element_size() <= bench_moe.BATCHED_MM_BYTES:
                     impls.append("batched_mm")
                 ms, errors, grads = {}, {}, {}
                 for impl in impls:
                     try:
-                        bench_moe.run_impl(block, impl, x, grad)
+                        moe_strategies.run_impl(block, impl, x, grad)
                         grads[impl] = [p.grad.detach().clone() for p in block.parameters() if p.grad is not None]
-                        ms[impl] = round(cuda_ms(lambda: bench_moe.run_impl(block, impl, x, grad), args.reps), 3)
+                        ms[impl] = round(cuda_ms(lambda: moe_strategies.run_impl(block, impl, x, grad), args.reps), 3)
                     except Exception as exc:  # a stock path may not support this dtype on this torch
                         errors[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 choice = choose_experts_implementation(
                     num_experts=shape["experts"], top_k=shape["top_k"], hidden=shape["hidden"],
                     intermediate=shape["intermediate"], tokens=shape["tokens"], expert_lora=lora)
-                stock = {k: v for k, v in ms.items() if k != "scattermoe"}
+                stock = {k: v for k, v in ms.items() if not k.startswith("scattermoe")}
                 best = min(stock, key=stock.get) if stock else None
                 row = {k: shape[k] for k in ("experts", "top_k", "tokens", "hidden", "intermediate")}
                 row.update(dtype=str(dtype).removeprefix("torch."), lora=lora, ms=ms, errors=errors,
-                           best_stock=best, rule_choice=choice.name)
+                           best_stock=best, rule_choice=choice.name, scattermoe_strategy=strategy)
                 if best and "scattermoe" in ms:
                     row["scattermoe_vs_best_stock"] = round(ms[best] / ms["scattermoe"], 3)
                     chosen = ms.get("scattermoe" if choice.name == "scattermoe" else "grouped_mm")
                     row["rule_vs_best"] = round(min(ms.values()) / chosen, 3) if chosen else None
+                if "scattermoe" in ms and other in ms:
+                    row[f"scattermoe_vs_{other}"] = round(ms[other] / ms["scattermoe"], 3)
                 if "scattermoe" in grads and "grouped_mm" in grads:
                     row["grad_rel_err_scattermoe_vs_grouped_mm"] = max(
                         rel_err(a, b) for a, b in zip(grads["scattermoe"], grads["grouped_mm"]))
+                if other in grads and "grouped_mm" in grads:
+                    row[f"grad_rel_err_{other}_vs_grouped_mm"] = max(
+                        rel_err(a, b) for a, b in zip(grads[other], grads["grouped_mm"]))
                 emit("moe", **row)
                 del block, plain, lora_block, grads
                 if DEV == "cuda":
