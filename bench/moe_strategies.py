@@ -2,6 +2,8 @@
 
     python bench/moe_strategies.py           # prints ONE JSON object (a few minutes on a busy 2-core machine)
     python bench/moe_strategies.py --quick   # one small shape, a smoke run
+    python bench/moe_strategies.py --shapes 128-2-512-512,8-8-1024-512 --dtypes float32
+                                             # experts-top_k-tokens-hidden (intermediate = hidden / 4)
 
 Same block and LoRA as bench/moe.py (Gemma 4's router + experts, PEFT expert LoRA r16, base
 frozen, input requires grad), forward + backward, single-threaded, interleaved rounds, median of
@@ -100,11 +102,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--shapes", default="", help="experts-top_k-tokens-hidden, comma-separated")
     args = parser.parse_args(argv)
+    shapes = QUICK if args.quick else SHAPES
+    if args.shapes:
+        keys = ("experts", "top_k", "tokens", "hidden")
+        shapes = [dict(zip(keys, map(int, spec.split("-")))) for spec in args.shapes.split(",")]
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
     rows = []
-    for shape in QUICK if args.quick else SHAPES:
+    for shape in shapes:
         for dtype in [getattr(torch, d) for d in args.dtypes.split(",") if d]:
             for lora in (False, True):
                 rows.append(measure_shape(shape, dtype, lora, args.rounds))
