@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         stats = packing_stats(packed, SEQUENCE_LEN)
         model, text_config = build_model()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        collator = DataCollator(tokenizer)
+        collator = DataCollator(tokenizer, drop_attention_mask=True)
         pad, mbs = collator.pad_token_id, args.micro_batch_size
         arms = {"padded": Arm("padded", docs, collator, mbs, args.seed, pad, "sdpa"),
                 "packed": Arm("packed", packed, collator, mbs, args.seed, pad, text_config._attn_implementation),

@@ -207,7 +207,7 @@ def test_pad_to_sequence_len_pads_every_batch_and_leaves_the_loss_unchanged():
     from archtune.train.recipe import padding
 
     def collator_for(cfg, tok):
-        return DataCollator(tok, **padding(cfg))
+        return DataCollator(tok, drop_attention_mask=True, **padding(cfg))
 
     model, tok = build_tiny_model("llama", seed=0)
     rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}, {"input_ids": [9, 10], "labels": [-100, 10]}]

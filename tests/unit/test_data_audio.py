@@ -137,7 +137,7 @@ def test_the_model_gets_the_feature_extractors_inputs_and_hears_the_audio(e2b):
                      "audios": [tone_wav(freq, secs)]})
     rows.append({"input_ids": rows[0]["input_ids"][:5], "labels": [-100, 1, 2, 3, 4], "token_types": [0] * 5,
                  "images": [], "audios": []})  # a text-only row in the same batch
-    batch = DataCollator(tokenizer, media=proc)(rows)
+    batch = DataCollator(tokenizer, drop_attention_mask=True, media=proc)(rows)
     assert set(batch) == {"input_ids", "labels", "attention_mask", "mm_token_type_ids", "input_features",
                           "input_features_mask"}
     assert batch["input_features"].shape[0] == 2 and batch["input_features"].shape[2] == 128

@@ -203,16 +203,16 @@ def test_direct_backend_and_piecewise_paths_agree_with_the_tokenizer(tok):
 def test_collator_pads_and_masks(tok):
     rows = [{"input_ids": [2, 10, 11, 1], "labels": [-100, -100, 11, 1], "length": 4},
             {"input_ids": [2, 12], "labels": [-100, 12], "length": 2}]
-    batch = DataCollator(tok)(rows)
+    batch = DataCollator(tok, drop_attention_mask=True)(rows)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     assert batch["input_ids"].tolist() == [[2, 10, 11, 1], [2, 12, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 11, 1], [-100, 12, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
     assert int(batch["attention_mask"].sum()) == 6  # real tokens
-    wide = DataCollator(tok, pad_to_multiple_of=8)(rows)
+    wide = DataCollator(tok, pad_to_multiple_of=8, drop_attention_mask=True)(rows)
     assert wide["input_ids"].shape == (2, 8) and wide["labels"][0, 4:].eq(-100).all()
-    assert DataCollator(pad_token_id=7)(rows)["input_ids"][1, 2:].tolist() == [7, 7]
+    assert DataCollator(pad_token_id=7, drop_attention_mask=True)(rows)["input_ids"][1, 2:].tolist() == [7, 7]
 
 
 def test_a_lone_surrogate_is_dropped_as_undecodable_not_a_crash(tok):

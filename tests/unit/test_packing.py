@@ -131,7 +131,7 @@ def test_efficiency_on_a_realistic_mix():
 def test_collator_drops_the_attention_mask_of_packed_rows_and_pads_positions_with_zero():
     rows = [{"input_ids": [2, 10, 11, 2, 12], "labels": [-100, 10, 11, -100, 12], "position_ids": [0, 1, 2, 0, 1]},
             {"input_ids": [2, 13], "labels": [-100, 13], "position_ids": [0, 1], "num_docs": 1}]
-    batch = DataCollator(pad_token_id=0)(rows)
+    batch = DataCollator(pad_token_id=0, drop_attention_mask=True)(rows)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
     assert batch["labels"][1].tolist() == [-100, 13, -100, -100, -100]
@@ -150,12 +150,18 @@ def test_collator_follows_the_plans_packing_mask_decision():
     assert "attention_mask" not in dropped and torch.equal(dropped["position_ids"], kept["position_ids"])
 
 
+def test_collator_takes_the_mask_decision_from_its_caller_only():
+    # No default of its own: every caller passes the plan's sample_packing_drop_attention_mask.
+    with pytest.raises(TypeError, match="drop_attention_mask"):
+        DataCollator(pad_token_id=0)
+
+
 def test_collator_keeps_the_attention_mask_of_unpacked_rows_and_refuses_a_mix():
     rows = [{"input_ids": [2, 10], "labels": [-100, 10]}, {"input_ids": [2], "labels": [-100]}]
-    batch = DataCollator(pad_token_id=0)(rows)
+    batch = DataCollator(pad_token_id=0, drop_attention_mask=True)(rows)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     with pytest.raises(ValueError, match="packed rows"):
-        DataCollator(pad_token_id=0)([rows[0], {**rows[1], "position_ids": [0]}])
+        DataCollator(pad_token_id=0, drop_attention_mask=True)([rows[0], {**rows[1], "position_ids": [0]}])
 
 
 def test_packed_sequence_index_is_transformers_rule():

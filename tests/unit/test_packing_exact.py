@@ -102,7 +102,7 @@ def setup(request):
     packed = pack_dataset(docs, SEQUENCE_LEN, seed=0)
     assert len(packed) <= len(docs) / 3  # several documents per row
     report = prepare_model_for_packing(model, PATCHES.get(name, []))
-    return name, model, DataCollator(tok), docs, packed, report
+    return name, model, DataCollator(tok, drop_attention_mask=True), docs, packed, report
 
 
 def test_eval_loss_packed_equals_unpacked(setup):
@@ -131,7 +131,7 @@ def test_a_mean_per_micro_batch_would_not_be_the_same_objective():
     # The control for the normalisation: the step's mean over label tokens is what makes packed
     # and unpacked agree; a mean of per-micro-batch means (different token counts) does not.
     model, tok = lora_model("llama")
-    collator = DataCollator(tok)
+    collator = DataCollator(tok, drop_attention_mask=True)
     docs = make_docs(model.get_base_model().config.vocab_size, tok.bos_token_id)
     packed = pack_dataset(docs, SEQUENCE_LEN, seed=0)
     prepare_model_for_packing(model)
@@ -142,7 +142,7 @@ def test_a_mean_per_micro_batch_would_not_be_the_same_objective():
 
 def test_qwen3_5_packing_leaks_without_the_deltanet_patch():
     model, tok = lora_model("qwen3_5-moe")
-    collator = DataCollator(tok)
+    collator = DataCollator(tok, drop_attention_mask=True)
     docs = make_docs(model.get_base_model().config.get_text_config().vocab_size, tok.bos_token_id)
     packed = pack_dataset(docs, SEQUENCE_LEN, seed=0)
     row = packed[0]
@@ -197,7 +197,7 @@ def test_a_trainer_step_on_packed_rows_is_the_unpacked_step(tmp_path):
             gradient_accumulation_steps=2, max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
             weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0, report_to=[], save_strategy="no",
             remove_unused_columns=False, use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
-        ArchtuneTrainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollator(tok)).train()
+        ArchtuneTrainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollator(tok, drop_attention_mask=True)).train()
         return torch.cat([(p.detach() - before[n]).flatten() for n, p in sorted(model.named_parameters())
                           if p.requires_grad]).double()
 
@@ -238,7 +238,7 @@ def test_packed_rows_run_attention_per_document_and_plain_sdpa_agrees(monkeypatc
     import torch.nn.functional as F
 
     model, tok = lora_model("gemma4-moe")
-    collator = DataCollator(tok)
+    collator = DataCollator(tok, drop_attention_mask=True)
     docs = make_docs(model.get_base_model().config.get_text_config().vocab_size, tok.bos_token_id)
     packed = pack_dataset(docs, SEQUENCE_LEN, seed=0)
     unpacked = token_weighted_loss(model, docs, collator, batch_size=6)["eval_loss"]

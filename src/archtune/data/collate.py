@@ -29,7 +29,7 @@ Extra columns (length, num_docs, ...) are left out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,8 +44,9 @@ class DataCollator:
     pad_to_multiple_of: int | None = None  # e.g. 8 for tensor cores
     pad_to_length: int | None = None  # pad_to_sequence_len: every batch this wide (fixed shapes)
     label_pad_token_id: int = IGNORE_INDEX
-    # Packed rows: leave the attention mask out (the plan's sample_packing_drop_attention_mask).
-    drop_attention_mask: bool = True
+    # Packed rows: leave the attention mask out. Required, by keyword: the value is always the plan's
+    # (`plan.drop_attention_mask`, from sample_packing_drop_attention_mask), never a default of this class.
+    drop_attention_mask: bool = field(kw_only=True)
     media: Any = None  # data.media.MediaProcessor for runs that train on images
 
     def __post_init__(self) -> None:
