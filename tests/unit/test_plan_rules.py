@@ -598,3 +598,16 @@ def test_quantize_moe_experts_on_experts_no_family_declares_says_so():
     (warning,) = [w for w in resolve(cfg, build_tiny_config("llama").to_dict()).warnings
                   if w.startswith("quantize_moe_experts")]
     assert "this llama model has no expert tensors" in warning
+
+
+@pytest.mark.parametrize("keys, rows, source", [
+    ({}, None, "default"),
+    ({"rl": "dpo"}, "paired", "auto"),
+    ({"rl": "orpo"}, "paired", "auto"),
+    ({"rl": "kto"}, "unpaired", "auto"),
+    ({"reward_model": True}, "reward", "auto"),
+])
+def test_preference_rows_are_decided_by_the_plan_and_read_by_data(keys, rows, source):
+    plan = plan_for("llama", **keys)
+    assert decision(plan, "preference_rows") == (rows, source)
+    assert plan.data.preference_rows == rows

@@ -40,7 +40,7 @@ from archtune.data import formats
 from archtune.data.formats import FIXES, FormatContext, RowError, render_chat
 from archtune.data.tokenize import _is_utf8, bos_to_add, check_tokenizer, special_token_strings
 from archtune.errors import Problem, UserError
-from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED, data_kind
+from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
@@ -254,7 +254,7 @@ def prepare_preference_data(plan: "Plan", tokenizer, *, progress: bool = True) -
     from archtune.data.formats import resolve_chat_template
 
     data = plan.data
-    kind = data_kind(plan.config)
+    kind = data.preference_rows
     check_tokenizer(tokenizer)
     entries = [(f"datasets.{i}", ds) for i, ds in enumerate(data.datasets)]
     entries += [(f"test_datasets.{i}", ds) for i, ds in enumerate(data.test_datasets)]
@@ -310,5 +310,5 @@ def _tokens(row: dict) -> int:
     return sum(len(row.get("prompt_ids", [])) + len(a) for a in answers)
 
 
-__all__ = ["PAIRED", "UNPAIRED", "REWARD", "PREFERENCE_TYPES", "PreferenceData", "data_kind", "encode_row",
+__all__ = ["PAIRED", "UNPAIRED", "REWARD", "PREFERENCE_TYPES", "PreferenceData", "encode_row",
            "prepare_preference_data", "unpair"]

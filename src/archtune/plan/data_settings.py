@@ -38,6 +38,7 @@ class DataSettings:
     skip_prepare_dataset: bool
     image_size: tuple[int, ...] | None  # (height, width) images are resized to first; None: as they are
     image_resize_algorithm: str
+    preference_rows: str | None  # "paired" | "unpaired" | "reward" for rl / reward_model; None: supervised
 
 
 def chat_template_text(name: str | None) -> str | None:
@@ -68,6 +69,7 @@ def data_settings(plan: "Plan") -> DataSettings:
         skip_prepare_dataset=bool(d("skip_prepare_dataset")),
         image_size=_image_size(d("image_size")),
         image_resize_algorithm=str(d("image_resize_algorithm")),
+        preference_rows=d("preference_rows"),
     )
 
 

@@ -166,9 +166,19 @@ def generic_head_name(plan: "Plan") -> str | None:
     return base.rsplit(".", 1)[-1].replace("PreTrainedModel", "ForSequenceClassification") if base else None
 
 
+# What each kind of row holds (the reason of `preference_rows`).
+_ROWS = {PAIRED: "a prompt with a chosen and a rejected answer", UNPAIRED: "a prompt with one answer labelled "
+         "desirable or not (pairs are split into two such rows)", REWARD: "a chosen and a rejected conversation"}
+
+
 def _data_types(plan: "Plan") -> None:
     cfg = plan.config
     kind = data_kind(cfg)
+    if kind is None:
+        plan.set("preference_rows", None, "default", "supervised fine-tuning: the rows are not preference data")
+    else:
+        what = "reward_model: true" if kind == REWARD else f"rl: {cfg.rl}"
+        plan.set("preference_rows", kind, "auto", f"{what} trains on {kind} rows: {_ROWS[kind]}")
     preference_types = {t for types in PREFERENCE_TYPES.values() for t in types}
     for group in ("datasets", "test_datasets"):
         for i, ds in enumerate(getattr(cfg, group) or []):
@@ -205,8 +215,9 @@ PREFERENCE_RULES: tuple[Rule, ...] = (
          "where transformers has none); the reference model is the adapter-disabled base with LoRA and a frozen copy with full fine-tuning.",
          _method),
     Rule("rl_data_types",
-         "Preference configs read chat_template.default or passthrough.default rows, reward models "
-         "bradley_terry.chat_template rows; preference rows in a supervised config are refused.",
+         "Preference configs read chat_template.default or passthrough.default rows (`preference_rows`: paired, or "
+         "unpaired for KTO), reward models bradley_terry.chat_template rows (reward); preference rows in a "
+         "supervised config are refused.",
          _data_types),
     Rule("rl_packing",
          "Preference and reward training refuse `sample_packing` and `dpo_padding_free` (TRL has no exact "
