@@ -73,11 +73,12 @@ def stock_worker(config_path: str, out_path: str) -> None:
 
     from archtune.config import load_config
     from archtune.data import prepare_data
-    from archtune.models.load import load_tokenizer, resolve_plan
+    from archtune.models.load import load_tokenizer, resolve_plan, set_chat_template
 
     cfg = load_config(config_path)
-    tokenizer = load_tokenizer(cfg)
-    rows = prepare_data(resolve_plan(cfg), tokenizer, progress=False).train  # unpacked (sample_packing: false)
+    plan = resolve_plan(cfg)
+    tokenizer = set_chat_template(load_tokenizer(cfg), plan)
+    rows = prepare_data(plan, tokenizer, progress=False).train  # unpacked (sample_packing: false)
     rows = rows.select_columns(["input_ids", "labels"])
     model = AutoModelForImageTextToText.from_pretrained(cfg.base_model, dtype=torch.float32)
     model.config.use_cache = False

@@ -286,6 +286,23 @@ def test_named_chat_templates_train_on_the_answers_with_their_end_token(name, en
     assert [out.text[s:e] for s, e in last.spans] == [trained[0][: -len(end)], trained[1]]
 
 
+@pytest.mark.parametrize("keys, expected", [
+    ({"chat_template": "chatml"}, "chatml"), ({"chat_template": "{{ messages[0]['content'] }}"}, "as written"),
+    ({"chat_template": "tokenizer_default"}, "own"), ({}, "own"),
+])
+def test_the_plan_resolves_the_chat_template_and_the_tokenizer_is_given_it(keys, expected):
+    """The plan turns a template name into its text; models/ only sets that text on the tokenizer
+    (saved with the weights), and a tokenizer as loaded keeps its own."""
+    from archtune.config.chat_templates import CHAT_TEMPLATES
+    from archtune.models.load import load_tokenizer, set_chat_template
+
+    plan = plan_for(**keys)
+    own = load_tokenizer(plan.config).chat_template
+    text = {"chatml": CHAT_TEMPLATES["chatml"], "as written": keys.get("chat_template"), "own": None}[expected]
+    assert plan.chat_template == text and plan.data.chat_template == text
+    assert set_chat_template(load_tokenizer(plan.config), plan).chat_template == (text or own)
+
+
 @pytest.mark.parametrize("messages", [CHAT, CHAT[1:]], ids=["with_system", "without_system"])
 def test_train_on_eos_all_adds_the_end_token_of_every_turn(messages):
     """Axolotl's `all`: the end-of-turn token of every turn gets loss, also after turns without loss

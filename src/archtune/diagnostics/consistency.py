@@ -321,14 +321,14 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
     `tokenizer`, `model` (as `recipe.build_model` returns it) and `batch` (collated, with labels)
     may be given to skip loading them. `tolerance` overrides PROBE_TOLERANCE.
     """
-    from archtune.models.load import load_tokenizer, tiny_name
+    from archtune.models.load import load_tokenizer, set_chat_template, tiny_name
     from archtune.train.recipe import build_model
     from archtune.patches.text_only import text_only_extras, unwrap_model
 
     result = ProbeResult(reference_settings=dict(REFERENCE_SETTINGS))
     try:
         if tokenizer is None:
-            tokenizer = load_tokenizer(cfg)
+            tokenizer = set_chat_template(load_tokenizer(cfg), plan)
         if batch is None:
             batch = probe_batch(cfg, tokenizer, plan)
         if model is None:

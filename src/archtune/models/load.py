@@ -105,11 +105,15 @@ def load_tokenizer(cfg):
         tok.add_special_tokens(dict(cfg.special_tokens))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if cfg.chat_template and cfg.chat_template != "tokenizer_default":
-        from archtune.config.chat_templates import CHAT_TEMPLATES
-
-        tok.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)  # saved with the weights
     return tok
+
+
+def set_chat_template(tokenizer, plan: Plan):
+    """The plan's chat template (`plan.chat_template`: a built-in name's Jinja text, or the template as
+    written) on the tokenizer, which saves it with the weights; None leaves the tokenizer's own."""
+    if plan.chat_template is not None:
+        tokenizer.chat_template = plan.chat_template
+    return tokenizer
 
 
 def _tokenizer_class(cfg):

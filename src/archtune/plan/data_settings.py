@@ -58,7 +58,7 @@ def data_settings(plan: "Plan") -> DataSettings:
         sequence_len=int(d("sequence_len")),
         excess_length_strategy=str(d("excess_length_strategy")),
         train_on_inputs=bool(d("train_on_inputs")),
-        chat_template=chat_template_text(d("chat_template")),
+        chat_template=plan.chat_template,
         eot_tokens=tuple(d("eot_tokens") or ()),
         strict_data=bool(d("strict_data")),
         val_set_size=d("val_set_size"),

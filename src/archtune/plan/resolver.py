@@ -18,7 +18,7 @@ from typing import Any, Literal
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
 from archtune.families import Family, Rule, detect, model_types_of
-from archtune.plan.data_settings import DataSettings, data_settings
+from archtune.plan.data_settings import DataSettings, chat_template_text, data_settings
 from archtune.plan.rules import GENERIC_RULES, LAYER_CLASSES_KEY, REFUSALS, family_rules
 from archtune.plan.structure import ModelStructure, StructureUnavailable, model_structure
 
@@ -111,6 +111,12 @@ class Plan:
     def drop_attention_mask(self) -> bool:
         """Packed batches carry no attention mask (documents are told apart by position_ids)."""
         return bool(self.decided("sample_packing_drop_attention_mask"))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template the tokenizer renders with and is saved with: the Jinja text of a built-in
+        name (chatml, gemma3, ...) or the template as written; None keeps the tokenizer's own."""
+        return chat_template_text(self.decided("chat_template"))
 
     @property
     def data(self) -> DataSettings:

@@ -21,6 +21,7 @@ from archtune.models.load import (
     load_tokenizer,
     resolve_plan,
     set_attn_implementation,
+    set_chat_template,
 )
 from archtune.errors import UserError
 from archtune.plan import Plan
@@ -55,7 +56,7 @@ def plan_for(cfg: Config, world_size: int = 1) -> Setup:
     tokenizer = load_tokenizer(cfg)
     plan = resolve_plan(cfg, world_size=world_size)
     plan.raise_errors()
-    return Setup(plan, tokenizer)
+    return Setup(plan, set_chat_template(tokenizer, plan))
 
 
 # Why packed rows never hold images or audio (the packer keeps token ids and labels only; exact
