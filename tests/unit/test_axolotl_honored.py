@@ -206,14 +206,14 @@ def test_pad_to_sequence_len_pads_every_batch_and_leaves_the_loss_unchanged():
     from archtune.data.collate import DataCollator
     from archtune.train.recipe import padding
 
-    def collator_for(cfg, tok):
-        return DataCollator(tok, drop_attention_mask=True, **padding(cfg))
+    def collator_for(plan, tok):
+        return DataCollator(tok, drop_attention_mask=True, **padding(plan))
 
     model, tok = build_tiny_model("llama", seed=0)
     rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}, {"input_ids": [9, 10], "labels": [-100, 10]}]
-    fixed = collator_for(plan_for(pad_to_sequence_len=True, sequence_len=32).config, tok)(rows)
-    plain = collator_for(plan_for().config, tok)(rows)
-    multiple = collator_for(plan_for(pad_to_multiple_of=16).config, tok)(rows)
+    fixed = collator_for(plan_for(pad_to_sequence_len=True, sequence_len=32), tok)(rows)
+    plain = collator_for(plan_for(), tok)(rows)
+    multiple = collator_for(plan_for(pad_to_multiple_of=16), tok)(rows)
     assert fixed["input_ids"].shape == (2, 32) and plain["input_ids"].shape == (2, 4)
     assert multiple["input_ids"].shape == (2, 16)
     model.eval()

@@ -95,3 +95,38 @@ def test_architecture_page_lists_the_flow():
         for name in group:
             if name != "__main__":
                 assert f"`{name}/`" in page or f"`{name}.py`" in page, name
+
+
+# ---------------------------------------------------------------- stages read the plan
+
+# train/ reads the plan only. The one read of the raw config left is on purpose: run_record.json keeps
+# the keys as the user gave them, beside the plan.
+RAW_CONFIG_READS_ALLOWED = {("train/recipe.py", "model_dump")}
+
+
+def raw_config_reads(source: str) -> list[str]:
+    """Attributes read from the raw config in `source`: `cfg.X` or `plan.config.X` (`config` alone is
+    left out: in train/ it names a model's config)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Attribute):
+            continue
+        value = node.value
+        if isinstance(value, ast.Name) and value.id == "cfg":
+            found.append(node.attr)
+        elif isinstance(value, ast.Attribute) and value.attr == "config" and isinstance(value.value, ast.Name) \
+                and value.value.id == "plan":
+            found.append(node.attr)
+    return found
+
+
+def test_the_check_sees_raw_config_reads():
+    # The control: each spelling is found.
+    assert raw_config_reads("cfg.seed\nplan.config.sequence_len\nmodel.config.use_cache\nplan.training.seed") == [
+        "seed", "sequence_len"]
+
+
+def test_train_reads_the_plan_not_the_raw_config():
+    reads = sorted({(str(p.relative_to(SRC)), attr) for p in (SRC / "train").rglob("*.py")
+                    for attr in raw_config_reads(p.read_text())} - RAW_CONFIG_READS_ALLOWED)
+    assert reads == []

@@ -611,3 +611,38 @@ def test_preference_rows_are_decided_by_the_plan_and_read_by_data(keys, rows, so
     plan = plan_for("llama", **keys)
     assert decision(plan, "preference_rows") == (rows, source)
     assert plan.data.preference_rows == rows
+
+
+@pytest.mark.parametrize("keys, key, value, source", [
+    ({}, "eval_micro_batch_size", 1, "default"),
+    ({"micro_batch_size": 4}, "eval_micro_batch_size", 4, "user"),
+    ({"micro_batch_size": 4, "eval_batch_size": 2}, "eval_micro_batch_size", 2, "user"),
+    ({}, "warmup", 0.0, "default"),
+    ({"warmup_ratio": 0.1}, "warmup", 0.1, "user"),
+    ({"warmup_steps": 5}, "warmup", 5, "user"),
+    ({}, "pad_to_length", None, "default"),
+    ({"pad_to_sequence_len": True, "sequence_len": 64}, "pad_to_length", 64, "user"),
+    ({"pad_to_sequence_len": False}, "pad_to_length", None, "user"),
+    ({}, "dataloader_pin_memory_resolved", torch.cuda.is_available(), "default"),
+    ({"dataloader_pin_memory": True}, "dataloader_pin_memory_resolved", True, "user"),
+    ({}, "run_name", None, "default"),
+    ({"mlflow_run_name": "m"}, "run_name", "m", "user"),
+    ({"wandb_name": "w", "mlflow_run_name": "m"}, "run_name", "w", "user"),
+])
+def test_what_the_trainer_reads_is_a_plan_entry(keys, key, value, source):
+    plan = plan_for("llama", **keys)
+    assert decision(plan, key) == (value, source)
+    assert plan.settings[key].reason
+
+
+def test_the_training_view_reads_every_field_from_the_plan():
+    plan = plan_for("llama", eval_batch_size=2, warmup_steps=3, pad_to_sequence_len=True, sequence_len=64,
+                    pad_to_multiple_of=8, optim_args={"a": 1, "b": 2}, max_steps=0)
+    t = plan.training
+    assert (t.eval_micro_batch_size, t.warmup, t.pad_to_length, t.pad_to_multiple_of) == (2, 3, 64, 8)
+    assert t.optim_args == "a=1,b=2" and t.max_steps == -1
+    assert t.save_interval(10) == ("no", 500) and t.eval_interval(10) == ("no", None)
+    assert plan_for("llama", saves_per_epoch=4, evals_per_epoch=2).training.save_interval(10) == ("steps", 2)
+    del plan.settings["warmup"]
+    with pytest.raises(KeyError, match="warmup"):
+        plan.training

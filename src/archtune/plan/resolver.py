@@ -20,6 +20,7 @@ from archtune.errors import Problem, UserError
 from archtune.families import Family, Rule, detect, model_types_of
 from archtune.plan.data_settings import DataSettings, chat_template_text, data_settings
 from archtune.plan.rules import GENERIC_RULES, LAYER_CLASSES_KEY, REFUSALS, family_rules
+from archtune.plan.train_settings import TrainSettings, train_settings
 from archtune.plan.structure import ModelStructure, StructureUnavailable, model_structure
 
 Source = Literal["user", "default", "family", "auto"]
@@ -122,6 +123,12 @@ class Plan:
     def data(self) -> DataSettings:
         """Every setting the data pipeline reads, typed (plan/data_settings.py)."""
         return data_settings(self)
+
+    @property
+    def training(self) -> TrainSettings:
+        """Every setting the training recipe reads (TrainingArguments, the collator's padding), typed
+        (plan/train_settings.py)."""
+        return train_settings(self)
 
     @property
     def eval_sample_packing(self) -> bool:

@@ -13,7 +13,8 @@ Two kinds, both `Rule(name, doc, apply)`:
 
 The rules sit by concern, each group in its own module: training_rules (precision, attention,
 optimizer, schedules, ...), adapter_rules (LoRA targets, freezing), distributed_rules (DDP, FSDP,
-checkpointing, decoder layers), packing, data_settings (what data/ reads), moe_rules (experts implementations, quantization),
+checkpointing, decoder layers), packing, data_settings (what data/ reads), train_settings (what train/
+reads: batches, warmup, padding, loggers' run name), moe_rules (experts implementations, quantization),
 loss_rules (chunked cross-entropy), preference (rl, reward models); this module holds the order,
 the two config-level rules (plugins, Axolotl keys without effect) and the family builders' table.
 
@@ -38,6 +39,7 @@ from archtune.plan.packing import PACKING_RULES, REFUSE_INEXACT_PACKING
 from archtune.plan.preference import PREFERENCE_RULES
 from archtune.plan.shared import (ALL_LINEAR, LAYER_CLASSES_KEY, REENTRANT_KEY, WRAP_KEY, checkpoint_wrappers,
                                   fsdp_enabled, quantized_base)
+from archtune.plan.train_settings import TRAIN_SETTINGS_RULES
 from archtune.plan.training_rules import TRAINING_RULES, optimizer_names, scheduler_names
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,6 +96,7 @@ GENERIC_RULES: tuple[Rule, ...] = (
          _plugins),
     *LOSS_RULES,
     *PREFERENCE_RULES,
+    *TRAIN_SETTINGS_RULES,
     Rule("axolotl_no_effect",
          "Axolotl keys that change nothing in what is trained here (CUDA-only kernels, other loggers, tuning knobs) "
          "are accepted, each with one info line saying why.",

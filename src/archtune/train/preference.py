@@ -52,7 +52,7 @@ def trl_arguments(plan, base_args):
     kind = method(plan)
     cls = _config_class(kind)
     common = {f.name: getattr(base_args, f.name) for f in fields(TrainingArguments) if f.init}
-    extra: dict[str, Any] = {"max_length": plan.config.sequence_len, "disable_dropout": True}
+    extra: dict[str, Any] = {"max_length": plan.data.sequence_len, "disable_dropout": True}
     if kind in ("dpo", "ipo"):
         extra.update(beta=plan.get("rl_beta"), loss_type=list(plan.get("rl_loss_type")),
                      loss_weights=plan.get("rl_loss_weights"), label_smoothing=plan.get("dpo_label_smoothing") or 0.0,
@@ -391,7 +391,7 @@ def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> tuple
         reference = load_model(cfg, plan, tokenizer)
     beta = plan.get("rl_beta") or 0.0
     scorer = Scorer(method(plan), policy, reference, float(beta), _pad_id(tokenizer), "cpu",
-                    cfg.sequence_len, cfg.eval_batch_size or cfg.micro_batch_size,
+                    plan.data.sequence_len, plan.training.eval_micro_batch_size,
                     float(plan.get("center_rewards_coefficient") or 0.0))
     return {f"eval_{k}": v for k, v in preference_metrics(scorer, data.eval).items()}, weights or "base"
 
@@ -447,7 +447,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
                                        build_model, run_guards, run_training, training_arguments)
 
     main = distributed.is_main()
-    out = Path(cfg.output_dir)
+    out = Path(plan.training.output_dir)
     with distributed.main_process_first():
         data = prepare_preference_data(plan, tokenizer, progress=main)
     plugins = load_plugins(cfg)
@@ -458,10 +458,10 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         _claim_output_dir(cfg, plan, out, resume, data, console)
     distributed.barrier()
     clock = TrainClock()
-    guards = run_guards(cfg, console)  # the same crash-safety guards as supervised runs
+    guards = run_guards(plan, console)  # the same crash-safety guards as supervised runs
     args = trl_arguments(plan, training_arguments(plan, has_eval=data.eval is not None))
     trainer = build_trainer(plan, model, tokenizer, data, args,
-                            _callbacks(cfg, clock) + guards.callbacks() + run_hook(plugins, "callbacks", plan),
+                            _callbacks(plan, clock) + guards.callbacks() + run_hook(plugins, "callbacks", plan),
                             nonfinite=guards.watch)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
@@ -522,7 +522,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     if main:
         tokenizer.save_pretrained(str(staged))
         plot_preference(history, staged / "loss.png",
-                        f"{cfg.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})")
+                        f"{plan.training.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})")
         checkpoints.publish_outputs(staged, out)
         write_summary(out / checkpoints.SUMMARY, summary)  # last: its presence marks a finished run
     return summary

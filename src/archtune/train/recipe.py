@@ -80,16 +80,15 @@ def media_setup(plan: Plan):
 
 
 def data_collator(setup: Setup) -> DataCollator:
-    """Batches as the config pads them: to the longest row, a multiple of pad_to_multiple_of, or
-    sequence_len (pad_to_sequence_len). Padding carries label -100, so the loss is the same."""
+    """Batches as the plan pads them: to the longest row, a multiple of pad_to_multiple_of, or
+    sequence_len (pad_to_sequence_len: `pad_to_length`). Padding carries label -100, so the loss is the same."""
     return DataCollator(setup.tokenizer, drop_attention_mask=setup.plan.drop_attention_mask, media=setup.media.processor,
-                        **padding(setup.plan.config))
+                        **padding(setup.plan))
 
 
-def padding(cfg: Config) -> dict:
-    """The collator's padding keys from pad_to_multiple_of / pad_to_sequence_len."""
-    return {"pad_to_multiple_of": cfg.pad_to_multiple_of,
-            "pad_to_length": cfg.sequence_len if cfg.pad_to_sequence_len else None}
+def padding(plan: Plan) -> dict:
+    """The collator's padding keys, as the plan decided them."""
+    return {"pad_to_multiple_of": plan.training.pad_to_multiple_of, "pad_to_length": plan.training.pad_to_length}
 
 
 def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
@@ -209,80 +208,61 @@ def _set_use_cache(model, value: bool) -> None:
 
 
 def training_arguments(plan: Plan, has_eval: bool, steps_per_epoch: int | None = None):
-    """transformers TrainingArguments from the Plan. `steps_per_epoch` (optimizer steps) turns
-    saves_per_epoch / evals_per_epoch into step intervals."""
+    """transformers TrainingArguments from the Plan (`plan.training`). `steps_per_epoch` (optimizer
+    steps) turns saves_per_epoch / evals_per_epoch into step intervals."""
     from transformers import TrainingArguments
 
-    cfg = plan.config
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0.0)
-    _logger_environment(cfg)
-    save_strategy, save_steps = _interval(cfg.save_strategy, cfg.save_steps, cfg.saves_per_epoch, steps_per_epoch)
-    eval_strategy, eval_steps = _interval(cfg.eval_strategy, cfg.eval_steps, cfg.evals_per_epoch, steps_per_epoch)
+    t = plan.training
+    _logger_environment(plan)
+    save_strategy, save_steps = t.save_interval(steps_per_epoch)
+    eval_strategy, eval_steps = t.eval_interval(steps_per_epoch)
     optional = {k: v for k, v in {
-        "adam_beta1": cfg.adam_beta1, "adam_beta2": cfg.adam_beta2, "adam_epsilon": cfg.adam_epsilon,
-        "optim_args": _optim_args(cfg.optim_args), "dataloader_prefetch_factor": cfg.dataloader_prefetch_factor,
-        "torch_compile_backend": cfg.torch_compile_backend, "torch_compile_mode": cfg.torch_compile_mode,
+        "adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "adam_epsilon": t.adam_epsilon,
+        "optim_args": t.optim_args, "dataloader_prefetch_factor": t.dataloader_prefetch_factor,
+        "torch_compile_backend": t.torch_compile_backend, "torch_compile_mode": t.torch_compile_mode,
     }.items() if v is not None}
     return TrainingArguments(
-        output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps if cfg.max_steps else -1,
-        learning_rate=cfg.learning_rate,
-        optim=plan.get("optimizer"),
-        lr_scheduler_type=plan.get("lr_scheduler"),
-        lr_scheduler_kwargs=plan.section("lr_scheduler_kwargs") or {},
-        warmup_steps=warmup,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        bf16=plan.get("bf16") is True,
-        fp16=plan.get("fp16") is True,
-        tf32=True if plan.get("tf32") else None,
-        torch_compile=bool(plan.get("torch_compile")),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.eval_micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        optim=t.optimizer,
+        lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=t.lr_scheduler_kwargs,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        tf32=t.tf32,
+        torch_compile=t.torch_compile,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy=save_strategy,
-        save_steps=save_steps or 500,
-        save_total_limit=cfg.save_total_limit,
+        save_steps=save_steps,
+        save_total_limit=t.save_total_limit,
         eval_strategy=eval_strategy if has_eval else "no",
         eval_steps=eval_steps,
-        activation_checkpointing=bool(plan.get("gradient_checkpointing")),
-        activation_checkpointing_kwargs=plan.section("gradient_checkpointing_kwargs") or None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs=t.gradient_checkpointing_kwargs,
         include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=bool(cfg.remove_unused_columns),
-        report_to=list(plan.get("report_to") or []),
-        run_name=cfg.wandb_name or cfg.mlflow_run_name,
-        dataloader_num_workers=cfg.dataloader_num_workers or 0,
-        dataloader_pin_memory=(cfg.dataloader_pin_memory if cfg.dataloader_pin_memory is not None
-                               else torch.cuda.is_available()),
-        dataloader_drop_last=bool(cfg.dataloader_drop_last),
-        ddp_find_unused_parameters=plan.get("ddp_find_unused_parameters"),
+        remove_unused_columns=t.remove_unused_columns,
+        report_to=list(t.report_to),
+        run_name=t.run_name,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=t.dataloader_pin_memory,
+        dataloader_drop_last=t.dataloader_drop_last,
+        ddp_find_unused_parameters=t.ddp_find_unused_parameters,
         # Without a GPU, accelerate runs several processes only as "MULTI_CPU" (gloo), which use_cpu selects.
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=distributed.backend() if distributed.is_distributed() else None,
         **optional,
     )
-
-
-def _interval(strategy: str | None, steps: int | None, per_epoch: int | None,
-              steps_per_epoch: int | None) -> tuple[str, int | None]:
-    """(strategy, steps) for saving or evaluating: an explicit strategy wins; N per epoch becomes
-    every steps_per_epoch // N steps (at least 1); steps alone means `steps`."""
-    if per_epoch and steps_per_epoch:
-        steps = max(1, steps_per_epoch // per_epoch)
-    if strategy is not None:
-        return strategy, steps
-    return ("steps", steps) if steps else ("no", None)
-
-
-def _optim_args(value) -> str | None:
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    return value
 
 
 _WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_mode": "WANDB_MODE", "wandb_entity": "WANDB_ENTITY",
@@ -291,38 +271,38 @@ _WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_mode": "WANDB_MODE", "wan
               "mlflow_run_name": "MLFLOW_RUN_NAME"}
 
 
-def _logger_environment(cfg: Config) -> None:
+def _logger_environment(plan: Plan) -> None:
     """transformers' WandbCallback / MLflowCallback read their settings from the environment."""
     for key, env in _WANDB_ENV.items():
-        value = getattr(cfg, key)
+        value = plan.decided(key)
         if value is not None:
             os.environ[env] = str(value)
-    if cfg.wandb_run_id:
+    if plan.decided("wandb_run_id"):
         os.environ.setdefault("WANDB_RESUME", "allow")
-    if cfg.hf_mlflow_log_artifacts is not None:
-        os.environ["HF_MLFLOW_LOG_ARTIFACTS"] = str(bool(cfg.hf_mlflow_log_artifacts)).lower()
+    if plan.decided("hf_mlflow_log_artifacts") is not None:
+        os.environ["HF_MLFLOW_LOG_ARTIFACTS"] = str(bool(plan.decided("hf_mlflow_log_artifacts"))).lower()
 
 
-def _callbacks(cfg: Config, clock: TrainClock) -> list:
+def _callbacks(plan: Plan, clock: TrainClock) -> list:
     callbacks = [clock]
-    if cfg.use_tensorboard and distributed.is_main():
+    if plan.training.use_tensorboard and distributed.is_main():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(Path(cfg.output_dir) / "runs"))))
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(Path(plan.training.output_dir) / "runs"))))
     return callbacks
 
 
-def run_guards(cfg: Config, console) -> RunGuards:
+def run_guards(plan: Plan, console) -> RunGuards:
     """The crash-safety guards of a run (train/guards.py), supervised or preference."""
-    return RunGuards(cfg.on_nonfinite, say=(lambda text: _say(console, text)) if console is not None else None)
+    return RunGuards(plan.training.on_nonfinite, say=(lambda text: _say(console, text)) if console is not None else None)
 
 
 def run_training(trainer, guards: RunGuards, plan: Plan, resume, console, name_rows):
     """trainer.train() under the run's guards, supervised or preference: resumed from `resume`, a
     non-finite step or a signal ends it with one message (RunStopped), DDP's unused-parameter
     failure becomes a user error naming the setting, skipped steps are reported."""
-    out = Path(plan.config.output_dir)
+    out = Path(plan.training.output_dir)
     if resume is not None:
         _say(console, f"resuming from {resume.name} (in {out})")
     try:
@@ -357,9 +337,9 @@ def _train(cfg: Config, console) -> dict:
     setup = plan_for(cfg, world_size=distributed.world_size())
     plan, tokenizer = setup.plan, setup.tokenizer
     main = distributed.is_main()
-    out = Path(cfg.output_dir)
-    resume = resume_checkpoint(cfg, out)
-    refuse_reuse(cfg, out, resume)
+    out = Path(plan.training.output_dir)
+    resume = resume_checkpoint(plan.training, out)
+    refuse_reuse(plan.training, out, resume)
     for line in plan.info:
         _say(console, f"[blue]info:[/] {line}")
     for warning in plan.warnings:
@@ -384,15 +364,15 @@ def _train(cfg: Config, console) -> dict:
     distributed.barrier()
 
     clock = TrainClock()
-    guards = run_guards(cfg, console)
+    guards = run_guards(plan, console)
     trainer = ArchtuneTrainer(
         model=model,
-        args=training_arguments(plan, has_eval=data.eval is not None, steps_per_epoch=_steps_per_epoch(cfg, data.train)),
+        args=training_arguments(plan, has_eval=data.eval is not None, steps_per_epoch=_steps_per_epoch(plan, data.train)),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data_collator(setup),
         processing_class=tokenizer,
-        callbacks=_callbacks(cfg, clock) + guards.callbacks() + run_hook(plugins, "callbacks", plan),
+        callbacks=_callbacks(plan, clock) + guards.callbacks() + run_hook(plugins, "callbacks", plan),
         fsdp=distributed.fsdp_settings(plan),
         nonfinite=guards.watch,
     )
@@ -451,7 +431,7 @@ def _train(cfg: Config, console) -> dict:
     }
     if main:
         tokenizer.save_pretrained(str(staged))
-        plot_losses(history, staged / "loss.png", f"{cfg.base_model} ({plan.family.name}, {plan.get('adapter') or 'full'})")
+        plot_losses(history, staged / "loss.png", f"{plan.training.base_model} ({plan.family.name}, {plan.get('adapter') or 'full'})")
         checkpoints.publish_outputs(staged, out)
         write_summary(out / checkpoints.SUMMARY, summary)  # last: its presence marks a finished run
     return summary
@@ -461,7 +441,7 @@ def _claim_output_dir(cfg: Config, plan: Plan, out: Path, resume, data: Prepared
     """Rank 0, after every check passed: set an earlier run's outputs aside (a fresh start) and
     write the run record."""
     out.mkdir(parents=True, exist_ok=True)
-    if resume is None and (moved := set_aside_previous_weights(out, checkpoints=cfg.overwrite_output_dir)):
+    if resume is None and (moved := set_aside_previous_weights(out, checkpoints=plan.training.overwrite_output_dir)):
         _say(console, f"an earlier run's outputs in {out} were moved to {moved}")
     cache_dir = data.stats.get("cache_dir")
     write_run_record(out, config=cfg.model_dump(mode="json", exclude_unset=True), plan=plan.to_json(),
@@ -484,9 +464,10 @@ def _chunked_loss_installed(model) -> bool:
     return ChunkedCrossEntropy.of(model) is not None
 
 
-def _steps_per_epoch(cfg: Config, train_rows) -> int:
+def _steps_per_epoch(plan: Plan, train_rows) -> int:
     """Optimizer steps in one epoch over the (packed) training rows, over all processes."""
-    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
+    t = plan.training
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps * distributed.world_size()
     return max(1, -(-len(train_rows) // per_step))
 
 

@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from archtune.errors import UserError
+from archtune.plan.train_settings import TrainSettings
 from archtune.train.checkpoints import (
     TRAINER_STATE,
     complete_checkpoints,
@@ -52,14 +53,14 @@ def threads() -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "libgomp default (spin briefly, then sleep)"}
 
 
-def resume_checkpoint(cfg, out: Path) -> Path | None:
+def resume_checkpoint(settings: TrainSettings, out: Path) -> Path | None:
     """The checkpoint this run continues from, or None for a fresh start.
 
     `resume_from_checkpoint: true`: the last complete checkpoint in output_dir (an error when there
     is none). `auto_resume_from_checkpoints: true` or `resume_from_checkpoint: auto`: the same, or a
     fresh start when there is none. A path: that checkpoint, which must be complete.
     """
-    value = cfg.resume_from_checkpoint
+    value = settings.resume_from_checkpoint
     if value is True:
         found = last_complete_checkpoint(out)
         if found is None:
@@ -67,7 +68,7 @@ def resume_checkpoint(cfg, out: Path) -> Path | None:
                                    "point output_dir at the run to continue, or remove resume_from_checkpoint "
                                    "to start fresh")
         return found
-    if value == "auto" or (value in (None, False) and cfg.auto_resume_from_checkpoints):
+    if value == "auto" or (value in (None, False) and settings.auto_resume_from_checkpoints):
         return last_complete_checkpoint(out)
     if isinstance(value, str) and value:
         path = Path(value)
@@ -80,10 +81,10 @@ def resume_checkpoint(cfg, out: Path) -> Path | None:
     return None
 
 
-def refuse_reuse(cfg, out: Path, resume: Path | None) -> None:
+def refuse_reuse(settings: TrainSettings, out: Path, resume: Path | None) -> None:
     """An output_dir that holds a finished run, or checkpoints of an unfinished one, is not reused
     for a fresh start unless `overwrite_output_dir: true` says so."""
-    if resume is not None or cfg.overwrite_output_dir:
+    if resume is not None or settings.overwrite_output_dir:
         return
     if is_finished(out):
         raise UserError.single("output_dir", f"{out} holds a finished run (train_summary.json)",
