@@ -35,6 +35,61 @@ def plot_losses(log_history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- train_summary.json
+# The fields every run's summary shares, supervised or preference, built here once; each recipe adds
+# its own between them (train_summary.json keeps one key order).
+
+def progress_fields(steps: int, train_losses: list[float], training_loss: float, eval_initial, eval_final,
+                    train_tokens: int | None, seconds: float) -> dict:
+    """Steps, losses, tokens and time of the run."""
+    return {
+        "steps": int(steps),
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "train_loss_mean": float(training_loss),
+        "train_losses": train_losses,
+        "eval_loss_initial": eval_initial,
+        "eval_loss_final": eval_final,
+        "train_tokens": train_tokens,
+        "train_seconds": round(seconds, 3),
+        "seconds_per_step": round(seconds / max(1, steps), 4),
+        "tokens_per_second": train_tokens / seconds if train_tokens is not None and seconds > 0 else None,
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def params_fields(trainable: int, total: int, weight_bytes: int) -> dict:
+    """What trains, out of how much, and the loaded model's size in bytes."""
+    return {"trainable_params": trainable, "total_params": total, "model_bytes": weight_bytes}
+
+
+def processes_fields(plan, strategy: str) -> dict:
+    """How many processes trained, and how."""
+    return {"world_size": plan.world_size, "strategy": strategy,
+            "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters")}
+
+
+def identity_fields(plan, data_stats: dict, skipped_steps, resume: Path | None) -> dict:
+    """Which model, adapter and data, what was skipped, where the run resumed from, when it ended."""
+    import time
+
+    return {
+        "family": plan.family.name,
+        "model_type": plan.model_type,
+        "adapter": plan.get("adapter"),
+        "data": data_stats,
+        "skipped_steps": skipped_steps,
+        "resumed_from": resume.name if resume is not None else None,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
 def write_summary(path: Path, summary: dict) -> Path:
     def clean(v):
         return None if isinstance(v, float) and not math.isfinite(v) else v

@@ -429,8 +429,6 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     """Data, model, TRL trainer, initial evaluation, training, final evaluation, outputs: the
     preference counterpart of the supervised recipe (same Plan, model building, output_dir claim,
     run record, resume and staged outputs). `resume`: the checkpoint to resume from, or None."""
-    import resource
-    import time
     from pathlib import Path
 
     from transformers.trainer_callback import ProgressCallback
@@ -441,7 +439,8 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     from archtune.plugins import load_plugins, run_hook
     from archtune.train import distributed
     from archtune.train.callbacks import LossBar, TrainClock
-    from archtune.train.outputs import plot_losses, write_summary
+    from archtune.train.outputs import (identity_fields, params_fields, peak_rss_mb, processes_fields, progress_fields,
+                                        write_summary)
     from archtune.train import checkpoints
     from archtune.train.recipe import (_callbacks, _claim_output_dir, _experts_implementation_in_use, _set_use_cache,
                                        build_model, run_guards, run_training, training_arguments)
@@ -485,34 +484,15 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         "method": method(plan),
         "trainer": plan.get("rl_trainer"),
         "reference_model": plan.get("rl_reference_model"),
-        "steps": int(trainer.state.global_step),
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "train_loss_mean": float(result.training_loss),
-        "train_losses": train_losses,
-        # Computed exactly as `evaluate` computes eval_loss (preference_metrics: the preferred answers'
+        # eval_loss is computed exactly as `evaluate` computes it (preference_metrics: the preferred answers'
         # token-weighted cross-entropy; a reward model's pairwise loss).
-        "eval_loss_initial": initial.get("eval_loss"),
-        "eval_loss_final": final.get("eval_loss"),
-        "train_tokens": train_tokens,
-        "train_seconds": round(clock.seconds, 3),
-        "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
-        "tokens_per_second": train_tokens / clock.seconds if train_tokens and clock.seconds > 0 else None,
+        **progress_fields(trainer.state.global_step, train_losses, result.training_loss, initial.get("eval_loss"),
+                          final.get("eval_loss"), train_tokens, clock.seconds),
         "experts_implementation": _experts_implementation_in_use(model),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "trainable_params": trainable,
-        "total_params": total,
-        "model_bytes": weight_bytes,
-        "world_size": plan.world_size,
-        "strategy": "single" if plan.world_size == 1 else "ddp",
-        "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
-        "family": plan.family.name,
-        "model_type": plan.model_type,
-        "adapter": plan.get("adapter"),
-        "data": data.stats,
-        "skipped_steps": guards.watch.skipped,
-        "resumed_from": resume.name if resume is not None else None,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "peak_rss_mb": peak_rss_mb(),
+        **params_fields(trainable, total, weight_bytes),
+        **processes_fields(plan, "single" if plan.world_size == 1 else "ddp"),
+        **identity_fields(plan, data.stats, guards.watch.skipped, resume),
     }
     last = train_logs[-1] if train_logs else {}
     for key in REWARD_KEYS:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,8 @@ from archtune.plugins import load_plugins, run_hook
 from archtune.train.callbacks import LossBar, TrainClock
 from archtune.train import checkpoints
 from archtune.train.guards import RunGuards, batch_rows
-from archtune.train.outputs import plot_losses, set_aside_previous_weights, write_summary
+from archtune.train.outputs import (identity_fields, params_fields, peak_rss_mb, plot_losses, processes_fields,
+                                    progress_fields, set_aside_previous_weights, write_summary)
 from archtune.train.run_record import refuse_reuse, resume_checkpoint, write_run_record
 from archtune.train.trainer import ArchtuneTrainer
 
@@ -397,37 +396,18 @@ def _train(cfg: Config, console) -> dict:
     train_losses = [h["loss"] for h in history if "loss" in h]
     train_tokens = int(trainer.state.num_input_tokens_seen)  # summed over all processes by the Trainer
     summary = {
-        "steps": int(trainer.state.global_step),
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "train_loss_mean": float(result.training_loss),
-        "train_losses": train_losses,
-        "eval_loss_initial": eval_initial,
-        "eval_loss_final": eval_final,
-        "train_tokens": train_tokens,
-        "train_seconds": round(clock.seconds, 3),
-        "seconds_per_step": round(clock.seconds / max(1, trainer.state.global_step), 4),
-        "tokens_per_second": train_tokens / clock.seconds if clock.seconds > 0 else None,
+        **progress_fields(trainer.state.global_step, train_losses, result.training_loss, eval_initial, eval_final,
+                          train_tokens, clock.seconds),
         "experts_load": routing.summary() if routing.layers else None,
         "experts_implementation": _experts_implementation_in_use(model) if routing.layers else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "rss_before_model_mb": round(rss_before_model_mb, 1),
-        "trainable_params": trainable,
-        "total_params": total,
-        "model_bytes": weight_bytes,
+        **params_fields(trainable, total, weight_bytes),
         "quantize_moe_experts": bool(plan.quantize_moe_experts),
-        "world_size": plan.world_size,
-        "strategy": _strategy(plan),
-        "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters"),
+        **processes_fields(plan, _strategy(plan)),
         "chunked_cross_entropy": _chunked_loss_installed(trainer.model),
         "sharded_params": distributed.sharded_parameters(trainer.model),
-        "family": plan.family.name,
-        "model_type": plan.model_type,
-        "adapter": plan.get("adapter"),
-        "data": data.stats,
-        "skipped_steps": guards.watch.skipped,
-        "resumed_from": resume.name if resume is not None else None,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **identity_fields(plan, data.stats, guards.watch.skipped, resume),
     }
     if main:
         tokenizer.save_pretrained(str(staged))
