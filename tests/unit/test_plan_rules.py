@@ -602,10 +602,10 @@ def test_quantize_moe_experts_on_experts_no_family_declares_says_so():
 
 @pytest.mark.parametrize("keys, rows, source", [
     ({}, None, "default"),
-    ({"rl": "dpo"}, "paired", "auto"),
-    ({"rl": "orpo"}, "paired", "auto"),
-    ({"rl": "kto"}, "unpaired", "auto"),
-    ({"reward_model": True}, "reward", "auto"),
+    ({"rl": "dpo"}, "paired", "user"),
+    ({"rl": "orpo"}, "paired", "user"),
+    ({"rl": "kto"}, "unpaired", "user"),
+    ({"reward_model": True}, "reward", "user"),
 ])
 def test_preference_rows_are_decided_by_the_plan_and_read_by_data(keys, rows, source):
     plan = plan_for("llama", **keys)

@@ -178,7 +178,8 @@ def _data_types(plan: "Plan") -> None:
         plan.set("preference_rows", None, "default", "supervised fine-tuning: the rows are not preference data")
     else:
         what = "reward_model: true" if kind == REWARD else f"rl: {cfg.rl}"
-        plan.set("preference_rows", kind, "auto", f"{what} trains on {kind} rows: {_ROWS[kind]}")
+        # A restatement of the user's rl / reward_model (source user), as check shows those keys already.
+        plan.set("preference_rows", kind, "user", f"{what} trains on {kind} rows: {_ROWS[kind]}")
     preference_types = {t for types in PREFERENCE_TYPES.values() for t in types}
     for group in ("datasets", "test_datasets"):
         for i, ds in enumerate(getattr(cfg, group) or []):
