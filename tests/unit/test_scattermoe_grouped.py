@@ -1,5 +1,6 @@
 """scattermoe's grouped strategy (one grouped_mm per product over all experts) against its loop
-strategy and transformers' eager experts, run here on CPU.
+strategy and transformers' eager experts, both strategies asked for explicitly, on CPU; and the
+default strategy's rule.
 
 fp32, 1e-5 relative, per tensor: outputs and every gradient (hidden states, routing weights, PEFT
 expert LoRA A/B, the base tensors when trained), for Gemma 4 and Qwen 3.5 (and the transposed
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from archtune.moe import scattermoe
-from archtune.moe.scattermoe import GROUPED, LOOP, default_strategy, resolve_strategy
+from archtune.moe.scattermoe import CPU_FP32_GROUPED_MAX_BYTES, GROUPED, LOOP, default_strategy, resolve_strategy
 from tests.unit.test_scattermoe import (
     KINDS,
     ROUTINGS,
@@ -29,16 +30,17 @@ from tests.unit.test_scattermoe import (
     run_block,
 )
 
-GROUPED_IMPL = "scattermoe_grouped_test"
+GROUPED_IMPL, LOOP_IMPL = "scattermoe_grouped_test", "scattermoe_loop_test"
 
 
 @pytest.fixture(autouse=True)
-def grouped_impl(monkeypatch):
-    """transformers' experts registry entry running scattermoe with strategy=GROUPED, for this module only."""
+def strategy_impls(monkeypatch):
+    """transformers' experts registry entries running scattermoe with strategy GROUPED / LOOP, for this module only."""
     from transformers.integrations.moe import ExpertsInterface
 
-    forward = functools.partial(scattermoe.scattermoe_experts_forward, strategy=GROUPED)
-    monkeypatch.setitem(ExpertsInterface._global_mapping, GROUPED_IMPL, forward)
+    for name, strategy in ((GROUPED_IMPL, GROUPED), (LOOP_IMPL, LOOP)):
+        forward = functools.partial(scattermoe.scattermoe_experts_forward, strategy=strategy)
+        monkeypatch.setitem(ExpertsInterface._global_mapping, name, forward)
 
 
 @pytest.fixture
@@ -85,7 +87,7 @@ def test_grouped_matches_loop_and_eager(kind, mode, routing_name, grouped_calls)
     x, index, weights, grad_out = _inputs(24, ROUTINGS[routing_name])
 
     eager = run_block(block, config, "eager", x, index, weights, grad_out)
-    loop = run_block(block, config, "scattermoe", x, index, weights, grad_out)  # CPU default: the loop
+    loop = run_block(block, config, LOOP_IMPL, x, index, weights, grad_out)
     assert grouped_calls == []
     grouped = run_block(block, config, GROUPED_IMPL, x, index, weights, grad_out)
     # gate/up and down: one grouped GEMM each, plus two per LoRA'd tensor
@@ -105,7 +107,7 @@ def test_grouped_bf16_autocast_pads_the_lora_rank(grouped_calls):
     x, index, weights, grad_out = _inputs(32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = run_block(block, config, "eager", x, index, weights, grad_out)
-        loop = run_block(block, config, "scattermoe", x, index, weights, grad_out)
+        loop = run_block(block, config, LOOP_IMPL, x, index, weights, grad_out)
         grouped = run_block(block, config, GROUPED_IMPL, x, index, weights, grad_out)
     assert grouped[0].dtype == eager[0].dtype
     ranks = sorted({shape[-1] for shape in grouped_calls})
@@ -171,19 +173,36 @@ def test_4bit_experts_take_the_loop(grouped_calls):
     x, index, weights, grad_out = _inputs(16)
     strategy, reason = resolve_strategy(block.experts.get_base_layer(), x, index, GROUPED)
     assert strategy == LOOP and "4-bit" in reason
-    loop = run_block(block, config, "scattermoe", x, index, weights, grad_out)
+    loop = run_block(block, config, LOOP_IMPL, x, index, weights, grad_out)
+    default = run_block(block, config, "scattermoe", x, index, weights, grad_out)
     grouped = run_block(block, config, GROUPED_IMPL, x, index, weights, grad_out)
     assert grouped_calls == []
     assert_same(*grouped, *loop, tol=1e-12)
+    assert_same(*default, *loop, tol=1e-12)
 
 
-def test_strategy_choice_is_by_device_and_names_are_checked():
-    assert default_strategy(torch.device("cuda")) == GROUPED
-    assert default_strategy(torch.device("cpu")) == LOOP
+def test_default_strategy_rule():
+    """CUDA: grouped; CPU: grouped for bf16, and for fp32 up to 4 MiB of gate/up activations."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert default_strategy("cuda", fp32, 1 << 20, 4096)[0] == GROUPED
+    assert default_strategy("cpu", bf16, 1 << 20, 4096)[0] == GROUPED
+    at_limit = CPU_FP32_GROUPED_MAX_BYTES // (4 * 512)  # pairs whose [pairs, 512] fp32 rows fill 4 MiB
+    assert default_strategy("cpu", fp32, at_limit, 512)[0] == GROUPED
+    strategy, reason = default_strategy("cpu", fp32, at_limit + 1, 512)
+    assert strategy == LOOP and "4.0 MiB of gate/up activations (> 4 MiB)" in reason
+    assert default_strategy("mps", bf16, 16, 64)[0] == LOOP
+
+
+def test_resolve_strategy_through_the_module():
     block, _ = make_experts("gemma4")
     x, index, _, _ = _inputs(4)
-    assert resolve_strategy(block.experts, x, index) == (LOOP, "the default on cpu")
+    assert resolve_strategy(block.experts, x, index)[0] == GROUPED  # 8 pairs x 32 fp32 features
+    assert resolve_strategy(block.experts, x, index, LOOP) == (LOOP, "asked for")
     assert resolve_strategy(block.experts, x, index, GROUPED) == (GROUPED, "asked for")
+    # fp64 is not a grouped_mm dtype: the default falls back to the loop
+    block.double()
+    strategy, reason = resolve_strategy(block.experts, x.double(), index)
+    assert strategy == LOOP and "float64" in reason
     with pytest.raises(KeyError, match="known: loop, grouped"):
         resolve_strategy(block.experts, x, index, "triton")
 
@@ -220,7 +239,7 @@ def test_tiny_model_with_expert_lora_grouped_equals_loop(tiny_models, name, grou
         out.loss.backward()
         return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    logits_l, grads_l = run("scattermoe")
+    logits_l, grads_l = run(LOOP_IMPL)
     assert grouped_calls == []
     logits_g, grads_g = run(GROUPED_IMPL)
     assert grouped_calls

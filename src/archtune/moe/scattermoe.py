@@ -37,16 +37,24 @@ each other and eager, fp32, 1e-5):
   cumulative segment ends), expert LoRA kept factored as two more grouped products
   (x @ A_e^T, then @ B_e^T), gate and routing weight element-wise on all sorted rows, one
   `index_add`; backward is autograd through grouped_mm (no base weight gradient when frozen).
-`scattermoe_experts_forward(..., strategy=None)` takes the device's default
-(`default_strategy`): "grouped" on CUDA, where the loop would launch a few dozen small kernels
-per expert and step (thousands at 64-128 experts) and torch runs the grouped products as one
-CUTLASS kernel each (bf16, sm90+; other dtypes loop over the groups in C++); "loop" on CPU,
-where grouped_mm's CPU kernel runs the same one-GEMM-per-group, so the difference is only the
-element-wise work: bench/moe_strategies.py measured the grouped strategy 0.76-5.1x the loop's
-speed, faster at few pairs per expert and in bf16 but up to 1.3x slower for fp32 at 128-512
-pairs per expert, with expert LoRA (the loop's per-expert fusion keeps gate and scatter in
-cache). `resolve_strategy` says which strategy runs and why: "grouped" falls back to "loop"
-for 4-bit experts (the grouped products would dequantize every expert at once), expert sizes
+`scattermoe_experts_forward(..., strategy=None)` takes `default_strategy`, a deterministic
+rule from the device, dtype and shapes:
+* CUDA: "grouped". The loop would launch a few dozen small kernels per expert and step
+  (thousands at 64-128 experts; on an H200 the loop measured 3-40x slower than transformers'
+  grouped_mm at bench/moe.py's sweep shapes); torch runs each grouped product as one CUTLASS
+  kernel (bf16, sm90+; other dtypes loop over the groups in C++).
+* CPU: grouped_mm's CPU kernel runs one GEMM per group, as the loop does, so the strategies
+  differ in cache locality (the loop runs every op of one expert on its rows while they are
+  in cache) and in Python overhead per expert. bench/moe_strategies.py (one thread, forward + backward,
+  with and without expert LoRA) measured "grouped" 1.04-5.1x faster in bf16 at every shape,
+  and in fp32 1.2-3.6x faster while the gate/up activations (pairs x 2I x 4 bytes) stay
+  within 4 MiB, about even (0.88-1.34x) at 8 MiB and 0.76-1.17x at 16-32 MiB (0.78-0.86x with
+  expert LoRA), where the loop's per-expert fusion keeps each expert's rows in cache:
+  "grouped" for bf16/fp16 and for fp32 up to 4 MiB (`CPU_FP32_GROUPED_MAX_BYTES`), else "loop".
+* other devices: "loop".
+`resolve_strategy` says which strategy runs and why: "grouped" falls back to "loop"
+for 4-bit experts (the grouped products would dequantize every expert at once), dtypes other
+than fp32, bf16 and fp16 (grouped_mm's), expert sizes
 whose rows are not a multiple of 16 bytes (grouped_mm's layout rule; a LoRA rank is padded
 with zeros instead) and calls with no pair to compute. No Triton kernel is required; neither
 strategy is torch.compile-friendly (data-dependent segment lengths): compiled models
@@ -410,7 +418,9 @@ def _grouped_linear(x: torch.Tensor, proj: _Proj, offsets: torch.Tensor) -> torc
     a = _pad_rank(proj.a, -1 if proj.transposed else -2, multiple)
     b = _pad_rank(proj.b, -2 if proj.transposed else -1, multiple)
     z = grouped_mm(x, _right_operand(a, proj.transposed), offs=offsets)
-    return torch.add(y, grouped_mm(z, _right_operand(b, proj.transposed), offs=offsets), alpha=proj.scaling)
+    # s scales the small factor, not the [N, out] product (nor, in backward, its gradient); the
+    # in-place add is safe: grouped_mm saves its inputs, not its output.
+    return y.add_(grouped_mm(z, _right_operand(b * proj.scaling, proj.transposed), offs=offsets))
 
 
 def grouped_unsupported(hidden_states: torch.Tensor, up: ExpertWeight, down: ExpertWeight, dtype: torch.dtype,
@@ -424,6 +434,8 @@ def grouped_unsupported(hidden_states: torch.Tensor, up: ExpertWeight, down: Exp
         return "grouped_mm needs a CUDA device of compute capability 8.0 or newer"
     if device.type not in ("cpu", "cuda"):
         return f"grouped_mm is not known to run on {device.type}"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"grouped_mm takes float32, bfloat16 and float16, not {str(dtype).removeprefix('torch.')}"
     if pairs == 0:  # every pair went to another rank's experts: grouped_mm's backward refuses 0 rows
         return "no (token, expert) pair for these experts"
     for w in (up, down):
@@ -467,15 +479,38 @@ STRATEGIES = {
 }
 
 
-def default_strategy(device: torch.device) -> str:
-    """GROUPED on CUDA, LOOP elsewhere (see the module docstring for the measurements)."""
-    return GROUPED if torch.device(device).type == "cuda" else LOOP
+# On CPU, grouped_mm runs one GEMM per group, as the loop does: the strategies differ in where
+# the data is when each op runs (bench/moe_strategies.py, one thread, forward + backward, with
+# and without expert LoRA). In fp32 the loop's per-expert fusion wins once the gate/up
+# activations (pairs x 2I x 4 bytes) outgrow the cache: "grouped" measured 1.2-3.6x faster up
+# to 4 MiB, about even at 8 MiB (0.88-1.34x) and 0.76-1.17x at 16-32 MiB (slower with LoRA);
+# in bf16 it measured 1.04-5.1x faster at every shape.
+CPU_FP32_GROUPED_MAX_BYTES = 4 << 20
+
+
+def default_strategy(device: torch.device, dtype: torch.dtype, pairs: int, gate_up_features: int) -> tuple[str, str]:
+    """(strategy, reason) for `pairs` sorted rows whose gate/up product has `gate_up_features`
+    outputs, computed in `dtype` on `device` (a rule from the shapes; see the module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return GROUPED, "CUDA: one grouped GEMM per product instead of a few dozen kernels per expert"
+    if device.type != "cpu":
+        return LOOP, f"{device.type}: grouped_mm is measured on CUDA and CPU only"
+    if dtype.itemsize < 4:
+        return GROUPED, f"CPU, {str(dtype).removeprefix('torch.')}: grouped measured faster at every shape"
+    activations = pairs * gate_up_features * dtype.itemsize
+    mib = f"{activations / 2**20:.1f} MiB of gate/up activations"
+    if activations <= CPU_FP32_GROUPED_MAX_BYTES:
+        return GROUPED, f"CPU, {mib} (<= {CPU_FP32_GROUPED_MAX_BYTES >> 20} MiB): grouped measured faster"
+    return LOOP, (f"CPU, {mib} (> {CPU_FP32_GROUPED_MAX_BYTES >> 20} MiB): the loop's per-expert fusion keeps "
+                  "them in cache, measured faster")
 
 
 def _resolve(strategy: str | None, hidden_states: torch.Tensor, up: ExpertWeight, down: ExpertWeight,
-             dtype: torch.dtype, pairs: int) -> tuple[str, str]:
+             dtype: torch.dtype, pairs: int, transposed: bool) -> tuple[str, str]:
     if strategy is None:
-        strategy, reason = default_strategy(hidden_states.device), f"the default on {hidden_states.device.type}"
+        features = up.weight.shape[-1] if transposed else up.weight.shape[-2]
+        strategy, reason = default_strategy(hidden_states.device, dtype, pairs, features)
     elif strategy in STRATEGIES:
         reason = "asked for"
     else:
@@ -491,12 +526,12 @@ def _resolve(strategy: str | None, hidden_states: torch.Tensor, up: ExpertWeight
 def resolve_strategy(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                      strategy: str | None = None) -> tuple[str, str]:
     """(strategy, reason) that `scattermoe_experts_forward` runs for these arguments: `strategy`
-    (None: `default_strategy` for the device); GROUPED falls back to LOOP, with the reason, for
-    experts grouped_mm cannot take (`grouped_unsupported`)."""
+    (None: `default_strategy`); GROUPED falls back to LOOP, with the reason, for experts
+    grouped_mm cannot take (`grouped_unsupported`)."""
     up = _weight(module, "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj")
     pairs = int((top_k_index < module.num_experts).sum())
-    return _resolve(strategy, hidden_states, up, _weight(module, "down_proj"),
-                    _compute_dtype(hidden_states, up.weight), pairs)
+    return _resolve(strategy, hidden_states, up, _weight(module, "down_proj"), _compute_dtype(hidden_states, up.weight),
+                    pairs, bool(getattr(module, "is_transposed", False)))
 
 
 # ---- the experts forward --------------------------------------------------------------------
@@ -538,7 +573,7 @@ def scattermoe_experts_forward(
     up = _weight(self, "gate_up_proj" if has_gate else "up_proj")
     down = _weight(self, "down_proj")
     dtype = _compute_dtype(hidden_states, up.weight)
-    grouped = _resolve(strategy, hidden_states, up, down, dtype, len(routing.perm))[0] == GROUPED
+    grouped = _resolve(strategy, hidden_states, up, down, dtype, len(routing.perm), transposed)[0] == GROUPED
 
     if has_gate and not has_bias and not post_norm:
         p1, p2 = _Proj.of(up, transposed, dtype), _Proj.of(down, transposed, dtype)
@@ -572,4 +607,4 @@ def scattermoe_experts_forward(
 
 
 __all__ = ["Routing", "sort_by_expert", "expert_linear", "scattermoe_experts_forward", "STRATEGIES", "LOOP",
-           "GROUPED", "default_strategy", "resolve_strategy", "grouped_unsupported"]
+           "GROUPED", "default_strategy", "resolve_strategy", "grouped_unsupported", "CPU_FP32_GROUPED_MAX_BYTES"]
