@@ -114,9 +114,10 @@ def moe(args) -> None:
                 if "scattermoe" in grads and "grouped_mm" in grads:
                     row["grad_rel_err_scattermoe_vs_grouped_mm"] = max(
                         rel_err(a, b) for a, b in zip(grads["scattermoe"], grads["grouped_mm"]))
-                if other in grads and "grouped_mm" in grads:
-                    row[f"grad_rel_err_{other}_vs_grouped_mm"] = max(
-                        rel_err(a, b) for a, b in zip(grads[other], grads["grouped_mm"]))
+                for ref in ("grouped_mm", "scattermoe"):
+                    if other in grads and ref in grads:
+                        row[f"grad_rel_err_{other}_vs_{ref}"] = max(
+                            rel_err(a, b) for a, b in zip(grads[other], grads[ref]))
                 emit("moe", **row)
                 del block, plain, lora_block, grads
                 if DEV == "cuda":
