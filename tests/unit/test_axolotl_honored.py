@@ -249,6 +249,21 @@ def test_bnb_config_kwargs_reach_bitsandbytes():
     assert config.bnb_4bit_use_double_quant is False and config.bnb_4bit_quant_type == "fp4"
 
 
+@pytest.mark.parametrize("keys, resolved, dtype", [
+    ({}, None, torch.float32), ({"bf16": True}, None, torch.bfloat16),
+    ({"bf16": "auto"}, False, torch.float32), ({"bf16": "auto"}, True, torch.bfloat16),
+])
+def test_weights_and_4bit_compute_dtype_follow_the_plans_bf16(keys, resolved, dtype):
+    """`bf16: auto` as the plan resolved it (True on a GPU with bfloat16), never the raw "auto"."""
+    from archtune.models.load import torch_dtype
+    from archtune.models.quant import compute_dtype
+
+    plan = plan_for(**keys)
+    if resolved is not None:
+        plan.set("bf16", resolved, "auto", "as on a machine where bf16: auto resolves so")
+    assert torch_dtype(plan) == compute_dtype(plan) == dtype
+
+
 def test_lora_model_dir_must_be_an_adapter(tmp_path):
     assert plan_for(adapter="lora", lora_model_dir=str(tmp_path)).errors[0].key == "lora_model_dir"
     (tmp_path / "adapter_config.json").write_text("{}")

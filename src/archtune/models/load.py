@@ -129,12 +129,9 @@ def _tokenizer_class(cfg):
     return cls
 
 
-def torch_dtype(cfg, plan: Plan | None = None) -> torch.dtype:
+def torch_dtype(plan: Plan) -> torch.dtype:
     """bf16 weights when the run is bf16 (`bf16: true`, or `auto` resolved to true by the Plan)."""
-    value = plan.get("bf16") if plan is not None and "bf16" in plan.settings else cfg.bf16
-    if value is True:
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if plan.decided("bf16") is True else torch.float32
 
 
 def load_processor(cfg, plan: Plan):
@@ -280,7 +277,7 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
     from archtune.models.heads import register_score_head
 
     register_score_head(plan)  # a reward model's score head transformers lacks for this family
-    dtype = torch_dtype(cfg, plan)
+    dtype = torch_dtype(plan)
     name = tiny_name(cfg.base_model) if path is None else None
     if name is not None:
         from archtune.models.tiny import build_tiny_model

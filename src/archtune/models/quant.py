@@ -29,11 +29,11 @@ def is_quantized(plan: Plan) -> bool:
     return bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
 
 
-def compute_dtype(cfg, plan: Plan | None = None) -> torch.dtype:
-    """The dtype 4-bit weights are dequantized to (the run's dtype)."""
+def compute_dtype(plan: Plan) -> torch.dtype:
+    """The dtype 4-bit weights are dequantized to (the run's dtype, as the plan resolved bf16)."""
     from archtune.models.load import torch_dtype
 
-    return torch_dtype(cfg, plan)
+    return torch_dtype(plan)
 
 
 
@@ -57,7 +57,7 @@ def bnb_config(cfg, plan: Plan):
         load_in_4bit=True,
         bnb_4bit_quant_type=setting("bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=bool(setting("bnb_4bit_use_double_quant", True)),
-        bnb_4bit_compute_dtype=compute_dtype(cfg, plan),
+        bnb_4bit_compute_dtype=compute_dtype(plan),
         llm_int8_skip_modules=["lm_head"],
     )
     kwargs.update(plan.config.bnb_config_kwargs or {})  # Axolotl's bnb_config_kwargs: BitsAndBytesConfig's own names
@@ -74,7 +74,7 @@ def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     name = tiny_name(cfg.base_model) if path is None else None
-    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=compute_dtype(cfg, plan), device_map=device_map,
+    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=compute_dtype(plan), device_map=device_map,
                   output_loading_info=True)
     if name is not None:
         from archtune.models.load import load_model
@@ -127,7 +127,7 @@ def frozen_embeddings(model, plan: Plan) -> tuple[torch.Tensor, ...]:
     does no arithmetic, and under bf16/fp16 autocast the output head's matmul runs in 16 bits anyway.
     With `lora_modules_to_save` they are all upcast as before (PEFT's trained copies start from them).
     """
-    if compute_dtype(plan.config) == torch.float32 or plan.get("lora_modules_to_save"):
+    if compute_dtype(plan) == torch.float32 or plan.get("lora_modules_to_save"):
         return ()
     out = []
     for get in (model.get_input_embeddings, model.get_output_embeddings):

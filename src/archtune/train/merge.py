@@ -22,7 +22,7 @@ def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
         # the experts as training saw them: through 4 bits and back
         from archtune.moe import quant4
 
-        quant4.quantize_experts(base, plan.expert_param_names, dtype=compute_dtype(cfg))
+        quant4.quantize_experts(base, plan.expert_param_names, dtype=compute_dtype(plan))
         quant4.dequantize_experts(base)
     model = load_adapter(base, adapter_dir)
     return model.merge_and_unload()

@@ -139,7 +139,7 @@ def quantize_moe_experts(model, plan: Plan) -> list[str]:
     from archtune.models.quant import compute_dtype
     from archtune.moe import quant4
 
-    names = quant4.quantize_experts(model, plan.expert_param_names, dtype=compute_dtype(plan.config))
+    names = quant4.quantize_experts(model, plan.expert_param_names, dtype=compute_dtype(plan))
     quant4.adapt_peft(model)  # after the kernels plugin's post_adapters: its PEFT override must not replace this one
     return names
 
