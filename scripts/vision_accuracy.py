@@ -29,7 +29,7 @@ def heldout_accuracy(config: str, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)
     setup = plan_for(cfg)
     data = prepare_data(setup.plan, setup.tokenizer, progress=False, media=setup.media)
-    model, _ = load_trained(cfg, setup.plan, setup.tokenizer)
+    model, _ = load_trained(setup.plan, setup.tokenizer)
     start = time.perf_counter()
     result = greedy_exact_match(model, data.eval, data_collator(setup), cfg.micro_batch_size)
     return {"accuracy": result["exact_match"], "rows": result["rows"], "seconds": round(time.perf_counter() - start, 2)}

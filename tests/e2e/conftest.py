@@ -107,6 +107,6 @@ def heldout_accuracy(config: Path, overrides: list[str]) -> float:
     cfg = load_config(config, overrides)
     setup = plan_for(cfg)
     data = prepare_data(setup.plan, setup.tokenizer, progress=False, media=setup.media)
-    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    model, kind = load_trained(setup.plan, setup.tokenizer)
     assert kind == "adapter"
     return greedy_exact_match(model, data.eval, data_collator(setup), 50)["exact_match"]

@@ -126,7 +126,7 @@ def test_eval_loss_is_the_chosen_answers_token_weighted_cross_entropy(trained):
     cfg = load_config(trained.config("dpo"))
     setup = plan_for(cfg)
     rows = prepare_preference_data(setup.plan, setup.tokenizer, progress=False).eval
-    model, weights = load_trained(cfg, setup.plan, setup.tokenizer)
+    model, weights = load_trained(setup.plan, setup.tokenizer)
     assert weights == "adapter"
     total, tokens = 0.0, 0
     with torch.no_grad():

@@ -65,7 +65,7 @@ def test_merged_model_reloads_with_transformers_alone_and_generates_the_same(lor
     assert code == 0, err
     cfg = load_config(cfg_path)
     setup = plan_for(cfg)
-    adapted, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    adapted, kind = load_trained(setup.plan, setup.tokenizer)
     assert kind == "adapter"
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
     ids = setup.tokenizer("### Instruction:\nName the category of each word.\n\n### Input:\ncow train\n\n### Response:\n")["input_ids"]

@@ -245,7 +245,7 @@ def test_bnb_config_kwargs_reach_bitsandbytes():
 
     plan = plan_for(adapter="qlora", load_in_4bit=True,
                     bnb_config_kwargs={"bnb_4bit_use_double_quant": False, "bnb_4bit_quant_type": "fp4"})
-    config = bnb_config(plan.config, plan)
+    config = bnb_config(plan)
     assert config.bnb_4bit_use_double_quant is False and config.bnb_4bit_quant_type == "fp4"
 
 
@@ -446,9 +446,9 @@ def test_model_config_overrides_reach_the_built_model_and_the_plan(tmp_path, whe
     cfg = config_from_dict({**keys, "model_config": {"rms_norm_eps": 0.125, "use_cache": False}})
     assert cfg.overrides_of_model_config == {"rms_norm_eps": 0.125, "use_cache": False}
     assert read_model_config(cfg)["rms_norm_eps"] == 0.125 != read_model_config(plain)["rms_norm_eps"]
-    model = load_model(cfg, resolve_plan(cfg), load_tokenizer(cfg))
+    model = load_model(resolve_plan(cfg), load_tokenizer(cfg))
     assert model.model.norm.variance_epsilon == 0.125 and model.config.use_cache is False
-    reference = load_model(plain, resolve_plan(plain), load_tokenizer(plain))
+    reference = load_model(resolve_plan(plain), load_tokenizer(plain))
     assert reference.model.norm.variance_epsilon != 0.125
     torch.testing.assert_close(model.state_dict(), reference.state_dict())  # the same weights
 
@@ -460,7 +460,7 @@ def test_model_kwargs_reach_from_pretrained_and_own_arguments_are_refused(tmp_pa
 
     keys = {"base_model": str(write_tiny_model("llama", tmp_path / "llama")), "datasets": [{"path": "data.jsonl"}]}
     cfg = config_from_dict({**keys, "model_kwargs": {"use_cache": False, "output_attentions": True}})
-    model = load_model(cfg, resolve_plan(cfg), load_tokenizer(cfg))
+    model = load_model(resolve_plan(cfg), load_tokenizer(cfg))
     assert model.config.use_cache is False and model.config.output_attentions is True
     with pytest.raises(UserError) as ei:
         config_from_dict({**keys, "model_kwargs": {"torch_dtype": "float16"}})

@@ -143,7 +143,7 @@ def test_every_rank_rescales_only_rank0_prints(drifted_qwen, data, tmp_path, mon
     model_dir, on_disk = drifted_qwen
     cfg = _config(model_dir, data, tmp_path, normalize_weight_scales=[{"name_pattern": CONV, "threshold": 1.3}])
     plan, tokenizer = _setup(cfg)
-    model = load_model(cfg, plan, tokenizer)
+    model = load_model(plan, tokenizer)
     monkeypatch.setenv("RANK", "1")
     console = Console(record=True, width=200)
     result = apply_weight_scale_rules(model, plan, console)
@@ -158,7 +158,7 @@ def test_no_rules_nothing_happens_and_few_matches_warn(drifted_qwen, data, tmp_p
     model_dir, on_disk = drifted_qwen
     cfg = _config(model_dir, data, tmp_path)
     plan, tokenizer = _setup(cfg)
-    model = load_model(cfg, plan, tokenizer)
+    model = load_model(plan, tokenizer)
     console = Console(record=True, width=200)
     assert apply_weight_scale_rules(model, plan, console) is None
     assert console.export_text() == ""
@@ -221,5 +221,5 @@ def test_intact_checkpoint_loads(gemma_dir, data, tmp_path):
 
     cfg = _config(gemma_dir, data, tmp_path)
     plan, tokenizer = _setup(cfg)
-    model = load_model(cfg, plan, tokenizer)
+    model = load_model(plan, tokenizer)
     assert sum(p.numel() for p in model.parameters()) > 0

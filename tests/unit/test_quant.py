@@ -40,7 +40,7 @@ def test_4bit_base_quantizes_linears_and_leaves_expert_tensors(tmp_path):
     cfg = _config(tmp_path)
     setup = plan_for(cfg)
     assert quant.is_quantized(setup.plan)
-    model = quant.load_quantized(cfg, setup.plan, setup.tokenizer)
+    model = quant.load_quantized(setup.plan, setup.tokenizer)
     names = quant.quantized_modules(model)
     assert any("language_model.layers.0.self_attn.q_proj" in n for n in names)
     assert not any(n.endswith("lm_head") for n in names)
@@ -74,9 +74,9 @@ def test_qlora_trains_and_merges_on_cpu(tmp_path):
 
     setup = plan_for(cfg)
     # The trained adapter on the 4-bit base (what training saw) ...
-    base = quant.load_quantized(cfg, setup.plan, setup.tokenizer)
+    base = quant.load_quantized(setup.plan, setup.tokenizer)
     ref = PeftModel.from_pretrained(base, str(out)).eval()
-    merged = merge_adapter(cfg, setup.plan, setup.tokenizer, str(out)).eval()
+    merged = merge_adapter(setup.plan, setup.tokenizer, str(out)).eval()
     # ... equals the merged, dequantized model: a plain transformers model, no bitsandbytes layer.
     assert not quant.quantized_modules(merged)
     assert not hasattr(merged.config, "quantization_config")

@@ -136,7 +136,7 @@ def test_qlora_with_4bit_experts_shrinks_the_model_and_trains_like_lora_on_the_d
 
     # The same weights, dequantized (linears and experts through 4 bits and back), trained with plain LoRA.
     setup = plan_for(cfg)
-    model = quant.load_quantized(cfg, setup.plan, setup.tokenizer)
+    model = quant.load_quantized(setup.plan, setup.tokenizer)
     quant.dequantize(model)
     quant4.quantize_experts(model, tuple(EXPERTS))
     quant4.dequantize_experts(model)
@@ -158,11 +158,11 @@ def test_qlora_with_4bit_experts_shrinks_the_model_and_trains_like_lora_on_the_d
 
     from archtune.train.recipe import quantize_moe_experts
 
-    base = quant.load_quantized(cfg, setup.plan, setup.tokenizer)
+    base = quant.load_quantized(setup.plan, setup.tokenizer)
     unmerged = PeftModel.from_pretrained(base, cfg.output_dir)
     assert len(quantize_moe_experts(unmerged, setup.plan)) == 8
     unmerged.eval()
-    merged = merge_adapter(cfg, setup.plan, setup.tokenizer, cfg.output_dir).eval()
+    merged = merge_adapter(setup.plan, setup.tokenizer, cfg.output_dir).eval()
     assert not quant4.quantized_experts(merged) and not quant.quantized_modules(merged)
     merged.save_pretrained(tmp_path / "merged")
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()

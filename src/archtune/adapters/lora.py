@@ -203,7 +203,7 @@ def apply_lora(model, plan: Plan):
     """
     from peft import get_peft_model
 
-    if plan.config.lora_model_dir:
+    if plan.decided("lora_model_dir"):
         return load_adapter_to_train(model, plan)
     targets = resolve_lora_targets(model, plan)
     parameters = resolve_lora_parameters(model, plan)
@@ -237,7 +237,7 @@ def load_adapter_to_train(model, plan: Plan):
     (its own targets and rank; Axolotl's meaning)."""
     from peft import PeftModel
 
-    path = plan.config.lora_model_dir
+    path = plan.decided("lora_model_dir")
     try:
         with keep_module_targets():
             peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
@@ -256,23 +256,24 @@ def load_adapter(model, path):
         return PeftModel.from_pretrained(model, path)
 
 
-def load_trained(cfg, plan: Plan, tokenizer):
+def load_trained(plan: Plan, tokenizer):
     """Base model plus the trained weights in output_dir (adapter or full), else the base model.
     QLoRA (a 4-bit base): the base is loaded in 4 bit, as training saw it, so evaluating here gives
     the figures the run reported."""
     from archtune.models import quant
     from archtune.models.load import load_model, set_attn_implementation, trained_weights_kind
 
-    kind = trained_weights_kind(cfg.output_dir)
+    output_dir = plan.decided("output_dir")
+    kind = trained_weights_kind(output_dir)
     if kind == "full":
-        model = load_model(cfg, plan, tokenizer, path=cfg.output_dir)
+        model = load_model(plan, tokenizer, path=output_dir)
     elif quant.is_quantized(plan):
-        model = quant.load_quantized(cfg, plan, tokenizer)
+        model = quant.load_quantized(plan, tokenizer)
     else:
-        model = load_model(cfg, plan, tokenizer)
+        model = load_model(plan, tokenizer)
     set_attn_implementation(model, plan)
     if kind == "adapter":
-        model = load_adapter(model, cfg.output_dir)
+        model = load_adapter(model, output_dir)
     return model, kind
 
 

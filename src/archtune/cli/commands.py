@@ -201,7 +201,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     if setup.plan.get("rl_trainer"):  # rl / reward_model: held-out rewards
         from archtune.train.preference import evaluate_preference
 
-        result, weights = evaluate_preference(cfg, setup.plan, setup.tokenizer, progress=not as_json)
+        result, weights = evaluate_preference(setup.plan, setup.tokenizer, progress=not as_json)
         if as_json:
             print(json.dumps(result))
         else:
@@ -212,10 +212,10 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data",
                                "set test_datasets, or val_set_size > 0")
-    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    model, kind = load_trained(setup.plan, setup.tokenizer)
     prepare_packing(model, setup.plan)
     prepare_loss(model, setup.plan)
-    result = token_weighted_loss(model, data.eval, data_collator(setup), cfg.micro_batch_size)
+    result = token_weighted_loss(model, data.eval, data_collator(setup), setup.plan.training.micro_batch_size)
     if as_json:
         print(json.dumps(result))
     else:
@@ -238,7 +238,7 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
     inputs = _image_prompt(cfg, setup, prompt, image) if image else None
-    model, kind = load_trained(cfg, setup.plan, setup.tokenizer)
+    model, kind = load_trained(setup.plan, setup.tokenizer)
     if inputs is None:
         ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
         text = generate_text(model, setup.tokenizer, ids, max_new_tokens)
@@ -308,9 +308,9 @@ def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
         raise UserError.single("output_dir", f"{cfg.output_dir} holds no LoRA adapter (adapter_config.json)",
                                "train with adapter: lora first, or point output_dir at the run")
     if quant.is_quantized(setup.plan):
-        merged = merge_adapter(cfg, setup.plan, setup.tokenizer, cfg.output_dir)  # dequantized base + adapter
+        merged = merge_adapter(setup.plan, setup.tokenizer, cfg.output_dir)  # dequantized base + adapter
     else:
-        model, _ = load_trained(cfg, setup.plan, setup.tokenizer)
+        model, _ = load_trained(setup.plan, setup.tokenizer)
         merged = model.merge_and_unload()
     target = out or Path(cfg.output_dir) / "merged"
     merged.save_pretrained(str(target))

@@ -280,7 +280,7 @@ def _compare(train: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> tupl
     return max_diff, float(r.abs().max())
 
 
-def probe_batch(cfg, tokenizer, plan) -> dict:
+def probe_batch(tokenizer, plan) -> dict:
     """The first micro_batch_size training rows of the configured data, collated as training does
     (rows with images: their image inputs too)."""
     from archtune.data import prepare_data
@@ -290,7 +290,7 @@ def probe_batch(cfg, tokenizer, plan) -> dict:
 
     media = media_setup(plan)
     data = prepare_data(plan, tokenizer, progress=False, media=media)
-    n = min(cfg.micro_batch_size, len(data.train))
+    n = min(plan.training.micro_batch_size, len(data.train))
     rows = data.train.select(range(n))
     features = [rows[i] for i in range(n)]
     batch = DataCollator(tokenizer, drop_attention_mask=plan.drop_attention_mask,
@@ -330,7 +330,7 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
         if tokenizer is None:
             tokenizer = set_chat_template(load_tokenizer(cfg), plan)
         if batch is None:
-            batch = probe_batch(cfg, tokenizer, plan)
+            batch = probe_batch(tokenizer, plan)
         if model is None:
             model = build_model(cfg, plan, tokenizer, console=console)
     except UserError as exc:  # missing/unexpected weight keys, bad data: errors of the probe
@@ -371,7 +371,7 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
                                        "files and the data (run with --debug for the traceback)"))
         return result
     result.loss_sanity = classify_initial_loss(result.loss_reference, ref_logits.size(-1),
-                                               random_init=tiny_name(cfg.base_model) is not None)
+                                               random_init=tiny_name(plan.decided("base_model")) is not None)
     if result.loss_sanity.warning:
         result.warnings.append(result.loss_sanity.warning)
 

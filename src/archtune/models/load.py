@@ -134,7 +134,7 @@ def torch_dtype(plan: Plan) -> torch.dtype:
     return torch.bfloat16 if plan.decided("bf16") is True else torch.float32
 
 
-def load_processor(cfg, plan: Plan):
+def load_processor(plan: Plan):
     """(processor, None) for a model that trains on images, else (None, why not).
 
     The processor comes from `processor_type` (a transformers class name, e.g. AutoProcessor)
@@ -146,7 +146,8 @@ def load_processor(cfg, plan: Plan):
         return None, f"this model ({plan.model_type or family.name}) trains on text only in archtune"
     if not family.has_towers(plan.model_config):
         return None, "the model's config.json declares no vision or audio tower"
-    name = tiny_name(cfg.base_model)
+    d = plan.decided
+    name = tiny_name(d("base_model"))
     if name is not None:  # a tiny model builds its own processor (processor_type names the class it is)
         from archtune.models.tiny import build_tiny_processor
 
@@ -154,21 +155,21 @@ def load_processor(cfg, plan: Plan):
         return (processor, None) if processor is not None else (None, f"tiny:{name} has no processor")
     import transformers
 
-    cls_name = cfg.processor_type or "AutoProcessor"
+    cls_name = d("processor_type") or "AutoProcessor"
     cls = getattr(transformers, cls_name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise UserError.single("processor_type", f"transformers has no processor class {cls_name!r}",
                                "use AutoProcessor or the model's processor class (e.g. what processor_config.json names)")
-    source = cfg.tokenizer_config or cfg.base_model
+    source = d("tokenizer_config") or d("base_model")
     try:
-        processor = cls.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        processor = cls.from_pretrained(source, trust_remote_code=d("trust_remote_code"))
     except Exception as exc:  # no processor files, a class that does not match them, no torchvision
-        processor = _without_video(cls, source, cfg.trust_remote_code)
+        processor = _without_video(cls, source, d("trust_remote_code"))
         if processor is None:
             why = f"{type(exc).__name__}: {str(exc).strip()}"
             if "torchvision" in why.lower():
                 why += f" ({TORCHVISION_INSTALL})"
-            if cfg.processor_type:
+            if d("processor_type"):
                 raise UserError.single("processor_type", f"cannot load {cls_name} from {source}: {why}",
                                        "use AutoProcessor, or the class the model's processor_config.json names"
                                        ) from None
@@ -238,22 +239,23 @@ def _head_settings(plan: Plan) -> dict:
 
 def _config_updates(plan: Plan) -> dict:
     """Values set on the base model's config: the `model_config` overrides, then the head's."""
-    return {**(plan.config.overrides_of_model_config or {}), **_head_settings(plan)}
+    return {**(plan.section("overrides_of_model_config") or {}), **_head_settings(plan)}
 
 
-def pretrained_kwargs(cfg, plan: Plan) -> dict:
+def pretrained_kwargs(plan: Plan) -> dict:
     """from_pretrained arguments for the base model: `model_kwargs` (Axolotl's overrides_of_model_kwargs;
     the plan refuses the ones archtune sets itself), and the config updates: as keyword arguments
     (transformers sets them on the config), or, with `model_config` overrides (which may name keys
     the config class does not declare), on a config object built here, as Axolotl does."""
-    kwargs = dict(cfg.overrides_of_model_kwargs or {})
+    d = plan.decided
+    kwargs = dict(plan.section("overrides_of_model_kwargs") or {})
     updates = _config_updates(plan)
-    if not cfg.overrides_of_model_config:
+    if not plan.section("overrides_of_model_config"):
         return {**kwargs, **updates}
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(cfg.base_model_config or cfg.base_model, trust_remote_code=cfg.trust_remote_code,
-                                        revision=cfg.model_revision)
+    config = AutoConfig.from_pretrained(d("base_model_config") or d("base_model"), trust_remote_code=d("trust_remote_code"),
+                                        revision=d("model_revision"))
     for key, value in updates.items():
         setattr(config, key, value)
     return {**kwargs, "config": config}
@@ -269,7 +271,7 @@ def _drop_new_head(info: dict, plan: Plan) -> dict:
             "unexpected_keys": [k for k in info.get("unexpected_keys", []) if not k.startswith(replaced)]}
 
 
-def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
+def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
     """The model to train (base weights), in the dtype the config asks for.
 
     `path` loads full weights from another directory (e.g. a full fine-tune's output_dir).
@@ -277,23 +279,24 @@ def load_model(cfg, plan: Plan, tokenizer, *, path: str | os.PathLike | None = N
     from archtune.models.heads import register_score_head
 
     register_score_head(plan)  # a reward model's score head transformers lacks for this family
+    d = plan.decided
     dtype = torch_dtype(plan)
-    name = tiny_name(cfg.base_model) if path is None else None
+    name = tiny_name(d("base_model")) if path is None else None
     if name is not None:
         from archtune.models.tiny import build_tiny_model
 
         try:
-            model, _ = build_tiny_model(name, seed=cfg.seed, auto_class=plan.get("model_auto_class"),
+            model, _ = build_tiny_model(name, seed=d("seed"), auto_class=plan.get("model_auto_class"),
                                         **_config_updates(plan))
         except KeyError:
             raise _unknown_tiny(name) from None
         return model.to(dtype)
-    source = str(path or cfg.base_model)
+    source = str(path or d("base_model"))
     key = "base_model" if path is None else "output_dir"
     try:
         model, info = _auto_class(plan).from_pretrained(
-            source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision,
-            output_loading_info=True, **(pretrained_kwargs(cfg, plan) if path is None else _head_settings(plan)))
+            source, dtype=dtype, trust_remote_code=d("trust_remote_code"), revision=d("model_revision"),
+            output_loading_info=True, **(pretrained_kwargs(plan) if path is None else _head_settings(plan)))
     except RuntimeError as exc:
         if "ignore_mismatched_sizes" not in str(exc):
             raise

@@ -37,7 +37,7 @@ def compute_dtype(plan: Plan) -> torch.dtype:
 
 
 
-def bnb_config(cfg, plan: Plan):
+def bnb_config(plan: Plan):
     """transformers' BitsAndBytesConfig for the Plan: 4-bit NF4, double quantization, compute in
     the run's dtype; lm_head stays in full precision."""
     try:
@@ -60,7 +60,7 @@ def bnb_config(cfg, plan: Plan):
         bnb_4bit_compute_dtype=compute_dtype(plan),
         llm_int8_skip_modules=["lm_head"],
     )
-    kwargs.update(plan.config.bnb_config_kwargs or {})  # Axolotl's bnb_config_kwargs: BitsAndBytesConfig's own names
+    kwargs.update(plan.section("bnb_config_kwargs") or {})  # Axolotl's bnb_config_kwargs: BitsAndBytesConfig's own names
     try:
         return BitsAndBytesConfig(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -68,18 +68,19 @@ def bnb_config(cfg, plan: Plan):
                                "use BitsAndBytesConfig's argument names, e.g. bnb_4bit_use_double_quant: true") from None
 
 
-def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
+def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
     """The base model with its linear layers in bitsandbytes 4 bit (on CPU, or this rank's GPU)."""
     from archtune.models.load import _auto_class, check_loading_info, pretrained_kwargs, tiny_name
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    name = tiny_name(cfg.base_model) if path is None else None
-    kwargs = dict(quantization_config=bnb_config(cfg, plan), dtype=compute_dtype(plan), device_map=device_map,
+    d = plan.decided
+    name = tiny_name(d("base_model")) if path is None else None
+    kwargs = dict(quantization_config=bnb_config(plan), dtype=compute_dtype(plan), device_map=device_map,
                   output_loading_info=True)
     if name is not None:
         from archtune.models.load import load_model
 
-        full = load_model(cfg, plan, tokenizer)
+        full = load_model(plan, tokenizer)
         with tempfile.TemporaryDirectory(prefix="archtune-qlora-") as tmp:
             # Every process writes its own temporary copy: transformers' save_pretrained writes on rank 0
             # only once torch.distributed is initialised (DDP / FSDP2 runs), which would leave this one empty.
@@ -87,15 +88,15 @@ def load_quantized(cfg, plan: Plan, tokenizer, *, path: str | None = None):
             full.save_pretrained(tmp, safe_serialization=True)
             del full
             model, info = _auto_class(plan).from_pretrained(tmp, **kwargs)
-            check_loading_info(info, cfg.base_model)
-        model.config._name_or_path = cfg.base_model  # not the temporary directory (adapter_config names it)
+            check_loading_info(info, d("base_model"))
+        model.config._name_or_path = d("base_model")  # not the temporary directory (adapter_config names it)
         _keep_training_layout(model)
         return model
-    source = str(path or cfg.base_model)
+    source = str(path or d("base_model"))
     if path is None:
-        kwargs.update(pretrained_kwargs(cfg, plan))
-    model, info = _auto_class(plan).from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
-                                                    revision=cfg.model_revision, **kwargs)
+        kwargs.update(pretrained_kwargs(plan))
+    model, info = _auto_class(plan).from_pretrained(source, trust_remote_code=d("trust_remote_code"),
+                                                    revision=d("model_revision"), **kwargs)
     check_loading_info(info, source)
     _keep_training_layout(model)
     return model

@@ -9,14 +9,14 @@ from archtune.models.quant import compute_dtype, dequantize, load_quantized
 from archtune.plan import Plan
 
 
-def merge_adapter(cfg, plan: Plan, tokenizer, adapter_dir: str):
+def merge_adapter(plan: Plan, tokenizer, adapter_dir: str):
     """A QLoRA run's adapter merged into its dequantized 4-bit base: a plain transformers model.
 
     For `archtune merge-lora` on a run with `adapter: qlora` / `load_in_4bit: true`.
     """
     from archtune.adapters.lora import load_adapter
 
-    base = load_quantized(cfg, plan, tokenizer)
+    base = load_quantized(plan, tokenizer)
     dequantize(base)
     if plan.quantize_moe_experts:
         # the experts as training saw them: through 4 bits and back

@@ -373,7 +373,7 @@ def preference_metrics(scorer: Scorer, dataset) -> dict[str, float]:
     return metrics
 
 
-def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> tuple[dict, str]:
+def evaluate_preference(plan, tokenizer, *, progress: bool = True) -> tuple[dict, str]:
     """`archtune evaluate` for rl / reward_model configs: ({eval_loss, eval_tokens, eval_rows and the
     held-out rewards}, which weights: adapter / full / base) of the trained weights in output_dir
     (against the base model as the reference), else of the base model."""
@@ -385,10 +385,10 @@ def evaluate_preference(cfg, plan, tokenizer, *, progress: bool = True) -> tuple
     data = prepare_preference_data(plan, tokenizer, progress=progress)
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data", "set test_datasets, or val_set_size > 0")
-    policy, weights = load_trained(cfg, plan, tokenizer)
+    policy, weights = load_trained(plan, tokenizer)
     reference = None
     if weights == "full" and plan.get("rl_reference_model") not in (None, "none"):
-        reference = load_model(cfg, plan, tokenizer)
+        reference = load_model(plan, tokenizer)
     beta = plan.get("rl_beta") or 0.0
     scorer = Scorer(method(plan), policy, reference, float(beta), _pad_id(tokenizer), "cpu",
                     plan.data.sequence_len, plan.training.eval_micro_batch_size,

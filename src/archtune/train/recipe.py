@@ -70,7 +70,7 @@ def media_setup(plan: Plan):
     from archtune.data.media import ImageSettings, MediaProcessor
     from archtune.models.load import load_processor
 
-    processor, refusal = load_processor(plan.config, plan)
+    processor, refusal = load_processor(plan)
     if processor is None:
         return MediaSetup(refusal=refusal, packing_refusal=PACKING_IMAGES_REFUSED)
     media = MediaProcessor(processor, ImageSettings(plan.data.image_size, plan.data.image_resize_algorithm),
@@ -99,7 +99,7 @@ def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
     plugins = load_plugins(cfg) if plugins is None else plugins
     run_hook(plugins, "pre_model_load", cfg, plan)
     quantized = quant.is_quantized(plan)
-    model = quant.load_quantized(cfg, plan, tokenizer) if quantized else load_model(cfg, plan, tokenizer)
+    model = quant.load_quantized(plan, tokenizer) if quantized else load_model(plan, tokenizer)
     run_hook(plugins, "post_model_load", model, plan)
     set_attn_implementation(model, plan)
     _set_experts_implementation(model, plan)
