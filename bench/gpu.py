@@ -99,7 +99,8 @@ def moe(args) -> None:
                         errors[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 choice = choose_experts_implementation(
                     num_experts=shape["experts"], top_k=shape["top_k"], hidden=shape["hidden"],
-                    intermediate=shape["intermediate"], tokens=shape["tokens"], expert_lora=lora)
+                    intermediate=shape["intermediate"], tokens=shape["tokens"], expert_lora=lora,
+                    dtype=str(dtype).removeprefix("torch."), device=DEV)
                 stock = {k: v for k, v in ms.items() if not k.startswith("scattermoe")}
                 best = min(stock, key=stock.get) if stock else None
                 row = {k: shape[k] for k in ("experts", "top_k", "tokens", "hidden", "intermediate")}
@@ -107,7 +108,7 @@ def moe(args) -> None:
                            best_stock=best, rule_choice=choice.name, scattermoe_strategy=strategy)
                 if best and "scattermoe" in ms:
                     row["scattermoe_vs_best_stock"] = round(ms[best] / ms["scattermoe"], 3)
-                    chosen = ms.get("scattermoe" if choice.name == "scattermoe" else "grouped_mm")
+                    chosen = ms.get(choice.name)
                     row["rule_vs_best"] = round(min(ms.values()) / chosen, 3) if chosen else None
                 if "scattermoe" in ms and other in ms:
                     row[f"scattermoe_vs_{other}"] = round(ms[other] / ms["scattermoe"], 3)

@@ -3,6 +3,9 @@
     python bench/moe.py            # prints ONE JSON object (about 2 minutes on a busy 2-core machine)
     python bench/moe.py --quick    # smaller sizes, a smoke run
     python bench/moe.py --dtypes '' # the 4-bit experts rows only
+    python bench/moe.py --sweep --rows ROWS.jsonl   # every implementation at the sweep's cells (~25 min);
+                                                    # rows kept as measured, a rerun resumes
+    python bench/moe.py --table bench/moe_sweep_cpu.jsonl   # measured rows + the rule's pick, as Markdown
 
 The block is Gemma 4's MoE branch (`Gemma4TextRouter` + `Gemma4TextExperts`, built from a
 `Gemma4TextConfig`): 64 experts, top-8, hidden 512, expert intermediate 256, 4096 tokens.
@@ -292,6 +295,9 @@ SWEEP_CENTRE = dict(experts=32, top_k=4, tokens=2048, hidden=1024)
 BATCHED_MM_BYTES = 1 << 30
 # Shapes whose step costs more than this many GFLOP run one round fewer and skip eager.
 HEAVY_GFLOP = 200.0
+# eager with PEFT expert LoRA rebuilds W + BA of every expert at each expert's weight access (experts^2
+# expert matrices a step): skipped where that is more than this many elements (minutes a step).
+EAGER_LORA_ELEMENTS = 1 << 31
 
 
 def sweep_shapes() -> list[dict]:
@@ -320,8 +326,12 @@ def measure_shape(sizes: dict, dtype: torch.dtype, lora: bool, rounds: int) -> d
     heavy = flops(sizes, pairs, lora) / 1e9 > HEAVY_GFLOP
     impls = ["grouped_mm", "scattermoe"]
     skipped = {}
+    rebuilt = sizes["experts"] ** 2 * 3 * sizes["hidden"] * sizes["intermediate"]
     if heavy:
         skipped["eager"] = f"step above {HEAVY_GFLOP:.0f} GFLOP (the Python loop over experts is never the fastest there)"
+    elif lora and rebuilt > EAGER_LORA_ELEMENTS:
+        skipped["eager"] = (f"PEFT rebuilds all {sizes['experts']} experts' W + BA at each expert's access "
+                            f"({rebuilt / 1e9:.0f}G elements a step)")
     else:
         impls.insert(0, "eager")
     itemsize = torch.finfo(dtype).bits // 8
@@ -349,32 +359,65 @@ def measure_shape(sizes: dict, dtype: torch.dtype, lora: bool, rounds: int) -> d
             "scattermoe_vs_best_stock": round(stock[best] / med["scattermoe"], 3), "skipped": skipped}
 
 
-def run_sweep(dtypes: list[torch.dtype], rounds: int, reuse: list[dict] = (), only: set | None = None) -> dict:
+SWEEP_KEY = ("experts", "top_k", "tokens", "hidden", "dtype", "lora")
+
+
+def sweep_row(shape: dict, dtype: str, lora: bool, measured: dict, device: str = "cpu") -> dict:
+    """One cell of the sweep: the measured times and the choice `use_scattermoe` makes there."""
     from archtune.plan.experts import choose_experts_implementation
 
+    choice = choose_experts_implementation(
+        num_experts=shape["experts"], top_k=shape["top_k"], hidden=shape["hidden"],
+        intermediate=shape["intermediate"], tokens=shape["tokens"], expert_lora=lora, dtype=dtype,
+        device=device)
+    ms = measured["ms"]
+    return {**{k: shape[k] for k in ("experts", "top_k", "tokens", "hidden", "intermediate")}, "dtype": dtype,
+            "lora": lora, **{k: measured[k] for k in ("ms", "best_stock", "scattermoe_vs_best_stock")},
+            "skipped": measured.get("skipped", {}),
+            "rule_choice": choice.name, "rule_vs_best": round(min(ms.values()) / ms[choice.name], 3)}
+
+
+def run_sweep(dtypes: list[torch.dtype], rounds: int, reuse: list[dict] = (), only: set | None = None,
+              rows_file: str | None = None) -> dict:
     rows = []
-    done = {(r["experts"], r["top_k"], r["tokens"], r["hidden"], r["dtype"], r["lora"]): r for r in reuse}
+    done = {tuple(r[k] for k in SWEEP_KEY): r for r in reuse}
     for shape in sweep_shapes():
         if only and f"{shape['experts']}-{shape['top_k']}-{shape['tokens']}-{shape['hidden']}" not in only:
             continue
         for dtype in dtypes:
+            name = str(dtype).removeprefix("torch.")
             for lora in (False, True):
-                key = (shape["experts"], shape["top_k"], shape["tokens"], shape["hidden"],
-                       str(dtype).removeprefix("torch."), lora)
-                r = done.get(key) or measure_shape(shape, dtype, lora, rounds)
-                r = {k: r[k] for k in ("ms", "best_stock", "scattermoe_vs_best_stock", "skipped")}
-                choice = choose_experts_implementation(
-                    num_experts=shape["experts"], top_k=shape["top_k"], hidden=shape["hidden"],
-                    intermediate=shape["intermediate"], tokens=shape["tokens"], expert_lora=lora)
-                chosen_ms = r["ms"]["scattermoe" if choice.name == "scattermoe" else "grouped_mm"]
-                best_ms = min(r["ms"].values())
-                rows.append({**{k: shape[k] for k in ("experts", "top_k", "tokens", "hidden", "intermediate")},
-                             "dtype": str(dtype).removeprefix("torch."), "lora": lora, **r,
-                             "rule_choice": choice.name, "rule_vs_best": round(best_ms / chosen_ms, 3)})
+                r = done.get((shape["experts"], shape["top_k"], shape["tokens"], shape["hidden"], name, lora))
+                if r is None:
+                    r = measure_shape(shape, dtype, lora, rounds)
+                    if rows_file:  # kept as soon as measured: a stopped sweep resumes from here
+                        with open(rows_file, "a") as f:
+                            f.write(json.dumps({**{k: shape[k] for k in ("experts", "top_k", "tokens", "hidden",
+                                                                         "intermediate")},
+                                                "dtype": name, "lora": lora, **r,
+                                                "load_avg_1m": round(os.getloadavg()[0], 2)}) + "\n")
+                rows.append(sweep_row(shape, name, lora, r))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     wins = [r for r in rows if r["scattermoe_vs_best_stock"] >= 1.0]
     return {"rows": rows, "scattermoe_wins": len(wins), "shapes": len(rows),
             "rule_worst_vs_best": min(r["rule_vs_best"] for r in rows)}
+
+
+def sweep_table(measured: list[dict], device: str = "cpu") -> str:
+    """The sweep as a Markdown table (one line per cell, the rule's choice recomputed now)."""
+    order = {(s["experts"], s["top_k"], s["tokens"], s["hidden"]): i for i, s in enumerate(sweep_shapes())}
+    cells = {tuple(r[k] for k in SWEEP_KEY): r for r in measured}
+    lines = ["| experts | top-k | tokens | hidden x inter. | pairs / expert | dtype | expert LoRA | best stock (ms) "
+             "| scattermoe (ms) | scattermoe vs best stock | rule picks | rule vs fastest |",
+             "|---:|---:|---:|---|---:|---|---|---|---:|---:|---|---:|"]
+    for key in sorted(cells, key=lambda k: (k[4] != "float32", order.get(k[:4], len(order)), k[5])):
+        r = sweep_row(cells[key], key[4], key[5], cells[key], device)
+        best = r["best_stock"]
+        lines.append(f"| {r['experts']} | {r['top_k']} | {r['tokens']} | {r['hidden']} x {r['intermediate']} "
+                     f"| {r['tokens'] * r['top_k'] / r['experts']:.0f} | {r['dtype']} | {'yes' if r['lora'] else 'no'} "
+                     f"| {best} {r['ms'][best]:.1f} | {r['ms']['scattermoe']:.1f} | {r['scattermoe_vs_best_stock']:.2f}x "
+                     f"| {r['rule_choice']} | {r['rule_vs_best']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -390,15 +433,26 @@ def main(argv: list[str] | None = None) -> dict:
                         help="every implementation at the corners and centre of the supported shape ranges")
     parser.add_argument("--only", help="comma-separated EXPERTS-TOPK-TOKENS-HIDDEN shapes of the sweep to run")
     parser.add_argument("--reuse", help="JSONL of sweep rows already measured (from --sweep's stderr): not rerun")
+    parser.add_argument("--rows", help="JSONL read like --reuse, and each newly measured row appended to it")
+    parser.add_argument("--table", nargs="+", metavar="JSONL", help="print the sweep rows of these files (later "
+                        "files win) as a Markdown table with the rule's choice at each cell, and exit")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="with --table: the device the rows were measured on (bench/gpu.py moe rows: cuda)")
     args = parser.parse_args(argv)
+    if args.table:
+        sys.stdout.write(sweep_table([json.loads(line) for path in args.table for line in open(path) if line.strip()],
+                                     args.device))
+        return {}
     if args.sweep:
         torch.set_num_threads(1)
         started = time.perf_counter()
         dtypes = [getattr(torch, n) for n in args.dtypes.split(",")]
-        reuse = [json.loads(line) for line in open(args.reuse)] if args.reuse else []
+        reuse = [json.loads(line) for path in (args.reuse, args.rows) if path and os.path.exists(path)
+                 for line in open(path) if line.strip()]
         result = {"bench": "moe_sweep", "torch": torch.__version__, "threads": 1,
                   "load_avg_1m": round(os.getloadavg()[0], 2), **run_sweep(dtypes, args.rounds or 3, reuse,
-                                                                       set(args.only.split(",")) if args.only else None)}
+                                                                       set(args.only.split(",")) if args.only else None,
+                                                                       args.rows)}
         result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
         result["seconds"] = round(time.perf_counter() - started, 1)
         json.dump(result, sys.stdout)

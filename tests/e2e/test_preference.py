@@ -196,7 +196,7 @@ def test_gemma4_moe_dpo_example_trains_with_expert_lora_and_scattermoe(capsys, t
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "train", REPO / "examples" / "dpo" / "gemma4-26b-a4b-moe.yaml",
                            "base_model=tiny:gemma4-moe", "bf16=false", "max_steps=2",
-                           # the shape rule picks grouped_mm for the tiny experts; the real 26B-A4B gets scattermoe
+                           # forced, whatever the shape rule picks: this test is about ScatterMoE's expert LoRA
                            "experts_implementation=scattermoe", "micro_batch_size=2",
                            "gradient_accumulation_steps=1", "sequence_len=64", "learning_rate=0.01",
                            f"test_datasets.0.path={small}", f"output_dir={out}")

@@ -472,9 +472,11 @@ def test_packing_qwen3_5_is_exact_with_its_family_patch_and_refused_without_it()
 # ---------------------------------------------------------------- experts_implementation, plugins, scales
 
 @pytest.mark.parametrize("keys, value, source", [
-    # the tiny model's 8 experts of 64x32: grouped_mm measured faster (plan/experts.py)
-    ({"use_kernels": True, "use_scattermoe": True}, "grouped_mm", "auto"),
-    ({"use_scattermoe": True}, "grouped_mm", "auto"),
+    # the tiny model's 8 experts of 64x32 at the default micro-batch: >= 64 pairs per expert, where
+    # scattermoe measured faster (plan/experts.py); 1 x 128 tokens: 32 pairs per expert, grouped_mm
+    ({"use_kernels": True, "use_scattermoe": True}, "scattermoe", "auto"),
+    ({"use_scattermoe": True}, "scattermoe", "auto"),
+    ({"use_scattermoe": True, "micro_batch_size": 1, "sequence_len": 128}, "grouped_mm", "auto"),
     ({"use_kernels": True, "use_scattermoe": True, "experts_implementation": "scattermoe"}, "scattermoe", "user"),
     ({"experts_implementation": "grouped_mm"}, "grouped_mm", "user"),
     ({"experts_implementation": "eager"}, "eager", "user"),
@@ -489,11 +491,11 @@ def test_experts_implementation(keys, value, source):
 
 
 @pytest.mark.parametrize("dims, lora, value", [
-    ({}, True, "grouped_mm"),  # 8 experts of 64x32: too little work per expert
+    ({}, True, "scattermoe"),  # expert LoRA kept factored
     ({"hidden_size": 2048, "moe_intermediate_size": 512}, True, "scattermoe"),  # large experts, expert LoRA
     ({"hidden_size": 2048, "moe_intermediate_size": 512}, False, "scattermoe"),  # large, 512 pairs each
-    ({"hidden_size": 256, "moe_intermediate_size": 64}, False, "grouped_mm"),  # small, 512 pairs each
-    ({"num_experts": 2}, False, "scattermoe"),  # 2 experts: 2,048 pairs each
+    ({"hidden_size": 256, "moe_intermediate_size": 64}, False, "scattermoe"),  # small, 512 pairs each
+    ({"num_experts": 128, "top_k_experts": 2}, False, "grouped_mm"),  # 128 experts: 32 pairs each, fp32
 ])
 def test_use_scattermoe_chooses_by_the_experts_shape(dims, lora, value):
     model = model_config("gemma4-moe")

@@ -10,31 +10,52 @@ first read (e.g. deepgemm, sonicmoe) is discovered then. The plan checks names h
 importing the implementations; archtune's own register with transformers when the model uses them
 (archtune.moe).
 
-    choose_experts_implementation(num_experts=8, top_k=2, hidden=64, intermediate=32,
-                                  tokens=2048, expert_lora=True)
-    -> Choice("grouped_mm", "8 experts of 64x32, top-2, ... grouped_mm measured faster")
+    choose_experts_implementation(num_experts=128, top_k=8, hidden=2048, intermediate=512,
+                                  tokens=4096, expert_lora=True, dtype="bfloat16")
+    -> Choice("scattermoe", "128 experts of 2048x512, top-8, ...: keeping the expert LoRA factored ...")
 
-On CPU both candidates run the same per-expert GEMMs (torch's grouped_mm kernel loops over
-the groups in C++; scattermoe loops over the experts in Python, fusing gather, gate and
-scatter per expert). They differ in two costs (bench/moe.py --sweep):
+The choice is a rule on the shapes, the dtype and the device, calibrated by the benchmark
+(`python bench/moe.py --sweep` on CPU, `python bench/gpu.py moe` on CUDA): nothing is timed at
+start. The measured tables and the rule's choice at each cell are in docs/experts_sweep.md.
 
-* scattermoe pays a fixed Python cost per expert and step (a few dozen dispatched ops,
-  forward and backward), which only large expert matrices hide;
+On CPU scattermoe and transformers' grouped_mm run the same per-expert GEMMs (scattermoe
+either loops over the experts in Python, fusing gather, gate and scatter per expert, or runs
+each product for all experts with torch's grouped GEMM: archtune.moe.scattermoe picks). They
+differ in three costs:
+
+* scattermoe pays a fixed cost per expert and step, which only enough work per expert hides;
+  transformers' grouped_mm path pays per (token, expert) pair (sorting, gathering and
+  scattering hidden-size rows);
 * with PEFT expert LoRA, the stock implementations run on W + BA, which PEFT materialises
   for every expert on every forward (and checkpoint recompute): E x (3 x hidden x intermediate)
-  weights written and read again, plus a rank-r product per weight. scattermoe keeps the
-  factors apart and never builds W + BA.
+  weights written and read again. scattermoe keeps the factors apart and never builds W + BA;
+* in bf16 each per-expert product is a oneDNN call whose kernel is compiled per shape and kept
+  in a cache of 1,024 kernels. With expert LoRA, scattermoe's products per expert times the
+  distinct per-expert row counts overflow it beyond 64 experts with many pairs each, and kernels
+  are recompiled every step.
 
-Measured (bench/moe.py --sweep, thread CPU time, forward + backward): scattermoe wins where
-each expert has much work per step, i.e. many (token, expert) pairs per expert
-(`tokens x top_k / experts`) or large expert matrices (`hidden x intermediate`), and, with
-expert LoRA, wherever the materialisation is large; it loses up to 4x at 128 experts with 2-4
-pairs per expert, and 1.2-1.8x on small experts (hidden 256) with few pairs. The rule:
+Measured on CPU (bench/moe.py --sweep: experts 8-128, top-k 2-8, tokens 256-8,192, hidden
+256-2,048 with intermediate = hidden / 4, with and without expert LoRA, fp32 and bf16; thread
+CPU time, forward + backward), the rule, first match wins:
 
-* pairs per expert >= 1,024: scattermoe (1.04-1.6x faster at 2,048-8,192 pairs, any size);
-* expert LoRA and hidden x intermediate >= 2^20 (e.g. 2048 x 512): scattermoe (1.9-3x);
-* no LoRA, pairs per expert >= 256 and hidden x intermediate >= 2^20: scattermoe (1.03-1.08x);
-* else grouped_mm.
+* bf16, expert LoRA, more than 64 experts, >= 64 (token, expert) pairs per expert (tokens x
+  top-k / experts) and experts under 2^20 weights: grouped_mm (scattermoe 0.32-0.43x, the
+  oneDNN kernel cache);
+* expert LoRA: scattermoe, 1.02-8.9x faster than the best stock implementation (5-9x where
+  hidden x intermediate >= 2^20);
+* bf16: scattermoe, 1.01-1.9x;
+* fp32 with >= 64 pairs per expert: scattermoe, 1.02-1.7x;
+* else (fp32, 4-16 pairs per expert) grouped_mm: scattermoe 0.80-1.07x.
+
+The rule picked the fastest implementation, or one within 7% of it (a tie: the same cell moved by
+5-10% between two passes), at all 60 cells.
+
+On CUDA (bench/gpu.py moe on an H200, CUDA-event time) scattermoe lost at every cell
+(0.02-0.93x), so the rule picks a stock implementation there: batched_mm where its per-pair
+copy of the expert weights (pairs x hidden x 3 x intermediate) is at most 512 MiB, where it
+measured up to 7x faster than grouped_mm at 256 tokens of hidden 256; grouped_mm elsewhere.
+Those CUDA rows timed scattermoe's per-expert loop; its grouped strategy, now the CUDA default,
+is not measured there yet.
 """
 from __future__ import annotations
 
@@ -42,12 +63,15 @@ from dataclasses import dataclass
 
 from archtune.registry import Registry
 
-# Thresholds of the rule (see the module docstring), calibrated on bench/moe.py --sweep.
-MANY_PAIRS = 1024  # (token, expert) pairs per expert and micro-batch
-SOME_PAIRS = 256
-LARGE_EXPERT = 1 << 20  # hidden x intermediate
+# Thresholds of the rule (see the module docstring), calibrated on bench/moe.py --sweep (CPU) and
+# bench/gpu.py moe (CUDA).
+FEW_PAIRS = 64  # (token, expert) pairs per expert and micro-batch: from here scattermoe measured faster in fp32
+LARGE_EXPERT = 1 << 20  # hidden x intermediate: with expert LoRA, W + BA outweighs even the bf16 cache overflow
+BF16_LORA_MAX_EXPERTS = 64  # bf16 + expert LoRA: more experts overflow oneDNN's 1,024-kernel cache
+BATCHED_MM_COPY_BYTES = 1 << 29  # CUDA: batched_mm's per-pair weight copy up to this size
 STOCK = "grouped_mm"
 SCATTERMOE = "scattermoe"
+BATCHED = "batched_mm"
 
 
 @dataclass(frozen=True)
@@ -104,26 +128,44 @@ class Choice:
 
 
 def choose_experts_implementation(*, num_experts: int, top_k: int, hidden: int, intermediate: int,
-                                  tokens: int, expert_lora: bool) -> Choice:
-    """scattermoe or grouped_mm for these shapes (deterministic; see the module docstring).
+                                  tokens: int, expert_lora: bool, dtype: str = "float32",
+                                  device: str = "cpu") -> Choice:
+    """The experts implementation `use_scattermoe` runs for these shapes (deterministic; see the
+    module docstring): scattermoe where it measured faster, else the fastest stock one.
 
-    `tokens` is the tokens of one micro-batch (micro_batch_size x sequence_len); with `top_k` it
-    only enters the reason: the measured winner did not change with it.
+    `tokens` is the tokens of one micro-batch (micro_batch_size x sequence_len); `dtype` the
+    compute dtype ("float32" or "bfloat16"), `device` "cpu" or "cuda".
     """
-    pairs = tokens * top_k / num_experts
+    pairs = tokens * top_k
+    per_expert = pairs / num_experts
     size = hidden * intermediate
     shape = (f"{num_experts} experts of {hidden}x{intermediate}, top-{top_k}, {tokens} tokens per micro-batch "
-             f"({pairs:.0f} pairs per expert), expert LoRA {'on' if expert_lora else 'off'}")
-    if pairs >= MANY_PAIRS:
-        return Choice(SCATTERMOE, f"{shape}: with >= {MANY_PAIRS} pairs per expert scattermoe's per-expert fusion "
-                                  f"measured faster than {STOCK}")
-    if size >= LARGE_EXPERT and (expert_lora or pairs >= SOME_PAIRS):
-        why = ("keeping the expert LoRA factored (no W + BA per expert and forward)" if expert_lora
-               else f"experts this large with >= {SOME_PAIRS} pairs each")
-        return Choice(SCATTERMOE, f"{shape}: {why}; scattermoe measured faster than {STOCK}")
-    return Choice(STOCK, f"{shape}: scattermoe's per-expert loop costs more than it saves here; {STOCK} "
-                         "measured faster")
+             f"({per_expert:.0f} pairs per expert), {dtype}, expert LoRA {'on' if expert_lora else 'off'}")
+    if device == "cuda":
+        copy = pairs * hidden * 3 * intermediate * (2 if dtype in ("bfloat16", "float16") else 4)
+        if copy <= BATCHED_MM_COPY_BYTES:
+            return Choice(BATCHED, f"{shape}, CUDA: a per-pair weight copy of {copy / 2**20:.0f} MiB (<= "
+                                   f"{BATCHED_MM_COPY_BYTES >> 20} MiB); {BATCHED} measured faster than {STOCK} and "
+                                   "the loop-based scattermoe")
+        return Choice(STOCK, f"{shape}, CUDA: {STOCK}'s grouped kernel measured faster than scattermoe's loop over "
+                             "the experts at every measured shape")
+    if expert_lora and dtype == "bfloat16" and num_experts > BF16_LORA_MAX_EXPERTS and per_expert >= FEW_PAIRS \
+            and size < LARGE_EXPERT:
+        return Choice(STOCK, f"{shape}: in bf16 scattermoe's per-expert LoRA products outgrow oneDNN's kernel cache "
+                             f"beyond {BF16_LORA_MAX_EXPERTS} experts with >= {FEW_PAIRS} pairs each (kernels "
+                             f"recompiled every step); {STOCK} measured faster")
+    if expert_lora:
+        return Choice(SCATTERMOE, f"{shape}: keeping the expert LoRA factored (no W + BA for each of the "
+                                  f"{num_experts} experts at every forward); scattermoe measured faster than {STOCK}")
+    if dtype != "float32":
+        return Choice(SCATTERMOE, f"{shape}: scattermoe's grouped products in {dtype} measured faster than {STOCK}")
+    if per_expert >= FEW_PAIRS:
+        return Choice(SCATTERMOE, f"{shape}: with >= {FEW_PAIRS} pairs per expert scattermoe's fused per-expert "
+                                  f"products measured faster than {STOCK}")
+    return Choice(STOCK, f"{shape}: with fewer than {FEW_PAIRS} pairs per expert scattermoe's per-expert work costs "
+                         f"more than it saves in fp32; {STOCK} measured faster")
 
 
 __all__ = ["EXPERTS", "ExpertsImplementation", "register_experts_implementation", "experts_implementations",
-           "Choice", "choose_experts_implementation", "MANY_PAIRS", "SOME_PAIRS", "LARGE_EXPERT"]
+           "Choice", "choose_experts_implementation", "FEW_PAIRS", "LARGE_EXPERT", "BF16_LORA_MAX_EXPERTS",
+           "BATCHED_MM_COPY_BYTES"]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from archtune.families.base import Rule
 from archtune.plan.experts import EXPERTS, choose_experts_implementation
 from archtune.plan.shared import refused
+from archtune.plan.training_rules import cuda_available
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
@@ -45,8 +46,9 @@ def _scattermoe_or_stock(plan: "Plan") -> tuple[str, str]:
     if shape is None:
         return "scattermoe", "use_kernels + use_scattermoe select the ScatterMoE experts kernel"
     expert_lora = plan.get("adapter") in ("lora", "qlora") and bool(plan.get("lora_target_parameters"))
+    dtype = "bfloat16" if plan.get("bf16") is True else "float16" if plan.get("fp16") is True else "float32"
     choice = choose_experts_implementation(**shape, tokens=cfg.micro_batch_size * cfg.sequence_len,
-                                           expert_lora=expert_lora)
+                                           expert_lora=expert_lora, dtype=dtype, device="cuda" if cuda_available() else "cpu")
     return choice.name, f"use_scattermoe: {choice.reason} (set experts_implementation: scattermoe to force it)"
 
 
@@ -100,8 +102,9 @@ MOE_RULES: tuple[Rule, ...] = (
     Rule("experts_implementation",
          "`experts_implementation` must be eager, one of transformers' registered implementations, or scattermoe; "
          "`use_scattermoe: true` turns on `use_kernels` and runs scattermoe where it measured faster for the "
-         "model's experts (many token-expert pairs per expert, or large experts with expert LoRA), else "
-         "grouped_mm; `experts_implementation: scattermoe` forces it.",
+         "model's experts, the run's dtype and the device (on CPU: with expert LoRA, in bf16, or with enough "
+         "token-expert pairs per expert), else the fastest stock implementation (grouped_mm; batched_mm for "
+         "small batches on CUDA); `experts_implementation: scattermoe` forces it.",
          _experts_implementation),
     Rule("quantize_moe_experts",
          "With a 4-bit base (`load_in_4bit`, `adapter: qlora`) on a mixture-of-experts model, `quantize_moe_experts` "
