@@ -6,6 +6,7 @@ it; and the plan records the choice with its reason, from the model's shape and 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,10 @@ def _choice(cell: dict):
         tokens=cell["tokens"], expert_lora=cell["lora"], dtype=cell["dtype"], device=cell["device"])
 
 
-def test_the_measured_tables_cover_the_sweep():
-    import sys
-
-    sys.path.insert(0, str(BENCH))
+def test_the_measured_tables_cover_the_sweep(monkeypatch):
+    # bench/moe.py sets OMP_WAIT_POLICY when unset, on import: kept to this test
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    monkeypatch.syspath_prepend(str(BENCH))
     import moe
 
     shapes = {(s["experts"], s["top_k"], s["tokens"], s["hidden"]) for s in moe.sweep_shapes()}
