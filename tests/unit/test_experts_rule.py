@@ -1,6 +1,7 @@
 """The experts implementation `use_scattermoe` runs (plan/experts.py `choose_experts_implementation`)
-against every cell the benchmarks measured: bench/moe_sweep_cpu.jsonl (`python bench/moe.py --sweep`,
-thread CPU time) and bench/moe_sweep_cuda.jsonl (`python bench/gpu.py moe` on an H200, CUDA events).
+against every cell the benchmarks measured: bench/moe_sweep_cpu.jsonl and bench/moe_sweep_cpu_pass2.jsonl
+(two passes of `python bench/moe.py --sweep`, thread CPU time) and bench/moe_sweep_cuda.jsonl
+(`python bench/gpu.py moe` on an H200, CUDA events).
 At each cell the implementation the rule picks must be the fastest measured one, or within noise of
 it; and the plan records the choice with its reason, from the model's shape and the run's dtype."""
 from __future__ import annotations
@@ -14,18 +15,17 @@ import pytest
 from archtune.plan.experts import SCATTERMOE, STOCK, choose_experts_implementation
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-# A pick this close to the fastest is a tie: the same CPU cell measured in two passes of the sweep
-# (thread CPU time, 3 interleaved rounds, a shared machine) moved by 5-10%; on CUDA, 5 steps of
-# ~5 ms (launch-bound) vary as much.
-NOISE = {"cpu": 0.93, "cuda": 0.93}
+# A pick this close to the fastest is a tie: between the two CPU passes the ratio of the same two
+# implementations at the same cell moved by 5-15%; on CUDA, 5 steps of ~5 ms (launch-bound).
+NOISE = {"cpu": 0.95, "cpu_pass2": 0.95, "cuda": 0.94}
 
 
-def _cells(device: str) -> list[dict]:
-    rows = [json.loads(line) for line in (BENCH / f"moe_sweep_{device}.jsonl").read_text().splitlines() if line]
-    return [{**r, "device": device} for r in rows]
+def _cells(table: str) -> list[dict]:
+    rows = [json.loads(line) for line in (BENCH / f"moe_sweep_{table}.jsonl").read_text().splitlines() if line]
+    return [{**r, "table": table, "device": table.split("_")[0]} for r in rows]
 
 
-CELLS = _cells("cpu") + _cells("cuda")
+CELLS = [cell for table in NOISE for cell in _cells(table)]
 
 
 def _choice(cell: dict):
@@ -41,18 +41,18 @@ def test_the_measured_tables_cover_the_sweep(monkeypatch):
     import moe
 
     shapes = {(s["experts"], s["top_k"], s["tokens"], s["hidden"]) for s in moe.sweep_shapes()}
-    for device in NOISE:
-        cells = {(c["experts"], c["top_k"], c["tokens"], c["hidden"], c["dtype"], c["lora"]) for c in _cells(device)}
+    for table in NOISE:
+        cells = {(c["experts"], c["top_k"], c["tokens"], c["hidden"], c["dtype"], c["lora"]) for c in _cells(table)}
         assert {(*s, d, lora) for s in shapes for d in ("float32", "bfloat16") for lora in (False, True)} <= cells
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=lambda c: "{device}-{experts}x{hidden}-top{top_k}-{tokens}-{dtype}"
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: "{table}-{experts}x{hidden}-top{top_k}-{tokens}-{dtype}"
                          "{lora}".format(**{**c, "lora": "-lora" if c["lora"] else ""}))
 def test_rule_picks_the_fastest_measured_implementation(cell):
     choice = _choice(cell)
     ms = cell["ms"]
     assert choice.name in ms, f"the rule picked {choice.name}, not measured here: {ms}"
-    assert min(ms.values()) / ms[choice.name] >= NOISE[cell["device"]], (choice, ms)
+    assert min(ms.values()) / ms[choice.name] >= NOISE[cell["table"]], (choice, ms)
     assert f"{cell['experts']} experts of {cell['hidden']}x{cell['intermediate']}" in choice.reason
 
 
@@ -91,8 +91,15 @@ def test_plan_records_the_choice_with_its_reason_from_shape_and_dtype():
         fp32.settings["experts_implementation"].reason
     assert (bf16.get("experts_implementation"), bf16.source("experts_implementation")) == (STOCK, "auto")
     assert "oneDNN" in bf16.settings["experts_implementation"].reason
-    # fp32 without expert LoRA: 512 pairs per expert run faster on scattermoe, 16 on grouped_mm
+    # fp32 without expert LoRA: 512 pairs per expert run faster on scattermoe, 8 on grouped_mm
     assert _plan(lora=False).get("experts_implementation") == SCATTERMOE
-    few = _plan(lora=False, micro_batch_size=1, sequence_len=256)
+    few = _plan(lora=False, micro_batch_size=1, sequence_len=128)
     assert few.get("experts_implementation") == STOCK
     assert "fewer than 64 pairs per expert" in few.settings["experts_implementation"].reason
+
+
+def test_the_fp32_grouped_boundary_is_scattermoes_own():
+    from archtune.moe.scattermoe import CPU_FP32_GROUPED_MAX_BYTES
+    from archtune.plan.experts import GROUPED_FP32_MAX_BYTES
+
+    assert GROUPED_FP32_MAX_BYTES == CPU_FP32_GROUPED_MAX_BYTES

@@ -473,10 +473,10 @@ def test_packing_qwen3_5_is_exact_with_its_family_patch_and_refused_without_it()
 
 @pytest.mark.parametrize("keys, value, source", [
     # the tiny model's 8 experts of 64x32 at the default micro-batch: >= 64 pairs per expert, where
-    # scattermoe measured faster (plan/experts.py); 1 x 128 tokens: 32 pairs per expert, grouped_mm
+    # scattermoe measured faster (plan/experts.py); 1 x 32 tokens: 8 pairs per expert, grouped_mm
     ({"use_kernels": True, "use_scattermoe": True}, "scattermoe", "auto"),
     ({"use_scattermoe": True}, "scattermoe", "auto"),
-    ({"use_scattermoe": True, "micro_batch_size": 1, "sequence_len": 128}, "grouped_mm", "auto"),
+    ({"use_scattermoe": True, "micro_batch_size": 1, "sequence_len": 32}, "grouped_mm", "auto"),
     ({"use_kernels": True, "use_scattermoe": True, "experts_implementation": "scattermoe"}, "scattermoe", "user"),
     ({"experts_implementation": "grouped_mm"}, "grouped_mm", "user"),
     ({"experts_implementation": "eager"}, "eager", "user"),
@@ -495,7 +495,7 @@ def test_experts_implementation(keys, value, source):
     ({"hidden_size": 2048, "moe_intermediate_size": 512}, True, "scattermoe"),  # large experts, expert LoRA
     ({"hidden_size": 2048, "moe_intermediate_size": 512}, False, "scattermoe"),  # large, 512 pairs each
     ({"hidden_size": 256, "moe_intermediate_size": 64}, False, "scattermoe"),  # small, 512 pairs each
-    ({"num_experts": 128, "top_k_experts": 2}, False, "grouped_mm"),  # 128 experts: 32 pairs each, fp32
+    ({"num_experts": 512, "top_k_experts": 2}, False, "grouped_mm"),  # 512 experts: 8 pairs each, fp32
 ])
 def test_use_scattermoe_chooses_by_the_experts_shape(dims, lora, value):
     model = model_config("gemma4-moe")

@@ -134,9 +134,9 @@ def _plan(**keys):
 
 
 def test_kernels_plugin_decides_scattermoe_in_the_plan():
-    config, plan = _plan(use_kernels=True, use_scattermoe=True, micro_batch_size=1, sequence_len=128)
+    config, plan = _plan(use_kernels=True, use_scattermoe=True, micro_batch_size=1, sequence_len=32)
     KernelsPlugin().pre_model_load(config, plan)
-    # plan.resolve chose by the experts' shape: with 32 pairs per expert the tiny model's experts run
+    # plan.resolve chose by the experts' shape: with 8 pairs per expert the tiny model's experts run
     # faster on grouped_mm, and the plugin follows the plan (it does not switch the model to scattermoe).
     assert plan.get("experts_implementation") == "grouped_mm"
     assert plan.source("experts_implementation") == "auto"

@@ -39,16 +39,18 @@ Measured on CPU (bench/moe.py --sweep: experts 8-128, top-k 2-8, tokens 256-8,19
 CPU time, forward + backward), the rule, first match wins:
 
 * bf16, expert LoRA, more than 64 experts, >= 64 (token, expert) pairs per expert (tokens x
-  top-k / experts) and experts under 2^20 weights: grouped_mm (scattermoe 0.32-0.43x, the
+  top-k / experts) and experts under 2^20 weights: grouped_mm (scattermoe 0.32-0.56x, the
   oneDNN kernel cache);
 * expert LoRA: scattermoe, 1.02-8.9x faster than the best stock implementation (5-9x where
   hidden x intermediate >= 2^20);
-* bf16: scattermoe, 1.01-1.9x;
-* fp32 with >= 64 pairs per expert: scattermoe, 1.02-1.7x;
-* else (fp32, 4-16 pairs per expert) grouped_mm: scattermoe 0.80-1.07x.
+* bf16: scattermoe, 1.01-2.0x;
+* fp32 with >= 64 pairs per expert: scattermoe, 1.02-1.9x;
+* fp32 with >= 16 pairs per expert and at most 4 MiB of gate/up activations (pairs x 2 x
+  intermediate x 4 bytes), where scattermoe runs its grouped products: scattermoe, 1.07-1.11x;
+* else (fp32, 4-16 pairs per expert) grouped_mm: scattermoe 0.80-1.03x.
 
-The rule picked the fastest implementation, or one within 7% of it (a tie: the same cell moved by
-5-10% between two passes), at all 60 cells.
+In two passes of the sweep (60 cells each) the rule picked the fastest implementation, or one
+within 3% of it, at every cell.
 
 On CUDA (bench/gpu.py moe on an H200, CUDA-event time) scattermoe lost at every cell
 (0.02-0.93x), so the rule picks a stock implementation there: batched_mm where its per-pair
@@ -69,6 +71,11 @@ FEW_PAIRS = 64  # (token, expert) pairs per expert and micro-batch: from here sc
 LARGE_EXPERT = 1 << 20  # hidden x intermediate: with expert LoRA, W + BA outweighs even the bf16 cache overflow
 BF16_LORA_MAX_EXPERTS = 64  # bf16 + expert LoRA: more experts overflow oneDNN's 1,024-kernel cache
 BATCHED_MM_COPY_BYTES = 1 << 29  # CUDA: batched_mm's per-pair weight copy up to this size
+# fp32 gate/up activations (pairs x 2 x intermediate x 4 bytes) up to which scattermoe runs its grouped
+# products on CPU (archtune.moe.scattermoe.CPU_FP32_GROUPED_MAX_BYTES, the same measured boundary; a test
+# keeps them equal): there scattermoe measured faster from 16 pairs per expert.
+GROUPED_FP32_MAX_BYTES = 4 << 20
+GROUPED_PAIRS = 16
 STOCK = "grouped_mm"
 SCATTERMOE = "scattermoe"
 BATCHED = "batched_mm"
@@ -162,10 +169,14 @@ def choose_experts_implementation(*, num_experts: int, top_k: int, hidden: int, 
     if per_expert >= FEW_PAIRS:
         return Choice(SCATTERMOE, f"{shape}: with >= {FEW_PAIRS} pairs per expert scattermoe's fused per-expert "
                                   f"products measured faster than {STOCK}")
-    return Choice(STOCK, f"{shape}: with fewer than {FEW_PAIRS} pairs per expert scattermoe's per-expert work costs "
-                         f"more than it saves in fp32; {STOCK} measured faster")
+    if per_expert >= GROUPED_PAIRS and pairs * 2 * intermediate * 4 <= GROUPED_FP32_MAX_BYTES:
+        return Choice(SCATTERMOE, f"{shape}: scattermoe's grouped products (gate/up activations <= "
+                                  f"{GROUPED_FP32_MAX_BYTES >> 20} MiB) with >= {GROUPED_PAIRS} pairs per expert "
+                                  f"measured faster than {STOCK}")
+    return Choice(STOCK, f"{shape}: with fewer than {FEW_PAIRS} pairs per expert ({GROUPED_PAIRS} for small batches) "
+                         f"scattermoe's per-expert work costs more than it saves in fp32; {STOCK} measured faster")
 
 
 __all__ = ["EXPERTS", "ExpertsImplementation", "register_experts_implementation", "experts_implementations",
            "Choice", "choose_experts_implementation", "FEW_PAIRS", "LARGE_EXPERT", "BF16_LORA_MAX_EXPERTS",
-           "BATCHED_MM_COPY_BYTES"]
+           "BATCHED_MM_COPY_BYTES", "GROUPED_FP32_MAX_BYTES", "GROUPED_PAIRS"]
