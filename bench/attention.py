@@ -64,7 +64,7 @@ def document_mask(position_ids: torch.Tensor, window: int | None) -> torch.Tenso
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     doc = starts.cumsum(-1)
-    i = torch.arange(position_ids.shape[1])
+    i = torch.arange(position_ids.shape[1], device=position_ids.device)
     mask = (doc[:, :, None] == doc[:, None, :]) & (i[None, :, None] >= i[None, None, :])
     if window is not None:
         mask &= (i[None, :, None] - i[None, None, :]) < window
@@ -169,7 +169,7 @@ def make_flex(window):
             ok = (doc[b, qi] == doc[b, ki]) & (qi >= ki)
             return ok & (qi - ki < w) if w is not None else ok
 
-        bm = create_block_mask(mask_mod, pos.shape[0], None, pos.shape[1], pos.shape[1], device="cpu")
+        bm = create_block_mask(mask_mod, pos.shape[0], None, pos.shape[1], pos.shape[1], device=pos.device)
         compiled(q, k, v, block_mask=bm, enable_gqa=True).backward(grad)
     return run, None
 

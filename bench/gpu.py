@@ -128,63 +128,13 @@ def moe(args) -> None:
 # ------------------------------------------------------------------------------------ attention
 
 def attention(args) -> None:
-    import attention as bench_attention
-    from archtune.patches.packing import document_sdpa_attention
+    import attention as bench_attention  # its methods and mask follow the rows' device
 
-    class Module:
-        is_causal = True
-
-        def __init__(self, groups):
-            self.num_key_value_groups = groups
-
-    def document_mask(pos, window):  # bench/attention.py's mask, built on the rows' device
-        starts = torch.ones_like(pos, dtype=torch.bool)
-        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-        doc = starts.cumsum(-1)
-        i = torch.arange(pos.shape[1], device=pos.device)
-        mask = (doc[:, :, None] == doc[:, None, :]) & (i[None, :, None] >= i[None, None, :])
-        if window is not None:
-            mask &= (i[None, :, None] - i[None, None, :]) < window
-        return mask[:, None]
-
-    def run_archtune(q, k, v, pos, window, grad):
-        mask = document_mask(pos, window)
-        out, _ = document_sdpa_attention(Module(q.shape[1] // k.shape[1]), q, k, v, mask, position_ids=pos)
-        out.backward(grad.transpose(1, 2))
-
-    def run_block_mask(q, k, v, pos, window, grad):
-        mask = document_mask(pos, window)
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).backward(grad)
-
-    def run_per_document(q, k, v, pos, window, grad):
-        mask = document_mask(pos, window)
-        rows = []
-        for b, spans in enumerate(bench_attention.blocks_of(pos.cpu())):
-            rows.append(torch.cat([torch.nn.functional.scaled_dot_product_attention(
-                q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], attn_mask=mask[b:b + 1, :, s:e, s:e],
-                enable_gqa=True) for s, e in spans], dim=2))
-        torch.cat(rows).backward(grad)
-
-    flex = None
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        compiled = torch.compile(flex_attention)
-
-        def flex(q, k, v, pos, window, grad):
-            starts = torch.ones_like(pos, dtype=torch.bool)
-            starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-            doc = starts.cumsum(-1)
-
-            def mask_mod(b, h, qi, ki):
-                ok = (doc[b, qi] == doc[b, ki]) & (qi >= ki)
-                return ok & (qi - ki < window) if window is not None else ok
-
-            bm = create_block_mask(mask_mod, pos.shape[0], None, pos.shape[1], pos.shape[1], device=DEV)
-            compiled(q, k, v, block_mask=bm, enable_gqa=True).backward(grad)
-    except Exception as exc:
-        emit("attention_note", flex=f"unavailable: {exc}")
-
-    methods = {"block_mask": run_block_mask, "per_document": run_per_document, "archtune": run_archtune}
+    flex, why = bench_attention.make_flex(None)  # the window is each call's argument
+    if flex is None:
+        emit("attention_note", flex=why)
+    methods = {"block_mask": bench_attention.run_block_mask, "per_document": bench_attention.run_per_document,
+               "archtune": bench_attention.run_archtune}
     if flex is not None and not args.no_flex:
         methods["flex"] = flex
     if args.methods:
