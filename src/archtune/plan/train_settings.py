@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from archtune.families.base import Rule
+from archtune.plan.training_rules import cuda_available
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
@@ -202,18 +203,12 @@ def _pad_to_length(plan: "Plan") -> None:
                  "batches are padded to their longest row (pad_to_sequence_len is off)")
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _pin_memory(plan: "Plan") -> None:
     given = plan.get("dataloader_pin_memory")
     if given is not None:
         plan.set("dataloader_pin_memory_resolved", bool(given), "user", f"dataloader_pin_memory: {bool(given)}")
         return
-    on = _cuda()
+    on = cuda_available()
     plan.set("dataloader_pin_memory_resolved", on, "default",
              "batches are copied to a CUDA GPU from pinned memory" if on
              else "no CUDA GPU: batches stay in CPU memory, so pinning buys nothing")
