@@ -396,15 +396,26 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code if isinstance(code, int) else 1)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:
+        if isinstance(exc, _click_exception_classes()):  # usage errors: click's one-line message
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
         raise
+
+
+def _click_exception_classes() -> tuple[type, ...]:
+    """The ClickException class typer raises usage errors with: from typer 0.29 on, typer's own
+    copy of click (typer._click), before it the click package; both where both are installed."""
+    classes = [cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"]
+    try:
+        import click
+
+        classes.append(click.ClickException)
+    except ImportError:  # typer >= 0.29 needs no click
+        pass
+    return tuple(classes)
 
 
 if __name__ == "__main__":

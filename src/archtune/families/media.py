@@ -51,7 +51,7 @@ def media_tokenizer(named_tokens: dict[str, str]):
 def without_video_processor(processor_cls):
     """`processor_cls` (e.g. Gemma4Processor, Qwen3VLProcessor) with video_processor=None.
 
-    transformers 5.24 checks the class of every processor part, and its video processors need
+    transformers (5.25) checks the class of every processor part, and its video processors need
     torchvision, which images and audio do not (the image processors have Pillow backends, the
     audio feature extractors numpy). The subclass takes None for the video part, saves the other
     parts (processor_config.json names `processor_cls` and holds no video part), and
@@ -76,7 +76,7 @@ def without_video_processor(processor_cls):
             return super().check_argument_for_proper_class(argument_name, argument)
 
         @classmethod
-        def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
             names = processor_cls.get_attributes()
 
             class Parts(processor_cls):  # the same loading, of every part but the video one
@@ -84,8 +84,11 @@ def without_video_processor(processor_cls):
                 def get_attributes(klass):
                     return [name for name in names if name != "video_processor"]
 
-            loaded = iter(Parts._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs))
-            return [None if name == "video_processor" else next(loaded) for name in names]
+            processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
+            kwargs.pop("video_processor", None)
+            processor_dict, kwargs = Parts._resolve_subprocessors(pretrained_model_name_or_path, processor_dict,
+                                                                  **kwargs)
+            return {**processor_dict, "video_processor": None}, kwargs
 
         def to_dict(self):
             out = super().to_dict()

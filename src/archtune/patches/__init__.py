@@ -19,6 +19,7 @@ upstream changes under a patch, that test fails and says which patch to re-verif
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -80,10 +81,31 @@ def resolve_dotted(path: str) -> Any:
     raise ImportError(path)
 
 
+def upstream_source(path: str) -> str:
+    """The source of the upstream function or class at `path`, decorators included.
+
+    A decorator may replace a module-level function with an object that has no source of its
+    own (transformers >= 5.25 with `kernels` installed turns `torch_chunk_gated_delta_rule`
+    into an nn.Module instance that dispatches to hub kernels): then the definition named by
+    `path` is read from its module's file.
+    """
+    obj = resolve_dotted(path)
+    try:
+        return inspect.getsource(obj)
+    except TypeError:
+        module_path, _, name = path.rpartition(".")
+        module = resolve_dotted(module_path)
+        text = inspect.getsource(module)
+        for node in ast.parse(text).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+                start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                return "".join(text.splitlines(keepends=True)[start - 1:node.end_lineno])
+        raise
+
+
 def upstream_fingerprint(path: str) -> str:
     """First 12 hex digits of the SHA-256 of the source of the upstream object at `path`."""
-    source = inspect.getsource(resolve_dotted(path))
-    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha256(upstream_source(path).encode("utf-8")).hexdigest()[:12]
 
 
-__all__ = ["PATCHES", "Patch", "register_patch", "resolve_dotted", "upstream_fingerprint"]
+__all__ = ["PATCHES", "Patch", "register_patch", "resolve_dotted", "upstream_fingerprint", "upstream_source"]

@@ -41,7 +41,7 @@ LORA_REDIRECT = register_patch(Patch(
     doc="LoRA aimed at a wrapper PEFT rejects (a family's `lora_target_redirects`, e.g. Gemma4ClippableLinear) "
         "lands on the nn.Linear inside it.",
     apply=redirect_targets,
-    upstream="transformers 5.24.0, peft 0.21.2",
+    upstream="transformers 5.25.0, peft 0.21.2",
     relies_on={"transformers.models.gemma4.modeling_gemma4.Gemma4ClippableLinear": "18e84f3bc65d"},
 ))
 

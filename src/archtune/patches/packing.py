@@ -512,9 +512,12 @@ GATED_DELTANET_PACKING = register_packing_patch(Patch(
     doc="With sample packing, every Gated DeltaNet layer gets the packed documents' boundaries (from position_ids) "
         "and restarts its convolution and recurrent state at each one; transformers' PyTorch path ignores them.",
     apply=patch_gated_deltanet_for_packing,
-    upstream="transformers 5.24.0",
-    relies_on={  # the replaced forward mirrors it; the chunked rule and the document rule it reuses
-        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet.forward": "08cf65a63ca5",
+    upstream="transformers 5.25.0",
+    relies_on={  # the replaced forward mirrors it (and its convolution); the chunked rule and the document rule
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet.forward": "a43ffe9ab7f4",
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.causal_conv1d_forward": "80c94f801beb",
+        "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet.forward": "a43ffe9ab7f4",
+        "transformers.models.qwen3_5.modeling_qwen3_5.causal_conv1d_forward": "80c94f801beb",
         "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.torch_chunk_gated_delta_rule": "a1bbf783aa65",
         "transformers.masking_utils.find_packed_sequence_indices": "ebd2ac7ca795",
     },
@@ -525,7 +528,7 @@ DOCUMENT_ATTENTION = register_patch(Patch(
     doc="Packed rows attend per document: the attention implementation \"sdpa_packed\" runs sdpa on the diagonal "
         "blocks of the mask transformers built (same result, the work of the documents' own lengths).",
     apply=register_document_attention,
-    upstream="transformers 5.24.0",
+    upstream="transformers 5.25.0",
     relies_on={
         "transformers.integrations.sdpa_attention.sdpa_attention_forward": "9be3d6b1f79a",
         "transformers.masking_utils.sdpa_mask": "a30991b130d8",

@@ -64,7 +64,7 @@ PEFT_MODULE_TARGETS = register_patch(Patch(
     doc="LoRA targets naming real modules (e.g. Qwen3-Next's `shared_expert.down_proj`) stay on those modules: "
         "PEFT's transformers-v5 MoE conversion would move them onto the routed experts.",
     apply=keep_module_targets,
-    upstream="transformers 5.24.0, peft 0.21.2",
+    upstream="transformers 5.25.0, peft 0.21.2",
     relies_on={f"{_CONVERSION}.convert_peft_config_for_transformers": "bf3f6bb80e14",
                f"{_CONVERSION}._convert_peft_config_moe": "459e679cb941",
                "peft.tuners.tuners_utils.BaseTuner.inject_adapter": "d7c229268c4a"},

@@ -91,9 +91,9 @@ TEXT_ONLY_INPUTS = register_patch(Patch(
     name="text_only_inputs",
     doc="A text-only batch of a multimodal wrapper gets the all-zero token-type inputs its forward takes (0 = text).",
     apply=text_only_extras,
-    upstream="transformers 5.24.0",
+    upstream="transformers 5.25.0",
     relies_on={
-        "transformers.models.gemma4.modeling_gemma4.Gemma4ForConditionalGeneration.forward": "203b125fb429",
+        "transformers.models.gemma4.modeling_gemma4.Gemma4ForConditionalGeneration.forward": "5df15325fe13",
         "transformers.models.gemma3.modeling_gemma3.Gemma3ForConditionalGeneration.forward": "16f4ebff8b33",
     },
 ))
