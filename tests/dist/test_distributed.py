@@ -92,6 +92,17 @@ def test_fsdp2_lora_equals_ddp(train_run, model):
     assert max_rel_diff(fsdp.weights(), ddp.weights()) < 1e-4
 
 
+def test_fsdp2_with_gradient_accumulation_equals_ddp(train_run):
+    # transformers >= 5.25 defers FSDP2's reduction over micro-batches through a config attribute
+    # only its own load-time sharding sets; archtune's sharding must defer it too, and exactly.
+    keys = {**LORA, "micro_batch_size": 1, "gradient_accumulation_steps": 2}
+    fsdp = _ok(train_run("fsdp_lora_accumulated", **FSDP, **keys))
+    ddp = _ok(train_run("ddp_lora_accumulated", **keys))
+    assert fsdp.summary["strategy"] == "fsdp2" and fsdp.summary["steps"] == ddp.summary["steps"] == 4
+    assert fsdp.summary["train_losses"] == pytest.approx(ddp.summary["train_losses"], rel=1e-4)
+    assert max_rel_diff(fsdp.weights(), ddp.weights()) < 1e-4
+
+
 @pytest.mark.parametrize("model", ["gemma4-moe", "qwen3_5-moe"])
 def test_fsdp2_full_fine_tune_equals_ddp(train_run, model):
     keys = {**TOWERS, "base_model": f"tiny:{model}"}

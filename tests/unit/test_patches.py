@@ -11,7 +11,8 @@ from archtune.patches import PATCHES, Patch, register_patch, upstream_fingerprin
 
 def test_every_patch_module_registers_a_patch_with_its_upstream():
     assert set(PATCHES.names()) == {"gated_deltanet_packing", "sdpa_packed", "expert_lora_factors",
-                                    "lora_target_redirect", "text_only_inputs", "peft_module_targets"}
+                                    "lora_target_redirect", "text_only_inputs", "peft_module_targets",
+                                    "fsdp_deferred_reduction"}
     for name, patch in PATCHES.items():
         assert patch.upstream and patch.relies_on and callable(patch.apply), name
 

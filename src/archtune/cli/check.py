@@ -20,10 +20,14 @@ SHOWN_SOURCES = ("family", "auto")
 
 def check_plan(cfg: Config, world_size: int = 1) -> Plan:
     """The Plan for `cfg` as for `world_size` processes; reads config.json only (no weights).
-    The same resolve as `archtune train` (models.load.resolve_plan)."""
+    The same resolve as `archtune train` (models.load.resolve_plan), plus the warnings about an
+    environment that is not the verified one (libraries outside their ranges, drifted patches)."""
     from archtune.models.load import resolve_plan
+    from archtune.patches.verified import environment_warnings
 
-    return resolve_plan(cfg, world_size=world_size)
+    plan = resolve_plan(cfg, world_size=world_size)
+    plan.warnings.extend(environment_warnings())
+    return plan
 
 
 def error_json(exc: UserError, world_size: int = 1) -> dict:

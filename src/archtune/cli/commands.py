@@ -64,6 +64,8 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
     """
     from archtune.train import distributed
 
+    if not distributed.is_distributed():  # once: in the process that starts the run, not in each worker
+        _warn_about_the_environment()
     if not distributed.is_distributed() and (nproc != 1 or nnodes != 1):
         from archtune.train.launch import launch
 
@@ -82,6 +84,14 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
     summary = run_train(cfg, console=console if distributed.is_main() else None)
     if distributed.is_main():
         _print_train_summary(summary, cfg.output_dir)
+
+
+def _warn_about_the_environment() -> None:
+    # Libraries outside their verified ranges, patches whose upstream changed (`check` lists them too).
+    from archtune.patches.verified import environment_warnings
+
+    for warning in environment_warnings():
+        err_console.print(f"[bold yellow]warning[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 def _fmt(v, digits=4):

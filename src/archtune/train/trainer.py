@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from archtune.patches.fsdp_accumulation import defer_gradient_reduction
 from archtune.patches.text_only import text_only_extras, unwrap_model
 from archtune.train import checkpoints
 from archtune.train.evaluation import token_weighted_loss
@@ -113,6 +114,11 @@ class ArchtuneTrainer(CrashSafeTrainer, Trainer):
             self.model_wrapped = self.model
             # transformers' path for models sharded before training: no accelerate DDP/FSDP wrap.
             self.is_distributed_loading_by_transformers = True
+
+    def _defer_fsdp_gradient_reduction(self):
+        # The Trainer enters this on all but the last micro-batch of a model sharded before
+        # training; its own version reads a config only transformers' loader sets.
+        return defer_gradient_reduction(self.model)
 
     # ------------------------------------------------------------------ sharded checkpoints
 
