@@ -6,7 +6,31 @@ from __future__ import annotations
 
 import pytest
 
+from pathlib import Path
+
 from archtune.patches import PATCHES, Patch, register_patch, upstream_fingerprint
+
+# Each patch's exactness tests: what proves it still computes the right thing (a fingerprint only
+# says upstream changed). scripts/upstream_check.sh runs them on the newest releases and reports
+# per patch. Entries are pytest node ids, or their prefixes (a file, a test and its parameters).
+EXACTNESS_TESTS: dict[str, tuple[str, ...]] = {
+    "gated_deltanet_packing": ("tests/unit/test_packing_exact.py::test_eval_loss_packed_equals_unpacked",
+                               "tests/unit/test_packing_exact.py::test_step_gradient_packed_equals_unpacked",
+                               "tests/unit/test_packing_exact.py::test_qwen3_5_packing_leaks_without_the_deltanet_patch",
+                               "tests/unit/test_packing_exact.py::test_a_trainer_step_on_packed_rows_is_the_unpacked_step"),
+    "sdpa_packed": ("tests/unit/test_packing_exact.py::test_packed_rows_run_attention_per_document_and_plain_sdpa_agrees",
+                    "tests/unit/test_packing_exact.py::test_eval_loss_packed_equals_unpacked"),
+    "expert_lora_factors": ("tests/unit/test_scattermoe.py::test_skip_parametrization_check_keeps_results",
+                            "tests/unit/test_scattermoe.py::test_tiny_model_logits_and_every_gradient_match_eager",
+                            "tests/unit/test_scattermoe.py::test_merged_expert_lora_matches_unmerged"),
+    "lora_target_redirect": ("tests/unit/test_adapters.py::test_peft_alone_rejects_gemma4_clippable_linear",
+                             "tests/unit/test_adapters.py::test_lora_into_the_vision_tower_lands_on_the_inner_linear_and_trains"),
+    "text_only_inputs": ("tests/unit/test_trainer_multimodal.py::test_text_only_extras_per_model",
+                         "tests/unit/test_trainer_multimodal.py::test_ddp_gemma4_moe_lora_same_loss_as_unwrapped"),
+    "peft_module_targets": ("tests/unit/test_peft_targets.py",),
+    "fsdp_deferred_reduction": ("tests/dist/test_distributed.py::test_fsdp2_with_gradient_accumulation_equals_ddp",),
+}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_patch_module_registers_a_patch_with_its_upstream():
@@ -45,3 +69,12 @@ def test_a_changed_upstream_function_changes_its_fingerprint(monkeypatch):
 
     monkeypatch.setattr(mu, "find_packed_sequence_indices", find_packed_sequence_indices)
     assert upstream_fingerprint(path) != before
+
+
+def test_every_patch_names_exactness_tests_that_exist():
+    assert set(EXACTNESS_TESTS) == set(PATCHES.names())
+    for name, node_ids in EXACTNESS_TESTS.items():
+        for node_id in node_ids:
+            path, _, test = node_id.partition("::")
+            source = (REPO / path).read_text()
+            assert not test or f"def {test}(" in source, (name, node_id)

@@ -23,7 +23,7 @@ def check_plan(cfg: Config, world_size: int = 1) -> Plan:
     The same resolve as `archtune train` (models.load.resolve_plan), plus the warnings about an
     environment that is not the verified one (libraries outside their ranges, drifted patches)."""
     from archtune.models.load import resolve_plan
-    from archtune.patches.verified import environment_warnings
+    from archtune.diagnostics.environment import environment_warnings
 
     plan = resolve_plan(cfg, world_size=world_size)
     plan.warnings.extend(environment_warnings())

@@ -88,7 +88,7 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
 def _warn_about_the_environment() -> None:
     # Libraries outside their verified ranges, patches whose upstream changed (`check` lists them too).
-    from archtune.patches.verified import environment_warnings
+    from archtune.diagnostics.environment import environment_warnings
 
     for warning in environment_warnings():
         err_console.print(f"[bold yellow]warning[/] {escape(warning)}", highlight=False, soft_wrap=True)

@@ -1,5 +1,6 @@
 """Diagnostics: the training-vs-inference consistency probe, the initial-loss check, and the
-weight-scale scan of a checkpoint directory (`archtune scan-weights`)."""
+weight-scale scan of a checkpoint directory (`archtune scan-weights`), and whether the installed
+libraries are the verified ones (`environment`)."""
 from archtune.diagnostics.scan_weights import parse_rule_arg, scan_model_dir
 from archtune.models.weight_scales import (
     ScaleReport,
