@@ -209,14 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
                 result.update(analyse(self.prof.events(), wall))
                 self.prof = None
 
-    build_model = recipe.build_model
+    assemble_model = recipe.assemble_model
 
     def build_instrumented(*a, **kw):
-        model = build_model(*a, **kw)
-        result["instrumented_modules"] = instrument(model)
-        return model
+        built = assemble_model(*a, **kw)
+        result["instrumented_modules"] = instrument(built.model)
+        return built
 
-    recipe.build_model = build_instrumented
+    recipe.assemble_model = build_instrumented
     callbacks = recipe._callbacks
     recipe._callbacks = lambda cfg, clock: callbacks(cfg, clock) + [Window()]
     summary = recipe.train(load_config(args.config, args.overrides))

@@ -98,7 +98,7 @@ def train_as_shipped(capsys, config: Path, tmp_path: Path, monkeypatch) -> tuple
 
 def heldout_accuracy(config: Path, overrides: list[str]) -> float:
     """Greedy exact-match accuracy of the trained adapter on the config's evaluation rows."""
-    from archtune.adapters.lora import load_trained
+    from archtune.train.assembly import assemble_model
     from archtune.config import load_config
     from archtune.data import prepare_data
     from archtune.train.evaluation import greedy_exact_match
@@ -107,6 +107,7 @@ def heldout_accuracy(config: Path, overrides: list[str]) -> float:
     cfg = load_config(config, overrides)
     setup = plan_for(cfg)
     data = prepare_data(setup.plan, setup.tokenizer, progress=False, media=setup.media)
-    model, kind = load_trained(setup.plan, setup.tokenizer)
-    assert kind == "adapter"
+    built = assemble_model(setup.plan, setup.tokenizer, "evaluate")
+    model = built.model
+    assert built.weights == "adapter"
     return greedy_exact_match(model, data.eval, data_collator(setup), 50)["exact_match"]

@@ -117,7 +117,7 @@ def test_eval_loss_is_the_chosen_answers_token_weighted_cross_entropy(trained):
     are the labels. Checked against transformers' own loss, one row at a time."""
     import torch
 
-    from archtune.adapters.lora import load_trained
+    from archtune.train.assembly import assemble_model
     from archtune.config import load_config
     from archtune.data.preference import prepare_preference_data
     from archtune.train.recipe import plan_for
@@ -126,8 +126,9 @@ def test_eval_loss_is_the_chosen_answers_token_weighted_cross_entropy(trained):
     cfg = load_config(trained.config("dpo"))
     setup = plan_for(cfg)
     rows = prepare_preference_data(setup.plan, setup.tokenizer, progress=False).eval
-    model, weights = load_trained(setup.plan, setup.tokenizer)
-    assert weights == "adapter"
+    built = assemble_model(setup.plan, setup.tokenizer, "evaluate")
+    model = built.model
+    assert built.weights == "adapter"
     total, tokens = 0.0, 0
     with torch.no_grad():
         for r in rows:

@@ -55,7 +55,7 @@ def test_evaluate_matches_the_training_summary(lora_run, capsys):
 def test_merged_model_reloads_with_transformers_alone_and_generates_the_same(lora_run, capsys):
     from transformers import AutoModelForImageTextToText
 
-    from archtune.adapters.lora import load_trained
+    from archtune.train.assembly import assemble_model
     from archtune.cli import generate_text
     from archtune.config import load_config
     from archtune.train.recipe import plan_for
@@ -65,8 +65,9 @@ def test_merged_model_reloads_with_transformers_alone_and_generates_the_same(lor
     assert code == 0, err
     cfg = load_config(cfg_path)
     setup = plan_for(cfg)
-    adapted, kind = load_trained(setup.plan, setup.tokenizer)
-    assert kind == "adapter"
+    built = assemble_model(setup.plan, setup.tokenizer, "generate")
+    adapted = built.model
+    assert built.weights == "adapter"
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
     ids = setup.tokenizer("### Instruction:\nName the category of each word.\n\n### Input:\ncow train\n\n### Response:\n")["input_ids"]
     x = torch.tensor([ids])

@@ -469,13 +469,14 @@ def test_expert_lora_refuses_dropout_and_unknown_names():
 
 # ---------------------------------------------------------------- the recipe
 
-def test_build_model_freezes_then_adds_lora():
-    from archtune.train.recipe import build_model, plan_for
+def test_assemble_model_freezes_then_adds_lora():
+    from archtune.train.assembly import assemble_model
+    from archtune.train.recipe import plan_for
 
     for adapter in ("lora", None):
         cfg = Config(base_model="tiny:gemma4-moe", datasets=[{"path": "unused.jsonl"}], adapter=adapter, seed=0)
         setup = plan_for(cfg)
-        model = build_model(cfg, setup.plan, setup.tokenizer)
+        model = assemble_model(setup.plan, setup.tokenizer, "train").model
         tower = {n: p for n, p in model.named_parameters() if under_prefix(n, towers("gemma4-moe"))}
         assert tower and not any(p.requires_grad for p in tower.values())
         assert under_towers(lora_tensors(model), "gemma4-moe") == []

@@ -102,10 +102,10 @@ def _zero_shared_kv_without_cache(model) -> int:
 
 
 def test_probe_catches_broken_kv_sharing_on_gemma4_e2b(data):
-    from archtune.train.recipe import build_model
+    from archtune.train.assembly import assemble_model
 
     cfg, plan, tokenizer = _setup("gemma4-e2b", data, **CHECKPOINTING)
-    model = build_model(cfg, plan, tokenizer)
+    model = assemble_model(plan, tokenizer, "train").model
     clean = run_probe(cfg, plan, tokenizer=tokenizer, model=model)
     assert clean.ok
 
@@ -125,10 +125,10 @@ def test_probe_catches_broken_kv_sharing_on_gemma4_e2b(data):
 
 
 def test_probe_catches_a_module_that_differs_in_training_mode(data):
-    from archtune.train.recipe import build_model
+    from archtune.train.assembly import assemble_model
 
     cfg, plan, tokenizer = _setup("llama", data, **CHECKPOINTING)
-    model = build_model(cfg, plan, tokenizer)
+    model = assemble_model(plan, tokenizer, "train").model
     mlp = next(m for n, m in model.named_modules() if n.endswith("layers.1.mlp"))
     # Active only in training mode, so plain inference never shows it.
     mlp.register_forward_hook(lambda module, args, output: output * 1.5 if module.training else None)

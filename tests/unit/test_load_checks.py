@@ -85,7 +85,7 @@ def _conv_weights(model) -> dict[str, torch.Tensor]:
 def test_drift_rescaled_at_load_before_lora(drifted_qwen, data, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    import archtune.train.recipe as recipe
+    import archtune.train.assembly as assembly
 
     model_dir, on_disk = drifted_qwen
     assert len(on_disk) == 3
@@ -97,16 +97,16 @@ def test_drift_rescaled_at_load_before_lora(drifted_qwen, data, tmp_path, monkey
                   normalize_weight_scales=[{"name_pattern": CONV, "threshold": 1.3}])
     plan, tokenizer = _setup(cfg)
     seen_by_lora = {}
-    real_apply_lora = recipe.apply_lora
+    real_apply_lora = assembly.apply_lora
 
     def spy(model, plan_):
         assert not isinstance(model, PeftModel)
         seen_by_lora.update(_conv_weights(model))
         return real_apply_lora(model, plan_)
 
-    monkeypatch.setattr(recipe, "apply_lora", spy)
+    monkeypatch.setattr(assembly, "apply_lora", spy)
     console = Console(record=True, width=200)
-    model = recipe.build_model(cfg, plan, tokenizer, console=console)
+    model = assembly.assemble_model(plan, tokenizer, "train", console=console).model
 
     assert isinstance(model, PeftModel)
     # The weights LoRA was attached to were already repaired ...
@@ -123,14 +123,14 @@ def test_drift_rescaled_at_load_before_lora(drifted_qwen, data, tmp_path, monkey
 
 
 def test_dry_run_reports_and_leaves_the_weights(drifted_qwen, data, tmp_path):
-    from archtune.train.recipe import build_model
+    from archtune.train.assembly import assemble_model
 
     model_dir, on_disk = drifted_qwen
     cfg = _config(model_dir, data, tmp_path, adapter="lora",
                   normalize_weight_scales=[{"name_pattern": CONV, "threshold": 1.3, "dry_run": True}])
     plan, tokenizer = _setup(cfg)
     console = Console(record=True, width=200)
-    model = build_model(cfg, plan, tokenizer, console=console)
+    model = assemble_model(plan, tokenizer, "train", console=console).model
     for name, tensor in _conv_weights(model).items():
         assert torch.equal(tensor, on_disk[name])
     text = console.export_text()

@@ -384,7 +384,7 @@ def test_training_applies_the_plans_document_attention(monkeypatch, cuda, attent
     from archtune.config import config_from_dict
     from archtune.models.tiny import build_tiny_config, build_tiny_model
     from archtune.plan import resolve
-    from archtune.train.recipe import prepare_packing
+    from archtune.train.assembly import prepare_packing
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)

@@ -62,7 +62,7 @@ def test_qlora_trains_and_merges_on_cpu(tmp_path):
     from peft import PeftModel
 
     from archtune.models import quant
-    from archtune.train.merge import merge_adapter
+    from archtune.train.assembly import assemble_model
     from archtune.train.recipe import plan_for, train
 
     cfg = _config(tmp_path)
@@ -76,7 +76,7 @@ def test_qlora_trains_and_merges_on_cpu(tmp_path):
     # The trained adapter on the 4-bit base (what training saw) ...
     base = quant.load_quantized(setup.plan, setup.tokenizer)
     ref = PeftModel.from_pretrained(base, str(out)).eval()
-    merged = merge_adapter(setup.plan, setup.tokenizer, str(out)).eval()
+    merged = assemble_model(setup.plan, setup.tokenizer, "merge").model.eval()
     # ... equals the merged, dequantized model: a plain transformers model, no bitsandbytes layer.
     assert not quant.quantized_modules(merged)
     assert not hasattr(merged.config, "quantization_config")

@@ -101,12 +101,13 @@ def test_loaded_4bit_model_is_at_most_0_30x_of_bf16(tmp_path, data_dir, name):
     import transformers
 
     from archtune.moe import quant4
-    from archtune.train.recipe import build_model, plan_for
+    from archtune.train.assembly import assemble_model
+    from archtune.train.recipe import plan_for
 
     base = write_wide(name, tmp_path / name)
     cfg = _config(tmp_path, data_dir, base, name, bf16=True)
     setup = plan_for(cfg)
-    model = build_model(cfg, setup.plan, setup.tokenizer)
+    model = assemble_model(setup.plan, setup.tokenizer, "train").model
     assert len(quant4.quantized_experts(model)) == 8
     bf16 = quant4.model_bytes(transformers.AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16))
     ratio = quant4.model_bytes(model, adapters=False) / bf16
@@ -123,7 +124,7 @@ def test_qlora_with_4bit_experts_shrinks_the_model_and_trains_like_lora_on_the_d
 
     from archtune.models import quant
     from archtune.moe import quant4
-    from archtune.train.merge import merge_adapter
+    from archtune.train.assembly import assemble_model, quantize_moe_experts
     from archtune.train.recipe import plan_for, train
 
     cfg = _config(tmp_path, data_dir, wide_dir, "qlora")
@@ -156,13 +157,11 @@ def test_qlora_with_4bit_experts_shrinks_the_model_and_trains_like_lora_on_the_d
     # merge-lora: dequantized base + merged expert LoRA, a plain transformers model ...
     from peft import PeftModel
 
-    from archtune.train.recipe import quantize_moe_experts
-
     base = quant.load_quantized(setup.plan, setup.tokenizer)
     unmerged = PeftModel.from_pretrained(base, cfg.output_dir)
     assert len(quantize_moe_experts(unmerged, setup.plan)) == 8
     unmerged.eval()
-    merged = merge_adapter(setup.plan, setup.tokenizer, cfg.output_dir).eval()
+    merged = assemble_model(setup.plan, setup.tokenizer, "merge").model.eval()
     assert not quant4.quantized_experts(merged) and not quant.quantized_modules(merged)
     merged.save_pretrained(tmp_path / "merged")
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()

@@ -256,27 +256,6 @@ def load_adapter(model, path):
         return PeftModel.from_pretrained(model, path)
 
 
-def load_trained(plan: Plan, tokenizer):
-    """Base model plus the trained weights in output_dir (adapter or full), else the base model.
-    QLoRA (a 4-bit base): the base is loaded in 4 bit, as training saw it, so evaluating here gives
-    the figures the run reported."""
-    from archtune.models import quant
-    from archtune.models.load import load_model, set_attn_implementation, trained_weights_kind
-
-    output_dir = plan.decided("output_dir")
-    kind = trained_weights_kind(output_dir)
-    if kind == "full":
-        model = load_model(plan, tokenizer, path=output_dir)
-    elif quant.is_quantized(plan):
-        model = quant.load_quantized(plan, tokenizer)
-    else:
-        model = load_model(plan, tokenizer)
-    set_attn_implementation(model, plan)
-    if kind == "adapter":
-        model = load_adapter(model, output_dir)
-    return model, kind
-
-
 def count_params(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

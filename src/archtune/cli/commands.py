@@ -202,9 +202,9 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     """Token-weighted mean loss over the evaluation data, with the trained weights if any (rl and
     reward_model configs: also the held-out rewards, accuracy and margin)."""
     from archtune.data import prepare_data
-    from archtune.adapters.lora import load_trained
+    from archtune.train.assembly import assemble_model
     from archtune.train.evaluation import token_weighted_loss
-    from archtune.train.recipe import data_collator, plan_for, prepare_loss, prepare_packing
+    from archtune.train.recipe import data_collator, plan_for
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
@@ -222,15 +222,13 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data",
                                "set test_datasets, or val_set_size > 0")
-    model, kind = load_trained(setup.plan, setup.tokenizer)
-    prepare_packing(model, setup.plan)
-    prepare_loss(model, setup.plan)
-    result = token_weighted_loss(model, data.eval, data_collator(setup), setup.plan.training.micro_batch_size)
+    built = assemble_model(setup.plan, setup.tokenizer, "evaluate")
+    result = token_weighted_loss(built.model, data.eval, data_collator(setup), setup.plan.training.micro_batch_size)
     if as_json:
         print(json.dumps(result))
     else:
         console.print(f"eval_loss {result['eval_loss']:.4f} over {result['eval_tokens']} tokens, "
-                      f"{result['eval_rows']} rows ({kind or 'base'} weights)")
+                      f"{result['eval_rows']} rows ({built.weights} weights)")
 
 
 @app.command()
@@ -242,13 +240,14 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     """Greedy generation with the trained weights, the prompt rendered as the first dataset's format
     (with --image: one user turn holding the images, then the prompt)."""
     from archtune.data import encode_prompt
-    from archtune.adapters.lora import load_trained
+    from archtune.train.assembly import assemble_model
     from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
     inputs = _image_prompt(cfg, setup, prompt, image) if image else None
-    model, kind = load_trained(setup.plan, setup.tokenizer)
+    built = assemble_model(setup.plan, setup.tokenizer, "generate")
+    model, kind = built.model, built.weights
     if inputs is None:
         ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
         text = generate_text(model, setup.tokenizer, ids, max_new_tokens)
@@ -256,7 +255,7 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
         text = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens)
     shown = "".join(f"\n[bold]image:[/]  {p}" for p in image or ())
     console.print(f"[bold]prompt:[/] {prompt}" + (f"\n[bold]input:[/]  {input_text}" if input_text else "") + shown)
-    console.print(f"[bold]output:[/] {text}   [dim]({kind or 'base'} weights)[/]")
+    console.print(f"[bold]output:[/] {text}   [dim]({kind} weights)[/]")
 
 
 def _image_prompt(cfg, setup, prompt: str, paths: list[Path]) -> dict:
@@ -305,23 +304,12 @@ def generate_from_inputs(model, tokenizer, inputs: dict, max_new_tokens: int) ->
 def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
                out: Optional[Path] = typer.Option(None, "--out", help="Default: OUTPUT_DIR/merged.")) -> None:
     """Merge the trained LoRA adapter into the base weights; the result loads with transformers alone."""
-    from archtune.adapters.lora import load_trained
+    from archtune.train.assembly import assemble_model
     from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    from archtune.models import quant
-    from archtune.models.load import trained_weights_kind
-    from archtune.train.merge import merge_adapter
-
-    if trained_weights_kind(cfg.output_dir) != "adapter":
-        raise UserError.single("output_dir", f"{cfg.output_dir} holds no LoRA adapter (adapter_config.json)",
-                               "train with adapter: lora first, or point output_dir at the run")
-    if quant.is_quantized(setup.plan):
-        merged = merge_adapter(setup.plan, setup.tokenizer, cfg.output_dir)  # dequantized base + adapter
-    else:
-        model, _ = load_trained(setup.plan, setup.tokenizer)
-        merged = model.merge_and_unload()
+    merged = assemble_model(setup.plan, setup.tokenizer, "merge").model  # a 4-bit base: dequantized
     target = out or Path(cfg.output_dir) / "merged"
     merged.save_pretrained(str(target))
     setup.tokenizer.save_pretrained(str(target))

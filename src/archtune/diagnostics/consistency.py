@@ -6,8 +6,8 @@ takes: cross-layer KV sharing computed wrongly with `use_cache=False` or under c
 reentrant or offloaded checkpointing handing a layer detached K/V, a recompute that sees
 different inputs. Inference (eval mode, `use_cache=True`, no checkpointing) is the path the
 model was released and tested with. So the probe loads the model exactly as training does
-(`recipe.build_model`: weights, weight-scale rules, freezing, LoRA), takes ONE real batch of the
-configured data (the first `micro_batch_size` training rows, collated as training collates
+(`assemble_model(plan, tokenizer, "train")`: weights, weight-scale rules, freezing, LoRA), takes
+ONE real batch of the configured data (the first `micro_batch_size` training rows, collated as training collates
 them) and runs it twice:
 
 * reference: eval mode, `use_cache=True`, no checkpointing, no gradients;
@@ -318,11 +318,11 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
     settings, and compare. Returns a ProbeResult whose `.problems` are errors (key "probe", or the
     loading / data problems, e.g. missing or unexpected weight keys) and `.warnings` warnings.
 
-    `tokenizer`, `model` (as `recipe.build_model` returns it) and `batch` (collated, with labels)
+    `tokenizer`, `model` (as `assemble_model(plan, tokenizer, "train").model`) and `batch` (collated, with labels)
     may be given to skip loading them. `tolerance` overrides PROBE_TOLERANCE.
     """
     from archtune.models.load import load_tokenizer, set_chat_template, tiny_name
-    from archtune.train.recipe import build_model
+    from archtune.train.assembly import assemble_model
     from archtune.patches.text_only import text_only_extras, unwrap_model
 
     result = ProbeResult(reference_settings=dict(REFERENCE_SETTINGS))
@@ -332,7 +332,7 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
         if batch is None:
             batch = probe_batch(tokenizer, plan)
         if model is None:
-            model = build_model(cfg, plan, tokenizer, console=console)
+            model = assemble_model(plan, tokenizer, "train", console=console).model
     except UserError as exc:  # missing/unexpected weight keys, bad data: errors of the probe
         result.problems.extend(exc.problems)
         _report(result, console)

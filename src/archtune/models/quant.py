@@ -9,7 +9,7 @@
 - bitsandbytes' CPU backend runs Linear4bit forward and backward (FINDINGS.md): QLoRA trains on
   a CPU machine too.
 
-`archtune merge-lora` on a QLoRA run (train/merge.py): the base is loaded in 4 bit (the weights
+`archtune merge-lora` on a QLoRA run (train/assembly.py, use "merge"): the base is loaded in 4 bit (the weights
 the adapter was trained against), dequantized into plain `nn.Linear` layers here, and the
 adapter merged into those — the result is a regular full-precision model.
 """

@@ -377,23 +377,23 @@ def evaluate_preference(plan, tokenizer, *, progress: bool = True) -> tuple[dict
     """`archtune evaluate` for rl / reward_model configs: ({eval_loss, eval_tokens, eval_rows and the
     held-out rewards}, which weights: adapter / full / base) of the trained weights in output_dir
     (against the base model as the reference), else of the base model."""
-    from archtune.adapters.lora import load_trained
     from archtune.data.preference import prepare_preference_data
     from archtune.errors import UserError
-    from archtune.models.load import load_model
+    from archtune.train.assembly import assemble_model
 
     data = prepare_preference_data(plan, tokenizer, progress=progress)
     if data.eval is None:
         raise UserError.single("test_datasets", "there is no evaluation data", "set test_datasets, or val_set_size > 0")
-    policy, weights = load_trained(plan, tokenizer)
+    policy = assemble_model(plan, tokenizer, "evaluate")
+    weights = policy.weights
     reference = None
     if weights == "full" and plan.get("rl_reference_model") not in (None, "none"):
-        reference = load_model(plan, tokenizer)
+        reference = assemble_model(plan, tokenizer, "reference").model
     beta = plan.get("rl_beta") or 0.0
-    scorer = Scorer(method(plan), policy, reference, float(beta), _pad_id(tokenizer), "cpu",
+    scorer = Scorer(method(plan), policy.model, reference, float(beta), _pad_id(tokenizer), "cpu",
                     plan.data.sequence_len, plan.training.eval_micro_batch_size,
                     float(plan.get("center_rewards_coefficient") or 0.0))
-    return {f"eval_{k}": v for k, v in preference_metrics(scorer, data.eval).items()}, weights or "base"
+    return {f"eval_{k}": v for k, v in preference_metrics(scorer, data.eval).items()}, weights
 
 
 def batch_rows(batches: list[dict], data, max_length: int | None, limit: int = 16) -> list[str]:
@@ -442,15 +442,15 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     from archtune.train.outputs import (identity_fields, params_fields, peak_rss_mb, processes_fields, progress_fields,
                                         write_summary)
     from archtune.train import checkpoints
-    from archtune.train.recipe import (_callbacks, _claim_output_dir, _experts_implementation_in_use, _set_use_cache,
-                                       build_model, run_guards, run_training, training_arguments)
+    from archtune.train.assembly import assemble_model, experts_implementation_in_use, set_use_cache
+    from archtune.train.recipe import _callbacks, _claim_output_dir, run_guards, run_training, training_arguments
 
     main = distributed.is_main()
     out = Path(plan.training.output_dir)
     with distributed.main_process_first():
         data = prepare_preference_data(plan, tokenizer, progress=main)
     plugins = load_plugins(cfg)
-    model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
+    model = assemble_model(plan, tokenizer, "train", console=console, plugins=plugins).model
     trainable, total = count_params(model)
     weight_bytes = model_bytes(model, adapters=False)  # the loaded policy (QLoRA: its 4-bit base)
     if main:
@@ -469,7 +469,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
                           name_rows=lambda batches: batch_rows(batches, data, args.max_length))
     final = trainer.evaluate() if data.eval is not None else {}
 
-    _set_use_cache(model, True)
+    set_use_cache(model, True)
     staged = checkpoints.clear_staging(out, "final") if main else checkpoints.staging_dir(out) / "final"
     distributed.barrier()
     trainer.save_model(str(staged))
@@ -488,7 +488,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         # token-weighted cross-entropy; a reward model's pairwise loss).
         **progress_fields(trainer.state.global_step, train_losses, result.training_loss, initial.get("eval_loss"),
                           final.get("eval_loss"), train_tokens, clock.seconds),
-        "experts_implementation": _experts_implementation_in_use(model),
+        "experts_implementation": experts_implementation_in_use(model),
         "peak_rss_mb": peak_rss_mb(),
         **params_fields(trainable, total, weight_bytes),
         **processes_fields(plan, "single" if plan.world_size == 1 else "ddp"),

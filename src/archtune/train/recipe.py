@@ -8,19 +8,11 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import ProgressCallback
 
-from archtune.adapters.freeze import freeze_multimodal, unfreeze_only
-from archtune.adapters.lora import apply_lora, count_params
+from archtune.adapters.lora import count_params
 from archtune.config.schema import Config
 from archtune.data import PreparedData, prepare_data
 from archtune.data.collate import DataCollator
-from archtune.models.load import (
-    apply_weight_scale_rules,
-    load_model,
-    load_tokenizer,
-    resolve_plan,
-    set_attn_implementation,
-    set_chat_template,
-)
+from archtune.models.load import load_tokenizer, resolve_plan, set_chat_template
 from archtune.errors import UserError
 from archtune.plan import Plan
 from archtune.train import distributed
@@ -29,6 +21,7 @@ from archtune.moe.routing_stats import RoutingStats
 from archtune.plugins import load_plugins, run_hook
 from archtune.train.callbacks import LossBar, TrainClock
 from archtune.train import checkpoints
+from archtune.train.assembly import assemble_model, experts_implementation_in_use, set_use_cache
 from archtune.train.guards import RunGuards, batch_rows
 from archtune.train.outputs import (identity_fields, params_fields, peak_rss_mb, plot_losses, processes_fields,
                                     progress_fields, set_aside_previous_weights, write_summary)
@@ -88,122 +81,6 @@ def data_collator(setup: Setup) -> DataCollator:
 def padding(plan: Plan) -> dict:
     """The collator's padding keys, as the plan decided them."""
     return {"pad_to_multiple_of": plan.training.pad_to_multiple_of, "pad_to_length": plan.training.pad_to_length}
-
-
-def build_model(cfg: Config, plan: Plan, tokenizer, console=None, plugins=None):
-    """Base model (4-bit for QLoRA), multimodal towers frozen (freeze_mm_modules), then the Plan's
-    adapters (LoRA) or every other weight trainable (full fine-tune), the chunked loss; activation
-    offloading wraps the decoder layers last."""
-    from archtune.models import quant
-
-    plugins = load_plugins(cfg) if plugins is None else plugins
-    run_hook(plugins, "pre_model_load", cfg, plan)
-    quantized = quant.is_quantized(plan)
-    model = quant.load_quantized(plan, tokenizer) if quantized else load_model(plan, tokenizer)
-    run_hook(plugins, "post_model_load", model, plan)
-    set_attn_implementation(model, plan)
-    _set_experts_implementation(model, plan)
-    apply_weight_scale_rules(model, plan, console)  # base weights, before adapters (normalize_weight_scales)
-    freeze_multimodal(model, plan)
-    if quantized:
-        experts = quant4_targets(model, plan) if plan.quantize_moe_experts else ()
-        quant.prepare_for_training(model, plan, keep=experts + quant.frozen_embeddings(model, plan))
-    if plan.get("adapter") in ("lora", "qlora"):
-        model = apply_lora(model, plan)
-    elif plan.get("unfrozen_parameters"):
-        unfreeze_only(model, plan.get("unfrozen_parameters"))
-    run_hook(plugins, "post_adapters", model, plan)
-    if plan.quantize_moe_experts:
-        quantize_moe_experts(model, plan)
-    _set_use_cache(model, plan.use_cache)
-    prepare_packing(model, plan)
-    prepare_loss(model, plan)
-    if plan.get("activation_offloading"):
-        apply_activation_offloading(model, plan)
-    return model
-
-
-def quant4_targets(model, plan: Plan) -> tuple:
-    """The expert tensors `quantize_moe_experts` will store in 4 bits (the family's expert names)."""
-    from archtune.moe import quant4
-
-    return tuple(getattr(m, leaf) for m, leaf, _ in quant4.expert_tensors(model, plan.expert_param_names))
-
-
-def quantize_moe_experts(model, plan: Plan) -> list[str]:
-    """The family's expert tensors stored in 4 bits (archtune.moe.quant4), after the adapters.
-
-    After, not before: PEFT nests the wrappers of a module's expert LoRAs in another order when the
-    tensors are already parametrized, which would change the adapter's key names; quantized here,
-    the adapter loads onto an unquantized base too (evaluate, merge-lora)."""
-    from archtune.models.quant import compute_dtype
-    from archtune.moe import quant4
-
-    names = quant4.quantize_experts(model, plan.expert_param_names, dtype=compute_dtype(plan))
-    quant4.adapt_peft(model)  # after the kernels plugin's post_adapters: its PEFT override must not replace this one
-    return names
-
-
-def _set_experts_implementation(model, plan: Plan) -> None:
-    """The Plan's experts implementation (transformers' eager / grouped_mm / batched_mm, or
-    archtune's scattermoe, registered by importing archtune.moe)."""
-    name = plan.get("experts_implementation")
-    if not name or not hasattr(model, "set_experts_implementation"):
-        return
-    import archtune.moe  # noqa: F401  (registers "scattermoe")
-
-    model.set_experts_implementation(name)
-
-
-def _experts_implementation_in_use(model) -> str | None:
-    """What the model's (text) config says its experts run with."""
-    config = model.config
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "_experts_implementation", None)
-
-
-def apply_activation_offloading(model, plan: Plan) -> None:
-    """`activation_offloading: true`: each decoder layer checkpointed (non-reentrant), its saved
-    inputs kept in CPU memory until backward (the Plan has turned use_cache off)."""
-    layers = list(plan.decoder_layer_classes)  # the plan refuses offloading when there are none
-    if distributed.apply_activation_offloading(model, layers) == 0:
-        raise UserError.single("activation_offloading", f"no module of this model is a {', '.join(layers)}",
-                               "set fsdp_config.fsdp_transformer_layer_cls_to_wrap to its decoder layer class")
-
-
-def prepare_packing(model, plan: Plan) -> None:
-    """Packed rows: the family's packing patches (e.g. DeltaNet state reset per document),
-    per-document attention, no KV cache. The plan has refused packing that no patch makes exact
-    (plan/packing.py); the loaded model is checked again only for what the plan could not see
-    (a model it could not build on the meta device)."""
-    from archtune.patches.packing import PackingUnsupported, prepare_model_for_packing
-
-    if not plan.packs:
-        return
-    try:
-        prepare_model_for_packing(model, plan.packing_patches,
-                                  document_attention=bool(plan.get("document_attention")))
-    except PackingUnsupported as exc:
-        raise UserError.single("sample_packing", f"packing cannot be made exact for this model: {exc}",
-                               "set sample_packing: false") from None
-
-
-def prepare_loss(model, plan: Plan) -> None:
-    """`chunked_cross_entropy`: lm_head and the loss in chunks (train/losses.py), for training and
-    evaluation. After the adapters: a LoRA on lm_head is part of what each chunk runs."""
-    if not plan.get("chunked_cross_entropy"):
-        return
-    from archtune.train.losses import ChunkedCrossEntropy
-
-    ChunkedCrossEntropy.install(model, num_chunks=int(plan.get("chunked_cross_entropy_num_chunks")))
-
-
-def _set_use_cache(model, value: bool) -> None:
-    """The Plan's use_cache on the model config and its nested text config (multimodal wrappers)."""
-    config = model.config
-    for c in (config, getattr(config, "text_config", None)):
-        if c is not None and hasattr(c, "use_cache"):
-            c.use_cache = value
 
 
 def training_arguments(plan: Plan, has_eval: bool, steps_per_epoch: int | None = None):
@@ -352,7 +229,7 @@ def _train(cfg: Config, console) -> dict:
         data: PreparedData = prepare_data(plan, tokenizer, progress=main, media=setup.media)
     plugins = load_plugins(cfg)
     rss_before_model_mb = _rss_mb()  # what the process holds before the model: the baseline of its training memory
-    model = build_model(cfg, plan, tokenizer, console=console, plugins=plugins)
+    model = assemble_model(plan, tokenizer, "train", console=console, plugins=plugins).model
     trainable, total = count_params(model)
     weight_bytes = model_bytes(model, adapters=False)  # the loaded model, before any sharding
     routing = RoutingStats.attach(model)  # MoE models: per-layer expert load (no experts: no hooks)
@@ -386,7 +263,7 @@ def _train(cfg: Config, console) -> dict:
     eval_final = trainer.evaluate()["eval_loss"] if data.eval is not None else None
 
     # 3. Final outputs: written under output_dir/.staging, renamed into place, the summary last.
-    _set_use_cache(model, True)  # the saved config is for inference: the cache was off only for training
+    set_use_cache(model, True)  # the saved config is for inference: the cache was off only for training
     staged = checkpoints.clear_staging(out, "final") if main else checkpoints.staging_dir(out) / "final"
     distributed.barrier()
     trainer.save_model(str(staged))  # written once, on rank 0 (FSDP: shards gathered once, here)
@@ -399,7 +276,7 @@ def _train(cfg: Config, console) -> dict:
         **progress_fields(trainer.state.global_step, train_losses, result.training_loss, eval_initial, eval_final,
                           train_tokens, clock.seconds),
         "experts_load": routing.summary() if routing.layers else None,
-        "experts_implementation": _experts_implementation_in_use(model) if routing.layers else None,
+        "experts_implementation": experts_implementation_in_use(model) if routing.layers else None,
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_model_mb": round(rss_before_model_mb, 1),
         **params_fields(trainable, total, weight_bytes),
