@@ -87,7 +87,7 @@ NO_EFFECT: dict[str, str] = _table(
      "saved to output_dir/interrupted) are"),
     ("device_map max_memory gpu_memory_limit low_cpu_mem_usage lora_on_cpu experimental_skip_move_to_device device",
      "archtune places the model itself (one device per process, or FSDP shards)"),
-    ("ddp ddp_timeout ddp_bucket_cap_mb ddp_broadcast_buffers",
+    ("ddp ddp_bucket_cap_mb ddp_broadcast_buffers",
      "DDP tuning knobs are left at PyTorch's defaults; gradients are the same"),
     ("local_rank world_size",
      "set by the launcher: `archtune train --nproc N` (or torchrun) decides the ranks"),

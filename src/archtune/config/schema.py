@@ -209,6 +209,10 @@ class Config(_Strict):
     # ---- multi-process
     ddp_find_unused_parameters: bool | None = Field(
         None, description="DDP find_unused_parameters (family default: true for Gemma 3/4 multimodal models).")
+    ddp_timeout: int = Field(
+        1800, gt=0, description="Seconds a collective (a gradient all-reduce, a barrier) waits for the other "
+                                "processes before the run fails; a process that makes no progress this long ends "
+                                "the run, with a message naming it and what it was doing.")
     activation_offloading: bool = Field(False, description="Offload checkpointed activations to CPU memory.")
     fsdp: list[str] | None = Field(None, description="FSDP options, e.g. [full_shard, auto_wrap].")
     fsdp_config: FsdpConfig | None = Field(None, description="FSDP settings (see FsdpConfig).")

@@ -79,6 +79,7 @@ class TrainSettings:
     dataloader_drop_last: bool
     remove_unused_columns: bool
     ddp_find_unused_parameters: bool | None
+    ddp_timeout: int  # seconds a collective waits for the other processes (and a stalled process is given)
 
     def save_interval(self, steps_per_epoch: int | None) -> tuple[str, int]:
         """(save_strategy, save_steps) for transformers, `steps_per_epoch` optimizer steps per epoch."""
@@ -161,6 +162,7 @@ def train_settings(plan: "Plan") -> TrainSettings:
         dataloader_drop_last=bool(d("dataloader_drop_last")),
         remove_unused_columns=bool(d("remove_unused_columns")),
         ddp_find_unused_parameters=plan.get("ddp_find_unused_parameters"),
+        ddp_timeout=int(d("ddp_timeout")),
     )
 
 

@@ -4,7 +4,9 @@ activation offloading, sharded-to-full final weights.
 The DDP/FSDP plumbing itself is transformers' Trainer + accelerate (DistributedDataParallel with
 the Plan's `ddp_find_unused_parameters`; FSDP2 `fully_shard` per wrap-class module, then the
 root; torch.distributed.checkpoint for sharded checkpoints). What is here is what they leave to
-the caller: which backend (NCCL on GPUs, gloo on CPU), preprocessing once on rank 0, a clean
+the caller: which backend (NCCL on GPUs, gloo on CPU) and the collective timeout (`ddp_timeout`),
+preprocessing once per node (nodes need not share a file system) and the check that every node
+prepared the same data, a clean
 `destroy_process_group` at exit (gloo may otherwise abort at interpreter exit, FINDINGS.md),
 the final weights gathered once, and the activation-offloading wrappers.
 
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from archtune.errors import UserError
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -29,6 +34,11 @@ def rank() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def node_rank() -> int:
+    """This node's number (torchrun's GROUP_RANK; 0 on one node)."""
+    return int(os.environ.get("GROUP_RANK", "0"))
 
 
 def is_main() -> bool:
@@ -44,15 +54,19 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init() -> bool:
-    """Join the process group torchrun describes (env://). True when this call created it."""
+def init(timeout_seconds: int | None = None) -> bool:
+    """Join the process group torchrun describes (env://). True when this call created it.
+
+    `timeout_seconds` (the plan's ddp_timeout): how long a collective, a barrier included, waits
+    for the other ranks before it fails (torch's default is 30 minutes)."""
     import torch.distributed as dist
 
     if not is_distributed() or not dist.is_available() or dist.is_initialized():
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend())
+    timeout = timedelta(seconds=timeout_seconds) if timeout_seconds else None
+    dist.init_process_group(backend=backend(), timeout=timeout)
     return True
 
 
@@ -77,14 +91,40 @@ def shutdown(synchronize: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. tokenize and write the data cache); the other ranks wait,
-    then run it and find rank 0's cache. If rank 0 fails, torchrun stops the waiting ranks."""
-    if is_distributed() and not is_main():
+def local_main_first() -> Iterator[None]:
+    """The first process of every node (LOCAL_RANK 0) runs the block first (tokenize and write the
+    data cache), the nodes in parallel; the node's other processes wait, then run it and find that
+    cache. Each node prepares from its own files into its own cache, so nodes need no shared file
+    system (`same_on_every_rank` then checks that they prepared the same data). If a node's first
+    process fails, torchrun stops the waiting ones."""
+    first = local_rank() == 0
+    if is_distributed() and not first:
         barrier()
     yield
-    if is_distributed() and is_main():
+    if is_distributed() and first:
         barrier()
+
+
+def gather(value) -> list:
+    """`value` of every rank, in rank order (a collective; [value] on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def same_on_every_rank(value, key: str, what: str, fix: str) -> None:
+    """Raise the same UserError on every rank when some rank's `value` differs from rank 0's
+    (a collective: every rank calls it)."""
+    seen = gather((node_rank(), value))
+    odd = [r for r, (_, v) in enumerate(seen) if v != seen[0][1]]
+    if odd:
+        where = ", ".join(f"rank {r} (node {seen[r][0]})" for r in odd)
+        raise UserError.single(key, f"{where} prepared other {what} than rank 0 (node {seen[0][0]}): "
+                               f"{seen[odd[0]][1]} against {seen[0][1]}", fix)
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -447,7 +447,7 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
 
     main = distributed.is_main()
     out = Path(plan.training.output_dir)
-    with distributed.main_process_first():
+    with distributed.local_main_first():
         data = prepare_preference_data(plan, tokenizer, progress=main)
     plugins = load_plugins(cfg)
     model = assemble_model(plan, tokenizer, "train", console=console, plugins=plugins).model

@@ -134,6 +134,7 @@ def training_arguments(plan: Plan, has_eval: bool, steps_per_epoch: int | None =
         dataloader_pin_memory=t.dataloader_pin_memory,
         dataloader_drop_last=t.dataloader_drop_last,
         ddp_find_unused_parameters=t.ddp_find_unused_parameters,
+        ddp_timeout=t.ddp_timeout,
         # Without a GPU, accelerate runs several processes only as "MULTI_CPU" (gloo), which use_cpu selects.
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=distributed.backend() if distributed.is_distributed() else None,
@@ -193,14 +194,16 @@ def run_training(trainer, guards: RunGuards, plan: Plan, resume, console, name_r
 def train(cfg: Config, *, console=None) -> dict:
     """Run a fine-tune; returns the train summary (also written to output_dir).
 
-    Under torchrun (WORLD_SIZE > 1) this process is one rank: it joins the process group (gloo on
-    CPU, NCCL on GPUs), the Plan is resolved for the real world size, and only rank 0 prints,
-    preprocesses first, and writes outputs. The process group is destroyed before returning.
+    Under torchrun (WORLD_SIZE > 1) this process is one rank: the Plan is resolved for the real
+    world size, the process joins the process group (gloo on CPU, NCCL on GPUs; collectives wait
+    ddp_timeout), each node's first process preprocesses first, and only rank 0 prints and writes
+    outputs. The process group is destroyed before returning.
     """
-    created = distributed.init()
+    setup = plan_for(cfg, world_size=distributed.world_size())
+    created = distributed.init(timeout_seconds=setup.plan.training.ddp_timeout)
     ok = False
     try:
-        summary = _train(cfg, console if distributed.is_main() else None)
+        summary = _train(cfg, setup, console if distributed.is_main() else None)
         ok = True
         return summary
     finally:
@@ -208,9 +211,8 @@ def train(cfg: Config, *, console=None) -> dict:
             distributed.shutdown(synchronize=ok)
 
 
-def _train(cfg: Config, console) -> dict:
+def _train(cfg: Config, setup: Setup, console) -> dict:
     # 1. Everything is checked before output_dir is touched: config, plan, resume, data, model.
-    setup = plan_for(cfg, world_size=distributed.world_size())
     plan, tokenizer = setup.plan, setup.tokenizer
     main = distributed.is_main()
     out = Path(plan.training.output_dir)
@@ -225,8 +227,11 @@ def _train(cfg: Config, console) -> dict:
 
         return train_preference(cfg, plan, tokenizer, console, resume)
 
-    with distributed.main_process_first():  # rank 0 tokenizes and caches, the others read its cache
+    # Each node's first process tokenizes into that node's cache, the node's other processes read it.
+    with distributed.local_main_first():
         data: PreparedData = prepare_data(plan, tokenizer, progress=main, media=setup.media)
+    distributed.same_on_every_rank(data_identity(data), "datasets", "training data",
+                                   "give every node the same data files (and tokenizer) as node 0")
     plugins = load_plugins(cfg)
     rss_before_model_mb = _rss_mb()  # what the process holds before the model: the baseline of its training memory
     model = assemble_model(plan, tokenizer, "train", console=console, plugins=plugins).model
@@ -292,6 +297,14 @@ def _train(cfg: Config, console) -> dict:
         checkpoints.publish_outputs(staged, out)
         write_summary(out / checkpoints.SUMMARY, summary)  # last: its presence marks a finished run
     return summary
+
+
+def data_identity(data: PreparedData) -> str:
+    """What must be equal on every node: the cache key (file contents, tokenizer, the keys that
+    shape tokens) and the rows and tokens prepared."""
+    stats = data.stats
+    return (f"cache key {Path(str(stats.get('cache_dir'))).name[:12]}, {stats.get('train_rows')} rows, "
+            f"{stats.get('train_tokens')} tokens")
 
 
 def _claim_output_dir(cfg: Config, plan: Plan, out: Path, resume, data: PreparedData, console) -> None:
