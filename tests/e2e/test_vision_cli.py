@@ -151,3 +151,21 @@ def test_processor_from_a_model_directory_and_processor_type(vision_run, capsys,
         assert json.loads(out)["image_rows"] == {"train": 27, "eval": 8}
     code, out, err = run_cli(capsys, "preprocess", config, *common, "processor_type=NoSuchProcessor")
     assert code == 2 and "processor_type" in err
+
+
+def test_skip_prepare_dataset_trains_image_rows_with_the_same_losses(vision_run, capsys, tmp_path):
+    """Axolotl's multimodal examples set skip_prepare_dataset (with remove_unused_columns: false):
+    the rows are encoded with the processor for this run only, no cache written, and train to the
+    same losses as through the cache."""
+    tmp, config = vision_run
+    summaries = []
+    for name, extra in (("cached", []), ("skipped", ["skip_prepare_dataset=true", "remove_unused_columns=false"])):
+        code, out, err = run_cli(capsys, "train", config, "max_steps=2", f"output_dir={tmp_path / name}",
+                                 f"dataset_prepared_path={tmp_path / name / 'prepared'}", *extra)
+        assert code == 0, err
+        summaries.append(read_json(tmp_path / name / "train_summary.json"))
+    cached, skipped = summaries
+    assert skipped["data"]["cache"] == "skipped" and not (tmp_path / "skipped" / "prepared").exists()
+    assert skipped["data"]["image_rows"] == cached["data"]["image_rows"] == {"train": 27, "eval": 8}
+    for key in ("train_loss_first", "train_loss_last", "eval_loss_initial", "eval_loss_final"):
+        assert abs(skipped[key] - cached[key]) < 1e-5, key

@@ -336,7 +336,8 @@ class Config(_Strict):
         None, description="Drop dataset columns the model does not take (the prepared data holds only model "
         "inputs, so both values train the same).")
     skip_prepare_dataset: bool | None = Field(
-        None, description="Tokenize in memory, without writing the preprocessing cache.")
+        None, description="Tokenize (images and audio with the processor) in memory for this run, without "
+        "writing the preprocessing cache.")
     pad_to_sequence_len: bool | None = Field(None, description="Pad every batch to sequence_len (fixed shapes).")
     pad_to_multiple_of: int | None = Field(None, gt=0, description="Pad every batch to a multiple of N tokens.")
 

@@ -324,7 +324,7 @@ def prepare_data(plan: "Plan", tokenizer, *, progress: bool = True, media: Media
         import tempfile
 
         with _progress_bars(progress), tempfile.TemporaryDirectory(prefix="archtune-data-") as tmp:
-            stats = _build(data, tokenizer, train_srcs, eval_srcs, Path(tmp))
+            stats = _build(data, tokenizer, train_srcs, eval_srcs, Path(tmp), media)
             cache.write_json(Path(tmp) / cache.STATS_FILE, stats)
             hit = cache.load(Path(tmp), in_memory=True)
         state, entry = "skipped", Path("(not cached: skip_prepare_dataset)")
