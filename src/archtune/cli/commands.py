@@ -304,16 +304,16 @@ def generate_from_inputs(model, tokenizer, inputs: dict, max_new_tokens: int) ->
 def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
                out: Optional[Path] = typer.Option(None, "--out", help="Default: OUTPUT_DIR/merged.")) -> None:
     """Merge the trained LoRA adapter into the base weights; the result loads with transformers alone."""
-    from archtune.train.assembly import assemble_model
+    from archtune.train.assembly import merge_adapter
     from archtune.train.recipe import plan_for
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    merged = assemble_model(setup.plan, setup.tokenizer, "merge").model  # a 4-bit base: dequantized
     target = out or Path(cfg.output_dir) / "merged"
-    merged.save_pretrained(str(target))
+    report = merge_adapter(setup.plan, setup.tokenizer, target)  # a 4-bit base: dequantized, in memory
     setup.tokenizer.save_pretrained(str(target))
-    console.print(f"merged model written to {target}")
+    how = "shard by shard" if report.streamed else f"in memory ({report.why_in_memory})"
+    console.print(f"merged {report.merged} tensors {how}; merged model written to {target}")
 
 
 @app.command("scan-weights")

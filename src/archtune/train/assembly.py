@@ -113,6 +113,74 @@ def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, p
     return Assembled(model, weights)
 
 
+@dataclass(frozen=True)
+class MergeReport:
+    path: str  # the merged model's directory (loads with transformers alone)
+    merged: int  # weight tensors that received a LoRA delta
+    streamed: bool  # shard by shard (adapters/merge.py) rather than through the whole model in memory
+    why_in_memory: str | None  # when not streamed: what the shard-by-shard merge cannot do here
+
+
+def merge_adapter(plan: Plan, tokenizer, out, *, console=None) -> MergeReport:
+    """output_dir's LoRA adapter merged into the base and written to `out` (config, weights; not
+    the tokenizer). Shard by shard when nothing between the checkpoint and the adapter changes the
+    base's tensors (`stream_refusal_for`), holding one shard at a time; otherwise through
+    `assemble_model(plan, tokenizer, "merge")` and save_pretrained. Both give the same tensors."""
+    from pathlib import Path
+
+    from archtune.adapters import merge as shard_merge
+    from archtune.models.load import torch_dtype
+
+    output_dir = plan.training.output_dir
+    why = stream_refusal_for(plan)
+    if why is None:
+        base = plan.decided("base_model")
+        result = shard_merge.merge_lora_shards(base, output_dir, out, dtype=torch_dtype(plan))
+        shard_merge.write_merged_config(base, out, dtype=torch_dtype(plan))
+        return MergeReport(str(out), result.merged, True, None)
+    merged = assemble_model(plan, tokenizer, "merge", console=console).model
+    count = merged_module_count(output_dir)
+    merged.save_pretrained(str(out))
+    return MergeReport(str(out), count, False, why)
+
+
+def merged_module_count(adapter_dir) -> int:
+    """The base weights a saved adapter changes when merged: one per LoRA A matrix (a linear
+    module's, or an expert tensor's)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from archtune.adapters import merge as shard_merge
+
+    with safe_open(str(Path(adapter_dir) / shard_merge.ADAPTER_WEIGHTS), framework="pt") as f:
+        return sum(1 for k in f.keys() if ".lora_A." in k)
+
+
+def stream_refusal_for(plan: Plan) -> str | None:
+    """Why `merge_adapter` merges this run in memory (None: it streams): the base tensors the
+    adapter trained on differ from the checkpoint's (4 bits, weight-scale rules, plugins' hooks),
+    the base is not a local safetensors directory, or the adapter holds more than linear LoRA."""
+    from pathlib import Path
+
+    from archtune.adapters import merge as shard_merge
+    from archtune.models.load import trained_weights_kind
+
+    output_dir = plan.training.output_dir
+    if trained_weights_kind(output_dir) != "adapter":
+        return f"{output_dir} holds no LoRA adapter"
+    if quant.is_quantized(plan):
+        return "the base is loaded in 4 bits"
+    if plan.get("normalize_weight_scales"):
+        return "normalize_weight_scales rescales base tensors"
+    if load_plugins(plan.config):
+        return "plugins may change the model at load"
+    base = plan.decided("base_model")
+    if not Path(str(base)).is_dir():
+        return f"{base} is not a local checkpoint directory"
+    return shard_merge.stream_refusal(base, output_dir)
+
+
 def attach_adapters(model, plan: Plan, weights: str, purpose: Purpose):
     """Training: the Plan's LoRA (new, or `lora_model_dir`'s, trainable) or `unfrozen_parameters`
     (else every weight but the towers trains); otherwise output_dir's adapter, if that is what it holds."""
@@ -221,6 +289,6 @@ def apply_activation_offloading(model, plan: Plan) -> None:
                                "set fsdp_config.fsdp_transformer_layer_cls_to_wrap to its decoder layer class")
 
 
-__all__ = ["USES", "Assembled", "Purpose", "Use", "apply_activation_offloading", "assemble_model",
-           "experts_implementation_in_use", "prepare_loss", "prepare_packing", "quantize_moe_experts",
-           "set_experts_implementation", "set_use_cache"]
+__all__ = ["USES", "Assembled", "MergeReport", "Purpose", "Use", "apply_activation_offloading", "assemble_model",
+           "experts_implementation_in_use", "merge_adapter", "prepare_loss", "prepare_packing", "quantize_moe_experts",
+           "set_experts_implementation", "set_use_cache", "stream_refusal_for"]
