@@ -108,6 +108,8 @@ RAW_CONFIG_READERS = {
     ("data/cache.py", "config_material"),
     # run_record.json keeps the keys as the user gave them, beside the plan.
     ("train/recipe.py", "_claim_output_dir"),
+    # `check --memory`'s "would fit" suggestions resolve the config as written with one key changed.
+    ("diagnostics/memory.py", "_with"),
 }
 STAGES = ("models", "patches", "adapters", "moe", "data", "train", "diagnostics")
 
@@ -141,4 +143,28 @@ def test_the_stages_read_the_plan_not_the_raw_config():
     reads = sorted({(str(p.relative_to(SRC)), func, attr) for stage in STAGES for p in (SRC / stage).rglob("*.py")
                     for func, attr in raw_config_reads(p.read_text())
                     if (str(p.relative_to(SRC)), func) not in RAW_CONFIG_READERS})
+    assert reads == []
+
+
+# ---------------------------------------------------------------- plan/ reads what its rules decided
+
+def keys_rules_set(sources: list[str]) -> set[str]:
+    """The top-level config keys some rule decides: the first argument of `plan.set`/`plan.default`."""
+    keys = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("set", "default") \
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                keys.add(node.args[0].value.split(".")[0])
+    return keys
+
+
+def test_plan_reads_no_raw_key_a_rule_decides():
+    # A rule reading the raw config of a key another rule decides sees the value as written, not the
+    # decision (`bf16: auto` read as "auto", not as the bf16 the plan trains in).
+    files = [*(SRC / "plan").rglob("*.py"), *(SRC / "families").rglob("*.py")]
+    decided = keys_rules_set([p.read_text() for p in files])
+    assert {"bf16", "lora_target_modules", "plugins"} <= decided  # the control: the walk finds the rules
+    reads = sorted({(str(p.relative_to(SRC)), func, attr) for p in (SRC / "plan").rglob("*.py")
+                    for func, attr in raw_config_reads(p.read_text()) if attr in decided})
     assert reads == []

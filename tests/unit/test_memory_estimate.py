@@ -1,4 +1,4 @@
-"""The memory estimate (plan/memory.py) on the tiny models' config.json: its parts respond to the
+"""The memory estimate (diagnostics/memory.py) on the tiny models' config.json: its parts respond to the
 settings as training does, and its activation count matches what autograd really saves."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from archtune.config import config_from_dict
 from archtune.models.tiny import build_tiny_config, build_tiny_model
 from archtune.plan import resolve
-from archtune.plan.memory import (PARTS, estimate_memory, fitting_settings, measure_activations, parse_bytes,
+from archtune.diagnostics.memory import (PARTS, estimate_memory, fitting_settings, measure_activations, parse_bytes,
                                   weight_bytes)
-from archtune.plan.memory import layer_classes as estimate_layer_classes
+from archtune.diagnostics.memory import layer_classes as estimate_layer_classes
 from archtune.plan.structure import meta_model
 
 
@@ -125,3 +125,55 @@ def test_preference_training_of_a_full_fine_tune_holds_a_frozen_reference_copy(a
     else:  # the reference is the base with the adapter disabled: no copy
         assert plan.get("rl_reference_model") == "adapter_disabled"
         assert dpo.parts["weights"] == sft.parts["weights"] == real
+
+
+def test_bf16_auto_counts_what_the_plan_trains_in():
+    """`bf16: auto` resolved to true (what resolve decides on a GPU with bfloat16; this machine has
+    none) counts 2-byte weights, as `bf16: true` does: the estimate reads the plan, not the raw key."""
+    plan, fp32 = _estimate(bf16="auto")
+    assert plan.training.bf16 is False  # no GPU here: fp32
+    plan.set("bf16", True, "auto", "bf16: auto: the GPU supports bfloat16")
+    auto = estimate_memory(plan)
+    _, bf16 = _estimate(bf16=True)
+    model, _ = build_tiny_model("llama")
+    assert auto.parts["weights"] == bf16.parts["weights"] == _parameter_bytes(model) // 2 == fp32.parts["weights"] // 2
+    assert auto.parts == bf16.parts
+
+
+@pytest.mark.parametrize("case", ["causal", "mask", "gqa"])
+def test_the_meta_attention_patch_is_sdpa(case):
+    """Patch meta_fused_attention: the fused kernel it puts in SDPA's place gives SDPA's result."""
+    from archtune.patches.meta_forward import fused_sdpa
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8)
+    kv_heads = 2 if case == "gqa" else 4
+    k, v = torch.randn(2, kv_heads, 16, 8), torch.randn(2, kv_heads, 16, 8)
+    kwargs = {"is_causal": case != "mask", "enable_gqa": case == "gqa"}
+    if case == "mask":
+        kwargs["attn_mask"] = torch.randn(2, 1, 16, 16)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.allclose(fused_sdpa(q, k, v, **kwargs), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5-moe", "gemma4-moe"])
+def test_the_balanced_experts_patch_is_the_experts_forward_when_experts_are_equal(name):
+    """Patch meta_balanced_experts: every routed copy through expert 0's weights is the model's own
+    experts forward once every expert holds expert 0's weights (the shapes it saves are theirs)."""
+    from archtune.patches.meta_forward import balanced_experts_forward
+
+    model, _ = build_tiny_model(name)
+    experts = next(m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj"))
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(experts.gate_up_proj[:1].expand_as(experts.gate_up_proj))
+        experts.down_proj.copy_(experts.down_proj[:1].expand_as(experts.down_proj))
+    torch.manual_seed(0)
+    hidden = torch.randn(12, model.config.get_text_config().hidden_size)
+    top_k = 2
+    index = torch.randint(0, experts.gate_up_proj.shape[0], (12, top_k))
+    weights = torch.rand(12, top_k)
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        expected = experts(hidden, index, weights)
+        got = balanced_experts_forward(experts, hidden, index, weights)
+    assert torch.allclose(got, expected, atol=1e-5)

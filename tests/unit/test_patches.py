@@ -29,6 +29,11 @@ EXACTNESS_TESTS: dict[str, tuple[str, ...]] = {
                          "tests/unit/test_trainer_multimodal.py::test_ddp_gemma4_moe_lora_same_loss_as_unwrapped"),
     "peft_module_targets": ("tests/unit/test_peft_targets.py",),
     "fsdp_deferred_reduction": ("tests/dist/test_distributed.py::test_fsdp2_with_gradient_accumulation_equals_ddp",),
+    "meta_fused_attention": ("tests/unit/test_memory_estimate.py::test_the_meta_attention_patch_is_sdpa",
+                             "tests/unit/test_memory_estimate.py::test_meta_activations_match_what_autograd_saves_on_cpu"),
+    "meta_balanced_experts": (
+        "tests/unit/test_memory_estimate.py::test_the_balanced_experts_patch_is_the_experts_forward_when_experts_are_equal",
+        "tests/unit/test_memory_estimate.py::test_meta_activations_match_what_autograd_saves_on_cpu"),
 }
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_every_patch_module_registers_a_patch_with_its_upstream():
     assert set(PATCHES.names()) == {"gated_deltanet_packing", "sdpa_packed", "expert_lora_factors",
                                     "lora_target_redirect", "text_only_inputs", "peft_module_targets",
-                                    "fsdp_deferred_reduction"}
+                                    "fsdp_deferred_reduction", "meta_fused_attention", "meta_balanced_experts"}
     for name, patch in PATCHES.items():
         assert patch.upstream and patch.relies_on and callable(patch.apply), name
 

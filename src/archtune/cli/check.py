@@ -102,7 +102,7 @@ def detected_gpu_memory() -> int | None:
 def memory_check(plan: Plan, gpu_memory: str | None):
     """The Plan's memory estimate; with a budget (--gpu-memory, else the detected GPU's), a warning
     naming the settings that would make it fit when the estimate exceeds it."""
-    from archtune.plan.memory import estimate_memory, fitting_settings, parse_bytes
+    from archtune.diagnostics.memory import estimate_memory, fitting_settings, parse_bytes
     from archtune.plan.structure import StructureUnavailable
 
     try:

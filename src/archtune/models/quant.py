@@ -23,6 +23,16 @@ import torch
 from archtune.errors import UserError
 from archtune.plan import Plan
 
+# bitsandbytes' 4-bit storage (archtune.moe.quant4 stores 4-bit experts the same way).
+BLOCKSIZE = 64  # elements per absmax (bitsandbytes' default for 4 bit)
+NESTED_BLOCKSIZE = 256  # absmaxes per fp32 scale (bitsandbytes' double quantization)
+# Bytes per parameter of a Linear4bit weight: two weights per byte plus one absmax per block of 64;
+# with double quantization that absmax is itself 8 bit (plus an fp32 scale per 256 blocks).
+NF4_BYTES_PER_PARAM: dict[str, float] = {
+    "nf4": 0.5 + 1 / BLOCKSIZE + 4 / (BLOCKSIZE * NESTED_BLOCKSIZE),
+    "nf4-no-double-quant": 0.5 + 4 / BLOCKSIZE,
+}
+
 
 def is_quantized(plan: Plan) -> bool:
     """True when the Plan trains a 4-bit base (`load_in_4bit`, or `adapter: qlora`)."""

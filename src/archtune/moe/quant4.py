@@ -47,15 +47,29 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-# The storage layout's sizes and its byte count live with the memory estimate, which counts
-# 4-bit experts before any weight is loaded.
-from archtune.plan.memory import BLOCKSIZE, NESTED_BLOCKSIZE, expert_4bit_bytes
+from archtune.models.quant import BLOCKSIZE, NESTED_BLOCKSIZE
 
 try:  # a private class of PEFT (peft 0.21): without it, LoRA on 4-bit experts takes PEFT's dense path
     from peft.tuners.lora.layer import _LoraFactorsProxy
 except Exception:  # pragma: no cover - PEFT absent or reorganised
     _LoraFactorsProxy = None
 
+
+
+def expert_4bit_bytes(shape: tuple[int, ...], blocksize: int = BLOCKSIZE,
+                      nested_blocksize: int = NESTED_BLOCKSIZE) -> int:
+    """Bytes one [E, out, in] expert tensor takes with `quantize_moe_experts` (all its stored parts:
+    each expert quantized on its own, NF4 with double quantization). The memory estimate counts
+    4-bit experts with it before any weight is loaded.
+
+    >>> expert_4bit_bytes((64, 256, 512))   # 8.4M weights: 16 MiB in bf16
+    4330816
+    """
+    experts, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
+    blocks = math.ceil(n / blocksize)
+    nested = math.ceil(blocks / nested_blocksize)
+    per_expert = math.ceil(n / 2) + blocks + 4 * nested + 4  # codes, absmax codes, scales, offset
+    return experts * per_expert + 4 * (16 + 256 + 512)  # + the NF4 and 8-bit code tables, the byte decoder
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a parameter or buffer holds in this process (a DTensor: its local shard)."""

@@ -10,7 +10,10 @@
 - text_only.py: the zero "no multimodal token" inputs a multimodal wrapper's forward takes on
   text-only batches;
 - peft_targets.py: LoRA targets naming real modules stay on them under PEFT's transformers-v5 MoE
-  config conversion (Qwen3-Next's shared expert).
+  config conversion (Qwen3-Next's shared expert);
+- fsdp_accumulation.py: FSDP2's own switch for the Trainer's deferred gradient reduction;
+- meta_forward.py: the fused attention and balanced experts the memory estimate's meta-device
+  forward runs (`check --memory`).
 
 Each registers a `Patch` in PATCHES (discovered: every module of this package) naming the
 upstream version it was written against and the upstream code it relies on, each with a

@@ -39,7 +39,7 @@ def _lora_target_modules(plan: "Plan") -> None:
         return
     if cfg.lora_target_linear:
         plan.set("lora_target_modules", ALL_LINEAR, "auto", "lora_target_linear: true targets every linear layer")
-    elif not cfg.lora_target_modules and not cfg.lora_target_parameters:
+    elif not plan.get("lora_target_modules") and not plan.get("lora_target_parameters"):
         if plan.family.lora_target_regex:
             plan.set("lora_target_modules", plan.family.lora_target_regex, "family",
                      f"no targets given: {plan.family.name}'s language-model-only regex")
@@ -62,7 +62,7 @@ def _expert_names_in_model(plan: "Plan", structure: "ModelStructure | None") -> 
 
 def _lora_target_parameters(plan: "Plan") -> None:
     cfg = plan.config
-    given = list(cfg.lora_target_parameters or [])
+    given = list(plan.get("lora_target_parameters") or [])
     if cfg.adapter is None or not given:
         return
     fam = plan.family
@@ -98,7 +98,7 @@ def _lora_target_parameters(plan: "Plan") -> None:
 
 def _lora_dropout_with_parameters(plan: "Plan") -> None:
     cfg = plan.config
-    if cfg.adapter is not None and cfg.lora_target_parameters and cfg.lora_dropout > 0:
+    if cfg.adapter is not None and plan.get("lora_target_parameters") and cfg.lora_dropout > 0:
         plan.error("lora_dropout", f"lora_dropout is {cfg.lora_dropout}, but LoRA on parameter tensors "
                    "(lora_target_parameters) has no dropout path in PEFT: it needs lora_dropout 0",
                    "set `lora_dropout: 0`")
@@ -106,7 +106,7 @@ def _lora_dropout_with_parameters(plan: "Plan") -> None:
 
 def _untrained_experts(plan: "Plan") -> None:
     cfg, fam = plan.config, plan.family
-    if cfg.adapter is None or cfg.lora_target_parameters or not fam.expert_param_names:
+    if cfg.adapter is None or plan.get("lora_target_parameters") or not fam.expert_param_names:
         return
     if not fam.moe(plan.model_config):
         return
@@ -166,7 +166,7 @@ def freeze_mm_modules() -> Rule:
             plan.set("freeze_mm_modules", True, "family",
                      f"text-only training: the towers, embedders and projectors ({', '.join(fam.mm_module_prefixes)}) "
                      "get no gradient from text batches; frozen, no adapter or optimizer state lands there")
-        saved = plan.config.lora_modules_to_save or []
+        saved = plan.get("lora_modules_to_save") or []
         trained = [p for p in fam.mm_projector_prefixes
                    if any(p == name or p.endswith("." + name) for name in saved)]
         if trained and plan.get("freeze_mm_modules"):

@@ -24,14 +24,14 @@ def _chunked_cross_entropy(plan: "Plan") -> None:
 
     cfg, key = plan.config, "chunked_cross_entropy"
     asked = [f"{k}: true" for k in ("cut_cross_entropy", "liger_fused_linear_cross_entropy") if getattr(cfg, k)]
-    if CUT_CROSS_ENTROPY_PLUGIN in (cfg.plugins or []) and cfg.cut_cross_entropy is None:
+    if CUT_CROSS_ENTROPY_PLUGIN in (plan.get("plugins") or []) and cfg.cut_cross_entropy is None:
         asked.append(f"the plugin {CUT_CROSS_ENTROPY_PLUGIN}")
     text = text_config(plan.model_config)
     vocab = int(text.get("vocab_size") or 0)
     cap = text.get("final_logit_softcapping")
     inside = f"; final_logit_softcapping {cap} is applied inside" if cap else ""
     if plan.user_set(key):
-        if cfg.chunked_cross_entropy is False and [a for a in asked if a.endswith("true")]:
+        if plan.get(key) is False and [a for a in asked if a.endswith("true")]:
             plan.error(key, f"chunked_cross_entropy: false, but {and_join(asked)} asks for a fused loss",
                        "remove one of them (archtune's chunked cross-entropy is what those keys turn on)")
     elif asked:

@@ -18,7 +18,7 @@ def _experts_implementation(plan: "Plan") -> None:
     key = "experts_implementation"
     given = cfg.experts_implementation
     if cfg.use_scattermoe:
-        if not cfg.use_kernels:
+        if not plan.get("use_kernels"):
             plan.set("use_kernels", True, "auto", "use_scattermoe runs through the kernels plugin")
         if given is None:
             name, reason = _scattermoe_or_stock(plan)

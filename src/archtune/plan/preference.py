@@ -110,7 +110,7 @@ def _method(plan: "Plan") -> None:
 
 def _beta(plan: "Plan", kind: str) -> None:
     cfg = plan.config
-    if cfg.rl_beta is not None:
+    if plan.get("rl_beta") is not None:
         return
     if kind == "orpo" and cfg.orpo_alpha is not None:
         plan.set("rl_beta", cfg.orpo_alpha, "auto", "ORPO: orpo_alpha is TRL's beta (the odds-ratio loss weight)")
@@ -144,7 +144,7 @@ def _reward_model(plan: "Plan") -> None:
     plan.set("rl_reference_model", "none", "auto", "a reward model has no reference model")
     if cfg.adapter:
         plan.set("lora_task_type", "SEQ_CLS", "auto", "reward_model: PEFT's sequence-classification model")
-        saved = list(cfg.lora_modules_to_save or [])
+        saved = list(plan.get("lora_modules_to_save") or [])
         if "score" not in saved:
             plan.set("lora_modules_to_save", saved + ["score"], "auto",
                      "reward_model with LoRA: the new score head is trained fully and saved with the adapter")

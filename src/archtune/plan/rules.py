@@ -53,7 +53,7 @@ def _plugins(plan: "Plan") -> None:
     aliases load; other import paths only with allow_external_plugins, since importing runs code."""
     from archtune.plugins import builtin_plugins, plugin_aliases
 
-    given = list(plan.config.plugins or [])
+    given = list(plan.get("plugins") or [])
     if not given:
         return
     builtins, aliases = builtin_plugins(), plugin_aliases()
@@ -90,11 +90,11 @@ GENERIC_RULES: tuple[Rule, ...] = (
     *PACKING_RULES,
     *DATA_RULES,
     *MOE_RULES,
+    *LOSS_RULES,  # before plugins: a fused-loss plugin path as written asks for the chunked loss
     Rule("plugins",
          "Only built-in plugins load; Axolotl's `axolotl.integrations.kernels.KernelsPlugin` is accepted as an alias "
          "of archtune's kernels plugin.",
          _plugins),
-    *LOSS_RULES,
     *PREFERENCE_RULES,
     *TRAIN_SETTINGS_RULES,
     Rule("axolotl_no_effect",

@@ -112,7 +112,7 @@ def _attn_implementation(plan: "Plan") -> None:
 
 def _fsdp_from_config(plan: "Plan") -> None:
     cfg = plan.config
-    if cfg.fsdp or cfg.fsdp_config is None:
+    if plan.get("fsdp") or cfg.fsdp_config is None:
         return
     version = cfg.fsdp_config.fsdp_version
     plan.set("fsdp", ["full_shard", "auto_wrap"], "auto",
@@ -300,7 +300,7 @@ def unfrozen_pattern(pattern: str) -> re.Pattern:
 
 def _unfrozen_parameters(plan: "Plan") -> None:
     cfg = plan.config
-    patterns = cfg.unfrozen_parameters
+    patterns = plan.get("unfrozen_parameters")
     if not patterns:
         return
     if cfg.adapter is not None:
@@ -337,7 +337,7 @@ def _lora_target_modules_match(plan: "Plan") -> None:
     """A target list or regex that matches no module of the model is refused here, before any weight
     loads (the adapter step would stop on it at train time)."""
     cfg = plan.config
-    spec = cfg.lora_target_modules
+    spec = plan.get("lora_target_modules")
     if cfg.adapter is None or cfg.lora_target_linear or not spec or (isinstance(spec, str) and spec.lower() == "all-linear"):
         return
     structure = plan.structure()

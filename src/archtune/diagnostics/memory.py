@@ -35,22 +35,19 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
+
+from archtune.models.quant import NF4_BYTES_PER_PARAM
+from archtune.patches.meta_forward import META_BALANCED_EXPERTS, META_FUSED_ATTENTION
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan.resolver import Plan
 
 PARTS = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "buffers")
 
-# bitsandbytes' 4-bit layout (archtune.moe.quant4 stores 4-bit experts the same way).
-BLOCKSIZE = 64  # elements per absmax (bitsandbytes' default for 4 bit)
-NESTED_BLOCKSIZE = 256  # absmaxes per fp32 scale (bitsandbytes' double quantization)
-# Bytes per parameter of each storage kind. NF4 stores two weights per byte plus one absmax per
-# block of 64; with double quantization that absmax is itself 8 bit (plus an fp32 scale per 256
-# blocks).
+# Bytes per parameter of each storage kind; bitsandbytes' NF4 layouts are models/quant.py's.
 BYTES_PER_PARAM: dict[str, float] = {
-    "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 + 4 / 4096,
-    "nf4": 0.5 + 1 / BLOCKSIZE + 4 / (BLOCKSIZE * NESTED_BLOCKSIZE), "nf4-no-double-quant": 0.5 + 4 / BLOCKSIZE,
+    "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 + 4 / 4096, **NF4_BYTES_PER_PARAM,
 }
 # Optimizer states per trainable parameter, in units of the parameter's own bytes ("x") or fixed bytes.
 OPTIMIZER_STATES: dict[str, tuple[float, str]] = {
@@ -70,21 +67,6 @@ def weight_bytes(numel: int, kind: str) -> int:
         return int(math.ceil(numel * BYTES_PER_PARAM[kind]))
     except KeyError:
         raise KeyError(f"unknown weight storage {kind!r}; known: {', '.join(BYTES_PER_PARAM)}") from None
-
-
-def expert_4bit_bytes(shape: tuple[int, ...], blocksize: int = BLOCKSIZE,
-                      nested_blocksize: int = NESTED_BLOCKSIZE) -> int:
-    """Bytes one [E, out, in] expert tensor takes with `quantize_moe_experts` (all its stored parts:
-    archtune.moe.quant4 quantizes each expert on its own, NF4 with double quantization).
-
-    >>> expert_4bit_bytes((64, 256, 512))   # 8.4M weights: 16 MiB in bf16
-    4330816
-    """
-    experts, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
-    blocks = math.ceil(n / blocksize)
-    nested = math.ceil(blocks / nested_blocksize)
-    per_expert = math.ceil(n / 2) + blocks + 4 * nested + 4  # codes, absmax codes, scales, offset
-    return experts * per_expert + 4 * (16 + 256 + 512)  # + the NF4 and 8-bit code tables, the byte decoder
 
 
 @dataclass
@@ -110,56 +92,6 @@ def _text_model(model):
     """The decoder that turns input_ids into hidden states (no lm_head)."""
     inner = getattr(model, "model", None)
     return inner if inner is not None else model.get_decoder()
-
-
-@contextlib.contextmanager
-def _meta_forward_patches() -> Iterator[None]:
-    """What makes a training forward run on meta tensors and save what the GPU kernels save:
-    packed-sequence detection reads values (skipped: no packing), SDPA as the fused kernel,
-    experts as a balanced grouped matmul."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import masking_utils
-
-    original_sdpa, original_find = F.scaled_dot_product_attention, masking_utils.find_packed_sequence_indices
-
-    def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if enable_gqa and key.shape[-3] != query.shape[-3]:
-            repeat = query.shape[-3] // key.shape[-3]
-            key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p, bool(is_causal and attn_mask is None), attn_mask=attn_mask, scale=scale)[0]
-
-    F.scaled_dot_product_attention = fused_sdpa
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original_sdpa
-        masking_utils.find_packed_sequence_indices = original_find
-
-
-def _balanced_experts(self, hidden_states, top_k_index, top_k_weights):
-    """Experts as grouped_mm saves them, on meta tensors (every routed copy through one expert's
-    shapes): the routed copies of the input, the gate/up output, the activation, the down input."""
-    k = top_k_index.shape[-1]
-    x = hidden_states.repeat_interleave(k, dim=0)
-    gate_up = self.gate_up_proj[0]
-    h = x @ (gate_up if gate_up.shape[0] == x.shape[-1] else gate_up.T)
-    gate, up = h.chunk(2, dim=-1)
-    h = self.act_fn(gate) * up
-    down = self.down_proj[0]
-    out = (h @ (down if down.shape[0] == h.shape[-1] else down.T)) * top_k_weights.reshape(-1, 1).to(h.dtype)
-    return out.view(hidden_states.shape[0], k, -1).sum(1)
-
-
-def _register_balanced_experts() -> str:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    name = "archtune_meta_balanced"
-    if name not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(name, _balanced_experts)
-    return name
 
 
 @dataclass
@@ -197,13 +129,13 @@ def measure_activations(model, layer_classes: set[str], batch: int, seq: int) ->
         handles.append(layer.register_forward_hook(lambda m, a, o: where.__setitem__("layer", None)))
     if hasattr(model, "set_experts_implementation"):
         with contextlib.suppress(Exception):  # models without experts refuse any implementation
-            model.set_experts_implementation(_register_balanced_experts())
+            model.set_experts_implementation(META_BALANCED_EXPERTS.apply())
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     try:
-        with _meta_forward_patches(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with META_FUSED_ATTENTION.apply(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             _text_model(model)(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
@@ -245,7 +177,7 @@ def _is_frozen_tower(name: str, plan: "Plan") -> bool:
 def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
     import torch
 
-    bf16 = plan.config.bf16 is True
+    bf16 = plan.training.bf16  # as resolved: `bf16: auto` is true on a GPU with bfloat16
     quantized = bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
     base_kind = "bfloat16" if bf16 else "float32"
     output = model.get_output_embeddings()
@@ -254,6 +186,8 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
         quantized_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output}
     four_bit_experts = set()
     if plan.quantize_moe_experts:  # the expert tensors stored as archtune.moe.quant4 stores them
+        from archtune.moe.quant4 import expert_4bit_bytes  # (it imports PEFT: only for a model that has them)
+
         four_bit_experts = {id(p) for n, p in model.named_parameters() if p.dim() == 3 and any(
             n == t or n.endswith("." + t) for t in plan.expert_param_names)}
     weights = 0
@@ -270,12 +204,12 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
     adapter_params = 0
     trainable_bytes = 0
     if plan.get("adapter") in ("lora", "qlora"):
-        r = int(plan.config.lora_r)
+        r = int(plan.get("lora_r"))
         linears, tensors = _lora_targets(plan, model)
         adapter_params = sum(r * (m.in_features + m.out_features) for _, m in linears)
         adapter_params += sum(r * shape[0] * (shape[1] + shape[2]) for _, shape in tensors)
         saved = 0
-        for name in plan.config.lora_modules_to_save or []:
+        for name in plan.get("lora_modules_to_save") or []:
             for n, m in model.named_modules():
                 if n == name or n.endswith("." + name):
                     saved += sum(p.numel() for p in m.parameters(recurse=True))
@@ -336,9 +270,10 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
 
     notes: list[str] = []
     model = meta_model(plan.model_config, plan.family.auto_class)
-    if plan.config.bf16 is True:
+    training = plan.training
+    if training.bf16:
         model = model.to(torch.bfloat16)
-    cfg, ws = plan.config, plan.world_size
+    ws = plan.world_size
     sizes = _parameter_bytes(plan, model)
     fsdp = bool(plan.get("fsdp")) and ws > 1
     shard = ws if fsdp else 1
@@ -352,12 +287,12 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
         notes.append("rl_reference_model: frozen_copy: a second, frozen copy of the model is the reference")
     adapter = sizes["adapter"] // shard
     gradients = sizes["trainable_bytes"] // shard
-    optimizer = _optimizer_bytes(str(cfg.optimizer), sizes["trainable_params"], sizes["trainable_bytes"], notes) // shard
+    optimizer = _optimizer_bytes(training.optimizer, sizes["trainable_params"], sizes["trainable_bytes"], notes) // shard
     if offload_params:
         gradients = optimizer = 0
         notes.append("fsdp_offload_params: parameters, gradients and optimizer states live in host memory")
 
-    batch, seq = int(cfg.micro_batch_size), int(cfg.sequence_len)
+    batch, seq = training.micro_batch_size, plan.data.sequence_len
     saved = measure_activations(model, sizes["layer_classes"], batch, seq)
     if plan.get("activation_offloading"):
         activations = saved.outside + max(saved.per_layer, default=0) + saved.layer_input
@@ -372,7 +307,7 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
     text = model.config.get_text_config()
     vocab = int(text.vocab_size)
     cap = getattr(text, "final_logit_softcapping", None)
-    logit_bytes = 2 if cfg.bf16 is True else 4
+    logit_bytes = 2 if training.bf16 else 4
     per_element = logit_bytes + 4 * (2 + (1 if cap else 0))  # logits, fp32 copy/log-softmax, gradient, softcap
     tokens = batch * seq
     if plan.get("chunked_cross_entropy"):
@@ -418,23 +353,23 @@ def _with(plan: "Plan", **changes) -> "Plan":
 
 def fitting_settings(plan: "Plan", budget: int) -> list[str]:
     """Settings (one change each, from the cheapest) under which the estimate fits `budget` bytes."""
-    cfg = plan.config
+    training = plan.training
+    micro, accumulation = training.micro_batch_size, training.gradient_accumulation_steps
+    offloading = bool(plan.get("activation_offloading"))
     candidates: list[tuple[str, dict]] = []
-    if not cfg.gradient_checkpointing:
+    if not training.gradient_checkpointing and not offloading:
         candidates.append(("gradient_checkpointing: true", {"gradient_checkpointing": True}))
-    if cfg.micro_batch_size > 1:
-        half = max(1, cfg.micro_batch_size // 2)
-        candidates.append((f"micro_batch_size: {half} with gradient_accumulation_steps: "
-                           f"{cfg.gradient_accumulation_steps * cfg.micro_batch_size // half}",
-                           {"micro_batch_size": half,
-                            "gradient_accumulation_steps": cfg.gradient_accumulation_steps * cfg.micro_batch_size // half}))
+    if micro > 1:
+        half = max(1, micro // 2)
+        candidates.append((f"micro_batch_size: {half} with gradient_accumulation_steps: {accumulation * micro // half}",
+                           {"micro_batch_size": half, "gradient_accumulation_steps": accumulation * micro // half}))
     if not plan.get("chunked_cross_entropy"):
         candidates.append(("chunked_cross_entropy: true", {"chunked_cross_entropy": True}))
-    if not cfg.activation_offloading:
+    if not offloading:
         candidates.append(("activation_offloading: true", {"activation_offloading": True, "gradient_checkpointing": True}))
-    if cfg.adapter is None:
+    if not plan.get("adapter"):
         candidates.append(("adapter: lora", {"adapter": "lora"}))
-    if plan.get("adapter") != "qlora" and not cfg.load_in_4bit:
+    if plan.get("adapter") != "qlora" and not plan.get("load_in_4bit"):
         candidates.append(("adapter: qlora with load_in_4bit: true", {"adapter": "qlora", "load_in_4bit": True}))
     fits: list[str] = []
     for label, changes in candidates:
@@ -456,6 +391,5 @@ def fitting_settings(plan: "Plan", budget: int) -> list[str]:
     return fits
 
 
-__all__ = ["BLOCKSIZE", "NESTED_BLOCKSIZE", "BYTES_PER_PARAM", "MemoryEstimate", "expert_4bit_bytes", "PARTS", "estimate_memory", "fitting_settings", "layer_classes",
-           "measure_activations",
-           "parse_bytes", "strategy", "weight_bytes"]
+__all__ = ["BYTES_PER_PARAM", "MemoryEstimate", "PARTS", "estimate_memory", "fitting_settings", "layer_classes",
+           "measure_activations", "parse_bytes", "strategy", "weight_bytes"]
