@@ -77,7 +77,7 @@ META_FUSED_ATTENTION = register_patch(Patch(
     doc="On the meta-device skeleton of `check --memory`, SDPA runs as the fused kernel (no [T x T] matrix "
         "saved) and transformers' packed-sequence detection, which reads values, finds no packing.",
     apply=meta_attention,
-    upstream="torch 2.13.0, transformers 5.25.0",
+    upstream="transformers 5.25.0",  # and torch 2.13's _scaled_dot_product_flash_attention_for_cpu
     relies_on={"transformers.integrations.sdpa_attention.sdpa_attention_forward": "9be3d6b1f79a",
                "transformers.masking_utils.find_packed_sequence_indices": "ebd2ac7ca795"},
 ))
