@@ -27,6 +27,7 @@ FLOW: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("train",),
     ("diagnostics",),
+    ("export",),
     ("docs",),
     ("cli",),
     ("__main__",),
@@ -111,7 +112,7 @@ RAW_CONFIG_READERS = {
     # `check --memory`'s "would fit" suggestions resolve the config as written with one key changed.
     ("diagnostics/memory.py", "_with"),
 }
-STAGES = ("models", "patches", "adapters", "moe", "data", "train", "diagnostics")
+STAGES = ("models", "patches", "adapters", "moe", "data", "train", "diagnostics", "export")
 
 
 def raw_config_reads(source: str) -> list[tuple[str, str]]:

@@ -316,6 +316,71 @@ def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
     console.print(f"merged {report.merged} tensors {how}; merged model written to {target}")
 
 
+@app.command("export")
+def export_command(config: Path, overrides: Optional[list[str]] = OverridesArg,
+                   fmt: Optional[str] = typer.Option(None, "--format", help="gguf, merged or adapter (default: the "
+                                                     "config's export.format, else gguf)."),
+                   outtype: Optional[str] = typer.Option(None, "--outtype", help="f32, f16, bf16 or q8_0 (gguf; "
+                                                         "default f16), f32/f16/bf16 for merged."),
+                   quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="GGUF: also write this "
+                                                                "llama.cpp type, e.g. Q4_K_M (repeatable)."),
+                   out: Optional[Path] = typer.Option(None, "--out", help="The file (gguf) or directory "
+                                                      "(default: OUTPUT_DIR/export/...)."),
+                   prompts: int = typer.Option(8, "--prompts", help="Held-out prompts the artifact is checked on."),
+                   as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object.")) -> None:
+    """Write the trained model as GGUF, merged weights or an adapter, load it back in its runtime and
+    check it computes what the trained model computes (exit 2 when it does not)."""
+    from archtune.export import export, settings_from
+    from archtune.train.recipe import plan_for
+
+    cfg = _load(config, overrides)
+    setup = plan_for(cfg)
+    settings = settings_from(setup.plan, format=fmt, outtype=outtype, quantize=quantize, out=out, prompts=prompts)
+    say = (lambda _: None) if as_json else (lambda text: console.print(escape(text), highlight=False))
+    report = export(setup.plan, setup.tokenizer, settings, log=say)
+    if as_json:
+        print(json.dumps(report.to_json()))
+    else:
+        _print_export_report(report)
+    if not report.ok:
+        err_console.print(f"[bold red]error[/] {escape(_export_failure(report))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _print_export_report(report) -> None:
+    if report.merged_tensors is not None:
+        console.print(report.merged_tensors.sentence() + ("" if report.format != "adapter" else " (applied by PEFT)"))
+    table = Table(title=f"archtune export: {report.format} -> {report.path}", title_justify="left")
+    for column in ("file", "type", "max |diff|", "rel. (tol.)", "greedy"):
+        table.add_column(column, overflow="fold")
+    for v, path in zip(report.verifications, report.files):
+        table.add_row(Path(path).name, v.outtype, f"{v.max_abs_logit_diff:.2g}",
+                      f"{v.max_rel_logit_diff:.2g} ({v.tolerance:.2g})", f"{v.greedy_agree}/{len(v.prompts)}",
+                      style=None if v.ok else "red")
+    console.print(table)
+    runtimes = sorted({v.runtime for v in report.verifications})
+    console.print(f"checked in {', '.join(runtimes)} against the trained model on held-out prompts "
+                  f"({report.prompt_source}); greedy: prompts whose argmax agrees wherever the trained model's "
+                  "choice is clear")
+    for note in report.notes + [n for v in report.verifications for n in v.notes]:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def _export_failure(report) -> str:
+    parts = []
+    count = report.merged_tensors
+    if count is not None and not count.ok:
+        shown = ", ".join(count.missing[:5]) + (" ..." if len(count.missing) > 5 else "")
+        parts.append(f"{count.sentence()}; not merged: {shown}")
+    for v, path in zip(report.verifications, report.files):
+        if not v.ok:
+            parts.append(f"{Path(path).name} ({v.runtime}, {v.outtype}): max relative logit difference "
+                         f"{v.max_rel_logit_diff:.3g} (tolerance {v.tolerance:.3g}), greedy tokens agree on "
+                         f"{v.greedy_agree} of {len(v.prompts)} prompts")
+    return ("the exported model does not compute what the trained model computes: " + "; ".join(parts)
+            + ". Fix: report this with the JSON report (--json); do not serve this file")
+
+
 @app.command("scan-weights")
 def scan_weights(model_dir: Path,
                  rule: list[str] = typer.Option(..., "--rule", help="PATTERN=THRESHOLD, e.g. 'linear_attn\\.conv1d\\.weight=1.3' (repeatable)."),

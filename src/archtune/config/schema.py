@@ -101,6 +101,21 @@ class FsdpConfig(BaseModel):
     fsdp_activation_checkpointing: bool = Field(False, description="Activation checkpointing inside FSDP units.")
 
 
+class ExportConfig(_Strict):
+    """Axolotl 0.21's `export:` block: what `archtune export CONFIG` writes when no flag says otherwise."""
+
+    format: Literal["gguf", "merged", "adapter"] = Field(
+        "gguf", description="gguf (llama.cpp, Ollama, LM Studio), merged (safetensors) or adapter (PEFT's files).")
+    outtype: Literal["f32", "f16", "bf16", "q8_0", "auto"] | None = Field(
+        None, description="Tensor type of the file (default: f16 for gguf, the model's dtype otherwise).")
+    quantize: list[str] | None = Field(
+        None, description="GGUF only: more files quantized by llama.cpp's quantizer, e.g. [Q4_K_M, Q5_K_M, Q8_0].")
+    outfile: str | None = Field(None, description="Where the file or directory goes (default: OUTPUT_DIR/export/).")
+    llama_cpp_dir: str | None = Field(
+        None, description="Axolotl's llama.cpp checkout; archtune writes GGUF itself and quantizes through "
+        "llama-cpp-python, so it needs none and reads no file from here.")
+
+
 class Config(_Strict):
     """An archtune training config. Unknown keys are errors (with a did-you-mean hint)."""
 
@@ -268,6 +283,7 @@ class Config(_Strict):
 
     # ---- outputs and logging
     output_dir: str = Field("./outputs/run", description="Where weights, train_summary.json, loss.png and logs go.")
+    export: ExportConfig | None = Field(None, description="Axolotl 0.21's export block (see ExportConfig): `archtune export CONFIG` writes and verifies it.")
     save_steps: int | None = Field(None, description="Checkpoint every N steps (default: only at the end).")
     save_total_limit: int | None = Field(None, description="Keep at most N checkpoints.")
     eval_steps: int | None = Field(None, description="Evaluate every N steps (always before the first and after the last).")

@@ -63,6 +63,26 @@ class TinyModel:
     build_processor: Callable[["PretrainedConfig"], Any] | None = None
 
 
+@dataclass(frozen=True)
+class GgufArch:
+    """How the family's text model is written as GGUF (llama.cpp's format), beyond what every
+    family shares (archtune.export's writer: the common hyperparameters, the tokenizer, the
+    tensor names of the `gguf` package's map).
+
+    `arch` is llama.cpp's architecture name. `tensors(name, tensor, text_config)` turns one
+    tensor of the text model (named as a stand-alone text model names it: `model.layers.N...`,
+    `lm_head.weight`) into the tensors llama.cpp reads, still under Hugging Face names the
+    `gguf` package maps (e.g. a norm offset folded in, a fused tensor split); [] drops it.
+    `metadata(writer, text_config)` adds the architecture's own keys with the `gguf` package's
+    GGUFWriter methods. `keep_f32` are regexes (search) of tensors llama.cpp reads as float32.
+    """
+
+    arch: str
+    tensors: Callable[[str, Any, dict[str, Any]], Any] | None = None
+    metadata: Callable[[Any, dict[str, Any]], None] | None = None
+    keep_f32: tuple[str, ...] = ()
+
+
 # Special tokens every tiny config may point its multimodal ids at (archtune's tokenizer has them all).
 SPECIAL_TOKENS = (
     "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
@@ -176,6 +196,9 @@ class Family:
     rules: list[FamilyRule] = field(default_factory=list)
     # Names of the patches (archtune.patches) the family's model needs, e.g. for packing.
     patches: list[str] = field(default_factory=list)
+    # GGUF export (`archtune export --format gguf`): the text config's model_type -> how it is
+    # written; a model_type not listed has no GGUF writer here.
+    gguf: dict[str, GgufArch] = field(default_factory=dict)
 
     def tiny(self, name: str) -> TinyModel | None:
         return next((t for t in self.tiny_models if t.name == name), None)

@@ -12,7 +12,7 @@ import copy
 from typing import Any
 
 from archtune.families import Family, FamilyRule, TinyModel, register_family
-from archtune.families.base import special_token_ids
+from archtune.families.base import GgufArch, special_token_ids
 from archtune.families.media import media_chat_template, media_tokenizer
 
 # Language-model linears only: Gemma 4's seed regex (same module names) with dots escaped.
@@ -23,6 +23,21 @@ LORA_TARGET_REGEX = (
     r"model\.(language_model\.)?layers\.\d+\.(_checkpoint_wrapped_module\.)?"
     r"(mlp|self_attn)\.(up|down|gate|q|k|v|o)_proj"
 )
+
+
+
+def _gguf_tensors(name: str, tensor, text: dict):
+    """Gemma3RMSNorm scales by (1 + weight); llama.cpp's RMS norm scales by the stored weight,
+    so every norm (layer norms, q/k norms, the final norm) is written with the 1 added."""
+    if name.endswith("norm.weight"):
+        return [(name, tensor.float() + 1.0)]
+    return [(name, tensor)]
+
+
+def _gguf_metadata(writer, text: dict) -> None:
+    if text.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(text["final_logit_softcapping"])
+
 
 _TEXT: dict[str, Any] = dict(
     hidden_size=64,
@@ -101,6 +116,10 @@ FAMILY = register_family(
         modalities=("image",),
         lora_target_regex=LORA_TARGET_REGEX,
         packing_drop_attention_mask=True,
+        # llama.cpp's own gemma3 (rotate-half RoPE, sqrt(hidden) embedding scale, 1/sqrt(head_dim)
+        # attention scale as HF's query_pre_attn_scalar = head_dim); the sliding layers are written
+        # per layer from layer_types.
+        gguf={t: GgufArch("gemma3", tensors=_gguf_tensors, metadata=_gguf_metadata) for t in ("gemma3", "gemma3_text")},
         tiny_models=(
             TinyModel(
                 "gemma3",

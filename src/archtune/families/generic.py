@@ -7,7 +7,25 @@ architecture, and the defaults elsewhere (e.g. a user's `lora_target_modules`) a
 from __future__ import annotations
 
 from archtune.families import GENERIC, Family, TinyModel, register_family
-from archtune.families.base import special_token_ids
+from archtune.families.base import GgufArch, special_token_ids
+
+
+def _interleave_rope_halves(tensor, heads: int):
+    """q/k rows from Hugging Face's rotate-half order to the interleaved pairs llama.cpp's
+    `llama` architecture rotates (its converter undoes the same permutation)."""
+    return (tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, *tensor.shape[1:])
+            .swapaxes(1, 2).reshape(tensor.shape))
+
+
+def _llama_gguf_tensors(name: str, tensor, text: dict):
+    if name.endswith("q_proj.weight"):
+        return [(name, _interleave_rope_halves(tensor, text["num_attention_heads"]))]
+    if name.endswith("k_proj.weight"):
+        return [(name, _interleave_rope_halves(tensor, text.get("num_key_value_heads") or text["num_attention_heads"]))]
+    return [(name, tensor)]
+
+
+LLAMA_GGUF = GgufArch("llama", tensors=_llama_gguf_tensors)
 
 
 def _llama_config(tokenizer):
@@ -43,5 +61,6 @@ FAMILY = register_family(
         tiny_models=(
             TinyModel("llama", "Plain dense Llama (4 layers, hidden 64): the control model", _llama_config),
         ),
+        gguf={"llama": LLAMA_GGUF, "mistral": LLAMA_GGUF},
     )
 )

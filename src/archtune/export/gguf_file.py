@@ -1,0 +1,270 @@
+"""archtune's GGUF writer, on the `gguf` package (the format's own Python library).
+
+From the merged (or fully fine-tuned) model in memory: the text model's tensors under llama.cpp's
+names (the `gguf` package's tensor map, after the family's transforms: `Family.gguf`), the
+hyperparameters every llama.cpp architecture reads (and the family's own keys), and the
+tokenizer (tokens, types, merges, special token ids, whether BOS is added, the chat template).
+Multimodal towers are not written: llama.cpp keeps them in a separate projector file (mmproj),
+which this writer does not produce; the GGUF holds the language model.
+
+Tensor types: 1-D tensors (norms, biases, scalars) and the family's `keep_f32` tensors are
+float32, as llama.cpp's converter writes them; the rest are the outtype (f32, f16, bf16, or q8_0
+through the `gguf` package's quantizer; a tensor whose rows q8_0's blocks of 32 do not divide
+stays f16).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from archtune.errors import UserError
+
+
+@dataclass
+class GgufWritten:
+    path: Path
+    arch: str
+    tensors: int
+    dropped: list[str] = field(default_factory=list)  # tower tensors left out (mmproj is not written)
+    types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensors
+
+
+def _qtypes():
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+
+
+def _file_type(outtype: str):
+    import gguf
+
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+
+
+def text_config_of(model) -> dict[str, Any]:
+    config = model.config.to_dict()
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
+def text_tensors(model, language_model_prefix: str, tied: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name as a stand-alone text model names it, tensor) for the language model; (name, None) for
+    every other tensor (towers, projectors), which the GGUF leaves out."""
+    prefix = f"{language_model_prefix}." if language_model_prefix else "model."
+    for name, tensor in model.state_dict().items():
+        if name.startswith(prefix):
+            yield "model." + name[len(prefix):], tensor
+        elif name == "lm_head.weight":
+            if not tied:
+                yield name, tensor
+        else:
+            yield name, None
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+def _rope(text: dict) -> tuple[dict, dict]:
+    params = text.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        return params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    legacy = {"rope_theta": text["rope_theta"]} if "rope_theta" in text else {}
+    return {**legacy, **params}, {}
+
+
+def write_hparams(writer, text: dict, vocab_size: int) -> None:
+    """The keys llama.cpp's architectures share, from the text config (Hugging Face key names)."""
+    import gguf
+
+    layers = int(text["num_hidden_layers"])
+    heads = int(text["num_attention_heads"])
+    head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    writer.add_block_count(layers)
+    writer.add_context_length(int(text.get("max_position_embeddings") or 4096))
+    writer.add_embedding_length(int(text["hidden_size"]))
+    if text.get("intermediate_size"):
+        writer.add_feed_forward_length(int(text["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(text.get("num_key_value_heads") or heads))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(text.get("rms_norm_eps") or 1e-6))
+    writer.add_vocab_size(vocab_size)
+    full, sliding = _rope(text)
+    writer.add_rope_dimension_count(int(head_dim * float(full.get("partial_rotary_factor")
+                                                         or text.get("partial_rotary_factor") or 1.0)))
+    if full.get("rope_theta") is not None:
+        writer.add_rope_freq_base(float(full["rope_theta"]))
+    if sliding.get("rope_theta") is not None:
+        writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
+    kind = full.get("rope_type")
+    if kind == "linear" and full.get("factor"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    elif kind not in (None, "default"):
+        raise UserError.single("base_model", f"the model's RoPE scaling {kind!r} is not written to GGUF by archtune",
+                               "export --format merged, or a model with default or linear RoPE")
+    types = text.get("layer_types") or []
+    if "sliding_attention" in types and text.get("sliding_window"):
+        writer.add_sliding_window(int(text["sliding_window"]))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    if text.get("num_experts") or text.get("num_local_experts"):
+        writer.add_expert_count(int(text.get("num_experts") or text.get("num_local_experts")))
+    if text.get("num_experts_per_tok"):
+        writer.add_expert_used_count(int(text["num_experts_per_tok"]))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _token_types(tokenizer) -> tuple[list[str], list[int]]:
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _byte_level_bpe(tokenizer_json: dict) -> bool:
+    model = tokenizer_json.get("model") or {}
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    return model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
+        and not model.get("byte_fallback")
+
+
+def write_tokenizer(writer, tokenizer, vocab_size: int, eos_ids: list[int]) -> None:
+    """A byte-level BPE tokenizer with the GPT-2 split (llama.cpp's "gpt2" model, "gpt-2" pre-tokenizer)."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    data = json.loads(backend.to_str()) if backend is not None else {}
+    if not _byte_level_bpe(data):
+        kind = f"{(data.get('model') or {}).get('type')} / {(data.get('pre_tokenizer') or {}).get('type')}"
+        raise UserError.single("tokenizer_config", f"archtune's GGUF writer carries byte-level BPE tokenizers with "
+                               f"the GPT-2 split; this tokenizer is {kind}",
+                               "export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py")
+    tokens, types = _token_types(tokenizer)
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = data["model"].get("merges") or []
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            add(int(value))
+    for extra in eos_ids:  # the end of a chat turn: llama.cpp stops generating there too
+        if extra != tokenizer.eos_token_id:
+            writer.add_eot_token_id(int(extra))
+            break
+    bos = tokenizer.bos_token_id
+    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    writer.add_add_eos_token(False)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# ---------------------------------------------------------------- tensors
+
+def _array(tensor: torch.Tensor, qtype, qtypes) -> tuple[np.ndarray, Any]:
+    import gguf
+
+    data = tensor.detach().to(torch.float32).contiguous().numpy()
+    if qtype == qtypes["f32"]:
+        return data, qtype
+    if qtype == qtypes["f16"]:
+        return data.astype(np.float16), qtype
+    if qtype == qtypes["q8_0"] and data.shape[-1] % 32:
+        return data.astype(np.float16), qtypes["f16"]
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, outtype: str,
+               name: str = "") -> GgufWritten:
+    """`model` (a merged or fully trained transformers model) as a GGUF file at `path`."""
+    import gguf
+
+    text = text_config_of(model)
+    tied = bool(text.get("tie_word_embeddings", model.config.to_dict().get("tie_word_embeddings", False)))
+    qtypes = _qtypes()
+    main_type = qtypes[outtype]
+    tensors = []
+    dropped = []
+    for hf_name, tensor in text_tensors(model, language_model_prefix, tied):
+        if tensor is None:
+            dropped.append(hf_name)
+            continue
+        tensors.extend(spec.tensors(hf_name, tensor, text) if spec.tensors else [(hf_name, tensor)])
+    vocab_rows = next((int(t.shape[0]) for n, t in tensors if n == "model.embed_tokens.weight"), len(tokenizer))
+    layers = int(text["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[_arch_enum(spec.arch)], layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), spec.arch)
+    if name:
+        writer.add_name(name)
+    writer.add_file_type(_file_type(outtype))
+    write_hparams(writer, text, vocab_rows)
+    if spec.metadata:
+        spec.metadata(writer, text)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    write_tokenizer(writer, tokenizer, vocab_rows, eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    keep = [re.compile(p) for p in spec.keep_f32]
+    types: dict[str, int] = {}
+    unmapped = []
+    for hf_name, tensor in tensors:
+        target = hf_name if hf_name.startswith(("blk.", "token_embd", "output")) else \
+            names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            unmapped.append(hf_name)
+            continue
+        f32 = tensor.dim() <= 1 or any(p.search(hf_name) for p in keep)
+        data, qtype = _array(tensor, qtypes["f32"] if f32 else main_type, qtypes)
+        writer.add_tensor(target, data, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+    if unmapped:
+        writer.close()
+        path.unlink(missing_ok=True)
+        raise UserError.single("base_model", f"{len(unmapped)} tensors have no llama.cpp name for arch {spec.arch} "
+                               f"(e.g. {', '.join(unmapped[:3])})",
+                               "export --format merged; this architecture variant is not written to GGUF yet")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GgufWritten(path, spec.arch, sum(types.values()), dropped, types)
+
+
+def _arch_enum(arch: str) -> str:
+    import gguf
+
+    for member, value in gguf.MODEL_ARCH_NAMES.items():
+        if value == arch:
+            return member.name
+    raise UserError.single("base_model", f"the gguf package has no architecture {arch!r}",
+                           "upgrade the gguf package (pip install -U gguf)")
+
+
+__all__ = ["GgufWritten", "text_config_of", "text_tensors", "write_gguf", "write_hparams", "write_tokenizer"]

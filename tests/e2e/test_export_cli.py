@@ -1,0 +1,182 @@
+"""`archtune export`: each artifact loaded back in its runtime computes what the trained model computes.
+
+Per case (a tiny family trained a few LoRA steps, expert LoRA on the MoE families):
+
+* merged: transformers alone reloads it; every adapted tensor (expert tensors counted apart) is
+  merged with the trained value; logits equal the trained adapter's;
+* adapter: stock PEFT reloads it on a transformers base, with the trained deltas and logits;
+* gguf: llama.cpp (llama-cpp-python) loads the file, splits the prompts as the Hugging Face
+  tokenizer does, and its logits are within the outtype's tolerance; k-quants come from
+  llama.cpp's own quantizer;
+* the controls: a GGUF written without Gemma's norm offset, and a merged model whose expert
+  deltas were dropped, exit 2.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.e2e.conftest import QUICKSTART_DATA, head_jsonl, run_cli, write_config
+
+pytestmark = pytest.mark.e2e
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FAMILY_KEYS = {
+    "llama": {"lora_target_modules": LINEARS},
+    "gemma3": {},
+    "qwen3_5-moe": {"lora_target_parameters": EXPERTS},
+}
+
+
+def _needs_llama_cpp():
+    pytest.importorskip("gguf", reason="the gguf package (archtune[gguf]) is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (archtune[gguf]) is not installed: "
+                        "the GGUF files cannot be loaded in llama.cpp here")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """family -> the config of a finished 3-step LoRA run (trained once per module, on first use)."""
+    import sys
+
+    runs: dict = {}
+
+    def get(family: str):
+        if family not in runs:
+            tmp = tmp_path_factory.mktemp(family)
+            train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp / "train.jsonl", 32)
+            test = head_jsonl(QUICKSTART_DATA / "test.jsonl", tmp / "test.jsonl", 6)
+            config = write_config(tmp / "run.yaml", base_model=f"tiny:{family}", adapter="lora", lora_r=4,
+                                  lora_alpha=8, **FAMILY_KEYS[family],
+                                  datasets=[{"path": str(train), "type": "alpaca"}],
+                                  test_datasets=[{"path": str(test), "type": "alpaca"}],
+                                  dataset_prepared_path=str(tmp / "prepared"), sequence_len=64, micro_batch_size=4,
+                                  max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0,
+                                  output_dir=str(tmp / "out"), use_tensorboard=False)
+            argv, sys.argv = sys.argv, ["archtune", "train", str(config)]
+            try:
+                from archtune.cli import main
+
+                main()
+            except SystemExit as exc:
+                assert not exc.code, f"training tiny:{family} failed"
+            finally:
+                sys.argv = argv
+            runs[family] = config
+        return runs[family]
+
+    return get
+
+
+def _export(capsys, config, *args):
+    code, out, err = run_cli(capsys, "export", config, *args, "--json")
+    report = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
+    return code, report, err
+
+
+def test_merged_expert_lora_reloads_in_transformers_with_every_delta(trained, capsys):
+    code, report, err = _export(capsys, trained("qwen3_5-moe"), "--format", "merged")
+    assert code == 0, err
+    assert report["format"] == "merged"
+    # 4 layers x (gate_up_proj, down_proj): every expert delta merged with the trained value.
+    assert report["merged_tensors"] == {"merged": 8, "adapted": 8, "expert": 8, "not_merged": []}
+    v = report["verification"]
+    assert v["runtime"].startswith("transformers") and v["prompts"] == 6 and v["greedy_agree"] == 6
+    assert v["max_rel_logit_diff"] <= 1e-5, v
+
+
+def test_adapter_reloads_with_stock_peft(trained, capsys):
+    code, report, err = _export(capsys, trained("qwen3_5-moe"), "--format", "adapter")
+    assert code == 0, err
+    assert report["merged_tensors"]["merged"] == report["merged_tensors"]["adapted"] == 8
+    assert report["verification"]["runtime"].startswith("peft")
+    assert report["verification"]["max_rel_logit_diff"] <= 1e-5
+    assert any("vLLM" in n for n in report["notes"])  # 3D expert LoRA: what serving engines do is said
+
+
+def test_merged_export_fails_when_expert_deltas_are_dropped(trained, capsys, monkeypatch):
+    """The control: a merge that leaves the experts as the base had them is caught, exit 2."""
+    import archtune.export.hf as hf
+
+    config = trained("qwen3_5-moe")
+    saved = hf.save_merged
+
+    def drop_expert_deltas(merged, tokenizer, out, outtype):
+        from archtune.config import load_config
+        from archtune.train.assembly import assemble_model
+        from archtune.train.recipe import plan_for
+
+        setup = plan_for(load_config(config))
+        base = dict(assemble_model(setup.plan, setup.tokenizer, "reference").model.named_parameters())
+        for name, p in merged.named_parameters():
+            if "experts" in name:
+                p.data.copy_(base[name].data)
+        saved(merged, tokenizer, out, outtype)
+
+    monkeypatch.setattr(hf, "save_merged", drop_expert_deltas)
+    code, report, err = _export(capsys, config, "--format", "merged")
+    assert code == 2
+    assert report["merged_tensors"]["merged"] == 0 and report["merged_tensors"]["adapted"] == 8
+    assert "merged 0 of 8 adapted tensors, 8 of them expert tensors" in err
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_gguf_loads_in_llama_cpp_and_matches(family, trained, capsys):
+    _needs_llama_cpp()
+    code, report, err = _export(capsys, trained(family), "--format", "gguf", "--outtype", "f16",
+                                "--quantize", "Q8_0", "--quantize", "Q4_K_M")
+    assert code == 0, err
+    assert report["merged_tensors"]["merged"] == report["merged_tensors"]["adapted"] == 28
+    checks = [report["verification"], *report["quantized"]]
+    assert [c["outtype"] for c in checks] == ["f16", "Q8_0", "Q4_K_M"]
+    for c in checks:
+        print(json.dumps({"family": family, **{k: c[k] for k in ("outtype", "max_abs_logit_diff",
+                                                                  "max_rel_logit_diff", "greedy_agree")}}))
+        assert c["runtime"].startswith("llama.cpp") and c["ok"], c
+        assert c["tokenizer_mismatches"] == 0
+    assert checks[0]["max_rel_logit_diff"] < 5e-3  # f16
+    assert checks[0]["greedy_agree"] == checks[0]["prompts"]
+
+
+def test_gguf_f32_matches_to_float_precision(trained, capsys):
+    _needs_llama_cpp()
+    code, report, err = _export(capsys, trained("gemma3"), "--outtype", "f32")
+    assert code == 0, err
+    assert report["format"] == "gguf" and report["path"].endswith("model-f32.gguf")
+    assert report["verification"]["max_rel_logit_diff"] < 1e-3
+
+
+def test_gguf_without_gemma_norm_offset_fails(trained, capsys, monkeypatch):
+    """The control: Gemma's (1 + weight) norms written as plain weights give other logits: exit 2."""
+    _needs_llama_cpp()
+    from archtune.families import FAMILIES
+    from archtune.families.base import GgufArch
+
+    family = FAMILIES["gemma3"]
+    monkeypatch.setitem(family.gguf, "gemma3_text", GgufArch("gemma3"))
+    code, report, err = _export(capsys, trained("gemma3"), "--outtype", "f32")
+    assert code == 2
+    assert report["verification"]["ok"] is False and report["verification"]["max_rel_logit_diff"] > 0.05
+    assert "does not compute what the trained model computes" in err
+
+
+def test_the_config_export_block_is_honored(trained, capsys, tmp_path):
+    import yaml
+
+    config = trained("llama")
+    keys = yaml.safe_load(config.read_text())
+    keys["export"] = {"format": "merged", "outfile": str(tmp_path / "served"), "llama_cpp_dir": "/nowhere"}
+    block = write_config(tmp_path / "with_export.yaml", **keys)
+    code, report, err = _export(capsys, block)
+    assert code == 0, err
+    assert report["format"] == "merged" and report["path"] == str(tmp_path / "served")
+    assert (tmp_path / "served" / "config.json").is_file()
+
+
+def test_usage_errors_name_the_flag(trained, capsys):
+    config = trained("llama")
+    code, _, err = run_cli(capsys, "export", config, "--format", "merged", "--quantize", "Q4_K_M")
+    assert code == 2 and "--quantize" in err
+    code, _, err = run_cli(capsys, "export", config, "--format", "onnx")
+    assert code == 2 and "unknown export format" in err
