@@ -25,7 +25,10 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 FAMILY_KEYS = {
     "llama": {"lora_target_modules": LINEARS},
     "gemma3": {},
-    "qwen3_5-moe": {"lora_target_parameters": EXPERTS},
+    "qwen3_5": {},  # the family's default targets: attention, DeltaNet projections, MLP
+    "qwen3_5-moe": {"lora_target_parameters": EXPERTS,
+                    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z",
+                                            "out_proj", "gate_proj", "up_proj", "down_proj"]},
 }
 
 
@@ -79,8 +82,8 @@ def test_merged_expert_lora_reloads_in_transformers_with_every_delta(trained, ca
     code, report, err = _export(capsys, trained("qwen3_5-moe"), "--format", "merged")
     assert code == 0, err
     assert report["format"] == "merged"
-    # 4 layers x (gate_up_proj, down_proj): every expert delta merged with the trained value.
-    assert report["merged_tensors"] == {"merged": 8, "adapted": 8, "expert": 8, "not_merged": []}
+    # 4 layers x (gate_up_proj, down_proj) expert tensors, and 25 linears: every delta merged with the trained value.
+    assert report["merged_tensors"] == {"merged": 33, "adapted": 33, "expert": 8, "not_merged": []}
     v = report["verification"]
     assert v["runtime"].startswith("transformers") and v["prompts"] == 6 and v["greedy_agree"] == 6
     assert v["max_rel_logit_diff"] <= 1e-5, v
@@ -89,7 +92,7 @@ def test_merged_expert_lora_reloads_in_transformers_with_every_delta(trained, ca
 def test_adapter_reloads_with_stock_peft(trained, capsys):
     code, report, err = _export(capsys, trained("qwen3_5-moe"), "--format", "adapter")
     assert code == 0, err
-    assert report["merged_tensors"]["merged"] == report["merged_tensors"]["adapted"] == 8
+    assert report["merged_tensors"]["merged"] == report["merged_tensors"]["adapted"] == 33
     assert report["verification"]["runtime"].startswith("peft")
     assert report["verification"]["max_rel_logit_diff"] <= 1e-5
     assert any("vLLM" in n for n in report["notes"])  # 3D expert LoRA: what serving engines do is said
@@ -110,24 +113,29 @@ def test_merged_export_fails_when_expert_deltas_are_dropped(trained, capsys, mon
         setup = plan_for(load_config(config))
         base = dict(assemble_model(setup.plan, setup.tokenizer, "reference").model.named_parameters())
         for name, p in merged.named_parameters():
-            if "experts" in name:
+            if "mlp.experts" in name:
                 p.data.copy_(base[name].data)
         saved(merged, tokenizer, out, outtype)
 
     monkeypatch.setattr(hf, "save_merged", drop_expert_deltas)
     code, report, err = _export(capsys, config, "--format", "merged")
     assert code == 2
-    assert report["merged_tensors"]["merged"] == 0 and report["merged_tensors"]["adapted"] == 8
-    assert "merged 0 of 8 adapted tensors, 8 of them expert tensors" in err
+    assert report["merged_tensors"]["merged"] == 25 and report["merged_tensors"]["adapted"] == 33
+    assert "merged 25 of 33 adapted tensors, 8 of them expert tensors" in err
+    assert all("mlp.experts" in name for name in report["merged_tensors"]["not_merged"])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+ADAPTED = {"llama": (28, 0), "gemma3": (28, 0), "qwen3_5": (25, 0), "qwen3_5-moe": (33, 8)}
+
+
+@pytest.mark.parametrize("family", list(ADAPTED))
 def test_gguf_loads_in_llama_cpp_and_matches(family, trained, capsys):
     _needs_llama_cpp()
     code, report, err = _export(capsys, trained(family), "--format", "gguf", "--outtype", "f16",
                                 "--quantize", "Q8_0", "--quantize", "Q4_K_M")
     assert code == 0, err
-    assert report["merged_tensors"]["merged"] == report["merged_tensors"]["adapted"] == 28
+    adapted, experts = ADAPTED[family]
+    assert report["merged_tensors"] == {"merged": adapted, "adapted": adapted, "expert": experts, "not_merged": []}
     checks = [report["verification"], *report["quantized"]]
     assert [c["outtype"] for c in checks] == ["f16", "Q8_0", "Q4_K_M"]
     for c in checks:
@@ -139,12 +147,14 @@ def test_gguf_loads_in_llama_cpp_and_matches(family, trained, capsys):
     assert checks[0]["greedy_agree"] == checks[0]["prompts"]
 
 
-def test_gguf_f32_matches_to_float_precision(trained, capsys):
+@pytest.mark.parametrize("family, bound", [("gemma3", 1e-3), ("qwen3_5-moe", 1e-5), ("qwen3_5", 1e-5)])
+def test_gguf_f32_matches_to_float_precision(family, bound, trained, capsys):
+    """The writer's exactness: llama.cpp in float32 (Gemma's GELU comes from a float16 table there)."""
     _needs_llama_cpp()
-    code, report, err = _export(capsys, trained("gemma3"), "--outtype", "f32")
+    code, report, err = _export(capsys, trained(family), "--outtype", "f32")
     assert code == 0, err
     assert report["format"] == "gguf" and report["path"].endswith("model-f32.gguf")
-    assert report["verification"]["max_rel_logit_diff"] < 1e-3
+    assert report["verification"]["max_rel_logit_diff"] < bound
 
 
 def test_gguf_without_gemma_norm_offset_fails(trained, capsys, monkeypatch):
@@ -159,6 +169,29 @@ def test_gguf_without_gemma_norm_offset_fails(trained, capsys, monkeypatch):
     assert code == 2
     assert report["verification"]["ok"] is False and report["verification"]["max_rel_logit_diff"] > 0.05
     assert "does not compute what the trained model computes" in err
+
+
+def test_gguf_without_deltanet_transforms_fails(trained, capsys, monkeypatch):
+    """The control: Qwen 3.5's tensors written as Hugging Face holds them (A_log, grouped value
+    heads, norms without their 1) give other logits in llama.cpp: exit 2."""
+    _needs_llama_cpp()
+    from archtune.families import FAMILIES
+    from archtune.families.base import GgufArch
+
+    family = FAMILIES["qwen3_5"]
+    spec = family.gguf["qwen3_5_text"]
+
+    def experts_only(name, tensor, text):  # keep what llama.cpp needs to load the file at all
+        if name.endswith(".conv1d.weight"):
+            return [(name, tensor.squeeze(1))]
+        if name.endswith(".dt_bias"):
+            return [(name.removesuffix(".dt_bias") + ".dt_proj.bias", tensor)]
+        return [(name, tensor)]
+
+    monkeypatch.setitem(family.gguf, "qwen3_5_text", GgufArch(spec.arch, tensors=experts_only, metadata=spec.metadata))
+    code, report, err = _export(capsys, trained("qwen3_5"), "--outtype", "f32")
+    assert code == 2
+    assert report["verification"]["max_rel_logit_diff"] > 0.05
 
 
 def test_the_config_export_block_is_honored(trained, capsys, tmp_path):

@@ -156,7 +156,7 @@ def _export_merged(plan, tokenizer, settings, expected, prompts, source, referen
     tensors = dict(reloaded.named_parameters())
     count = count_merged(expected, tensors.get)
     check = verify(f"transformers {transformers.__version__}", settings.outtype, prompts, reference,
-                   lambda ids: hf_logits(reloaded, ids))
+                   lambda ids: hf_logits(reloaded, ids), moe=plan.family.moe(plan.model_config))
     return ExportReport("merged", str(out), count, [check], [str(out)], source)
 
 
@@ -178,7 +178,8 @@ def _export_adapter(plan, tokenizer, settings, trained, expected, prompts, sourc
     stock = hf.load_adapter_stock(base, out)
     applied = {t.name: t.expected for t in adapted_tensors(stock)}
     count = count_merged(expected, applied.get, relative=RELOAD_RELATIVE)
-    check = verify(f"peft {peft.__version__}", settings.outtype, prompts, reference, lambda ids: hf_logits(stock, ids))
+    check = verify(f"peft {peft.__version__}", settings.outtype, prompts, reference, lambda ids: hf_logits(stock, ids),
+                   moe=plan.family.moe(plan.model_config))
     notes = hf.serving_notes(config)
     if plan.get("normalize_weight_scales"):
         notes.append("normalize_weight_scales rescaled the base before training: a server that loads this adapter "

@@ -73,7 +73,7 @@ def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference:
     for kind, path in zip((settings.outtype, *settings.quantize), files):
         loaded = LlamaModel(path, n_ctx=max(64, max(len(p) for p in prompts)))
         try:
-            check = verify(runtime, kind, prompts, reference, loaded.logits)
+            check = verify(runtime, kind, prompts, reference, loaded.logits, moe=plan.family.moe(plan.model_config))
             check.tokenizer_mismatches = _tokenizer_mismatches(loaded, tokenizer, prompts)
         finally:
             loaded.close()

@@ -7,8 +7,8 @@ tokenizer (tokens, types, merges, special token ids, whether BOS is added, the c
 Multimodal towers are not written: llama.cpp keeps them in a separate projector file (mmproj),
 which this writer does not produce; the GGUF holds the language model.
 
-Tensor types: 1-D tensors (norms, biases, scalars) and the family's `keep_f32` tensors are
-float32, as llama.cpp's converter writes them; the rest are the outtype (f32, f16, bf16, or q8_0
+Tensor types: 1-D tensors (norms, biases, scalars) and the family's `keep_f32` tensors
+(and the norms, gates and kernels llama.cpp always reads in float32) are float32, as llama.cpp's converter writes them; the rest are the outtype (f32, f16, bf16, or q8_0
 through the `gguf` package's quantizer; a tensor whose rows q8_0's blocks of 32 do not divide
 stays f16).
 """
@@ -189,6 +189,11 @@ def write_tokenizer(writer, tokenizer, vocab_size: int, eos_ids: list[int]) -> N
 
 # ---------------------------------------------------------------- tensors
 
+# Tensors llama.cpp reads as float32 whatever the file type (as its own converter writes them):
+# norms, router and shared-expert gates, convolution kernels, and every tensor not named .weight.
+_ALWAYS_F32 = re.compile(r"(_norm\.weight|ffn_gate_inp(_shexp)?\.weight|ssm_conv1d\.weight)$|(?<!\.weight)$")
+
+
 def _array(tensor: torch.Tensor, qtype, qtypes) -> tuple[np.ndarray, Any]:
     import gguf
 
@@ -240,7 +245,7 @@ def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, o
         if target is None:
             unmapped.append(hf_name)
             continue
-        f32 = tensor.dim() <= 1 or any(p.search(hf_name) for p in keep)
+        f32 = tensor.dim() <= 1 or bool(_ALWAYS_F32.search(target)) or any(p.search(target) for p in keep)
         data, qtype = _array(tensor, qtypes["f32"] if f32 else main_type, qtypes)
         writer.add_tensor(target, data, raw_dtype=qtype)
         types[qtype.name] = types.get(qtype.name, 0) + 1

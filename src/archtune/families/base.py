@@ -74,7 +74,8 @@ class GgufArch:
     `lm_head.weight`) into the tensors llama.cpp reads, still under Hugging Face names the
     `gguf` package maps (e.g. a norm offset folded in, a fused tensor split); [] drops it.
     `metadata(writer, text_config)` adds the architecture's own keys with the `gguf` package's
-    GGUFWriter methods. `keep_f32` are regexes (search) of tensors llama.cpp reads as float32.
+    GGUFWriter methods. `keep_f32` are regexes (search, over llama.cpp's names) of more tensors
+    llama.cpp reads as float32.
     """
 
     arch: str

@@ -52,6 +52,7 @@ FAMILY = register_family(dataclasses.replace(
     moe.FAMILY,
     name="qwen3_5",
     model_types=("qwen3_5", "qwen3_5_text"),
+    gguf={t: moe.gguf_arch("qwen35") for t in ("qwen3_5", "qwen3_5_text")},
     models={"Qwen/Qwen3.5-9B": "dense, 9B parameters", "Qwen/Qwen3.5-27B": "dense, 27B parameters"},
     architecture_notes=(
         "Hybrid: Gated DeltaNet linear attention in three of every four layers, full attention in the fourth",

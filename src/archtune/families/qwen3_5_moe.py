@@ -17,7 +17,7 @@ import copy
 from typing import Any
 
 from archtune.families import Family, FamilyRule, TinyModel, register_family, text_config
-from archtune.families.base import special_token_ids
+from archtune.families.base import GgufArch, special_token_ids
 
 # Language-model linears: full-attention q/k/v/o, DeltaNet's big projections (in_proj_qkv,
 # in_proj_z, out_proj) and the shared expert. Left out on purpose: the router (`mlp.gate`) and
@@ -126,10 +126,96 @@ def _build_processor(config):
         chat_template=media_chat_template({"image": "<vision_start><image_soft_token><vision_end>"}))
 
 
+# ---------------------------------------------------------------- GGUF (llama.cpp's qwen35 / qwen35moe)
+
+def _tile_v_heads(tensor, dim: int, k_heads: int, v_per_k: int, head_dim: int):
+    """DeltaNet's value heads from Hugging Face's grouped order (each key head's value heads side by
+    side) to the tiled order llama.cpp broadcasts key heads in (head j of every group, then j+1)."""
+    shape = list(tensor.shape)
+    dim %= len(shape)
+    grouped = tensor.reshape(*shape[:dim], k_heads, v_per_k, head_dim, *shape[dim + 1:])
+    return grouped.transpose(dim, dim + 1).contiguous().reshape(shape)
+
+
+def _gguf_tensors(name: str, tensor, text: dict):
+    """Qwen 3.5's tensors as llama.cpp reads them:
+
+    * every RMSNorm but DeltaNet's gated norm scales by (1 + weight): written with the 1 added;
+    * DeltaNet: A_log as A = -exp(A_log), dt_bias as the dt projection's bias, the conv kernel
+      without its singleton dimension, value heads in tiled order when there are more value heads
+      than key heads (in_proj_qkv's value rows, in_proj_z, in_proj_a/b, A, dt, the conv's value
+      channels, out_proj's columns);
+    * experts: gate_up_proj [E, 2I, H] split into gate and up [E, I, H]; down_proj [E, H, I] as is.
+    """
+    import torch
+
+    if name.endswith("norm.weight") and ".linear_attn.norm." not in name:
+        return [(name, tensor.float() + 1.0)]
+    if name.endswith("mlp.experts.gate_up_proj"):
+        half = tensor.shape[-2] // 2
+        base = name.removesuffix(".gate_up_proj")
+        return [(f"{base}.gate_proj.weight", tensor[..., :half, :]), (f"{base}.up_proj.weight", tensor[..., half:, :])]
+    if name.endswith("mlp.experts.down_proj"):
+        return [(f"{name}.weight", tensor)]
+    if ".linear_attn." not in name:
+        return [(name, tensor)]
+    k_heads, v_heads = int(text["linear_num_key_heads"]), int(text["linear_num_value_heads"])
+    k_dim, v_dim = int(text["linear_key_head_dim"]), int(text["linear_value_head_dim"])
+    v_per_k = v_heads // k_heads
+    tile = v_per_k > 1
+    if name.endswith(".A_log"):
+        tensor = -tensor.float().exp()
+        return [(name, _tile_v_heads(tensor, 0, k_heads, v_per_k, 1) if tile else tensor)]
+    if name.endswith(".dt_bias"):
+        tensor = _tile_v_heads(tensor, 0, k_heads, v_per_k, 1) if tile else tensor
+        return [(name.removesuffix(".dt_bias") + ".dt_proj.bias", tensor)]
+    if ".conv1d." in name:
+        tensor = tensor.squeeze(1)
+        if tile:
+            qk = 2 * k_heads * k_dim
+            tensor = torch.cat([tensor[:qk], _tile_v_heads(tensor[qk:], 0, k_heads, v_per_k, v_dim)])
+        return [(name, tensor)]
+    if tile and ".in_proj_qkv." in name:
+        qk = 2 * k_heads * k_dim
+        return [(name, torch.cat([tensor[:qk], _tile_v_heads(tensor[qk:], 0, k_heads, v_per_k, v_dim)]))]
+    if tile and ".in_proj_z." in name:
+        return [(name, _tile_v_heads(tensor, 0, k_heads, v_per_k, v_dim))]
+    if tile and (".in_proj_a." in name or ".in_proj_b." in name):
+        return [(name, _tile_v_heads(tensor, 0, k_heads, v_per_k, 1))]
+    if tile and ".out_proj." in name:
+        return [(name, _tile_v_heads(tensor, 1, k_heads, v_per_k, v_dim))]
+    return [(name, tensor)]
+
+
+def _gguf_metadata(writer, text: dict) -> None:
+    """DeltaNet's sizes, which layers are recurrent, the interleaved M-RoPE sections, the experts' widths."""
+    writer.add_ssm_conv_kernel(int(text["linear_conv_kernel_dim"]))
+    writer.add_ssm_state_size(int(text["linear_key_head_dim"]))
+    writer.add_ssm_group_count(int(text["linear_num_key_heads"]))
+    writer.add_ssm_time_step_rank(int(text["linear_num_value_heads"]))
+    writer.add_ssm_inner_size(int(text["linear_value_head_dim"]) * int(text["linear_num_value_heads"]))
+    types = text.get("layer_types") or []
+    # llama.cpp's per-layer list (gguf 0.19.0 on PyPI has no method for this key yet)
+    writer.add_array(f"{writer.arch}.attention.recurrent_layers", [t == "linear_attention" for t in types])
+    writer.add_full_attention_interval(int(text.get("full_attention_interval") or 4))
+    rope = text.get("rope_parameters") or {}
+    sections = list(rope.get("mrope_section") or [11, 11, 10])
+    writer.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
+    if text.get("moe_intermediate_size"):
+        writer.add_expert_feed_forward_length(int(text["moe_intermediate_size"]))
+    if text.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(int(text["shared_expert_intermediate_size"]))
+
+
+def gguf_arch(arch: str) -> GgufArch:
+    return GgufArch(arch, tensors=_gguf_tensors, metadata=_gguf_metadata)
+
+
 FAMILY = register_family(
     Family(
         name="qwen3_5_moe",
         model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+        gguf={t: gguf_arch("qwen35moe") for t in ("qwen3_5_moe", "qwen3_5_moe_text")},
         models={"Qwen/Qwen3.5-35B-A3B": "MoE: 35B parameters, 3B active"},
         architecture_notes=(
             "Hybrid: Gated DeltaNet linear attention in 30 layers and full attention in 10 (every fourth layer)",
