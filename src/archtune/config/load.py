@@ -30,9 +30,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     Raises UserError with every problem found (file, YAML syntax, overrides, keys, values).
     """
     data, lines = _read_yaml(Path(path))
-    cfg = _build(data, list(overrides or ()), source=str(path), lines=lines)
-    cfg._source_dir = str(Path(path).resolve().parent)
-    return cfg
+    return _build(data, list(overrides or ()), source=str(path), lines=lines)
 
 
 def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = (), *, source: str = "<config>") -> Config:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -430,6 +429,8 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     """Data, model, TRL trainer, initial evaluation, training, final evaluation, outputs: the
     preference counterpart of the supervised recipe (same Plan, model building, output_dir claim,
     run record, resume and staged outputs). `resume`: the checkpoint to resume from, or None."""
+    from pathlib import Path
+
     from transformers.trainer_callback import ProgressCallback
 
     from archtune.adapters.lora import count_params
@@ -438,9 +439,11 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
     from archtune.plugins import load_plugins, run_hook
     from archtune.train import distributed
     from archtune.train.callbacks import LossBar, TrainClock
-    from archtune.train.outputs import identity_fields, params_fields, peak_rss_mb, processes_fields, progress_fields
-    from archtune.train.assembly import assemble_model, experts_implementation_in_use
-    from archtune.train.recipe import _callbacks, _claim_output_dir, run_guards, training_arguments
+    from archtune.train.outputs import (identity_fields, params_fields, peak_rss_mb, processes_fields, progress_fields,
+                                        write_summary)
+    from archtune.train import checkpoints
+    from archtune.train.assembly import assemble_model, experts_implementation_in_use, set_use_cache
+    from archtune.train.recipe import _callbacks, _claim_output_dir, run_guards, run_training, training_arguments
 
     main = distributed.is_main()
     out = Path(plan.training.output_dir)
@@ -461,9 +464,18 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
                             nonfinite=guards.watch)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
-    run = train_and_stage(trainer, guards, plan, resume, console, model, has_eval=data.eval is not None,
+    initial = trainer.evaluate() if data.eval is not None else {}
+    result = run_training(trainer, guards, plan, resume, console,
                           name_rows=lambda batches: batch_rows(batches, data, args.max_length))
-    initial, final, result, history, staged = run.initial, run.final, run.result, run.history, run.staged
+    final = trainer.evaluate() if data.eval is not None else {}
+
+    set_use_cache(model, True)
+    staged = checkpoints.clear_staging(out, "final") if main else checkpoints.staging_dir(out) / "final"
+    distributed.barrier()
+    trainer.save_model(str(staged))
+    history = trainer.state.log_history
+    if initial:
+        history = [{"step": 0, **initial}] + [h for h in history if not (h.get("step") == 0 and "eval_rows" in h)]
     train_logs = [h for h in history if "loss" in h]
     train_losses = [h["loss"] for h in train_logs]
     # Tokens the model read (prompt + answer of every sequence, over all processes).
@@ -488,52 +500,12 @@ def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
         summary[f"eval_{key}"] = final.get(f"eval_{key}")
         summary[f"eval_{key}_initial"] = initial.get(f"eval_{key}")
     if main:
-        publish_run(plan, tokenizer, staged, out, summary, lambda path, title: plot_preference(history, path, title))
+        tokenizer.save_pretrained(str(staged))
+        plot_preference(history, staged / "loss.png",
+                        f"{plan.training.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})")
+        checkpoints.publish_outputs(staged, out)
+        write_summary(out / checkpoints.SUMMARY, summary)  # last: its presence marks a finished run
     return summary
-
-
-@dataclass
-class StagedRun:
-    initial: dict  # the held-out metrics before training ({} without evaluation data)
-    final: dict  # and after
-    result: Any  # trainer.train()'s TrainOutput
-    history: list  # the log history, the step-0 evaluation first
-    staged: Any  # the staged final weights' directory
-
-
-def train_and_stage(trainer, guards, plan, resume, console, model, *, has_eval: bool, name_rows) -> StagedRun:
-    """Evaluation, training under the run's guards, evaluation, and the final weights saved (with
-    the KV cache on again) into output_dir/.staging: the middle of a TRL trainer's run."""
-    from archtune.train import checkpoints, distributed
-    from archtune.train.assembly import set_use_cache
-    from archtune.train.recipe import run_training
-
-    out = Path(plan.training.output_dir)
-    initial = trainer.evaluate() if has_eval else {}
-    result = run_training(trainer, guards, plan, resume, console, name_rows=name_rows)
-    final = trainer.evaluate() if has_eval else {}
-    set_use_cache(model, True)
-    staged = checkpoints.clear_staging(out, "final") if distributed.is_main() else checkpoints.staging_dir(out) / "final"
-    distributed.barrier()
-    trainer.save_model(str(staged))
-    history = trainer.state.log_history  # train() starts a fresh state: the step-0 evaluation is added back
-    if initial:
-        history = [{"step": 0, **initial}] + [h for h in history if not (h.get("step") == 0 and "eval_rows" in h)]
-    return StagedRun(initial, final, result, history, staged)
-
-
-def publish_run(plan, tokenizer, staged, out, summary: dict, plot) -> None:
-    """Rank 0, after training: the tokenizer and loss.png (`plot(path, title)`) beside the staged
-    weights, all renamed into output_dir, then train_summary.json, last: its presence marks a
-    finished run."""
-    from archtune.train import checkpoints
-    from archtune.train.outputs import write_summary
-
-    tokenizer.save_pretrained(str(staged))
-    plot(staged / "loss.png", f"{plan.training.base_model} ({plan.family.name}, "
-         f"{summary.get('method') or method(plan)}, {plan.get('adapter') or 'full'})")
-    checkpoints.publish_outputs(staged, out)
-    write_summary(out / checkpoints.SUMMARY, summary)
 
 
 def plot_preference(history: list[dict], path, title: str):
@@ -571,5 +543,4 @@ def plot_preference(history: list[dict], path, title: str):
 
 
 __all__ = ["REWARD_KEYS", "PreferenceTrainerMixin", "Scorer", "batch_rows", "build_trainer", "evaluate_preference", "method",
-           "publish_run", "StagedRun", "train_and_stage",
            "plot_preference", "preference_metrics", "train_preference", "trainer_class", "trl_arguments"]

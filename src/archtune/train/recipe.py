@@ -222,10 +222,6 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
         _say(console, f"[blue]info:[/] {line}")
     for warning in plan.warnings:
         _say(console, f"[yellow]warning:[/] {warning}")
-    if plan.get("rl_trainer") == "GRPOTrainer":  # rl: grpo: online RL on TRL's GRPOTrainer (train/grpo.py)
-        from archtune.train.grpo import train_grpo
-
-        return train_grpo(cfg, plan, tokenizer, console, resume)
     if plan.get("rl_trainer"):  # rl / reward_model: TRL's preference trainers (train/preference.py)
         from archtune.train.preference import train_preference
 
