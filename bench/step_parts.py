@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from archtune.config import load_config
     from archtune.train import recipe
+    from archtune.train.lifecycle import RecipeRun
 
     patch_trainer()
     result: dict = {"bench": "profile_parts", "config": args.config, "overrides": args.overrides,
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         return built
 
     recipe.assemble_model = build_instrumented
-    callbacks = recipe._callbacks
-    recipe._callbacks = lambda cfg, clock: callbacks(cfg, clock) + [Window()]
+    callbacks = RecipeRun.callbacks
+    RecipeRun.callbacks = lambda run, plugins: callbacks(run, plugins) + [Window()]
     summary = recipe.train(load_config(args.config, args.overrides))
     result["unprofiled_step_s"] = round(sorted(times)[len(times) // 2], 4) if times else None
     result["experts_implementation"] = summary.get("experts_implementation")

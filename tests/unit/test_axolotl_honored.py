@@ -24,7 +24,7 @@ def plan_for(name: str = "llama", world_size: int = 1, **keys):
 
 
 def args_for(steps_per_epoch: int | None = None, has_eval: bool = True, **keys):
-    from archtune.train.recipe import training_arguments
+    from archtune.train.lifecycle import training_arguments
 
     plan = plan_for(**keys)
     assert not plan.errors, plan.errors

@@ -7,8 +7,8 @@ import base64
 import numpy as np
 import pytest
 
-from archtune.data import formats, media
-from archtune.data.formats import RowError
+from archtune.data import media, row_errors
+from archtune.data.row_errors import RowError
 from tests.audio_files import tone_wav
 
 
@@ -47,7 +47,7 @@ def test_undecodable_audio_is_a_row_error_with_its_reason():
     for data in (b"RIFF but not really a wave file", b"", tone_wav(440, 0.0)):
         with pytest.raises(RowError) as err:
             media.decode_audio(data, 16_000)
-        assert err.value.reason == formats.AUDIO_UNDECODABLE
+        assert err.value.reason == row_errors.AUDIO_UNDECODABLE
 
 
 def test_audio_sources_path_base64_bytes_and_audios_column(tmp_path):
@@ -68,10 +68,10 @@ def test_audio_sources_path_base64_bytes_and_audios_column(tmp_path):
 
 
 @pytest.mark.parametrize("part, row, reason", [
-    ({"type": "audio", "audio": "nope.wav"}, {}, formats.AUDIO_MISSING),
-    ({"type": "audio", "url": "https://example.com/x.wav"}, {}, formats.AUDIO_MISSING),
-    ({"type": "audio"}, {"audios": []}, formats.AUDIO_MISSING),
-    ({"type": "audio", "base64": "%%%"}, {}, formats.AUDIO_UNDECODABLE),
+    ({"type": "audio", "audio": "nope.wav"}, {}, row_errors.AUDIO_MISSING),
+    ({"type": "audio", "url": "https://example.com/x.wav"}, {}, row_errors.AUDIO_MISSING),
+    ({"type": "audio"}, {"audios": []}, row_errors.AUDIO_MISSING),
+    ({"type": "audio", "base64": "%%%"}, {}, row_errors.AUDIO_UNDECODABLE),
 ])
 def test_bad_audio_sources_are_row_errors_with_their_reason(tmp_path, part, row, reason):
     messages = [{"role": "user", "content": [part]}, {"role": "assistant", "content": "ok"}]

@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from archtune.data import formats, media
-from archtune.data.formats import RowError
+from archtune.data import media, row_errors
+from archtune.data.row_errors import RowError
 
 
 def _png(color=(255, 0, 0), mode="RGB", size=(8, 8)) -> bytes:
@@ -38,10 +38,10 @@ def test_image_sources_path_base64_bytes_struct_and_llava_column(tmp_path):
 
 
 @pytest.mark.parametrize("part, row, reason", [
-    ({"type": "image", "path": "nope.png"}, {}, formats.IMAGE_MISSING),
-    ({"type": "image", "url": "https://example.com/x.png"}, {}, formats.IMAGE_MISSING),
-    ({"type": "image"}, {"images": []}, formats.IMAGE_MISSING),
-    ({"type": "image", "base64": "%%%"}, {}, formats.IMAGE_UNDECODABLE),
+    ({"type": "image", "path": "nope.png"}, {}, row_errors.IMAGE_MISSING),
+    ({"type": "image", "url": "https://example.com/x.png"}, {}, row_errors.IMAGE_MISSING),
+    ({"type": "image"}, {"images": []}, row_errors.IMAGE_MISSING),
+    ({"type": "image", "base64": "%%%"}, {}, row_errors.IMAGE_UNDECODABLE),
 ])
 def test_bad_image_sources_are_row_errors_with_their_reason(tmp_path, part, row, reason):
     with pytest.raises(RowError) as err:
@@ -52,10 +52,10 @@ def test_bad_image_sources_are_row_errors_with_their_reason(tmp_path, part, row,
 def test_decode_image_reasons_and_resize():
     with pytest.raises(RowError) as err:
         media.decode_image(b"not an image at all")
-    assert err.value.reason == formats.IMAGE_UNDECODABLE
+    assert err.value.reason == row_errors.IMAGE_UNDECODABLE
     with pytest.raises(RowError) as err:
         media.decode_image(_png(mode="I;16"))
-    assert err.value.reason == formats.IMAGE_MODE
+    assert err.value.reason == row_errors.IMAGE_MODE
     img = media.decode_image(_png(mode="L"), media.ImageSettings(size=(4, 6)))
     assert img.mode == "RGB" and img.size == (6, 4)
 

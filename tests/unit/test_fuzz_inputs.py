@@ -400,7 +400,7 @@ def test_random_rows_never_crash(tokenizer, fuzz_dir):
     """Rows read from JSONL/JSON/CSV text and encoded exactly as preprocess encodes them: each is
     kept or dropped with a reason and its FILE:LINE, never an exception."""
     from archtune.data.readers import _RawRows, _read_csv, _read_json
-    from archtune.data.formats import DROP_REASONS
+    from archtune.data.row_errors import DROP_REASONS
     from archtune.data.tokenize import RowEncoder, TokenizeSettings
 
     r = random.Random(SEED + 3)

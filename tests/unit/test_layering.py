@@ -90,6 +90,87 @@ def test_the_check_sees_imports_inside_functions():
     assert ("cli/commands.py", "cli", "train") in imports()
 
 
+# ---------------------------------------------------------------- modules: no circles
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports() -> dict[str, set[str]]:
+    """{module: the archtune modules it imports} (`from pkg import mod` counts as importing `pkg.mod`;
+    relative imports resolved; `if TYPE_CHECKING:` imports left out: they never run)."""
+    files = {_module_name(p): p for p in SRC.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for here, path in files.items():
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_nodes(tree)
+        package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target not in files and "." in target:
+                    target = target.rpartition(".")[0]
+                if target in files and target != here:
+                    edges.setdefault(here, set()).add(target)
+    return edges
+
+
+def import_circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (Tarjan's strongly
+    connected components of more than one module)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_the_circle_check_finds_a_circle():
+    # The control: a circle through a third module is found, a chain is not.
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_circles({"a": {"b"}, "b": {"c"}}) == []
+    assert ("archtune.train.recipe", "archtune.train.assembly") in {(a, b) for a, bs in module_imports().items() for b in bs}
+
+
+def test_no_module_imports_itself_through_others():
+    assert import_circles(module_imports()) == []
+
+
 def test_architecture_page_lists_the_flow():
     page = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
     for group in FLOW[1:]:
@@ -108,7 +189,7 @@ RAW_CONFIG_READERS = {
     # The data cache key hashes the token-shaping keys as written (a new material would move every cache).
     ("data/cache.py", "config_material"),
     # run_record.json keeps the keys as the user gave them, beside the plan.
-    ("train/recipe.py", "_claim_output_dir"),
+    ("train/lifecycle.py", "claim_output_dir"),
     # `check --memory`'s "would fit" suggestions resolve the config as written with one key changed.
     ("diagnostics/memory.py", "_with"),
 }

@@ -259,7 +259,8 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
 
 
 def _image_prompt(cfg, setup, prompt: str, paths: list[Path]) -> dict:
-    from archtune.data.media import MediaRefused, prompt_inputs
+    from archtune.data.formats import prompt_inputs
+    from archtune.data.media import MediaRefused
 
     media = setup.media.processor
     if media is None:
@@ -272,7 +273,7 @@ def _image_prompt(cfg, setup, prompt: str, paths: list[Path]) -> dict:
         except OSError as exc:
             raise UserError.single("--image", f"cannot read {path}: {exc.strerror or exc}", "give an image file") from None
     try:
-        from archtune.data.formats import RowError
+        from archtune.data.row_errors import RowError
 
         return prompt_inputs(media, setup.tokenizer, prompt, images, setup.plan.data.chat_template)
     except (RowError, MediaRefused) as exc:

@@ -1,7 +1,8 @@
 """The data pipeline: sources -> readers -> format -> tokenize + mask -> validate -> split ->
 pack -> cache (pipeline.py runs it: `prepare_data(plan, tokenizer)`, reading `plan.data`)."""
 from archtune.data.collate import DataCollator
-from archtune.data.formats import DROP_REASONS, render_prompt
+from archtune.data.formats import render_prompt
+from archtune.data.row_errors import DROP_REASONS
 from archtune.data.pipeline import STATS_KEYS, MediaSetup, PreparedData, prepare_data
 from archtune.data.sources import resolve_source
 from archtune.data.tokenize import IGNORE_INDEX, encode_prompt

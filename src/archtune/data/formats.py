@@ -6,8 +6,8 @@ masks are computed from character spans by `tokenize.py`, which maps them onto t
 of the one tokenization of the full text (so prompt/answer boundaries never depend on how
 a separately tokenized prefix would merge).
 
-A malformed row raises `RowError(reason, detail)`; the pipeline drops and counts it (or,
-with `strict_data`, reports it as FILE:LINE).
+A malformed row raises `RowError(reason, detail)` (data/row_errors.py); the pipeline drops and
+counts it (or, with `strict_data`, reports it as FILE:LINE).
 
 Add a format: write `def my_format(row, ds, ctx) -> Formatted` and register it with
 `register_format("my_format", my_format)` (the name must also be added to
@@ -21,56 +21,8 @@ from typing import Any, Callable
 
 from archtune.config.schema import DatasetConfig
 from archtune.errors import UserError
+from archtune.data.row_errors import EMPTY, MISSING_FIELD, TEMPLATE_ERROR, WRONG_TYPE, RowError
 from archtune.registry import Registry
-
-# Drop reasons, in the order they are reported. The first five are malformed rows.
-BAD_JSON = "bad_json"            # a line that is not JSON, or JSON that is not an object
-UNDECODABLE = "undecodable"      # bytes that are not UTF-8
-MISSING_FIELD = "missing_field"  # a field the format needs is absent (or null)
-WRONG_TYPE = "wrong_type"        # a field has the wrong type (e.g. output is a list)
-EMPTY = "empty"                  # the answer (or text) is empty
-TEMPLATE_ERROR = "template_error"  # the chat template refused the conversation (e.g. roles do not alternate)
-NO_LABELS = "no_labels"          # nothing left to train on after masking
-TOO_LONG = "too_long"            # longer than sequence_len (excess_length_strategy: drop)
-IMAGE_MISSING = "image_missing"          # no such file, a remote URL, or fewer images than image parts
-IMAGE_UNDECODABLE = "image_undecodable"  # bytes Pillow cannot read as an image
-IMAGE_MODE = "image_mode"                # a pixel mode with no RGB conversion (e.g. 16-bit, float)
-IMAGE_DROP_REASONS: tuple[str, ...] = (IMAGE_MISSING, IMAGE_UNDECODABLE, IMAGE_MODE)
-AUDIO_MISSING = "audio_missing"          # no such file, a remote URL, or fewer audios than audio parts
-AUDIO_UNDECODABLE = "audio_undecodable"  # not a PCM WAV file, or one without samples
-AUDIO_DROP_REASONS: tuple[str, ...] = (AUDIO_MISSING, AUDIO_UNDECODABLE)
-DROP_REASONS: tuple[str, ...] = (
-    BAD_JSON, UNDECODABLE, MISSING_FIELD, WRONG_TYPE, EMPTY, TEMPLATE_ERROR, NO_LABELS, TOO_LONG,
-    *IMAGE_DROP_REASONS, *AUDIO_DROP_REASONS)
-
-FIXES: dict[str, str] = {
-    BAD_JSON: "write one JSON object per line",
-    UNDECODABLE: "save the file as UTF-8",
-    MISSING_FIELD: "add the field, or map the format to your column names (field_instruction, "
-                   "field_input, field_output, field_messages, message_property_mappings, field)",
-    WRONG_TYPE: "make the field a string (messages: a list of {role, content} objects)",
-    EMPTY: "remove the row or give it an answer",
-    TEMPLATE_ERROR: "fix the conversation (e.g. roles alternate user/assistant) or set chat_template",
-    NO_LABELS: "give the row a turn in roles_to_train (or set train_on_inputs: true)",
-    TOO_LONG: "raise sequence_len or set excess_length_strategy: truncate (rows with images or audio are never "
-              "truncated)",
-    IMAGE_MISSING: "give every image part a readable local path, base64 data or bytes (remote URLs are not "
-                   "fetched), and as many `images` as image parts",
-    IMAGE_UNDECODABLE: "replace the file with a PNG/JPEG/WebP image Pillow can open",
-    IMAGE_MODE: "save the image as 8-bit RGB, RGBA, grayscale or palette",
-    AUDIO_MISSING: "give every audio part a readable local path, base64 data or bytes (remote URLs are not "
-                   "fetched), and as many `audios` as audio parts",
-    AUDIO_UNDECODABLE: "convert the audio to a PCM WAV file, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`",
-}
-
-
-class RowError(Exception):
-    """A malformed row: `reason` is one of DROP_REASONS, `detail` says what is wrong."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -149,7 +101,7 @@ def get_format(name: str) -> Formatter:
 
 # ---------------------------------------------------------------- field access
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {list: "a list", dict: "an object", bool: "a boolean", int: "a number",
             float: "a number"}.get(type(value), type(value).__name__)
 
@@ -165,7 +117,7 @@ def get_str(row: dict, name: str, *, required: bool = True) -> str:
             raise RowError(MISSING_FIELD, f"field {name!r} is missing (fields: {present})")
         return ""
     if not isinstance(value, str):
-        raise RowError(WRONG_TYPE, f"field {name!r} is {_type_name(value)}, expected a string")
+        raise RowError(WRONG_TYPE, f"field {name!r} is {type_name(value)}, expected a string")
     return value
 
 
@@ -212,7 +164,7 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot"
 _SENTINEL = "\uE000archtune-content\uE001"
 
 
-def _messages(row: dict, ds: DatasetConfig) -> list[dict]:
+def row_messages(row: dict, ds: DatasetConfig) -> list[dict]:
     raw = row.get(ds.field_messages)
     if raw is None:
         present = ", ".join(sorted(map(str, row))) or "none"
@@ -223,7 +175,7 @@ def _messages(row: dict, ds: DatasetConfig) -> list[dict]:
         except ValueError:
             raise RowError(WRONG_TYPE, f"field {ds.field_messages!r} is a string, expected a list of messages") from None
     if not isinstance(raw, list):
-        raise RowError(WRONG_TYPE, f"field {ds.field_messages!r} is {_type_name(raw)}, expected a list of messages")
+        raise RowError(WRONG_TYPE, f"field {ds.field_messages!r} is {type_name(raw)}, expected a list of messages")
     if not raw:
         raise RowError(EMPTY, f"field {ds.field_messages!r} is an empty list")
     role_key = ds.message_property_mappings.get("role", "role")
@@ -232,17 +184,17 @@ def _messages(row: dict, ds: DatasetConfig) -> list[dict]:
     for i, msg in enumerate(raw):
         where = f"{ds.field_messages}[{i}]"
         if not isinstance(msg, dict):
-            raise RowError(WRONG_TYPE, f"{where} is {_type_name(msg)}, expected an object")
+            raise RowError(WRONG_TYPE, f"{where} is {type_name(msg)}, expected an object")
         role = msg.get(role_key)
         if role is None:
             raise RowError(MISSING_FIELD, f"{where} has no {role_key!r}")
         if not isinstance(role, str):
-            raise RowError(WRONG_TYPE, f"{where}.{role_key} is {_type_name(role)}, expected a string")
+            raise RowError(WRONG_TYPE, f"{where}.{role_key} is {type_name(role)}, expected a string")
         content = msg.get(content_key)
         if content is None and not msg.get("tool_calls"):
             raise RowError(MISSING_FIELD, f"{where} has no {content_key!r}")
         if content is not None and not isinstance(content, (str, list)):
-            raise RowError(WRONG_TYPE, f"{where}.{content_key} is {_type_name(content)}, expected a string")
+            raise RowError(WRONG_TYPE, f"{where}.{content_key} is {type_name(content)}, expected a string")
         # Keep the other keys (tool_calls, name, ...) for the template, minus the nulls that
         # Arrow adds when it unifies the schemas of different messages.
         new = {k: v for k, v in msg.items() if k not in (role_key, content_key) and v is not None}
@@ -276,7 +228,7 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
-def _strip_after_end_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
+def strip_after_end_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
     """Exclude the whitespace a template writes after a turn's end marker.
 
     `<start_of_turn>model\\nHi<end_of_turn>\\n`: the loss covers `Hi<end_of_turn>`, not the
@@ -303,7 +255,7 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
     prefix, extended over an end marker (special token) both renderings have there; the row
     is counted in stats["mask_realigned"].
     """
-    messages = _messages(row, ds)
+    messages = row_messages(row, ds)
     messages, media = _media(messages, row, ctx)
     train_roles = {ROLE_ALIASES.get(r, r) for r in ds.roles_to_train}
     trained = [i for i, m in enumerate(messages) if m["role"] in train_roles]
@@ -344,7 +296,7 @@ def chat_template(row: dict, ds: DatasetConfig, ctx: FormatContext) -> Formatted
     spans: list[tuple[int, int]] = []
     for i in trained:
         start = start_of(i)
-        end = _strip_after_end_marker(full, start, end_of(i), ctx.special_tokens)
+        end = strip_after_end_marker(full, start, end_of(i), ctx.special_tokens)
         if end <= start:  # the turn renders differently once later turns exist (e.g. Qwen3's reasoning block)
             end = _content_end(full, start, messages[i]["content"], ctx.special_tokens)
         if end > start:
@@ -403,7 +355,7 @@ def _untrained_turn_ends(text: str, messages: list[dict], trained: list[int], sp
     closing.add(getattr(ctx.tokenizer, "eos_token", None) or "")
     out = []
     for i in sorted(set(range(len(messages))) - set(trained)):
-        end = _strip_after_end_marker(text, start_of(i), end_of(i), ctx.special_tokens)
+        end = strip_after_end_marker(text, start_of(i), end_of(i), ctx.special_tokens)
         cut = _without_end_marker(text, 0, end, ctx.special_tokens)
         if cut < end and text[cut:end] in closing:
             out.append((cut, end))
@@ -443,6 +395,26 @@ def render_prompt(dataset_cfg: DatasetConfig, tokenizer, prompt: str, *, chat_te
         except RowError as exc:
             raise UserError.single("chat_template", exc.detail, "fix the chat template") from None
     return prompt
+
+
+def prompt_inputs(media, tokenizer, prompt: str, images: list[bytes],
+                  chat_template: str | None = None) -> dict:
+    """Model inputs (batch of one) for a generation prompt to a model that reads images (`media`: its
+    data.media.MediaProcessor): one user turn holding the images, then the prompt, rendered as
+    training renders it (the processor's chat template unless the plan's `chat_template`, Jinja
+    text, is given), with the generation prompt."""
+    import torch
+
+    template = chat_template if chat_template is not None else getattr(media.processor, "chat_template", None)
+    ctx = FormatContext(tokenizer=tokenizer, chat_template=template)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = render_chat(ctx, [{"role": "user", "content": content}], add_generation_prompt=True)
+    ids, _, types = media.encode(text, images, [], [])
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    out.update({name: torch.tensor([types]) for name in media.token_type_names})
+    if images:
+        out.update(media.batch_inputs(images))
+    return out
 
 
 def resolve_chat_template(template: str | None, tokenizer) -> str | None:

@@ -45,7 +45,7 @@ from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
-from archtune.data.formats import (
+from archtune.data.row_errors import (
     AUDIO_MISSING,
     AUDIO_UNDECODABLE,
     IMAGE_MISSING,
@@ -400,26 +400,5 @@ class MediaProcessor:
         return {k: v for k, v in out.items() if not wanted or k in wanted}
 
 
-def prompt_inputs(media: MediaProcessor, tokenizer, prompt: str, images: list[bytes],
-                  chat_template: str | None = None) -> dict:
-    """Model inputs (batch of one) for a generation prompt: one user turn holding the images,
-    then the prompt, rendered as training renders it (the processor's chat template unless the
-    plan's `chat_template`, Jinja text, is given), with the generation prompt."""
-    import torch
-
-    from archtune.data.formats import FormatContext, render_chat
-
-    template = chat_template if chat_template is not None else getattr(media.processor, "chat_template", None)
-    ctx = FormatContext(tokenizer=tokenizer, chat_template=template)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    text = render_chat(ctx, [{"role": "user", "content": content}], add_generation_prompt=True)
-    ids, _, types = media.encode(text, images, [], [])
-    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    out.update({name: torch.tensor([types]) for name in media.token_type_names})
-    if images:
-        out.update(media.batch_inputs(images))
-    return out
-
-
-__all__ = ["MediaRefused", "MediaProcessor", "prompt_inputs", "ImageSettings", "RowMedia", "decode_image",
+__all__ = ["MediaRefused", "MediaProcessor", "ImageSettings", "RowMedia", "decode_image",
            "decode_audio", "resample", "content_kinds", "extract_media", "align_labels", "per_token_outputs"]

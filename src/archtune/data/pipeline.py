@@ -8,7 +8,7 @@
 Reading. Local files and directories (JSON, JSONL, Parquet, CSV; the type from the
 extension or `ds_type`) or a hub id (sources.py), read row by row as written (readers.py).
 
-Validation. A malformed row is dropped and counted by reason (formats.DROP_REASONS); with
+Validation. A malformed row is dropped and counted by reason (row_errors.DROP_REASONS); with
 `strict_data: true` every malformed row is reported at once as a UserError instead. Rows
 longer than sequence_len follow excess_length_strategy (not an error under strict_data).
 """
@@ -26,8 +26,8 @@ from typing import Iterator
 from typing import TYPE_CHECKING
 
 from archtune.config.schema import DatasetConfig
-from archtune.data import cache, formats
-from archtune.data.formats import DROP_REASONS, FIXES
+from archtune.data import cache, row_errors
+from archtune.data.row_errors import DROP_REASONS, FIXES
 from archtune.data.packing import pack_dataset, packing_stats
 from archtune.data.readers import _read_source
 from archtune.data.sources import Source, resolve_source, slice_rows
@@ -45,7 +45,7 @@ STATS_KEYS: tuple[str, ...] = (
     "train_tokens", "eval_tokens", "truncated", "mask_realigned", "image_rows", "audio_rows", "sources", "cache", "cache_dir")
 # Reasons that strict_data turns into errors: everything but too_long, which
 # excess_length_strategy governs.
-STRICT_REASONS = frozenset(DROP_REASONS) - {formats.TOO_LONG}
+STRICT_REASONS = frozenset(DROP_REASONS) - {row_errors.TOO_LONG}
 MAX_LISTED_PROBLEMS = 50
 _CHUNK_ROWS = 100_000
 _META = ("_drop", "_detail", "_src", "_truncated", "_realigned")
@@ -128,7 +128,7 @@ def _tally(parts: list[tuple[Source, object]], strict: bool) -> _Tally:
             for i in bad[: MAX_LISTED_PROBLEMS + 1]:
                 row = tok[i]
                 problems.append(Problem(row["_src"], f"{row['_drop']}: {row['_detail']}", FIXES[row["_drop"]]))
-        shape = here[formats.MISSING_FIELD] + here[formats.WRONG_TYPE]
+        shape = here[row_errors.MISSING_FIELD] + here[row_errors.WRONG_TYPE]
         if drops and shape == len(drops):  # not one row has the shape its type reads: one message, not one per row
             first = next(i for i, d in enumerate(drops) if d)
             problems.insert(0, _type_mismatch(src, tok[first]["_detail"]))

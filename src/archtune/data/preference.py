@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from archtune.config.schema import DatasetConfig
-from archtune.data import formats
-from archtune.data.formats import FIXES, FormatContext, RowError, render_chat
+from archtune.data import formats, row_errors
+from archtune.data.formats import FormatContext, render_chat
+from archtune.data.row_errors import FIXES, RowError
 from archtune.data.tokenize import _is_utf8, bos_to_add, check_tokenizer, special_token_strings
 from archtune.errors import Problem, UserError
 from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED
@@ -72,7 +73,7 @@ class _Encoder:
 
     def ids(self, text: str, *, first: bool) -> list[int]:
         if not _is_utf8(text):
-            raise RowError(formats.UNDECODABLE, "the row holds a lone surrogate (e.g. a \\ud800 escape)")
+            raise RowError(row_errors.UNDECODABLE, "the row holds a lone surrogate (e.g. a \\ud800 escape)")
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if first and self.bos is not None and (not ids or ids[0] != self.bos):
             ids.insert(0, self.bos)
@@ -92,16 +93,16 @@ def _message(value: Any, ds: DatasetConfig, name: str) -> dict:
     if isinstance(value, list) and value:
         value = value[-1]
     if isinstance(value, dict):
-        msgs = formats._messages({"m": [value]}, ds.model_copy(update={"field_messages": "m"}))
+        msgs = formats.row_messages({"m": [value]}, ds.model_copy(update={"field_messages": "m"}))
         return msgs[0]
-    raise RowError(formats.WRONG_TYPE, f"field {name!r} is {formats._type_name(value)}, expected a string, a "
+    raise RowError(row_errors.WRONG_TYPE, f"field {name!r} is {formats.type_name(value)}, expected a string, a "
                                        "message or a list of messages")
 
 
 def _field(row: dict, name: str) -> Any:
     if row.get(name) is None:
         present = ", ".join(sorted(map(str, row))) or "none"
-        raise RowError(formats.MISSING_FIELD, f"field {name!r} is missing (fields: {present})")
+        raise RowError(row_errors.MISSING_FIELD, f"field {name!r} is missing (fields: {present})")
     return row[name]
 
 
@@ -113,17 +114,17 @@ def _label(row: dict, name: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
-    raise RowError(formats.WRONG_TYPE, f"field {name!r} is {value!r}, expected true or false")
+    raise RowError(row_errors.WRONG_TYPE, f"field {name!r} is {value!r}, expected true or false")
 
 
 def _chat_answer(enc: _Encoder, messages: list[dict], prompt: str, answer: dict) -> list[int]:
     full = render_chat(enc.ctx, messages + [answer])
     if not full.startswith(prompt):
-        raise RowError(formats.TEMPLATE_ERROR, "the chat template renders the conversation differently once the "
+        raise RowError(row_errors.TEMPLATE_ERROR, "the chat template renders the conversation differently once the "
                                                "answer is appended, so the prompt is not a prefix of it")
-    end = formats._strip_after_end_marker(full, len(prompt), len(full), enc.ctx.special_tokens)
+    end = formats.strip_after_end_marker(full, len(prompt), len(full), enc.ctx.special_tokens)
     if not full[len(prompt):end].strip():
-        raise RowError(formats.EMPTY, "the answer is empty")
+        raise RowError(row_errors.EMPTY, "the answer is empty")
     return enc.answer_ids(full[len(prompt):end], add_eos=False)
 
 
@@ -146,11 +147,11 @@ def encode_row(row: dict, ds: DatasetConfig, enc: _Encoder, kind: str) -> dict:
             answer = formats.get_str(row, name)
             text = render_chat(enc.ctx, head + [{"role": "user", "content": user},
                                                 {"role": "assistant", "content": answer}])
-            end = formats._strip_after_end_marker(text, 0, len(text), enc.ctx.special_tokens)
+            end = formats.strip_after_end_marker(text, 0, len(text), enc.ctx.special_tokens)
             out[key] = enc.ids(text[:end], first=True)
         return out
     if ds.type == "chat_template.default":
-        messages = formats._messages(row, ds)
+        messages = formats.row_messages(row, ds)
         prompt = render_chat(enc.ctx, messages, add_generation_prompt=True)
         answers = [(name, _chat_answer(enc, messages, prompt, _message(raw, ds, name)))
                    for name, raw in _answers(row, ds, kind)]
@@ -159,9 +160,9 @@ def encode_row(row: dict, ds: DatasetConfig, enc: _Encoder, kind: str) -> dict:
         answers = []
         for name, raw in _answers(row, ds, kind):
             if not isinstance(raw, str):
-                raise RowError(formats.WRONG_TYPE, f"field {name!r} is {formats._type_name(raw)}, expected a string")
+                raise RowError(row_errors.WRONG_TYPE, f"field {name!r} is {formats.type_name(raw)}, expected a string")
             if not raw.strip():
-                raise RowError(formats.EMPTY, f"field {name!r} is empty")
+                raise RowError(row_errors.EMPTY, f"field {name!r} is empty")
             answers.append((name, enc.answer_ids(raw, add_eos=True)))
     prompt_ids = enc.ids(prompt, first=True)
     if len(answers) == 1:
@@ -191,10 +192,10 @@ def _rows(src, work) -> list[tuple[str, Any]]:
                 try:
                     row = json.loads(r["_raw"])
                 except ValueError as exc:
-                    out.append((r["_src"], RowError(formats.BAD_JSON, f"invalid JSON: {exc}")))
+                    out.append((r["_src"], RowError(row_errors.BAD_JSON, f"invalid JSON: {exc}")))
                     continue
                 out.append((r["_src"], row if isinstance(row, dict) else
-                            RowError(formats.BAD_JSON, "a JSON row must be an object")))
+                            RowError(row_errors.BAD_JSON, "a JSON row must be an object")))
         else:
             out.extend((f"{origin}:row {i + 1}", dict(r)) for i, r in enumerate(raw))
     return out
@@ -209,10 +210,10 @@ def _encode_source(src, data: "DataSettings", enc: _Encoder, kind: str, work, dr
                 raise row
             item = encode_row(row, src.cfg, enc, kind)
             if _length(item) > data.sequence_len and data.excess_length_strategy != "truncate":
-                raise RowError(formats.TOO_LONG, f"{_length(item)} tokens > sequence_len {data.sequence_len}")
+                raise RowError(row_errors.TOO_LONG, f"{_length(item)} tokens > sequence_len {data.sequence_len}")
         except RowError as exc:
             dropped[exc.reason] += 1
-            if data.strict_data and exc.reason != formats.TOO_LONG:
+            if data.strict_data and exc.reason != row_errors.TOO_LONG:
                 problems.append(Problem(where, f"{exc.reason}: {exc.detail}", FIXES[exc.reason]))
             continue
         kept.append({**item, SOURCE: where})

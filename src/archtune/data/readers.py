@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from archtune.data import formats
+from archtune.data import row_errors
 from archtune.data.sources import Source
 from archtune.errors import UserError
 
@@ -79,7 +79,7 @@ def _read_jsonl(path: Path, shown: str, rows: _RawRows) -> None:
             try:
                 rows.add(f"{shown}:{lineno}", line.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                rows.add(f"{shown}:{lineno}", None, formats.UNDECODABLE, _undecodable_detail(exc))
+                rows.add(f"{shown}:{lineno}", None, row_errors.UNDECODABLE, _undecodable_detail(exc))
 
 
 def _read_json_array(text: str, shown: str, rows: _RawRows) -> None:
@@ -103,7 +103,7 @@ def _read_json_array(text: str, shown: str, rows: _RawRows) -> None:
                 "fix the JSON there, or write the data as JSONL (one object per line), where a bad "
                 "line is dropped and counted instead of stopping the run") from None
         if _SURROGATES.search(json.dumps(obj, ensure_ascii=False)):
-            rows.add(f"{shown}:{line}", None, formats.UNDECODABLE, "invalid UTF-8 bytes in the row")
+            rows.add(f"{shown}:{line}", None, row_errors.UNDECODABLE, "invalid UTF-8 bytes in the row")
         else:
             rows.add(f"{shown}:{line}", json.dumps(obj, ensure_ascii=False))
         i = ws.match(text, end).end()
@@ -154,13 +154,13 @@ def _read_csv(path: Path, shown: str, rows: _RawRows) -> None:
             except StopIteration:
                 break
             except csv.Error as exc:  # e.g. a quote never closed: the rest of the file is one cell
-                rows.add(f"{shown}:{start}", None, formats.BAD_JSON, f"unreadable CSV record: {exc}")
+                rows.add(f"{shown}:{start}", None, row_errors.BAD_JSON, f"unreadable CSV record: {exc}")
                 break
             end = reader.line_num
             if not any(cell.strip() for cell in record):
                 continue
             if _SURROGATES.search("".join(record)):
-                rows.add(f"{shown}:{start}", None, formats.UNDECODABLE, "invalid UTF-8 bytes in the record")
+                rows.add(f"{shown}:{start}", None, row_errors.UNDECODABLE, "invalid UTF-8 bytes in the record")
                 continue
             rows.add(f"{shown}:{start}", json.dumps(dict(zip(header, record)), ensure_ascii=False))
 

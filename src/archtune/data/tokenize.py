@@ -17,8 +17,9 @@ import json
 from dataclasses import dataclass
 
 from archtune.config.schema import DatasetConfig
-from archtune.data import formats
-from archtune.data.formats import FormatContext, Formatted, RowError
+from archtune.data import formats, row_errors
+from archtune.data.formats import FormatContext, Formatted
+from archtune.data.row_errors import RowError
 from archtune.errors import UserError
 
 IGNORE_INDEX = -100
@@ -112,7 +113,7 @@ class RowEncoder:
                 items.append(_dropped(exc.reason, exc.detail))
                 continue
             if not _is_utf8(fm.text):  # a lone surrogate (JSON "\ud800"): the tokenizer cannot take it
-                items.append(_dropped(formats.UNDECODABLE, "the text holds a lone UTF-16 surrogate"))
+                items.append(_dropped(row_errors.UNDECODABLE, "the text holds a lone UTF-16 surrogate"))
                 continue
             items.append(fm)
         todo = [fm for fm in items if isinstance(fm, Formatted)]
@@ -156,17 +157,17 @@ class RowEncoder:
             ids, labels, types = self.media.encode(fm.text, fm.images, ids, labels, audios=fm.audios)
             extra = {"images": fm.images, "audios": fm.audios, "token_types": types}
         if all(lab == IGNORE_INDEX for lab in labels):
-            return _dropped(formats.NO_LABELS, "no tokens left to train on after masking", fm.realigned)
+            return _dropped(row_errors.NO_LABELS, "no tokens left to train on after masking", fm.realigned)
         truncated = False
         limit = self.settings.sequence_len
         if len(ids) > limit:
             if self.settings.excess_length_strategy != "truncate" or media:
                 why = " (a row with images or audio is never truncated: its media tokens must stay whole)" \
                     if media else ""
-                return _dropped(formats.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit}{why}", fm.realigned)
+                return _dropped(row_errors.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit}{why}", fm.realigned)
             ids, labels, truncated = ids[:limit], labels[:limit], True
             if all(lab == IGNORE_INDEX for lab in labels):
-                return _dropped(formats.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit} and "
+                return _dropped(row_errors.TOO_LONG, f"{len(ids)} tokens > sequence_len {limit} and "
                                                   "truncating leaves nothing to train on", fm.realigned)
         return {"input_ids": ids, "labels": labels, "length": len(ids), "_drop": "", "_detail": "",
                 "_truncated": truncated, "_realigned": fm.realigned, **extra}
@@ -258,9 +259,9 @@ def _parse_json(text: str):
     try:
         row = json.loads(text)
     except ValueError as exc:
-        return _Dropped(_dropped(formats.BAD_JSON, f"invalid JSON: {exc}"))
+        return _Dropped(_dropped(row_errors.BAD_JSON, f"invalid JSON: {exc}"))
     if not isinstance(row, dict):
-        return _Dropped(_dropped(formats.BAD_JSON, f"JSON {type(row).__name__} where an object was expected"))
+        return _Dropped(_dropped(row_errors.BAD_JSON, f"JSON {type(row).__name__} where an object was expected"))
     return row
 
 

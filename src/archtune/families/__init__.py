@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from archtune.families.base import Family, FamilyRule, Rule, TinyModel, text_config
+from archtune.families.base import Family, FamilyRule, TinyModel, text_config
 from archtune.registry import Registry
 
 GENERIC = "generic"
@@ -79,4 +79,4 @@ def tiny_names() -> list[str]:
     return [t.name for f in FAMILIES.values() for t in f.tiny_models]
 
 
-__all__ = ["FAMILIES", "Family", "FamilyRule", "Rule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]
+__all__ = ["FAMILIES", "Family", "FamilyRule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from archtune.plan import Plan
-
 
 @dataclass(frozen=True)
 class FamilyRule:
@@ -24,21 +22,6 @@ class FamilyRule:
 
     name: str
     why: str = ""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One decision a family (or every family) makes in `plan.resolve`.
-
-    `apply(plan)` reads the config, the model's config.json and the family's data, and calls
-    `plan.set` / `plan.default` / `plan.warn` / `plan.error`. Rules run in declaration order.
-    `doc` is one sentence -- what is set or refused, when, and why -- and is the line the rule
-    contributes to the generated docs/model_architectures.md.
-    """
-
-    name: str
-    doc: str
-    apply: Callable[["Plan"], None]
 
 
 def text_config(model_config: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 from archtune.plan.shared import ALL_LINEAR, yaml_list
 
 if TYPE_CHECKING:  # pragma: no cover

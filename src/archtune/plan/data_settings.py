@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan

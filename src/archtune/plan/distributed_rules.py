@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 from archtune.plan.shared import (LAYER_CLASSES_KEY, REENTRANT_KEY, WRAP_KEY, and_join, checkpoint_wrappers,
                                   fsdp_enabled, quantized_base, refused)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 from archtune.plan.shared import and_join
 # Plugin paths of other trainers' fused losses (archtune.plugins registers them as aliases).
 from archtune.plugins import CUT_CROSS_ENTROPY_PLUGIN

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 from archtune.plan.experts import EXPERTS, choose_experts_implementation
 from archtune.plan.shared import refused
 from archtune.plan.training_rules import cuda_available

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 from archtune.plan.shared import refused
 
 if TYPE_CHECKING:  # pragma: no cover

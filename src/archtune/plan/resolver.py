@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
-from archtune.families import Family, Rule, detect, model_types_of
+from archtune.families import Family, detect, model_types_of
 from archtune.plan.data_settings import DataSettings, chat_template_text, data_settings
 from archtune.plan.rules import GENERIC_RULES, LAYER_CLASSES_KEY, REFUSALS, family_rules
+from archtune.plan.shared import Rule
 from archtune.plan.train_settings import TrainSettings, train_settings
 from archtune.plan.structure import ModelStructure, StructureUnavailable, model_structure
 

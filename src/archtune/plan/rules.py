@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from archtune.families.base import Family, Rule
+from archtune.families.base import Family
+from archtune.plan.shared import Rule
 from archtune.plan.adapter_rules import (ADAPTER_RULES, confine_target_names, freeze_mm_modules,
                                          names_to_language_model_regex, no_all_linear_into_towers)
 from archtune.plan.data_settings import DATA_RULES

@@ -2,7 +2,8 @@
 adapter_rules, distributed_rules, moe_rules, packing, loss_rules, training_rules, preference)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
@@ -11,6 +12,21 @@ REENTRANT_KEY = "gradient_checkpointing_kwargs.use_reentrant"
 LAYER_CLASSES_KEY = "decoder_layer_classes"
 WRAP_KEY = "fsdp_config.fsdp_transformer_layer_cls_to_wrap"
 ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One decision of `plan.resolve`: a generic rule, or one a family names (`FamilyRule`).
+
+    `apply(plan)` reads the config, the model's config.json and the family's data, and calls
+    `plan.set` / `plan.default` / `plan.warn` / `plan.error`. Rules run in declaration order.
+    `doc` is one sentence -- what is set or refused, when, and why -- and is the line the rule
+    contributes to the generated docs/model_architectures.md.
+    """
+
+    name: str
+    doc: str
+    apply: Callable[["Plan"], None]
 
 
 def fsdp_enabled(plan: "Plan") -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 from archtune.plan.training_rules import cuda_available
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from archtune.families.base import Rule
+from archtune.plan.shared import Rule
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan

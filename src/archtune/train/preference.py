@@ -425,86 +425,66 @@ def batch_rows(batches: list[dict], data, max_length: int | None, limit: int = 1
 
 # ---------------------------------------------------------------- the recipe's preference branch
 
-def train_preference(cfg, plan, tokenizer, console, resume) -> dict:
+def train_preference(run) -> dict:
     """Data, model, TRL trainer, initial evaluation, training, final evaluation, outputs: the
-    preference counterpart of the supervised recipe (same Plan, model building, output_dir claim,
-    run record, resume and staged outputs). `resume`: the checkpoint to resume from, or None."""
-    from pathlib import Path
-
+    preference counterpart of the supervised recipe, through the same lifecycle (`run`: a
+    train.lifecycle.RecipeRun: output_dir claim, run record, guards, resume, staged outputs)."""
     from transformers.trainer_callback import ProgressCallback
 
     from archtune.adapters.lora import count_params
     from archtune.data.preference import prepare_preference_data
     from archtune.moe.quant4 import model_bytes
-    from archtune.plugins import load_plugins, run_hook
+    from archtune.plugins import load_plugins
     from archtune.train import distributed
-    from archtune.train.callbacks import LossBar, TrainClock
-    from archtune.train.outputs import (identity_fields, params_fields, peak_rss_mb, processes_fields, progress_fields,
-                                        write_summary)
-    from archtune.train import checkpoints
-    from archtune.train.assembly import assemble_model, experts_implementation_in_use, set_use_cache
-    from archtune.train.recipe import _callbacks, _claim_output_dir, run_guards, run_training, training_arguments
+    from archtune.train.assembly import assemble_model, experts_implementation_in_use
+    from archtune.train.callbacks import LossBar
+    from archtune.train.lifecycle import training_arguments
 
-    main = distributed.is_main()
-    out = Path(plan.training.output_dir)
+    plan, tokenizer = run.plan, run.tokenizer
     with distributed.local_main_first():
-        data = prepare_preference_data(plan, tokenizer, progress=main)
-    plugins = load_plugins(cfg)
-    model = assemble_model(plan, tokenizer, "train", console=console, plugins=plugins).model
+        data = prepare_preference_data(plan, tokenizer, progress=run.main)
+    plugins = load_plugins(run.cfg)
+    model = assemble_model(plan, tokenizer, "train", console=run.console, plugins=plugins).model
     trainable, total = count_params(model)
     weight_bytes = model_bytes(model, adapters=False)  # the loaded policy (QLoRA: its 4-bit base)
-    if main:
-        _claim_output_dir(cfg, plan, out, resume, data, console)
-    distributed.barrier()
-    clock = TrainClock()
-    guards = run_guards(plan, console)  # the same crash-safety guards as supervised runs
+    run.claim_output_dir(data.stats)
     args = trl_arguments(plan, training_arguments(plan, has_eval=data.eval is not None))
-    trainer = build_trainer(plan, model, tokenizer, data, args,
-                            _callbacks(plan, clock) + guards.callbacks() + run_hook(plugins, "callbacks", plan),
-                            nonfinite=guards.watch)
+    trainer = build_trainer(plan, model, tokenizer, data, args, run.callbacks(plugins), nonfinite=run.guards.watch)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     initial = trainer.evaluate() if data.eval is not None else {}
-    result = run_training(trainer, guards, plan, resume, console,
-                          name_rows=lambda batches: batch_rows(batches, data, args.max_length))
+    result = run.train(trainer, name_rows=lambda batches: batch_rows(batches, data, args.max_length))
     final = trainer.evaluate() if data.eval is not None else {}
 
-    set_use_cache(model, True)
-    staged = checkpoints.clear_staging(out, "final") if main else checkpoints.staging_dir(out) / "final"
-    distributed.barrier()
-    trainer.save_model(str(staged))
+    staged = run.stage(model, trainer)
     history = trainer.state.log_history
     if initial:
         history = [{"step": 0, **initial}] + [h for h in history if not (h.get("step") == 0 and "eval_rows" in h)]
     train_logs = [h for h in history if "loss" in h]
-    train_losses = [h["loss"] for h in train_logs]
     # Tokens the model read (prompt + answer of every sequence, over all processes).
     train_tokens = int(trainer.state.num_input_tokens_seen) or None
+    # eval_loss is computed exactly as `evaluate` computes it (preference_metrics: the preferred answers'
+    # token-weighted cross-entropy; a reward model's pairwise loss).
+    shared = run.summary_fields(trainer, result, initial.get("eval_loss"), final.get("eval_loss"), train_tokens,
+                                (trainable, total, weight_bytes), "single" if plan.world_size == 1 else "ddp", data.stats)
     summary = {
         "method": method(plan),
         "trainer": plan.get("rl_trainer"),
         "reference_model": plan.get("rl_reference_model"),
-        # eval_loss is computed exactly as `evaluate` computes it (preference_metrics: the preferred answers'
-        # token-weighted cross-entropy; a reward model's pairwise loss).
-        **progress_fields(trainer.state.global_step, train_losses, result.training_loss, initial.get("eval_loss"),
-                          final.get("eval_loss"), train_tokens, clock.seconds),
+        **shared["progress"],
         "experts_implementation": experts_implementation_in_use(model),
-        "peak_rss_mb": peak_rss_mb(),
-        **params_fields(trainable, total, weight_bytes),
-        **processes_fields(plan, "single" if plan.world_size == 1 else "ddp"),
-        **identity_fields(plan, data.stats, guards.watch.skipped, resume),
+        **shared["memory"],
+        **shared["params"],
+        **shared["processes"],
+        **shared["identity"],
     }
     last = train_logs[-1] if train_logs else {}
     for key in REWARD_KEYS:
         summary[key] = last.get(key)  # the last logged training values
         summary[f"eval_{key}"] = final.get(f"eval_{key}")
         summary[f"eval_{key}_initial"] = initial.get(f"eval_{key}")
-    if main:
-        tokenizer.save_pretrained(str(staged))
-        plot_preference(history, staged / "loss.png",
-                        f"{plan.training.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})")
-        checkpoints.publish_outputs(staged, out)
-        write_summary(out / checkpoints.SUMMARY, summary)  # last: its presence marks a finished run
+    title = f"{plan.training.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})"
+    run.publish(staged, summary, plot=lambda path: plot_preference(history, path, title))
     return summary
 
 
