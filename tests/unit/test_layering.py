@@ -171,6 +171,54 @@ def test_no_module_imports_itself_through_others():
     assert import_circles(module_imports()) == []
 
 
+# ---------------------------------------------------------------- modules: no private names across
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_names_taken(sources: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(module, the other archtune module, private name) for each `_name` a module of `sources`
+    ({dotted module name: source}) takes from another: `from m import _name`, or `m._name` on an
+    imported archtune module `m`."""
+    found = []
+    for here, source in sources.items():
+        tree = ast.parse(source)
+        modules: dict[str, str] = {}  # local name -> the archtune module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("archtune"):
+                for a in node.names:
+                    if f"{node.module}.{a.name}" in sources:
+                        modules[a.asname or a.name] = f"{node.module}.{a.name}"
+                    elif _private(a.name) and node.module != here:
+                        found.append((here, node.module, a.name))
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.asname and a.name in sources:
+                        modules[a.asname] = a.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                    and _private(node.attr) and modules[node.value.id] != here:
+                found.append((here, modules[node.value.id], node.attr))
+    return sorted(set(found))
+
+
+def test_the_private_name_check_sees_both_spellings():
+    # The control: both spellings are found; a module's own private names and public ones are not.
+    sources = {"archtune.data.formats": "def _messages(): pass\n_messages()\n",
+               "archtune.data.readers": "def _read(): pass\ndef read(): pass\n",
+               "archtune.data.pipeline": "from archtune.data import formats\nfrom archtune.data.readers import _read, read\n"
+                                         "formats._messages()\n"}
+    assert private_names_taken(sources) == [("archtune.data.pipeline", "archtune.data.formats", "_messages"),
+                                            ("archtune.data.pipeline", "archtune.data.readers", "_read")]
+
+
+def test_no_module_takes_a_private_name_of_another():
+    # A name another module needs is public: its module's interface, named without the underscore.
+    sources = {_module_name(p): p.read_text() for p in SRC.rglob("*.py")}
+    assert private_names_taken(sources) == []
+
+
 def test_architecture_page_lists_the_flow():
     page = (SRC.parents[1] / "docs" / "ARCHITECTURE.md").read_text()
     for group in FLOW[1:]:

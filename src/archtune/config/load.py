@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from archtune.config.axolotl import translate_axolotl_keys
 from archtune.config.schema import Config
 from archtune.errors import Problem, UserError
-from archtune.config.overrides import _apply_overrides, _deepcopy, parse_override
-from archtune.config.problems import KeyPath, _dedupe, _kind, _problems_from, _show, _Where
-from archtune.config.yaml_lines import _read_yaml
+from archtune.config.overrides import apply_overrides, deepcopy, parse_override
+from archtune.config.problems import KeyPath, dedupe, kind, problems_from, show_value, KeyLocation
+from archtune.config.yaml_lines import read_yaml
 
 __all__ = ["load_config", "config_from_dict", "parse_override", "config_to_dict", "flatten"]
 
@@ -29,16 +29,16 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 
     Raises UserError with every problem found (file, YAML syntax, overrides, keys, values).
     """
-    data, lines = _read_yaml(Path(path))
+    data, lines = read_yaml(Path(path))
     return _build(data, list(overrides or ()), source=str(path), lines=lines)
 
 
 def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = (), *, source: str = "<config>") -> Config:
     """Like load_config for a mapping already in memory (it is not modified)."""
     if not isinstance(data, dict):
-        raise UserError.single(source, f"the config must be a mapping of key: value; got {_kind(data)}",
+        raise UserError.single(source, f"the config must be a mapping of key: value; got {kind(data)}",
                                "write one `key: value` per line at the top level")
-    return _build(_deepcopy(data), list(overrides or ()), source=source, lines={})
+    return _build(deepcopy(data), list(overrides or ()), source=source, lines={})
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -68,12 +68,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _build(data: dict, overrides: list[str], source: str, lines: dict[KeyPath, int]) -> Config:
     written = set(data)
-    problems, sources = _apply_overrides(data, overrides, lines)
+    problems, sources = apply_overrides(data, overrides, lines)
     bad_keys = [k for k in data if not isinstance(k, str)]
     for k in bad_keys:
-        problems.append(Problem(str(k), f"keys must be text; got {_show(k)}", f"quote it ('{k}') or remove it"))
+        problems.append(Problem(str(k), f"keys must be text; got {show_value(k)}", f"quote it ('{k}') or remove it"))
         del data[k]
-    where = _Where(source, lines, sources)
+    where = KeyLocation(source, lines, sources)
     if data.get("strict") is True:
         added = sorted({str(p[0]) for p in sources} - written)
         problems += [Problem(k, f"strict: true, and the override of `{k}` names a key the config file does not set"
@@ -83,9 +83,9 @@ def _build(data: dict, overrides: list[str], source: str, lines: dict[KeyPath, i
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        problems.extend(_problems_from(e, data, where))
+        problems.extend(problems_from(e, data, where))
     else:
         if not problems:
             cfg._axolotl_notes = translated.notes
             return cfg
-    raise UserError(_dedupe(problems))
+    raise UserError(dedupe(problems))

@@ -8,7 +8,7 @@ import yaml
 
 from archtune.errors import Problem
 
-from archtune.config.problems import KeyPath, _resolve, _show
+from archtune.config.problems import KeyPath, walk_schema, show_value
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` -> (key, value). The value is read as a YAML scalar or flow collection
@@ -37,7 +37,7 @@ def _parse_value(raw: str) -> Any:
     return raw  # any other string stays exactly as typed (no comment or quote stripping)
 
 
-def _apply_overrides(data: dict, overrides: list[str], lines: dict[KeyPath, int]) -> tuple[list[Problem], dict[KeyPath, str]]:
+def apply_overrides(data: dict, overrides: list[str], lines: dict[KeyPath, int]) -> tuple[list[Problem], dict[KeyPath, str]]:
     problems: list[Problem] = []
     sources: dict[KeyPath, str] = {}
     for text in overrides:
@@ -106,7 +106,7 @@ def _set_path(data: dict, segs: list[str], value: Any) -> KeyPath:
             path.append(k)
             cur = cur[k]
         else:
-            raise _OverrideError(f"`{here}` is {_show(cur)}, not a mapping or a list",
+            raise _OverrideError(f"`{here}` is {show_value(cur)}, not a mapping or a list",
                                  f"set `{here}` itself, or make it a mapping first")
     return tuple(path)
 
@@ -116,16 +116,16 @@ def _default_container(path: KeyPath, fresh: dict | list) -> dict | list:
     `datasets.0.message_property_mappings.role=from` keeps the default `content` entry."""
     if not isinstance(fresh, dict):
         return fresh
-    _, _, _, field, model = _resolve(path)
+    _, _, _, field, model = walk_schema(path)
     if field is None or model is None or field.is_required() or model.model_fields.get(str(path[-1])) is not field:
         return fresh
     default = field.get_default(call_default_factory=True)
-    return _deepcopy(default) if isinstance(default, dict) else fresh
+    return deepcopy(default) if isinstance(default, dict) else fresh
 
 
-def _deepcopy(data: Any) -> Any:
+def deepcopy(data: Any) -> Any:
     if isinstance(data, dict):
-        return {k: _deepcopy(v) for k, v in data.items()}
+        return {k: deepcopy(v) for k, v in data.items()}
     if isinstance(data, list):
-        return [_deepcopy(v) for v in data]
+        return [deepcopy(v) for v in data]
     return data

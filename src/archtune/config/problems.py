@@ -20,7 +20,7 @@ from archtune.errors import Problem
 
 KeyPath = tuple[str | int, ...]  # a key path: ("datasets", 0, "path")
 
-class _Where:
+class KeyLocation:
     """Where a key came from, appended to messages: "(config.yaml:12)" or "(from override `k=v`)"."""
 
     def __init__(self, source: str, lines: dict[KeyPath, int], sources: dict[KeyPath, str]):
@@ -51,14 +51,14 @@ class _Err:
         self.type: str = err["type"]
         self.input = err.get("input")
         self.ctx: dict = err.get("ctx") or {}
-        (self.path, self.unions, self.ann, self.field, self.model) = _resolve(err["loc"])
+        (self.path, self.unions, self.ann, self.field, self.model) = walk_schema(err["loc"])
 
     @property
     def key(self) -> str:
         return ".".join(str(p) for p in self.path) or "config"
 
 
-def _resolve(loc: tuple) -> tuple[KeyPath, list[int], Any, FieldInfo | None, type[BaseModel] | None]:
+def walk_schema(loc: tuple) -> tuple[KeyPath, list[int], Any, FieldInfo | None, type[BaseModel] | None]:
     """Walk `loc` through the schema's types. Returns the path without union tags, the path
     lengths at which a union tag was dropped, the annotation at the end, the last field
     passed and the model that holds the last key."""
@@ -117,7 +117,7 @@ def _tag_matches(tag: str, t: Any) -> bool:
     return tag == getattr(t, "__name__", None)
 
 
-def _problems_from(e: ValidationError, data: dict, where: _Where) -> list[Problem]:
+def problems_from(e: ValidationError, data: dict, where: KeyLocation) -> list[Problem]:
     errs = [_Err(x) for x in e.errors()]
     # In a union, report the member the input was shaped like: when one member's errors lie
     # deeper (a list whose item 1 is wrong), drop the others' "must be a string" at the top.
@@ -140,7 +140,7 @@ def _problems_from(e: ValidationError, data: dict, where: _Where) -> list[Proble
     return problems
 
 
-def _group_problems(path: KeyPath, group: list[_Err], where: _Where) -> list[Problem]:
+def _group_problems(path: KeyPath, group: list[_Err], where: KeyLocation) -> list[Problem]:
     first = group[0]
     key = first.key
     leaf = str(path[-1]) if path else "config"
@@ -158,7 +158,7 @@ def _group_problems(path: KeyPath, group: list[_Err], where: _Where) -> list[Pro
     if "missing" in kinds:
         return [Problem(key, "required key missing" + at, _required_fix(leaf, first.field))]
     if "invalid_key" in kinds:
-        return [Problem(key, f"keys must be text; got {_show(first.input)}" + at, "quote the key or remove it")]
+        return [Problem(key, f"keys must be text; got {show_value(first.input)}" + at, "quote the key or remove it")]
 
     messages = [x for x in group if x.type in ("value_error", "assertion_error", "assertion_failed")]
     if messages or not path:
@@ -169,11 +169,11 @@ def _group_problems(path: KeyPath, group: list[_Err], where: _Where) -> list[Pro
                 k = _key_from_text(text)
                 out.append(Problem(k or "config", text, _field_fix(k, Config.model_fields.get(k or ""))))
             else:
-                out.append(Problem(key, f"{text}; got {_show(x.input)}" + at, _field_fix(key, x.field)))
+                out.append(Problem(key, f"{text}; got {show_value(x.input)}" + at, _field_fix(key, x.field)))
         return out
 
     wants = _merge_expectations([_expectation(x) for x in group])
-    message = f"must be {wants}; got {_show(first.input)}"
+    message = f"must be {wants}; got {show_value(first.input)}"
     fix = _type_fix(key, leaf, group)
     hint = UNSUPPORTED_VALUE_HINTS.get(leaf, {}).get(first.input) if isinstance(first.input, str) else None
     if hint:
@@ -276,7 +276,7 @@ def _expectation(x: _Err) -> str | list[str]:
     if x.type == "literal_error":
         ann = x.ann if typing.get_origin(x.ann) is Literal else None
         if ann is not None:
-            return [v if isinstance(v, str) else _show(v) for v in typing.get_args(ann)]
+            return [v if isinstance(v, str) else show_value(v) for v in typing.get_args(ann)]
         return "one of " + str(x.ctx.get("expected", "the allowed values"))
     if x.type in _BOUNDS:
         name, words = _BOUNDS[x.type]
@@ -320,16 +320,16 @@ def _type_fix(key: str, leaf: str, group: list[_Err]) -> str:
         return f"use one of: {', '.join(allowed)}"
     if kinds & set(_BOUNDS):
         default = x.field.get_default(call_default_factory=True) if x.field is not None and not x.field.is_required() else None
-        return f"set `{key}` to a value {_expectation(x)}" + (f" (default: {_show(default)})" if default is not None else "")
+        return f"set `{key}` to a value {_expectation(x)}" + (f" (default: {show_value(default)})" if default is not None else "")
     if kinds <= {"string_type"} and isinstance(x.input, (int, float, bool)):
-        shown = _show(x.input)
+        shown = show_value(x.input)
         return f"quote it: `{leaf}: '{shown}'`" if not leaf.isdigit() else f"quote it: '{shown}'"
     if kinds & {"bool_type", "bool_parsing"} and len(kinds) == 1:
         return f"write `{leaf}: true` or `{leaf}: false`"
     return _field_fix(key, x.field)
 
 
-def _fallback_cross_field(data: dict, failed: set, where: _Where) -> list[Problem]:
+def _fallback_cross_field(data: dict, failed: set, where: KeyLocation) -> list[Problem]:
     bad = set(failed)
     values: dict[str, Any] = {}
     for name, field in Config.model_fields.items():
@@ -357,7 +357,7 @@ def _field_adapter(name: str) -> TypeAdapter:
     return TypeAdapter(Annotated[field.annotation, field])
 
 
-def _show(v: Any) -> str:
+def show_value(v: Any) -> str:
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -372,15 +372,15 @@ def _show(v: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _kind(v: Any) -> str:
+def kind(v: Any) -> str:
     if isinstance(v, list):
         return "a list"
     if isinstance(v, str):
-        return f"the text {_show(v)}"
-    return _show(v)
+        return f"the text {show_value(v)}"
+    return show_value(v)
 
 
-def _dedupe(problems: list[Problem]) -> list[Problem]:
+def dedupe(problems: list[Problem]) -> list[Problem]:
     seen: set[tuple[str, str]] = set()
     out = []
     for p in problems:

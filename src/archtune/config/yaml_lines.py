@@ -9,7 +9,7 @@ import yaml
 
 from archtune.errors import Problem, UserError
 
-from archtune.config.problems import KeyPath, _kind
+from archtune.config.problems import KeyPath, kind
 
 _YAML_FIXES = (  # (words in PyYAML's problem text, the fix)
     ("mapping values are not allowed", "a value holds ': ' or the line is indented under a plain value: "
@@ -33,7 +33,7 @@ _CONTEXT_FIRST = ("while scanning a simple key", "while scanning a quoted scalar
                   "while scanning a double-quoted", "while scanning a single-quoted")
 
 
-def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
+def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     where = str(path)
     if not path.exists():
         raise UserError.single(where, "config file not found",
@@ -67,7 +67,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError.single(where, f"the top level must be a mapping of `key: value` lines; got {_kind(data)}",
+        raise UserError.single(where, f"the top level must be a mapping of `key: value` lines; got {kind(data)}",
                                "write one `key: value` per line, starting at column 0 (e.g. `base_model: ...`)")
     lines: dict[KeyPath, int] = {}
     dupes: list[Problem] = []

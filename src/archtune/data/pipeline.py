@@ -29,7 +29,7 @@ from archtune.config.schema import DatasetConfig
 from archtune.data import cache, row_errors
 from archtune.data.row_errors import DROP_REASONS, FIXES
 from archtune.data.packing import pack_dataset, packing_stats
-from archtune.data.readers import _read_source
+from archtune.data.readers import read_source
 from archtune.data.sources import Source, resolve_source, slice_rows
 from archtune.data.tokenize import IGNORE_INDEX, RowEncoder, TokenizeSettings, check_eot_tokens, check_tokenizer
 from archtune.errors import Problem, UserError
@@ -80,7 +80,7 @@ def _tokenize_source(src: Source, tokenizer, settings: TokenizeSettings, work: P
     encoder = RowEncoder(tokenizer, src.cfg, settings, media=media.processor if media else None,
                          media_refusal=media.refusal if media else None)
     parts = []
-    sources = list(_read_source(src, work))
+    sources = list(read_source(src, work))
     if not src.hub and "[" in src.cfg.split:  # local files: datasets' slice syntax, applied to the split's rows
         raws = [raw for raw, _ in sources]
         whole = raws[0] if len(raws) == 1 else concatenate_datasets(raws)

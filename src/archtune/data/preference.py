@@ -39,7 +39,7 @@ from archtune.config.schema import DatasetConfig
 from archtune.data import formats, row_errors
 from archtune.data.formats import FormatContext, render_chat
 from archtune.data.row_errors import FIXES, RowError
-from archtune.data.tokenize import _is_utf8, bos_to_add, check_tokenizer, special_token_strings
+from archtune.data.tokenize import is_utf8, bos_to_add, check_tokenizer, special_token_strings
 from archtune.errors import Problem, UserError
 from archtune.plan.preference import PAIRED, PREFERENCE_TYPES, REWARD, UNPAIRED
 
@@ -72,7 +72,7 @@ class _Encoder:
     eos_text: str | None
 
     def ids(self, text: str, *, first: bool) -> list[int]:
-        if not _is_utf8(text):
+        if not is_utf8(text):
             raise RowError(row_errors.UNDECODABLE, "the row holds a lone surrogate (e.g. a \\ud800 escape)")
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if first and self.bos is not None and (not ids or ids[0] != self.bos):
@@ -180,10 +180,10 @@ def _length(item: dict) -> int:
 
 def _rows(src, work) -> list[tuple[str, Any]]:
     """(FILE:LINE, row dict or a RowError) for every row of a source."""
-    from archtune.data.readers import _read_source
+    from archtune.data.readers import read_source
 
     out: list[tuple[str, Any]] = []
-    for raw, origin in _read_source(src, work):
+    for raw, origin in read_source(src, work):
         if "_raw" in raw.column_names:
             for r in raw:
                 if r["_err"]:

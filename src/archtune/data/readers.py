@@ -170,7 +170,7 @@ def _load_dataset_error(src: Source, what: str, exc: Exception) -> UserError:
                             f"check {src.key}.path (and name, split, data_files)")
 
 
-def _read_source(src: Source, work: Path) -> Iterator[tuple[object, str]]:
+def read_source(src: Source, work: Path) -> Iterator[tuple[object, str]]:
     """(raw Dataset, origin name) per file (one for a hub data set). Local Parquet files are
     converted under `work` (deleted once the entry is written), not in the global HF cache."""
     from datasets import load_dataset

@@ -112,7 +112,7 @@ class RowEncoder:
             except RowError as exc:
                 items.append(_dropped(exc.reason, exc.detail))
                 continue
-            if not _is_utf8(fm.text):  # a lone surrogate (JSON "\ud800"): the tokenizer cannot take it
+            if not is_utf8(fm.text):  # a lone surrogate (JSON "\ud800"): the tokenizer cannot take it
                 items.append(_dropped(row_errors.UNDECODABLE, "the text holds a lone UTF-16 surrogate"))
                 continue
             items.append(fm)
@@ -281,7 +281,7 @@ def _chars(enc, i: int) -> tuple[int, int]:
     return enc.token_to_chars(i) or enc.offsets[i]
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from archtune.errors import Problem, UserError
-from archtune.models.weight_scales import (ScaleRule, WeightScaleResult, _coerce_rules, _named_list, _rescale_,
-                                           _scan)
+from archtune.models.weight_scales import (ScaleRule, WeightScaleResult, coerce_rules, named_list, rescale_,
+                                           scan_tensors)
 
 
 def parse_rule_arg(text: str) -> ScaleRule:
@@ -85,7 +85,7 @@ def scan_model_dir(model_dir: str | os.PathLike, rules: Any,
     if not files:
         raise UserError.single("MODEL_DIR", f"no *.safetensors file in {src}",
                                "give a directory written by save_pretrained(safe_serialization=True)")
-    rule_list = _coerce_rules(rules)
+    rule_list = coerce_rules(rules)
     out: Path | None = None
     if fix_out_dir is not None:
         out = Path(fix_out_dir)
@@ -113,7 +113,7 @@ def scan_model_dir(model_dir: str | os.PathLike, rules: Any,
         raise UserError(problems)
 
     # Plan only: the tensors read here are never modified (the fix goes to fresh copies).
-    rows, warns, factors = _scan(_named_list(items), rule_list, force_dry_run=out is None)
+    rows, warns, factors = scan_tensors(named_list(items), rule_list, force_dry_run=out is None)
     result = WeightScaleResult(rows=rows, warnings=warns, n_rescaled=len(factors), scales=dict(factors))
     if out is None:
         return result
@@ -133,7 +133,7 @@ def scan_model_dir(model_dir: str | os.PathLike, rules: Any,
         tensors = load_file(str(path))
         with torch.no_grad():
             for name, factor in changes.items():
-                _rescale_(tensors[name], factor)
+                rescale_(tensors[name], factor)
         save_file(tensors, str(target), metadata=metadata)
     written = {p.name for p in files}
     for entry in sorted(src.iterdir()):

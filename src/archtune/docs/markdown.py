@@ -11,7 +11,7 @@ _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
 
 
-def _yaml_scalar(value: Any) -> str:
+def yaml_scalar(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -42,40 +42,40 @@ def yaml_block(data: dict[str, Any], indent: int = 0) -> str:
                     lines.append(f"{pad}  - {first.strip()}")
                     lines.extend(rest)
                 else:
-                    lines.append(f"{pad}  - {_yaml_scalar(item)}")
+                    lines.append(f"{pad}  - {yaml_scalar(item)}")
         else:
-            lines.append(f"{pad}{key}: {_yaml_scalar(value)}")
+            lines.append(f"{pad}{key}: {yaml_scalar(value)}")
     return "\n".join(lines)
 
 
-def _fence(text: str, lang: str = "yaml") -> str:
+def fence(text: str, lang: str = "yaml") -> str:
     return f"```{lang}\n{text}\n```"
 
 
-def _flow(value: Any) -> str:
+def flow(value: Any) -> str:
     """A value as inline YAML: scalars as in yaml_block, lists as [a, b], dicts as {k: v}."""
     if isinstance(value, list):
-        return "[" + ", ".join(_flow(v) for v in value) + "]"
+        return "[" + ", ".join(flow(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
-    return _yaml_scalar(value)
+        return "{" + ", ".join(f"{k}: {flow(v)}" for k, v in value.items()) + "}"
+    return yaml_scalar(value)
 
 
-def _code(text: str) -> str:
+def inline_code(text: str) -> str:
     ticks = "``" if "`" in text else "`"
     return f"{ticks}{text}{ticks}"
 
 
-def _cell(text: str) -> str:
+def table_cell(text: str) -> str:
     """Text fit for one Markdown table cell (one line, pipes escaped)."""
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _sentence(text: str) -> str:
+def sentence(text: str) -> str:
     text = _inline_yaml(str(text))
     return text if text.endswith((".", "!", "?", "`")) else text + "."
 
@@ -90,11 +90,11 @@ def _inline_yaml(text: str) -> str:
         except yaml.YAMLError:
             data = None
         if isinstance(data, dict) and data:
-            return _one_line(head) + " " + ", ".join(_code(f"{k}: {_flow(v)}") for k, v in data.items())
-    return _one_line(text)
+            return one_line(head) + " " + ", ".join(inline_code(f"{k}: {flow(v)}") for k, v in data.items())
+    return one_line(text)
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in flat.items():
         node = out
@@ -105,5 +105,5 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _first_paragraph(doc: str | None) -> str:
-    return _one_line((doc or "").strip().split("\n\n")[0])
+def first_paragraph(doc: str | None) -> str:
+    return one_line((doc or "").strip().split("\n\n")[0])

@@ -28,10 +28,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from archtune.docs.markdown import (_cell, _code, _fence, _first_paragraph, _flow, _nest, _one_line, _sentence,
-                                     _yaml_scalar, yaml_block)
-from archtune.docs.scenarios import (FSDP2, KERNEL_KEYS_FROM, SCENARIOS, Outcome, Scenario, _Family, _model_config,
-                                     _skeleton)
+from archtune.docs.markdown import (table_cell, inline_code, fence, first_paragraph, flow, nest, one_line, sentence,
+                                     yaml_scalar, yaml_block)
+from archtune.docs.scenarios import (FSDP2, KERNEL_KEYS_FROM, SCENARIOS, Outcome, Scenario, FamilyDocs, tiny_model_config,
+                                     tiny_skeleton)
 
 DOCS_FILE = "model_architectures.md"
 
@@ -79,25 +79,25 @@ def docs_diff(path: str | Path, context: int = 2) -> list[str]:
 
 def _title(family) -> tuple[str, str]:
     """(heading, rest of the description): "Gemma 4 (...): wrapper ..." -> ("Gemma 4 (...)", "wrapper ...")."""
-    text = _one_line(family.description or family.name)
+    text = one_line(family.description or family.name)
     head, sep, rest = text.partition(": ")
     return (head, rest) if sep else (text, "")
 
 
 def _decision_text(key: str, decision) -> str:
-    text = f"{_code(f'{key}: {_flow(decision.value)}')} ({decision.source})"
+    text = f"{inline_code(f'{key}: {flow(decision.value)}')} ({decision.source})"
     if decision.source == "user":  # a user's value has no reason beyond "set in config"
         return text + "."
-    return text + f": {_sentence(decision.reason)}"
+    return text + f": {sentence(decision.reason)}"
 
 
 def _outcome_text(outcome: Outcome) -> str:
     parts: list[str] = []
     if outcome.errors:
         for problem in outcome.errors:
-            text = f"**refused** ({_code(problem.key)}): {_sentence(problem.message)}"
+            text = f"**refused** ({inline_code(problem.key)}): {sentence(problem.message)}"
             if problem.fix:
-                text += f" Fix: {_sentence(problem.fix)}"
+                text += f" Fix: {sentence(problem.fix)}"
             parts.append(text)
         return " ".join(parts)
     decision = outcome.decision
@@ -106,11 +106,11 @@ def _outcome_text(outcome: Outcome) -> str:
     else:
         parts.append("accepted.")
     for warning in outcome.warnings:
-        parts.append(f"**warning**: {_sentence(warning)}")
+        parts.append(f"**warning**: {sentence(warning)}")
     return " ".join(parts)
 
 
-def _base_words(ctx: "_Family") -> str:
+def _base_words(ctx: "FamilyDocs") -> str:
     return "LoRA, gradient checkpointing" + (" and expert LoRA" if ctx.moe else "")
 
 
@@ -138,7 +138,7 @@ def _issue_triple(issue: Any) -> tuple[str, str, str]:
     return issue.symptom, issue.cause, issue.fix
 
 
-def _architecture(ctx: _Family) -> list[str]:
+def _architecture(ctx: FamilyDocs) -> list[str]:
     fam = ctx.family
     out: list[str] = []
     if fam.model_types:
@@ -146,7 +146,7 @@ def _architecture(ctx: _Family) -> list[str]:
                    + ", ".join(f"`{t}`" for t in fam.model_types) + ". Detection never reads weights.")
     else:
         out.append("- **Detected** when no other family claims the config's `model_type` (the fallback).")
-    skel = _skeleton(fam, ctx.tiny.name) if ctx.tiny else None
+    skel = tiny_skeleton(fam, ctx.tiny.name) if ctx.tiny else None
     loads = f"- **Loads as** `{skel.model_class}` through `{skel.auto_class}`" if skel else \
         f"- **Loads through** `{fam.auto_class}`"
     out.append(loads + ".")
@@ -165,7 +165,7 @@ def _architecture(ctx: _Family) -> list[str]:
     if fam.mm_module_prefixes:
         towers = []
         for prefix in fam.mm_module_prefixes:
-            classes = sorted({c for t in fam.tiny_models if (c := _skeleton(fam, t.name).class_of(prefix))})
+            classes = sorted({c for t in fam.tiny_models if (c := tiny_skeleton(fam, t.name).class_of(prefix))})
             towers.append(f"`{prefix}`" + (f" (`{'`, `'.join(classes)}`)" if classes else ""))
         out.append("- **Multimodal towers, embedders and projectors** (frozen by default for text-only training): "
                    + ", ".join(towers) + ". A model has those its config declares ("
@@ -174,26 +174,26 @@ def _architecture(ctx: _Family) -> list[str]:
         out.append("- **Default LoRA targets** (full match, language model only; `_checkpoint_wrapped_module.` is the "
                    "segment activation-checkpointing wrappers insert):")
         out.append("")
-        out.append("  " + _fence(fam.lora_target_regex, "text").replace("\n", "\n  "))
+        out.append("  " + fence(fam.lora_target_regex, "text").replace("\n", "\n  "))
         out.append("")
     else:
         out.append("- **Default LoRA targets**: every linear layer (`all-linear`, lm_head excluded) when none are given.")
     if fam.expert_param_names:
-        moe_doc = _first_paragraph(fam.is_moe.__doc__) if fam.is_moe is not None else ""
+        moe_doc = first_paragraph(fam.is_moe.__doc__) if fam.is_moe is not None else ""
         line = ("- **Mixture of experts**: expert parameters " + ", ".join(f"`{n}`" for n in fam.expert_param_names)
                 + " (3D tensors, trained with `lora_target_parameters`)")
         if fam.expert_param_aliases:
             line += "; short names " + ", ".join(f"`{a}` -> `{full}`" for a, full in fam.expert_param_aliases.items())
         line += "."
         if moe_doc:
-            line += f" A model is MoE when: {_sentence(moe_doc)}"
+            line += f" A model is MoE when: {sentence(moe_doc)}"
         out.append(line)
     packing = ctx.plan({"sample_packing": True}).settings.get("sample_packing_drop_attention_mask") if ctx.tiny else None
     if packing is not None:  # the packing policy as the Plan decides it
         out.append("- **Sample packing**: " + _decision_text("sample_packing_drop_attention_mask", packing))
     else:
         out.append("- **Sample packing**: the family's policy is "
-                   f"`packing_drop_attention_mask: {_yaml_scalar(fam.packing_drop_attention_mask)}`.")
+                   f"`packing_drop_attention_mask: {yaml_scalar(fam.packing_drop_attention_mask)}`.")
     for wrapper, inner in sorted(fam.lora_target_redirects.items()):
         out.append(f"- **PEFT and `{wrapper}`**: PEFT rejects `{wrapper}` as a LoRA target (\"Target module "
                    f"{wrapper}(...) is not supported\"); archtune patches this in one place: LoRA aimed at a "
@@ -202,13 +202,13 @@ def _architecture(ctx: _Family) -> list[str]:
 
     for name in fam.patches:
         doc = get_packing_patch(name).doc
-        out.append(f"- **Patch `{name}`**: {_sentence(doc)}" if doc else f"- **Patch `{name}`**.")
+        out.append(f"- **Patch `{name}`**: {sentence(doc)}" if doc else f"- **Patch `{name}`**.")
     for note in _optional(fam, "architecture_notes") or ():
-        out.append(f"- {_sentence(note)}")
+        out.append(f"- {sentence(note)}")
     return out
 
 
-def _required_settings(ctx: _Family) -> list[str]:
+def _required_settings(ctx: FamilyDocs) -> list[str]:
     """The settings the family's rules set on a LoRA + gradient checkpointing config, as YAML."""
     from archtune.config.schema import Config
 
@@ -220,14 +220,14 @@ def _required_settings(ctx: _Family) -> list[str]:
     out = ["### Required settings", "",
            "archtune sets these itself (source `family` in `archtune check`); written out, a LoRA config with "
            "gradient checkpointing for this family reads:", ""]
-    out.append(_fence(yaml_block(_nest({k: d.value for k, d in decided}))))
+    out.append(fence(yaml_block(nest({k: d.value for k, d in decided}))))
     out.append("")
-    out += [f"- `{k}`: {_sentence(d.reason)}" for k, d in decided]
+    out += [f"- `{k}`: {sentence(d.reason)}" for k, d in decided]
     out.append("")
     return out
 
 
-def _rules(ctx: _Family) -> list[str]:
+def _rules(ctx: FamilyDocs) -> list[str]:
     fam = ctx.family
     from archtune.plan.rules import family_rules
 
@@ -236,15 +236,15 @@ def _rules(ctx: _Family) -> list[str]:
         return []
     out = ["### What archtune decides and refuses", "",
            "The family's rules, run after the rules for every model (below), in this order:", ""]
-    out += [f"- **{r.name}**: {_sentence(r.doc)}" for r in rules]
+    out += [f"- **{r.name}**: {sentence(r.doc)}" for r in rules]
     out.append("")
     return out
 
 
-def _multi_gpu(ctx: _Family) -> list[str]:
+def _multi_gpu(ctx: FamilyDocs) -> list[str]:
     fam = ctx.family
     outcomes = [ctx.outcome(s) for s in SCENARIOS["multi_gpu"]]
-    skel = _skeleton(fam, ctx.tiny.name)
+    skel = tiny_skeleton(fam, ctx.tiny.name)
     no_split = sorted(skel.no_split_modules)
     absent = [c for c in no_split if c not in skel.class_names]
     for cls in absent:
@@ -257,7 +257,7 @@ def _multi_gpu(ctx: _Family) -> list[str]:
            f"`archtune check --nproc 2` on `tiny:{ctx.tiny.name}` with {_base_words(ctx)}, plus:", "",
            "| Strategy | Config | archtune |", "|---|---|---|"]
     for o in outcomes:
-        out.append(f"| {_cell(o.scenario.title)} | {_cell(_code(o.scenario.excerpt))} | {_cell(_outcome_text(o))} |")
+        out.append(f"| {table_cell(o.scenario.title)} | {table_cell(inline_code(o.scenario.excerpt))} | {table_cell(_outcome_text(o))} |")
     out.append("")
     if absent:
         out.append(f"transformers' `_no_split_modules` for this model class lists "
@@ -276,11 +276,11 @@ def _multi_gpu(ctx: _Family) -> list[str]:
             "fsdp_version": fsdp2.get("fsdp_config.fsdp_version"),
             "fsdp_auto_wrap_policy": fsdp2.get("fsdp_config.fsdp_auto_wrap_policy"),
             "fsdp_transformer_layer_cls_to_wrap": wrap}}
-        out += [_fence(yaml_block(block)), ""]
+        out += [fence(yaml_block(block)), ""]
     return out
 
 
-def _scattermoe_block(ctx: _Family) -> tuple[dict[str, Any], Any]:
+def _scattermoe_block(ctx: FamilyDocs) -> tuple[dict[str, Any], Any]:
     """The kernel keys (Axolotl's plugin path, use_kernels, use_scattermoe) and the resulting plan."""
     from archtune.plugins import plugin_aliases
 
@@ -293,25 +293,25 @@ def _scattermoe_block(ctx: _Family) -> tuple[dict[str, Any], Any]:
     return {**keys, "experts_implementation": plan.get("experts_implementation")}, plan
 
 
-def _moe(ctx: _Family) -> list[str]:
+def _moe(ctx: FamilyDocs) -> list[str]:
     fam = ctx.family
     if not fam.expert_param_names:
         return []
     out = ["### Mixture of experts", ""]
     out += ["Expert LoRA: PEFT's `target_parameters` on the 3D expert tensors, which needs `lora_dropout: 0`:", ""]
-    out += [_fence(yaml_block({"lora_target_parameters": list(fam.expert_param_names), "lora_dropout": 0})), ""]
+    out += [fence(yaml_block({"lora_target_parameters": list(fam.expert_param_names), "lora_dropout": 0})), ""]
     if ctx.moe:
         block, plan = _scattermoe_block(ctx)
         if not plan.errors:
             out += ["ScatterMoE experts kernel (Axolotl's plugin path is accepted):", "",
-                    _fence(yaml_block(block)), ""]
+                    fence(yaml_block(block)), ""]
             decision = plan.settings.get("plugins")
             if decision is not None and decision.source == "auto":
-                out += [f"- `plugins`: {_sentence(decision.reason)}", ""]
+                out += [f"- `plugins`: {sentence(decision.reason)}", ""]
     return out
 
 
-def _weight_scales(ctx: _Family) -> list[str]:
+def _weight_scales(ctx: FamilyDocs) -> list[str]:
     rules = _optional(ctx.family, "weight_scale_rules")
     if not rules:
         return []
@@ -321,17 +321,17 @@ def _weight_scales(ctx: _Family) -> list[str]:
     return ["### Weight-scale drift", "",
             "Recommended `normalize_weight_scales` rules (each is checked at load time, on the base weights, before "
             "adapters; `dry_run: true` only reports):", "",
-            _fence(yaml_block({"normalize_weight_scales": items})), ""]
+            fence(yaml_block({"normalize_weight_scales": items})), ""]
 
 
-def _issues(ctx: _Family) -> list[str]:
+def _issues(ctx: FamilyDocs) -> list[str]:
     out = ["### Common issues and what archtune does", "",
            f"`archtune check` on `tiny:{ctx.tiny.name}` with {_base_words(ctx)}, plus:", ""]
     for scenario in SCENARIOS["issues"]:
         if scenario.moe_only and not ctx.moe:
             continue
         o = ctx.outcome(scenario)
-        out.append(f"- {scenario.title}, {_code(scenario.excerpt)}: {_outcome_text(o)}")
+        out.append(f"- {scenario.title}, {inline_code(scenario.excerpt)}: {_outcome_text(o)}")
     fam = ctx.family
     if fam.mm_module_prefixes:
         from archtune.patches.text_only import TEXT_ONLY_ZERO_INPUTS
@@ -347,19 +347,19 @@ def _issues(ctx: _Family) -> list[str]:
         out += ["| Symptom | Cause | Fix |", "|---|---|---|"]
         for issue in known:
             symptom, cause, fix = _issue_triple(issue)
-            out.append(f"| {_cell(symptom)} | {_cell(cause)} | {_cell(fix)} |")
+            out.append(f"| {table_cell(symptom)} | {table_cell(cause)} | {table_cell(fix)} |")
         out.append("")
     return out
 
 
-def _notes(ctx: _Family) -> list[str]:
+def _notes(ctx: FamilyDocs) -> list[str]:
     notes = _optional(ctx.family, "notes") or ()
     if not notes:
         return []
-    return ["### Notes", "", *[f"- {_sentence(n)}" for n in notes], ""]
+    return ["### Notes", "", *[f"- {sentence(n)}" for n in notes], ""]
 
 
-def _tiny_models(ctx: _Family) -> list[str]:
+def _tiny_models(ctx: FamilyDocs) -> list[str]:
     fam = ctx.family
     if not fam.tiny_models:
         return []
@@ -368,19 +368,19 @@ def _tiny_models(ctx: _Family) -> list[str]:
            "`archtune init-tiny NAME DIR`):", "",
            "| Name | Shape | Towers | MoE |", "|---|---|---|---|"]
     for tiny in fam.tiny_models:
-        skel = _skeleton(fam, tiny.name)
+        skel = tiny_skeleton(fam, tiny.name)
         towers = [p for p in fam.mm_module_prefixes if p in skel.module_classes]
-        moe = "yes" if fam.moe(_model_config(tiny.name)) else "no"
-        out.append(f"| `tiny:{tiny.name}` | {_cell(tiny.description)} | "
-                   f"{_cell(', '.join(f'`{t}`' for t in towers) or '-')} | {moe} |")
+        moe = "yes" if fam.moe(tiny_model_config(tiny.name)) else "no"
+        out.append(f"| `tiny:{tiny.name}` | {table_cell(tiny.description)} | "
+                   f"{table_cell(', '.join(f'`{t}`' for t in towers) or '-')} | {moe} |")
     out.append("")
     return out
 
 
-def _family_section(ctx: _Family) -> list[str]:
+def _family_section(ctx: FamilyDocs) -> list[str]:
     fam = ctx.family
     head, rest = _title(fam)
-    out = [f"## {head}", "", f"Family `{fam.name}`" + (f": {_sentence(rest)}" if rest else "."), ""]
+    out = [f"## {head}", "", f"Family `{fam.name}`" + (f": {sentence(rest)}" if rest else "."), ""]
     models = _models_line(fam)
     if models:
         out += [models, ""]
@@ -405,28 +405,28 @@ def _generic_rules() -> list[str]:
            "These run first for every model, whatever its family; what differs between families comes from the "
            "family's data. Each is a line of `archtune check` (sources: `user` written in the config, `default`, "
            "`family` a family's required setting, `auto` derived from other keys):", ""]
-    out += [f"- **{r.name}**: {_sentence(r.doc)}" for r in GENERIC_RULES]
+    out += [f"- **{r.name}**: {sentence(r.doc)}" for r in GENERIC_RULES]
     out += ["", "Last, after the family's rules, what this release cannot train is refused; `archtune check` and "
             "`archtune train` refuse exactly the same configurations (exit code 2, the key and the fix):", ""]
-    out += [f"- **{r.name}**: {_sentence(r.doc)}" for r in REFUSALS]
+    out += [f"- **{r.name}**: {sentence(r.doc)}" for r in REFUSALS]
     out.append("")
     return out
 
 
-def _general_moe(contexts: list[_Family]) -> list[str]:
+def _general_moe(contexts: list[FamilyDocs]) -> list[str]:
     from archtune.config.schema import Config, WeightScaleRule
     from archtune.plan import rules
     from archtune.plan.experts import EXPERTS
 
     out = ["## Mixture-of-experts and multimodal notes", ""]
-    out.append(f"- {_sentence(rules.no_all_linear_into_towers().doc)}")
-    out.append(f"- {_sentence(rules.confine_target_names().doc)}")
+    out.append(f"- {sentence(rules.no_all_linear_into_towers().doc)}")
+    out.append(f"- {sentence(rules.confine_target_names().doc)}")
     desc = Config.model_fields["normalize_weight_scales"].description
     fields = WeightScaleRule.model_fields
-    out.append(f"- `normalize_weight_scales`: {_sentence(desc)} Each rule has `name_pattern` "
-               f"({_one_line(fields['name_pattern'].description).rstrip('.')}), `threshold` "
-               f"({_one_line(fields['threshold'].description).rstrip('.')}) and `dry_run` "
-               f"({_one_line(fields['dry_run'].description).rstrip('.')}); rare experts get a larger effective "
+    out.append(f"- `normalize_weight_scales`: {sentence(desc)} Each rule has `name_pattern` "
+               f"({one_line(fields['name_pattern'].description).rstrip('.')}), `threshold` "
+               f"({one_line(fields['threshold'].description).rstrip('.')}) and `dry_run` "
+               f"({one_line(fields['dry_run'].description).rstrip('.')}); rare experts get a larger effective "
                "learning rate from AdamW (small second-moment estimates), which can make recurrent and state-space "
                "components drift, and a `dry_run: true` rule detects it. A rule with fewer than 3 matching tensors "
                "changes nothing and warns. `archtune scan-weights MODEL_DIR --rule PATTERN=THRESHOLD "
@@ -439,7 +439,7 @@ def _general_moe(contexts: list[_Family]) -> list[str]:
     if moe_ctx is not None:
         block, plan = _scattermoe_block(moe_ctx)
         if not plan.errors:
-            out += ["", "  " + _fence(yaml_block(block)).replace("\n", "\n  ")]
+            out += ["", "  " + fence(yaml_block(block)).replace("\n", "\n  ")]
     out.append("")
     return out
 
@@ -472,7 +472,7 @@ def render_model_architectures(families: Iterable | None = None) -> str:
     """docs/model_architectures.md as a string, from the family registry (or the given families)."""
     from archtune.families import all_families
 
-    contexts = [_Family(f) for f in _ordered(list(families) if families is not None else all_families())]
+    contexts = [FamilyDocs(f) for f in _ordered(list(families) if families is not None else all_families())]
     out = [HEADER, "", "# Model architectures", "",
            "Model-specific quirks, the settings each family needs, what archtune sets or refuses for it, and known "
            "issues. Every line below is produced by the family data, rule or check that enforces it; "

@@ -11,15 +11,15 @@ from archtune.plan.structure import ModelStructure, model_structure
 
 # ================================================================ the model's skeleton (meta device)
 
-def _skeleton(family, tiny_name: str) -> ModelStructure:
+def tiny_skeleton(family, tiny_name: str) -> ModelStructure:
     """The tiny model's skeleton, built on the meta device by the plan's own builder (cached there)."""
-    return model_structure(_model_config(tiny_name), family.auto_class)
+    return model_structure(tiny_model_config(tiny_name), family.auto_class)
 
 
 _MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
 
 
-def _model_config(tiny_name: str) -> dict[str, Any]:
+def tiny_model_config(tiny_name: str) -> dict[str, Any]:
     """config.json of a tiny model as a dict (a fresh copy: plans may keep it)."""
     if tiny_name not in _MODEL_CONFIGS:
         from archtune.models.tiny import build_tiny_config
@@ -95,13 +95,13 @@ class Outcome:
     decision: Any = None  # plan Decision of scenario.shows (None when unset)
 
 
-class _Family:
+class FamilyDocs:
     """A family and its primary tiny model, with the plans the docs need (built once)."""
 
     def __init__(self, family):
         self.family = family
         self.tiny = self._primary_tiny()
-        self.model_config = _model_config(self.tiny.name) if self.tiny else None
+        self.model_config = tiny_model_config(self.tiny.name) if self.tiny else None
         self.moe = bool(self.model_config and family.moe(self.model_config))
 
     def _primary_tiny(self):
@@ -111,7 +111,7 @@ class _Family:
             return None
         if self.family.expert_param_names:
             for tiny in tinies:
-                if self.family.moe(_model_config(tiny.name)):
+                if self.family.moe(tiny_model_config(tiny.name)):
                     return tiny
         return tinies[0]
 

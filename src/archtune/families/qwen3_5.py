@@ -34,12 +34,12 @@ def _build_config(tokenizer):
     from transformers import Qwen3_5Config
 
     ids = special_token_ids(tokenizer)
-    text = {k: v for k, v in copy.deepcopy(moe._TEXT).items() if k not in _MOE_ONLY}
+    text = {k: v for k, v in copy.deepcopy(moe.TEXT).items() if k not in _MOE_ONLY}
     text.update(intermediate_size=128, vocab_size=ids.vocab_size, pad_token_id=ids.pad, bos_token_id=ids.bos,
                 eos_token_id=ids.eos)
     return Qwen3_5Config(
         text_config=text,
-        vision_config=dict(copy.deepcopy(moe._VISION), out_hidden_size=moe._TEXT["hidden_size"]),
+        vision_config=dict(copy.deepcopy(moe.VISION), out_hidden_size=moe.TEXT["hidden_size"]),
         image_token_id=ids["<image_soft_token>"],
         video_token_id=ids["<video_soft_token>"],
         vision_start_token_id=ids["<vision_start>"],
@@ -69,7 +69,7 @@ FAMILY = register_family(dataclasses.replace(
     sequence_classification_base="",  # transformers has Qwen3_5ForSequenceClassification
     tiny_models=(
         TinyModel("qwen3_5", "Qwen 3.5 dense shape: 3 linear-attention (DeltaNet) + 1 full-attention layer, "
-                  "dense MLP, vision tower (1 block)", _build_config, moe._build_processor),
+                  "dense MLP, vision tower (1 block)", _build_config, moe.build_processor),
     ),
     rules=[
         FamilyRule("freeze_mm_modules"),

@@ -47,7 +47,7 @@ def _is_moe(model_config: dict[str, Any]) -> bool:
     return (text_config(model_config).get("num_experts") or 0) > 0
 
 
-_TEXT: dict[str, Any] = dict(
+TEXT: dict[str, Any] = dict(
     hidden_size=64,
     num_hidden_layers=4,
     # Real: 3 linear_attention : 1 full_attention (full_attention_interval 4).
@@ -76,7 +76,7 @@ _TEXT: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
-_VISION: dict[str, Any] = dict(
+VISION: dict[str, Any] = dict(
     depth=1,
     hidden_size=32,
     intermediate_size=64,
@@ -93,11 +93,11 @@ def _build_config(tokenizer):
 
     ids = special_token_ids(tokenizer)
     # Deep copies: configs keep (and may edit) the lists and dicts they are given.
-    text = dict(copy.deepcopy(_TEXT), vocab_size=ids.vocab_size,
+    text = dict(copy.deepcopy(TEXT), vocab_size=ids.vocab_size,
                 pad_token_id=ids.pad, bos_token_id=ids.bos, eos_token_id=ids.eos)
     return Qwen3_5MoeConfig(
         text_config=text,
-        vision_config=dict(copy.deepcopy(_VISION), out_hidden_size=_TEXT["hidden_size"]),
+        vision_config=dict(copy.deepcopy(VISION), out_hidden_size=TEXT["hidden_size"]),
         image_token_id=ids["<image_soft_token>"],
         video_token_id=ids["<video_soft_token>"],
         vision_start_token_id=ids["<vision_start>"],
@@ -106,7 +106,7 @@ def _build_config(tokenizer):
     )
 
 
-def _build_processor(config):
+def build_processor(config):
     """Qwen3VLProcessor (images only) at the tiny image size: an image part renders as
     `<vision_start><image_soft_token><vision_end>` and the soft token expands to one token per
     merged patch group (32x32 pixels: an 8x8 patch grid merged 2x2 -> 16 tokens)."""
@@ -246,7 +246,7 @@ FAMILY = register_family(
                 "Qwen 3.5 MoE shape: 3 linear-attention (DeltaNet) + 1 full-attention layer, 8 experts top-2 "
                 "plus a shared expert, vision tower (1 block)",
                 _build_config,
-                _build_processor,
+                build_processor,
             ),
         ),
         rules=[

@@ -220,7 +220,7 @@ def set_attn_implementation(model, plan: Plan) -> None:
         model.set_attn_implementation({"text_config": impl})
 
 
-def _auto_class(plan: Plan):
+def auto_model_class(plan: Plan):
     import transformers
 
     return getattr(transformers, plan.auto_class)
@@ -294,7 +294,7 @@ def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
     source = str(path or d("base_model"))
     key = "base_model" if path is None else "output_dir"
     try:
-        model, info = _auto_class(plan).from_pretrained(
+        model, info = auto_model_class(plan).from_pretrained(
             source, dtype=dtype, trust_remote_code=d("trust_remote_code"), revision=d("model_revision"),
             output_loading_info=True, **(pretrained_kwargs(plan) if path is None else _head_settings(plan)))
     except RuntimeError as exc:

@@ -80,7 +80,7 @@ def bnb_config(plan: Plan):
 
 def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
     """The base model with its linear layers in bitsandbytes 4 bit (on CPU, or this rank's GPU)."""
-    from archtune.models.load import _auto_class, check_loading_info, pretrained_kwargs, tiny_name
+    from archtune.models.load import auto_model_class, check_loading_info, pretrained_kwargs, tiny_name
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     d = plan.decided
@@ -97,7 +97,7 @@ def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
             full.should_save_on_this_rank = lambda is_main_process: True
             full.save_pretrained(tmp, safe_serialization=True)
             del full
-            model, info = _auto_class(plan).from_pretrained(tmp, **kwargs)
+            model, info = auto_model_class(plan).from_pretrained(tmp, **kwargs)
             check_loading_info(info, d("base_model"))
         model.config._name_or_path = d("base_model")  # not the temporary directory (adapter_config names it)
         _keep_training_layout(model)
@@ -105,7 +105,7 @@ def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
     source = str(path or d("base_model"))
     if path is None:
         kwargs.update(pretrained_kwargs(plan))
-    model, info = _auto_class(plan).from_pretrained(source, trust_remote_code=d("trust_remote_code"),
+    model, info = auto_model_class(plan).from_pretrained(source, trust_remote_code=d("trust_remote_code"),
                                                     revision=d("model_revision"), **kwargs)
     check_loading_info(info, source)
     _keep_training_layout(model)

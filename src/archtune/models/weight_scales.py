@@ -151,7 +151,7 @@ def _coerce_rule(rule: Any, index: int, key_prefix: str = "normalize_weight_scal
     return ScaleRule(pattern, thr, bool(dry_run))
 
 
-def _coerce_rules(rules: Any) -> list[ScaleRule]:
+def coerce_rules(rules: Any) -> list[ScaleRule]:
     if rules is None:
         return []
     if isinstance(rules, (ScaleRule, Mapping)) or hasattr(rules, "name_pattern"):
@@ -187,7 +187,7 @@ def lower_median(values: Sequence[float]) -> float:
 
 
 @torch.no_grad()
-def _rescale_(t: torch.Tensor, factor: float) -> None:
+def rescale_(t: torch.Tensor, factor: float) -> None:
     """t *= factor in place: product in float64, rounded once to t's dtype."""
     if t.is_contiguous():
         flat = t.view(-1)
@@ -210,7 +210,7 @@ def _storage_key(t: torch.Tensor) -> Any:
         return ("id", id(t))
 
 
-def _named_list(named_tensors: Any) -> list[tuple[str, torch.Tensor]]:
+def named_list(named_tensors: Any) -> list[tuple[str, torch.Tensor]]:
     if hasattr(named_tensors, "named_parameters") and callable(named_tensors.named_parameters):
         items = list(named_tensors.named_parameters())
     elif isinstance(named_tensors, Mapping):
@@ -229,7 +229,7 @@ def _named_list(named_tensors: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _scan(items: list[tuple[str, torch.Tensor]], rules: list[ScaleRule], force_dry_run: bool
+def scan_tensors(items: list[tuple[str, torch.Tensor]], rules: list[ScaleRule], force_dry_run: bool
           ) -> tuple[list[ScaleReport], list[str], dict[str, float]]:
     rows: list[ScaleReport] = []
     warnings: list[str] = []
@@ -304,7 +304,7 @@ def scan_weight_scales(named_tensors: Iterable[tuple[str, torch.Tensor]] | Mappi
     dry run. Warnings (rule matching nothing, fewer than 3 usable matches) are logged and,
     when `warnings` is a list, appended to it.
     """
-    rows, warns, _ = _scan(_named_list(named_tensors), _coerce_rules(rules), dry_run)
+    rows, warns, _ = scan_tensors(named_list(named_tensors), coerce_rules(rules), dry_run)
     if warnings is not None:
         warnings.extend(warns)
     return rows
@@ -318,12 +318,12 @@ def normalize_weight_scales(model_or_named_tensors: Any, rules: Any, *, dry_run:
     before adapters are attached. Deterministic: every rank gets the same result from the
     same weights, with no collective (see the module docstring).
     """
-    items = _named_list(model_or_named_tensors)
-    rows, warns, factors = _scan(items, _coerce_rules(rules), dry_run)
+    items = named_list(model_or_named_tensors)
+    rows, warns, factors = scan_tensors(items, coerce_rules(rules), dry_run)
     by_name = dict(items)
     with torch.no_grad():
         for name, factor in factors.items():
-            _rescale_(by_name[name], factor)
+            rescale_(by_name[name], factor)
     for name, factor in factors.items():
         log.info("normalize_weight_scales: rescaled %s by %.6g", name, factor)
     return WeightScaleResult(rows=rows, warnings=warns, n_rescaled=len(factors), scales=dict(factors))
