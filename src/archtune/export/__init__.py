@@ -18,15 +18,16 @@ One call, `export(plan, tokenizer, settings)`:
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from archtune.errors import UserError
-from archtune.export.compare import Verification, held_out_prompts, hf_logits, verify
-from archtune.export.merge_check import MergeCount, adapted_tensors, count_merged
+from archtune.export.compare import held_out_prompts, hf_logits, verify
+from archtune.export.merge_check import adapted_tensors, count_merged
+from archtune.export.report import ExportReport
 
 FORMATS = ("gguf", "merged", "adapter")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -42,31 +43,6 @@ class ExportSettings:
     quantize: tuple[str, ...] = ()
     out: Path | None = None
     prompts: int = DEFAULT_PROMPTS
-
-
-@dataclass
-class ExportReport:
-    format: str
-    path: str
-    merged_tensors: MergeCount | None
-    verifications: list[Verification] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    prompt_source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        merged_ok = self.merged_tensors is None or self.merged_tensors.ok
-        return merged_ok and bool(self.verifications) and all(v.ok for v in self.verifications)
-
-    def to_json(self) -> dict:
-        main = self.verifications[0].to_json() if self.verifications else None
-        return {"format": self.format, "path": self.path,
-                "merged_tensors": self.merged_tensors.to_json() if self.merged_tensors else None,
-                "verification": main, "quantized": [v.to_json() | {"path": f} for v, f in
-                                                     zip(self.verifications[1:], self.files[1:])],
-                "files": list(self.files), "prompt_source": self.prompt_source, "ok": self.ok,
-                "notes": list(self.notes)}
 
 
 def settings_from(plan, *, format: str | None = None, outtype: str | None = None,

@@ -37,7 +37,7 @@ def _gguf_package():
 
 
 def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference: Callable, *, log) -> object:
-    from archtune.export import ExportReport
+    from archtune.export.report import ExportReport
     from archtune.export.compare import verify
     from archtune.export.gguf_file import text_config_of, write_gguf
     from archtune.export.llama_runtime import LlamaModel, llama_cpp, quantize, version
