@@ -239,6 +239,8 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
              max_new_tokens: int = typer.Option(64, "--max-new-tokens")) -> None:
     """Greedy generation with the trained weights, the prompt rendered as the first dataset's format
     (with --image: one user turn holding the images, then the prompt)."""
+    import torch
+
     from archtune.data import encode_prompt
     from archtune.train.assembly import assemble_model
     from archtune.train.recipe import plan_for
@@ -248,14 +250,16 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     inputs = _image_prompt(cfg, setup, prompt, image) if image else None
     built = assemble_model(setup.plan, setup.tokenizer, "generate")
     model, kind = built.model, built.weights
+    # A turn ends at eot_tokens too, whatever the checkpoint's generation_config lists.
+    stops = setup.tokenizer.convert_tokens_to_ids(list(setup.plan.data.eot_tokens))
     if inputs is None:
         ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
-        text = generate_text(model, setup.tokenizer, ids, max_new_tokens)
-    else:
-        text = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens)
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    text, end = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens, stop_ids=stops)
     shown = "".join(f"\n[bold]image:[/]  {p}" for p in image or ())
     console.print(f"[bold]prompt:[/] {prompt}" + (f"\n[bold]input:[/]  {input_text}" if input_text else "") + shown)
-    console.print(f"[bold]output:[/] {text}   [dim]({kind} weights)[/]")
+    ended = f"ended at {escape(end)}" if end else f"cut at --max-new-tokens {max_new_tokens}"
+    console.print(f"[bold]output:[/] {text}   [dim]({kind} weights; {ended})[/]")
 
 
 def _image_prompt(cfg, setup, prompt: str, paths: list[Path]) -> dict:
@@ -280,25 +284,32 @@ def _image_prompt(cfg, setup, prompt: str, paths: list[Path]) -> dict:
         raise UserError.single("--image", str(exc), "give a PNG/JPEG/WebP image the model's processor reads") from None
 
 
-def generate_text(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+def generate_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop_ids: list[int] = ()) -> str:
     """Greedy continuation of the prompt ids, decoded without special tokens."""
     import torch
 
     input_ids = torch.tensor([ids])
     return generate_from_inputs(model, tokenizer, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
-                                max_new_tokens)
+                                max_new_tokens, stop_ids)[0]
 
 
-def generate_from_inputs(model, tokenizer, inputs: dict, max_new_tokens: int) -> str:
-    """Greedy continuation of a batch of one (input_ids plus any image inputs), decoded without
-    special tokens."""
+def generate_from_inputs(model, tokenizer, inputs: dict, max_new_tokens: int,
+                         stop_ids: list[int] = ()) -> tuple[str, str | None]:
+    """Greedy continuation of a batch of one (input_ids plus any image inputs), stopping at the
+    generation config's eos ids and `stop_ids`: the text decoded without special tokens, and the
+    token it ended at (None: cut at max_new_tokens)."""
     import torch
 
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     model.eval()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos + [i for i in stop_ids if i not in eos] or None)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    stops = set(eos) | set(stop_ids)
+    end = tokenizer.convert_ids_to_tokens(new[-1]) if new and new[-1] in stops else None
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), end
 
 
 @app.command("merge-lora")
