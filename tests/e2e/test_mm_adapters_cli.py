@@ -65,3 +65,33 @@ def test_full_fine_tune_of_the_projector_alone(tmp_path, capsys):
     assert all(not torch.equal(trained[k], base[k]) for k in projector)  # every projector weight moved
     others = [k for k in trained if not k.startswith(PROJECTOR)]
     assert [k for k in others if k.startswith(TOWER)] and all(torch.equal(trained[k], base[k]) for k in others)
+
+
+def test_lora_target_linear_keeps_axolotls_intent_without_the_trap(tmp_path, capsys):
+    """`lora_target_linear: true` on image rows: with the towers frozen (the default) every linear
+    layer of the language model gets an adapter and no tower does, `check` says so; with
+    `freeze_mm_modules: false` the towers' linears are adapted too (as Axolotl does) and train."""
+    from archtune.models.tiny import build_tiny_model
+
+    model, _ = build_tiny_model("gemma4-dense")
+    lm_linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.language_model.")}
+    for name, keys in (("frozen", {}), ("towers", {"freeze_mm_modules": False})):
+        (tmp_path / name).mkdir()
+        config = _config(tmp_path / name, adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True,
+                         learning_rate=0.01, **keys)
+        code, out, err = run_cli(capsys, "check", config, "--json")
+        assert code == 0, out + err
+        report = json.loads(out)
+        assert report["errors"] == [] and report["settings"]["lora_target_modules"]["value"] == "all-linear"
+        code, out, err = run_cli(capsys, "train", config)
+        assert code == 0, err
+        adapter = load_file(str(tmp_path / name / "out" / "adapter_model.safetensors"))
+        adapted = {k.split(".lora_")[0].replace("base_model.model.", "", 1) for k in adapter if ".lora_" in k}
+        tower = {k for k in adapted if k.startswith((TOWER, PROJECTOR))}
+        if name == "frozen":
+            assert "the language model" in report["settings"]["lora_target_modules"]["reason"]
+            assert adapted == lm_linears and not tower
+        else:
+            assert any("puts LoRA adapters in the vision/audio towers" in w for w in report["warnings"])
+            assert adapted - tower == lm_linears and {k for k in tower if k.startswith(TOWER)}
+            assert all(torch.count_nonzero(v) > 0 for k, v in adapter.items() if TOWER in k and ".lora_B." in k)

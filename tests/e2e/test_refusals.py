@@ -42,8 +42,6 @@ REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
     "non_reentrant_checkpointing": ("tiny:gemma4-moe", {"gradient_checkpointing": True,
                                                         "gradient_checkpointing_kwargs": {"use_reentrant": True}},
                                     1, "gradient_checkpointing_kwargs.use_reentrant"),
-    "no_all_linear_into_towers": ("tiny:gemma3", {"adapter": "lora", "lora_target_linear": True}, 1,
-                                  "lora_target_linear"),
     "fsdp1_refuses_quantized_base": ("tiny:gemma4-dense", {**FSDP, "fsdp_config": {"fsdp_version": 1},
                                                            "adapter": "qlora", "load_in_4bit": True},
                                      2, "fsdp_config.fsdp_version"),

@@ -163,17 +163,24 @@ def test_lora_without_targets_gets_the_family_regex(name, value, source):
 
 
 @pytest.mark.parametrize("name", ["gemma4-moe", "gemma4-e2b", "gemma3", "qwen3_5-moe"])
-def test_lora_target_linear_on_a_multimodal_model_is_refused_with_the_regex(name):
+def test_lora_target_linear_on_a_multimodal_model_means_the_language_model_while_towers_are_frozen(name):
     plan = plan_for(name, adapter="lora", lora_target_linear=True)
-    assert error_keys(plan) == ["lora_target_linear"]
-    problem = plan.errors[0]
-    assert "loss ~12" in problem.message
-    assert plan.family.lora_target_regex in problem.fix
+    assert plan.errors == [] and not [w for w in plan.warnings if "towers" in w]
+    d = plan.settings["lora_target_modules"]
+    assert d.value == "all-linear" and plan.get("freeze_mm_modules") is True
+    assert "the language model" in d.reason and "frozen" in d.reason and "loss ~12" in d.reason
+    # Towers trained on purpose: they are adapted too, as Axolotl does, with the trap named and the fix.
+    off = plan_for(name, adapter="lora", lora_target_linear=True, freeze_mm_modules=False)
+    assert off.errors == [] and off.get("lora_target_modules") == "all-linear"
+    (warning,) = [w for w in off.warnings if "lora_target_linear with freeze_mm_modules: false" in w]
+    assert "loss ~12" in warning and "freeze_mm_modules: true" in warning and plan.family.lora_target_regex in warning
 
 
-def test_all_linear_string_on_a_multimodal_model_is_refused_too():
+def test_all_linear_string_on_a_multimodal_model_reads_the_same():
     plan = plan_for("gemma4-dense", adapter="lora", lora_target_modules="all-linear")
-    assert error_keys(plan) == ["lora_target_modules"]
+    assert plan.errors == [] and "the language model" in plan.settings["lora_target_modules"].reason
+    off = plan_for("gemma4-dense", adapter="lora", lora_target_modules="all-linear", freeze_mm_modules=False)
+    assert [w for w in off.warnings if w.startswith("lora_target_modules with freeze_mm_modules: false")]
 
 
 def test_lora_target_linear_on_a_text_model_is_fine():

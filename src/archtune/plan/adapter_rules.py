@@ -188,7 +188,9 @@ def _towered_lora_targets(plan: "Plan"):
 
 
 def no_all_linear_into_towers() -> Rule:
-    """`lora_target_linear: true` (or 'all-linear') on a model with towers is an error."""
+    """`lora_target_linear: true` (or 'all-linear') on a model with towers: every linear layer of
+    what trains. Towers frozen: the language model's (stated with the reason); towers trained
+    (`freeze_mm_modules: false`): theirs too, as Axolotl does, with a warning for text-only data."""
 
     def apply(plan: "Plan") -> None:
         fam = plan.family
@@ -196,17 +198,27 @@ def no_all_linear_into_towers() -> Rule:
         if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
             return
         key = "lora_target_linear" if plan.config.lora_target_linear else "lora_target_modules"
-        fix = f"remove {key} (archtune then targets the language model only)"
+        towers = ", ".join(fam.mm_module_prefixes)
+        if plan.get("freeze_mm_modules"):
+            plan.set("lora_target_modules", ALL_LINEAR, "auto",
+                     f"{key}: every linear layer of the part being trained, the language model: the towers "
+                     f"({towers}) are frozen (freeze_mm_modules), so none of their linear layers gets an adapter "
+                     "(adapters there are the reference's \"loss ~12 instead of ~0.5\" trap in text-only training)")
+            return
+        # A warning, not a refusal: whether the rows carry images is known only once the data is read,
+        # and `check` (which reads no data) must refuse exactly what `train` refuses.
+        fix = "set freeze_mm_modules: true (every linear layer of the language model)"
         if fam.lora_target_regex:
-            fix += f", or set:\nlora_target_modules: '{fam.lora_target_regex}'"
-        plan.error(key, f"every linear layer includes the vision/audio towers ({', '.join(fam.mm_module_prefixes)}): "
-                   "adapters there give the reference's \"loss ~12 instead of ~0.5\" trap in text-only training",
-                   fix)
+            fix += f", or lora_target_modules: '{fam.lora_target_regex}'"
+        plan.warn(f"{key} with freeze_mm_modules: false puts LoRA adapters in the vision/audio towers too ({towers}), "
+                  "as Axolotl does: right for image or audio data; with text-only data those adapters are the "
+                  f"reference's \"loss ~12 instead of ~0.5\" trap. For text-only data: {fix}")
 
     return Rule("no_all_linear_into_towers",
-                "`lora_target_linear: true` (or `lora_target_modules: all-linear`) on a multimodal model is refused, "
-                "because adapters in the vision/audio towers give the \"loss ~12 instead of ~0.5\" trap; the "
-                "language-model-only regex is the fix.", apply)
+                "`lora_target_linear: true` (or `lora_target_modules: all-linear`) on a multimodal model means every "
+                "linear layer of the part being trained: the language model while the towers are frozen (the "
+                "default), the towers too with `freeze_mm_modules: false` (a warning, since adapters in the towers "
+                "are the \"loss ~12 instead of ~0.5\" trap for text-only data).", apply)
 
 
 def confine_target_names() -> Rule:
