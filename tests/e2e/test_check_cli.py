@@ -66,23 +66,32 @@ def test_human_output_shows_family_and_auto_settings_with_reasons(tmp_path, caps
     assert "- experts.gate_up_proj" in out
 
 
+FSDP1_QLORA = {  # FSDP1 with a 4-bit base: a refusal on every family
+    "adapter": "qlora", "load_in_4bit": True, "fsdp": ["full_shard", "auto_wrap"],
+    "fsdp_config": {"fsdp_version": 1, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                    "fsdp_transformer_layer_cls_to_wrap": "Gemma4TextDecoderLayer"},
+}
+
+
 def test_errors_exit_2_in_both_outputs(tmp_path, capsys):
-    cfg = config(tmp_path, adapter="lora", lora_target_linear=True, gradient_checkpointing=True,
+    cfg = config(tmp_path, **FSDP1_QLORA, gradient_checkpointing=True,
                  gradient_checkpointing_kwargs={"use_reentrant": True})
-    code, data = check_json(capsys, cfg)
+    code, data = check_json(capsys, cfg, "--nproc", "2")
     assert code == 2
-    assert {e["key"] for e in data["errors"]} == {"lora_target_linear", "gradient_checkpointing_kwargs.use_reentrant"}
+    assert {e["key"] for e in data["errors"]} == {"fsdp_config.fsdp_version", "gradient_checkpointing_kwargs.use_reentrant"}
     assert all(set(e) == {"key", "message", "fix"} and e["fix"] for e in data["errors"])
-    code, out, err = run_cli(capsys, "check", cfg)
+    code, out, err = run_cli(capsys, "check", cfg, "--nproc", "2")
     assert code == 2
-    assert "error lora_target_linear" in out and "loss ~12" in out and "fix:" in out
+    assert "error fsdp_config.fsdp_version" in out and "FSDP1 with a quantized base" in out and "fix:" in out
     assert "check failed: 2 errors" in out
 
 
 def test_overrides_apply(tmp_path, capsys):
-    cfg = config(tmp_path, adapter="lora")
-    code, data = check_json(capsys, cfg, "lora_target_linear=true")
-    assert code == 2 and data["errors"][0]["key"] == "lora_target_linear"
+    cfg = config(tmp_path, **{**FSDP1_QLORA, "fsdp_config": {**FSDP1_QLORA["fsdp_config"], "fsdp_version": 2}})
+    code, data = check_json(capsys, cfg, "--nproc", "2")
+    assert code == 0, data["errors"]
+    code, data = check_json(capsys, cfg, "--nproc", "2", "fsdp_config.fsdp_version=1")
+    assert code == 2 and data["errors"][0]["key"] == "fsdp_config.fsdp_version"
 
 
 def test_nproc_resolves_ddp_decisions(tmp_path, capsys):
