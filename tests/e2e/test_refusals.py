@@ -28,6 +28,12 @@ REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
     "rl_method": ("tiny:llama", {"rl": "dpo", "reward_model": True}, 1, "reward_model"),
     "rl_data_types": ("tiny:llama", {"rl": "dpo"}, 1, "datasets.0.type"),  # alpaca rows are not pairs
     "rl_packing": ("tiny:llama", {"rl": "dpo", "sample_packing": True}, 1, "sample_packing"),
+    "rl_grpo": ("tiny:llama", {"rl": "grpo"}, 1, "trl.reward_funcs"),  # no reward function
+    "rl_grpo_rollouts": ("tiny:llama", {"rl": "grpo", "trl": {"reward_funcs": ["rewards.f"], "num_generations": 3},
+                                        "micro_batch_size": 4}, 1, "trl.num_generations"),  # 4 is no multiple of 3
+    "rl_grpo_data_types": ("tiny:llama", {"rl": "grpo", "trl": {"reward_funcs": ["rewards.f"]},
+                                          "test_datasets": [{"path": "held_out.jsonl", "type": "alpaca"}]},
+                           1, "test_datasets.0.type"),  # alpaca rows are not prompts
     "lora_target_parameters": ("tiny:gemma4-moe", {"adapter": "lora", "lora_dropout": 0,
                                                    "lora_target_parameters": ["experts.nope_proj"]},
                                1, "lora_target_parameters"),

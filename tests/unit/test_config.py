@@ -278,9 +278,9 @@ def test_missing_dataset_path(tmp_path):
 
 @pytest.mark.parametrize("text, key, message, fix_words", [
     ("    type: sharegpt\n", "datasets.0.type",
-     "must be one of alpaca, chat_template, completion, chat_template.default, passthrough.default, bradley_terry.chat_template; got 'sharegpt'", "chat_template"),
+     "must be one of alpaca, chat_template, completion, chat_template.default, passthrough.default, bradley_terry.chat_template or an import path module.function of your own transform (rl: grpo); got 'sharegpt'", "chat_template"),
     ("    type: completon\n", "datasets.0.type",
-     "must be one of alpaca, chat_template, completion, chat_template.default, passthrough.default, bradley_terry.chat_template; got 'completon'",
+     "must be one of alpaca, chat_template, completion, chat_template.default, passthrough.default, bradley_terry.chat_template or an import path module.function of your own transform (rl: grpo); got 'completon'",
      "did you mean `type: completion`?"),
     ("excess_length_strategy: trim\n", "excess_length_strategy", "must be drop or truncate; got 'trim'", "use one of"),
     ("lora_r: 0\n", "lora_r", "must be greater than 0; got 0", "default: 8"),

@@ -103,7 +103,15 @@ def _print_train_summary(s: dict, output_dir: str) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("family", f"{s['family']} ({s['model_type']}), {s['adapter'] or 'full fine-tune'}")
-    if s.get("method"):  # preference / reward training: held-out rewards instead of a loss
+    if s.get("method") == "grpo":  # online RL: rewards instead of a loss
+        table.add_row("method", f"grpo ({s['trainer']}, reference: {s['reference_model']}, rollouts: "
+                      f"{s['rollout_backend']})")
+        table.add_row("training reward", f"{_fmt(s.get('reward_mean_first'))} -> {_fmt(s.get('reward_mean_last'))}")
+        if "eval_reward_mean" in s:
+            table.add_row("held-out reward (greedy)",
+                          f"{_fmt(s.get('eval_reward_mean_initial'))} -> {_fmt(s.get('eval_reward_mean'))}")
+        table.add_row("time", f"rollouts {s['rollout_seconds']:.1f} s, updates {s['update_seconds']:.1f} s")
+    elif s.get("method"):  # preference / reward training: held-out rewards instead of a loss
         table.add_row("method", f"{s['method']} ({s['trainer']}, reference: {s['reference_model']})")
         for key in ("rewards/accuracies", "rewards/margins"):
             table.add_row(f"held-out {key}", f"{_fmt(s.get(f'eval_{key}_initial'))} -> {_fmt(s.get(f'eval_{key}'))}")
@@ -186,7 +194,12 @@ def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    data = prepare_data(setup.plan, setup.tokenizer, progress=not as_json, media=setup.media)
+    if setup.plan.get("rl_trainer") == "GRPOTrainer":  # rl: grpo reads prompts (your transforms run here)
+        from archtune.data.grpo import prepare_grpo_data
+
+        data = prepare_grpo_data(setup.plan, setup.tokenizer, progress=not as_json)
+    else:
+        data = prepare_data(setup.plan, setup.tokenizer, progress=not as_json, media=setup.media)
     if as_json:
         print(json.dumps(data.stats))
         return
@@ -208,6 +221,17 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
+    if setup.plan.get("rl_trainer") == "GRPOTrainer":  # rl: grpo: the mean reward on the held-out prompts
+        from archtune.train.grpo import evaluate_grpo
+
+        result, weights = evaluate_grpo(setup.plan, setup.tokenizer, progress=not as_json)
+        result = {"eval_loss": None, "eval_tokens": None, **result}
+        if as_json:
+            print(json.dumps(result))
+        else:
+            console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+                                    if v is not None) + f" ({weights} weights)")
+        return
     if setup.plan.get("rl_trainer"):  # rl / reward_model: held-out rewards
         from archtune.train.preference import evaluate_preference
 
@@ -252,7 +276,12 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     model, kind = built.model, built.weights
     # A turn ends at eot_tokens too, whatever the checkpoint's generation_config lists.
     stops = setup.tokenizer.convert_tokens_to_ids(list(setup.plan.data.eot_tokens))
-    if inputs is None:
+    if inputs is None and setup.plan.get("rl_trainer") == "GRPOTrainer":  # one user turn, as GRPO's prompts
+        from archtune.train.grpo import prompt_ids
+
+        ids = prompt_ids(setup.tokenizer, [[{"role": "user", "content": prompt}]], setup.plan.get("trl.chat_template_kwargs"))[0]
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    elif inputs is None:
         ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     text, end = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens, stop_ids=stops)

@@ -131,15 +131,17 @@ NO_EFFECT: dict[str, str] = _table(
 
 # ---------------------------------------------------------------- class 3: refused (would train something else)
 REFUSED: dict[str, str] = _table(
-    ("trl vllm dpo_beta "
+    ("vllm", "the settings of a separate vLLM server (`vllm:` block): archtune's GRPO rollouts run through "
+     "transformers, or through TRL's vLLM client with trl.use_vllm where vLLM is installed"),
+    ("dpo_beta "
      "dpo_loss_type dpo_loss_weights dpo_use_liger_kernel "
      "dpo_use_logits_to_keep dpo_generate_during_eval precompute_ref_log_probs "
      "max_prompt_len process_reward_model ebft "
      "nemo_gym_enabled nemo_gym_dir nemo_gym_auto_clone nemo_gym_config_paths nemo_gym_head_port "
      "nemo_gym_server_timeout nemo_gym_verify_timeout nemo_gym_run_timeout nemo_gym_datasets nemo_gym_auto_start "
      "nemo_gym_model_name nemo_gym_multi_turn nemo_gym_max_turns hatchery",
-     "an RL or preference setting archtune does not run (online RL with vLLM, process reward models, EBFT, "
-     "NeMo Gym, ...); the preference training it offers is set with `rl`"),
+     "an RL or preference setting archtune does not run (process reward models, EBFT, NeMo Gym, ...); the "
+     "preference and online RL training it offers is set with `rl` (dpo ... grpo) and the `trl:` block"),
     ("kd_trainer kd_ce_alpha kd_alpha kd_temperature kd_beta kd_normalize_topk kd_online_server_base_url "
      "kd_online_topk kd_online_server kd_online_timeout kd_temperature_min",
      "knowledge distillation is not supported: archtune trains on the data's tokens (cross-entropy)"),

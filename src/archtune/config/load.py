@@ -30,7 +30,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     Raises UserError with every problem found (file, YAML syntax, overrides, keys, values).
     """
     data, lines = read_yaml(Path(path))
-    return _build(data, list(overrides or ()), source=str(path), lines=lines)
+    cfg = _build(data, list(overrides or ()), source=str(path), lines=lines)
+    cfg._source_dir = str(Path(path).resolve().parent)
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = (), *, source: str = "<config>") -> Config:

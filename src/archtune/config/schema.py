@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -25,6 +25,16 @@ def _check_regex(pattern: str) -> str:
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+# An import path of the user's own code (`rewards.my_transform`): dotted Python identifiers.
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _import_path(value: str) -> str:
+    if not IMPORT_PATH.fullmatch(value):
+        raise PydanticCustomError("import_path", "an import path module.function of your own transform (rl: grpo)")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -32,11 +42,13 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     path: str = Field(description="Local file or directory (json, jsonl, parquet, csv), or a hub dataset id.")
     type: Literal["alpaca", "chat_template", "completion", "chat_template.default", "passthrough.default",
-                  "bradley_terry.chat_template"] = Field(
+                  "bradley_terry.chat_template"] | Annotated[str, AfterValidator(_import_path)] = Field(
         "alpaca", description="Prompt format: alpaca (instruction/input/output), chat_template (messages), completion "
         "(text); with `rl`: chat_template.default (messages + chosen/rejected, or completion/label for KTO) or "
         "passthrough.default (prompt/chosen/rejected strings as written); with `reward_model`: "
-        "bradley_terry.chat_template (input/chosen/rejected).")
+        "bradley_terry.chat_template (input/chosen/rejected); with `rl: grpo`: the import path of your own transform "
+        "(`rewards.my_transform`: module.function, the module found beside the config), or unset for rows that "
+        "already hold a `prompt`.")
     data_files: str | list[str] | None = Field(None, description="Files inside `path` to read (as datasets.load_dataset's data_files).")
     split: str = Field("train", description="Split to read.")
     name: str | None = Field(None, description="Dataset config name (hub datasets).")
@@ -116,6 +128,101 @@ class ExportConfig(_Strict):
         "llama-cpp-python, so it needs none and reads no file from here.")
 
 
+class TrlConfig(_Strict):
+    """Axolotl's `trl:` block for `rl: grpo` (TRL's GRPOConfig names and meanings). Unset keys take
+    TRL's defaults (`archtune check` shows each with its reason)."""
+
+    # -- what is trained
+    reward_funcs: list[str] | None = Field(
+        None, description="Your reward functions as import paths (`rewards.accuracy`: module.function, the module "
+        "found beside the config); each gets prompts, completions and the row's other columns, returns one float per "
+        "completion.")
+    reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1.0).")
+    beta: float | None = Field(None, ge=0, description="KL coefficient against the starting policy (default 0.0, "
+                               "TRL's: no reference model); same as rl_beta.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] | None = Field(
+        None, description="How token losses are averaged: grpo (per sequence, then over sequences), bnpo (over the "
+        "tokens of the local batch), dr_grpo (over a constant, max_completion_length: Dr. GRPO), dapo (over the "
+        "tokens of the accumulated batch; TRL's default).")
+    scale_rewards: bool | Literal["group", "batch", "none"] | None = Field(
+        None, description="Divide advantages by the reward spread of each prompt's group (group, true: the "
+        "default), of the whole batch (batch), or not at all (none, false: Dr. GRPO).")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] | None = Field(
+        None, description="Several reward functions: weigh and sum, then normalize (default), or normalize each "
+        "then sum (GDPO).")
+    num_iterations: int | None = Field(None, gt=0, description="Updates per generated batch (GRPO's mu; default 1).")
+    epsilon: float | None = Field(None, gt=0, description="Clipping range of the probability ratio (default 0.2).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping bound, when it differs from epsilon "
+                                       "(DAPO's clip-higher, e.g. 0.28).")
+    importance_sampling_level: Literal["token", "sequence"] | None = Field(
+        None, description="Probability ratios per token (GRPO, the default) or one per sequence (GSPO).")
+    mask_truncated_completions: bool | None = Field(
+        None, description="Leave completions cut at max_completion_length out of the loss (DAPO).")
+    # -- rollouts
+    num_generations: int | None = Field(None, ge=2, description="Completions sampled per prompt (default 8).")
+    generation_batch_size: int | None = Field(
+        None, gt=0, description="Completions generated at once (default micro_batch_size x "
+        "gradient_accumulation_steps x processes).")
+    max_completion_length: int | None = Field(None, gt=0, description="Most tokens per completion (default 512).")
+    temperature: float | None = Field(None, gt=0, description="Sampling temperature (default 1.0).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (default 1.0: off).")
+    top_k: int | None = Field(None, ge=0, description="Top-k sampling (default 0: off).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Min-p sampling (default off).")
+    repetition_penalty: float | None = Field(None, gt=0, description="Repetition penalty (default 1.0: off).")
+    generation_kwargs: dict[str, Any] | None = Field(
+        None, description="More transformers GenerationConfig arguments for the rollouts.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra arguments of the chat template for conversational prompts (e.g. "
+        "{enable_thinking: false}).")
+    use_vllm: bool | None = Field(None, description="Generate rollouts with vLLM (needs vLLM and a CUDA GPU).")
+    vllm_mode: Literal["server", "colocate"] | None = Field(None, description="vLLM beside training (colocate) or "
+                                                            "a separate `trl vllm-serve` server (server).")
+    vllm_server_host: str | None = Field(None, description="vLLM server host (server mode).")
+    vllm_server_port: int | None = Field(None, description="vLLM server port (server mode).")
+    vllm_server_timeout: int | None = Field(None, description="Seconds to wait for the vLLM server.")
+    # -- what a user sees
+    log_completions: bool | None = Field(None, description="Print a sample of prompts, completions and rewards at "
+                                         "each logging step.")
+    num_completions_to_print: int | None = Field(None, gt=0, description="How many completions log_completions "
+                                                 "prints.")
+    # -- Axolotl keys archtune refuses when set (the plan says why): async rollouts, replay, vLLM-only knobs
+    vllm_guided_decoding_regex: str | None = None
+    sync_ref_model: bool | None = None
+    ref_model_mixup_alpha: float | None = None
+    ref_model_sync_steps: int | None = None
+    use_liger_loss: bool | None = None
+    entropy_coef: float | None = None
+    use_adaptive_entropy: bool | None = None
+    entropy_target: float | None = None
+    entropy_coef_delta: float | None = None
+    entropy_coef_min: float | None = None
+    entropy_coef_max: float | None = None
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = None
+    log_multimodal: bool | None = None
+    vllm_enable_sleep_mode: bool | None = None
+    rollout_func: str | None = None
+    use_data_producer: bool | None = None
+    async_prefetch: bool | None = None
+    prefetch_depth: int | None = None
+    vllm_sync_interval: int | None = None
+    streaming_partial_batch: bool | None = None
+    streaming_min_groups: int | None = None
+    vllm_importance_sampling_correction: bool | None = None
+    vllm_importance_sampling_mode: str | None = None
+    vllm_importance_sampling_cap: float | None = None
+    off_policy_mask_threshold: float | None = None
+    use_bias_correction_kl: bool | None = None
+    reward_num_workers: int | None = None
+    replay_buffer_size: int | None = None
+    replay_recompute_logps: bool | None = None
+    reroll_start_fraction: float | None = None
+    reroll_max_groups: int | None = None
+    skip_zero_advantage_batches: bool | None = None
+    vllm_lora_sync: bool | None = None
+    reward_processing_classes: Any = None
+
+
 class Config(_Strict):
     """An archtune training config. Unknown keys are errors (with a did-you-mean hint)."""
 
@@ -126,6 +233,14 @@ class Config(_Strict):
     @property
     def axolotl_notes(self) -> list[tuple[str, str]]:
         return list(self._axolotl_notes)
+
+    # The directory of the config file (set by config.load; None for a config built in memory): your own
+    # modules (`trl.reward_funcs`, a dataset `type: module.function`) are found there.
+    _source_dir: str | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> str | None:
+        return self._source_dir
 
     # ---- model
     base_model: str = Field(description="Local directory, hub id, or tiny:NAME (an embedded tiny random model).")
@@ -233,8 +348,11 @@ class Config(_Strict):
     fsdp_config: FsdpConfig | None = Field(None, description="FSDP settings (see FsdpConfig).")
 
     # ---- preference and reward training (TRL's trainers; Axolotl's keys and meanings)
-    rl: Literal["dpo", "ipo", "orpo", "kto", "simpo"] | None = Field(
-        None, description="Preference training method: dpo, ipo, orpo, kto or simpo (unset: supervised fine-tuning).")
+    rl: Literal["dpo", "ipo", "orpo", "kto", "simpo", "grpo"] | None = Field(
+        None, description="Preference training method: dpo, ipo, orpo, kto or simpo; grpo: online RL with your own "
+        "reward functions (the `trl:` block); unset: supervised fine-tuning.")
+    trl: TrlConfig | None = Field(None, description="`rl: grpo` settings (Axolotl's `trl:` block, TRL's GRPOConfig "
+                                  "names).")
     rl_beta: float | None = Field(None, gt=0, description="The method's beta (TRL's; default 0.1): strength of the "
                                   "KL penalty (DPO, IPO, KTO), SimPO's reward scale, ORPO's odds-ratio weight.")
     dpo_use_weighting: bool | None = Field(None, description="DPO: weight each pair by its likelihood (WPO).")

@@ -178,7 +178,7 @@ def _length(item: dict) -> int:
 
 # ---------------------------------------------------------------- reading and splitting
 
-def _rows(src, work) -> list[tuple[str, Any]]:
+def read_rows(src, work) -> list[tuple[str, Any]]:
     """(FILE:LINE, row dict or a RowError) for every row of a source."""
     from archtune.data.readers import read_source
 
@@ -204,7 +204,7 @@ def _rows(src, work) -> list[tuple[str, Any]]:
 def _encode_source(src, data: "DataSettings", enc: _Encoder, kind: str, work, dropped: Counter,
                    problems: list) -> list[dict]:
     kept = []
-    for where, row in _rows(src, work):
+    for where, row in read_rows(src, work):
         try:
             if isinstance(row, RowError):
                 raise row
@@ -244,12 +244,39 @@ def _dataset(rows: list[dict]):
     return Dataset.from_dict({k: [r[k] for r in rows] for k in columns})
 
 
+def check_rows(problems: list[Problem], train: list, rows_in: int, dropped: Counter, what: str = "rows") -> None:
+    """The malformed rows strict_data lists (at most MAX_LISTED_PROBLEMS), or that no training row
+    is left, as one UserError."""
+    if problems:
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        if len(problems) > len(listed):
+            listed.append(Problem("strict_data", f"... {len(problems) - len(listed)} more malformed rows not listed",
+                                  "set strict_data: false to drop and count malformed rows instead"))
+        raise UserError(listed)
+    if not train:
+        why = ", ".join(f"{r} {c}" for r, c in dropped.most_common()) or "the data is empty"
+        raise UserError.single("datasets", f"no usable {what} ({rows_in} read; dropped: {why})",
+                               "fix the data (strict_data: true lists every bad row as FILE:LINE)")
+
+
+def hold_out(train: list, data: "DataSettings") -> tuple[list, list]:
+    """(training rows, held-out rows): val_set_size of the rows (a fraction, or a count), chosen by seed."""
+    import numpy as np
+
+    n_eval = int(data.val_set_size) if data.val_set_size >= 1 else int(np.ceil(len(train) * data.val_set_size))
+    if n_eval >= len(train):
+        raise UserError.single("val_set_size", f"holds out {n_eval} of the {len(train)} usable rows, leaving none "
+                               "to train on", "lower val_set_size (a fraction < 1, or a row count)")
+    order = np.random.default_rng(data.seed).permutation(len(train))
+    held = set(order[:n_eval].tolist())
+    return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
+
+
 def prepare_preference_data(plan: "Plan", tokenizer, *, progress: bool = True) -> PreferenceData:
     """Tokenized preference rows (train, eval) for the plan of an rl or reward_model config (`plan.data`)."""
     import tempfile
     from pathlib import Path
 
-    import numpy as np
 
     from archtune.data.sources import resolve_source
     from archtune.data.formats import resolve_chat_template
@@ -277,25 +304,9 @@ def prepare_preference_data(plan: "Plan", tokenizer, *, progress: bool = True) -
             rows = _encode_source(src, data, enc, kind, Path(work), dropped, problems)
             rows_in += len(rows) + sum(dropped.values()) - before
             (evals if key.startswith("test_") else train).extend(rows)
-    if problems:
-        listed = problems[:MAX_LISTED_PROBLEMS]
-        if len(problems) > len(listed):
-            listed.append(Problem("strict_data", f"... {len(problems) - len(listed)} more malformed rows not listed",
-                                  "set strict_data: false to drop and count malformed rows instead"))
-        raise UserError(listed)
-    if not train:
-        why = ", ".join(f"{r} {c}" for r, c in dropped.most_common()) or "the data is empty"
-        raise UserError.single("datasets", f"no usable rows ({rows_in} read; dropped: {why})",
-                               "fix the data (strict_data: true lists every bad row as FILE:LINE)")
+    check_rows(problems, train, rows_in, dropped)
     if not data.test_datasets and data.val_set_size > 0:
-        n_eval = int(data.val_set_size) if data.val_set_size >= 1 else int(np.ceil(len(train) * data.val_set_size))
-        if n_eval >= len(train):
-            raise UserError.single("val_set_size", f"holds out {n_eval} of the {len(train)} usable rows, leaving none "
-                                   "to train on", "lower val_set_size (a fraction < 1, or a row count)")
-        order = np.random.default_rng(data.seed).permutation(len(train))
-        held = set(order[:n_eval].tolist())
-        evals = [r for i, r in enumerate(train) if i in held]
-        train = [r for i, r in enumerate(train) if i not in held]
+        train, evals = hold_out(train, data)
     if kind == UNPAIRED:
         train = unpair(train)
     stats = {"kind": kind, "rows_in": rows_in, "rows_dropped": dict(sorted(dropped.items())),

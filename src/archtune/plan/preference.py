@@ -42,18 +42,20 @@ def data_kind(cfg) -> str | None:
         return REWARD
     if cfg.rl == "kto":
         return UNPAIRED
-    return PAIRED if cfg.rl else None
+    return PAIRED if cfg.rl and cfg.rl != "grpo" else None
 
 
 def preference_method(plan: "Plan") -> str | None:
     cfg = plan.config
     if cfg.reward_model:
         return "reward"
-    return cfg.rl
+    return cfg.rl if cfg.rl != "grpo" else None  # grpo: plan/grpo.py
 
 
 def _method(plan: "Plan") -> None:
     cfg = plan.config
+    if cfg.rl == "grpo":  # online RL: plan/grpo.py decides
+        return
     kind = preference_method(plan)
     if cfg.rl and cfg.reward_model:
         plan.error("reward_model", f"reward_model: true and rl: {cfg.rl} are two different trainings",
@@ -65,12 +67,8 @@ def _method(plan: "Plan") -> None:
             plan.warn(f"{key} has no effect with {what} (it applies to {', '.join(methods)})")
     if kind is None:
         return
-    if plan.get("chunked_cross_entropy"):
-        if plan.user_set("chunked_cross_entropy"):
-            plan.warn("chunked_cross_entropy has no effect with preference or reward training: TRL's trainers "
-                      "compute the answers' log-probabilities (or the score) themselves")
-        plan.set("chunked_cross_entropy", False, "auto", "preference and reward training: TRL's trainers compute the "
-                 "answers' log-probabilities themselves (DPO and KTO with their own chunked LM head)")
+    no_chunked_loss(plan, "preference or reward training", "TRL's trainers compute the answers' log-probabilities "
+                    "(or the score) themselves (DPO and KTO with their own chunked LM head)")
     plan.set("rl_trainer", TRAINERS[kind], "auto", f"{'reward_model: true' if kind == 'reward' else 'rl: ' + kind} "
              f"trains with TRL's {TRAINERS[kind]}" + (" (loss_type simpo)" if kind == "simpo" else ""))
     if kind == "reward":
@@ -106,6 +104,16 @@ def _method(plan: "Plan") -> None:
                      "full fine-tune: the reference is a frozen copy of the starting weights (one more model in memory)")
     else:
         plan.set("rl_reference_model", "none", "auto", f"{kind} compares the policy with no reference model")
+
+
+def no_chunked_loss(plan: "Plan", training: str, why: str) -> None:
+    """chunked_cross_entropy off for a TRL trainer that computes its own log-probabilities (a warning
+    when the user asked for it)."""
+    if not plan.get("chunked_cross_entropy"):
+        return
+    if plan.user_set("chunked_cross_entropy"):
+        plan.warn(f"chunked_cross_entropy has no effect with {training}: {why}")
+    plan.set("chunked_cross_entropy", False, "auto", f"{training}: {why}")
 
 
 def _beta(plan: "Plan", kind: str) -> None:
@@ -173,6 +181,8 @@ _ROWS = {PAIRED: "a prompt with a chosen and a rejected answer", UNPAIRED: "a pr
 
 def _data_types(plan: "Plan") -> None:
     cfg = plan.config
+    if cfg.rl == "grpo":  # prompts, not preference rows: plan/grpo.py
+        return
     kind = data_kind(cfg)
     if kind is None:
         plan.set("preference_rows", None, "default", "supervised fine-tuning: the rows are not preference data")

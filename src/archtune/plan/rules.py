@@ -15,7 +15,7 @@ The rules sit by concern, each group in its own module: training_rules (precisio
 optimizer, schedules, ...), adapter_rules (LoRA targets, freezing), distributed_rules (DDP, FSDP,
 checkpointing, decoder layers), packing, data_settings (what data/ reads), train_settings (what train/
 reads: batches, warmup, padding, loggers' run name), moe_rules (experts implementations, quantization),
-loss_rules (chunked cross-entropy), preference (rl, reward models); this module holds the order,
+loss_rules (chunked cross-entropy), preference (rl, reward models), grpo (rl: grpo, online RL); this module holds the order,
 the two config-level rules (plugins, Axolotl keys without effect) and the family builders' table.
 
 Each rule's `doc` is one sentence (what, when, why): docs/model_architectures.md is generated
@@ -37,6 +37,7 @@ from archtune.plan.loss_rules import CHUNKED_CE_DEFAULT_CHUNKS, LARGE_VOCABULARY
 from archtune.plan.experts import experts_implementations
 from archtune.plan.moe_rules import MOE_RULES, REFUSE_LOAD_IN_8BIT
 from archtune.plan.packing import PACKING_RULES, REFUSE_INEXACT_PACKING
+from archtune.plan.grpo import GRPO_RULES
 from archtune.plan.preference import PREFERENCE_RULES
 from archtune.plan.shared import (ALL_LINEAR, LAYER_CLASSES_KEY, REENTRANT_KEY, WRAP_KEY, checkpoint_wrappers,
                                   fsdp_enabled, quantized_base)
@@ -97,6 +98,7 @@ GENERIC_RULES: tuple[Rule, ...] = (
          "of archtune's kernels plugin.",
          _plugins),
     *PREFERENCE_RULES,
+    *GRPO_RULES,
     *TRAIN_SETTINGS_RULES,
     Rule("axolotl_no_effect",
          "Axolotl keys that change nothing in what is trained here (CUDA-only kernels, other loggers, tuning knobs) "

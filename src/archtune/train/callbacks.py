@@ -24,12 +24,18 @@ class TrainClock(TrainerCallback):
 
 
 class LossBar(ProgressCallback):
-    """The Trainer's progress bar, with the latest losses in the bar instead of a dict per log line."""
+    """The Trainer's progress bar, with the latest losses (and `keys`: more logged values, e.g. a
+    GRPO run's rewards) in the bar instead of a dict per log line."""
+
+    def __init__(self, keys: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.keys = ("loss", "eval_loss", *keys)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
-        shown = {k: f"{logs[k]:.4f}" for k in ("loss", "eval_loss") if isinstance(logs.get(k), float)}
+        shown = {k.rpartition("/")[2]: f"{logs[k]:.4f}" if k in ("loss", "eval_loss") else f"{logs[k]:.4g}"
+                 for k in self.keys if isinstance(logs.get(k), float)}
         if "learning_rate" in logs:
             shown["lr"] = f"{logs['learning_rate']:.2e}"
         if shown:

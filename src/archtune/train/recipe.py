@@ -105,6 +105,10 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
     # 1. Everything is checked before output_dir is touched: config, plan, resume, data, model.
     plan, tokenizer = setup.plan, setup.tokenizer
     run = RecipeRun.start(cfg, plan, tokenizer, console)
+    if plan.get("rl_trainer") == "GRPOTrainer":  # rl: grpo: online RL on TRL's GRPOTrainer (train/grpo.py)
+        from archtune.train.grpo import train_grpo
+
+        return train_grpo(run)
     if plan.get("rl_trainer"):  # rl / reward_model: TRL's preference trainers (train/preference.py)
         from archtune.train.preference import train_preference
 
