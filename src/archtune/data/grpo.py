@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from archtune.data import formats
-from archtune.data.formats import FIXES, RowError
+from archtune.data.row_errors import FIXES, RowError
 from archtune.data.preference import PreferenceData, read_rows
 from archtune.data.tokenize import check_tokenizer
 from archtune.data.user_code import load_function
