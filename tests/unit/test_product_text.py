@@ -1,4 +1,4 @@
-"""Product text (messages, plan reasons, README, docs/) never points at files users do not have:
+"""Product text (messages, docstrings, plan reasons, README, docs/) never points at files users do not have:
 the project's internal notes stay out of what archtune prints and publishes."""
 from __future__ import annotations
 
@@ -11,15 +11,9 @@ INTERNAL = re.compile(r"\b(FINDINGS|DESIGN|PEERS|STYLE)\.md\b|\bseed/model_archi
 
 
 def _string_literals(tree: ast.AST) -> list[tuple[int, str]]:
-    """String constants that are not docstrings (docstrings and comments are for developers)."""
-    docstrings = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = getattr(node, "body", [])
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-                docstrings.add(id(body[0].value))
-    return [(n.lineno, n.value) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+    """Every string constant, docstrings included (users read docstrings through help() and their
+    editor); only comments are for developers."""
+    return [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
 
 
 def test_no_message_cites_internal_notes():
@@ -41,7 +35,7 @@ def test_published_docs_cite_no_internal_notes():
 
 
 def test_control_catches_a_citation():
-    """The scan sees a message string, and skips a docstring."""
-    tree = ast.parse('"""see FINDINGS.md"""\ndef f():\n    raise ValueError("wrong (FINDINGS.md)")\n')
+    """The scan sees a message string and a docstring, not a comment."""
+    tree = ast.parse('"""see FINDINGS.md"""\ndef f():\n    # FINDINGS.md\n    raise ValueError("wrong (FINDINGS.md)")\n')
     hits = [t for _, t in _string_literals(tree) if INTERNAL.search(t)]
-    assert hits == ["wrong (FINDINGS.md)"]
+    assert hits == ["see FINDINGS.md", "wrong (FINDINGS.md)"]

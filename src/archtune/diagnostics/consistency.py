@@ -1,7 +1,7 @@
 """`archtune check --probe`: does the model compute the same thing under the training settings
 as it does in plain inference?
 
-Bugs of the Gemma 4 E2B/E4B "loss ~12" class (FINDINGS.md) live in the paths only training
+Bugs of the Gemma 4 E2B/E4B "loss ~12" class (a model that evaluates fine but trains from a loss near ln(vocab)) live in the paths only training
 takes: cross-layer KV sharing computed wrongly with `use_cache=False` or under checkpointing,
 reentrant or offloaded checkpointing handing a layer detached K/V, a recompute that sees
 different inputs. Inference (eval mode, `use_cache=True`, no checkpointing) is the path the

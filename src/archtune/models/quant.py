@@ -6,8 +6,8 @@
   unquantized, as do the modules in `llm_int8_skip_modules` (lm_head by default).
 - `tiny:NAME` models are built in memory: they are saved to a temporary directory and reloaded
   the same way, so they are quantized exactly like a real checkpoint.
-- bitsandbytes' CPU backend runs Linear4bit forward and backward (FINDINGS.md): QLoRA trains on
-  a CPU machine too.
+- bitsandbytes' CPU backend runs Linear4bit forward and backward (tests/unit/test_quant.py trains
+  on it): QLoRA trains on a CPU machine too.
 
 `archtune merge-lora` on a QLoRA run (train/assembly.py, use "merge"): the base is loaded in 4 bit (the weights
 the adapter was trained against), dequantized into plain `nn.Linear` layers here, and the

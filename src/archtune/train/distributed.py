@@ -7,7 +7,7 @@ root; torch.distributed.checkpoint for sharded checkpoints). What is here is wha
 the caller: which backend (NCCL on GPUs, gloo on CPU) and the collective timeout (`ddp_timeout`),
 preprocessing once per node (nodes need not share a file system) and the check that every node
 prepared the same data, a clean
-`destroy_process_group` at exit (gloo may otherwise abort at interpreter exit, FINDINGS.md),
+`destroy_process_group` at exit (gloo can abort at interpreter exit when the group is left open),
 the final weights gathered once, and the activation-offloading wrappers.
 
 Every function is a no-op (or the single-process answer) when WORLD_SIZE is unset or 1.
