@@ -13,6 +13,14 @@ QUICKSTART_DATA = REPO / "examples" / "data" / "quickstart"
 VISION_DATA = REPO / "examples" / "data" / "vision"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e carries the `e2e` marker (`-m "not e2e and not dist"`: the unit tests alone)."""
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.e2e)
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run `archtune ARGS` in this process; returns (exit code, stdout, stderr)."""
     import sys
