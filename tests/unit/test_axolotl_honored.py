@@ -285,10 +285,10 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def test_named_chat_templates_train_on_the_answers_with_their_end_token(name, end):
     from archtune.assets import load_tokenizer
     from archtune.config import DatasetConfig
-    from archtune.config.chat_templates import CHAT_TEMPLATES
+    from archtune.families import chat_templates
     from archtune.data.formats import FormatContext, chat_template
 
-    ctx = FormatContext(tokenizer=load_tokenizer(), chat_template=CHAT_TEMPLATES[name], special_tokens=(end,))
+    ctx = FormatContext(tokenizer=load_tokenizer(), chat_template=chat_templates()[name], special_tokens=(end,))
     ds = DatasetConfig(path="x", type="chat_template")
     out = chat_template({"messages": CHAT}, ds, ctx)
     trained = [out.text[s:e] for s, e in out.spans]
@@ -308,12 +308,12 @@ def test_named_chat_templates_train_on_the_answers_with_their_end_token(name, en
 def test_the_plan_resolves_the_chat_template_and_the_tokenizer_is_given_it(keys, expected):
     """The plan turns a template name into its text; models/ only sets that text on the tokenizer
     (saved with the weights), and a tokenizer as loaded keeps its own."""
-    from archtune.config.chat_templates import CHAT_TEMPLATES
+    from archtune.families import chat_templates
     from archtune.models.load import load_tokenizer, set_chat_template
 
     plan = plan_for(**keys)
     own = load_tokenizer(plan.config).chat_template
-    text = {"chatml": CHAT_TEMPLATES["chatml"], "as written": keys.get("chat_template"), "own": None}[expected]
+    text = {"chatml": chat_templates()["chatml"], "as written": keys.get("chat_template"), "own": None}[expected]
     assert plan.chat_template == text and plan.data.chat_template == text
     assert set_chat_template(load_tokenizer(plan.config), plan).chat_template == (text or own)
 
@@ -324,12 +324,12 @@ def test_train_on_eos_all_adds_the_end_token_of_every_turn(messages):
     (user, system), and nothing else changes; compared token by token with `turn`."""
     from archtune.assets import load_tokenizer
     from archtune.config import DatasetConfig
-    from archtune.config.chat_templates import CHAT_TEMPLATES
+    from archtune.families import chat_templates
     from archtune.data.tokenize import RowEncoder, TokenizeSettings
 
     tok = load_tokenizer()
     end = tok.convert_tokens_to_ids("<end_of_turn>")
-    settings = TokenizeSettings(sequence_len=512, chat_template=CHAT_TEMPLATES["gemma3"])
+    settings = TokenizeSettings(sequence_len=512, chat_template=chat_templates()["gemma3"])
     rows = {mode: RowEncoder(tok, DatasetConfig(path="x", type="chat_template", train_on_eos=mode), settings)
             .encode({"messages": messages}) for mode in ("turn", "all")}
     ids = rows["all"]["input_ids"]

@@ -49,6 +49,17 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+def chat_templates() -> dict[str, str]:
+    """Every family's `chat_template:` names -> Jinja text (a family built on another's, as Qwen
+    3.5 dense on the MoE one, repeats its templates; one name with two texts is a bug)."""
+    out: dict[str, str] = {}
+    for family in all_families():
+        for name, text in family.chat_templates.items():
+            if out.setdefault(name, text) != text:
+                raise KeyError(f"chat template {name!r} is defined twice, differently (family {family.name!r})")
+    return out
+
+
 def model_types_of(config: dict[str, Any]) -> list[str]:
     """model_type of a config.json dict, then of its nested text_config (outer first)."""
     types = [config.get("model_type")]
@@ -79,4 +90,4 @@ def tiny_names() -> list[str]:
     return [t.name for f in FAMILIES.values() for t in f.tiny_models]
 
 
-__all__ = ["FAMILIES", "Family", "FamilyRule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "detect", "find_tiny", "tiny_names"]
+__all__ = ["FAMILIES", "Family", "FamilyRule", "TinyModel", "text_config", "register_family", "all_families", "get_family", "chat_templates", "detect", "find_tiny", "tiny_names"]

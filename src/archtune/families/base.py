@@ -183,6 +183,9 @@ class Family:
     # GGUF export (`archtune export --format gguf`): the text config's model_type -> how it is
     # written; a model_type not listed has no GGUF writer here.
     gguf: dict[str, GgufArch] = field(default_factory=dict)
+    # `chat_template:` names (as Axolotl users write them) -> archtune's Jinja text of this
+    # family's turn format.
+    chat_templates: dict[str, str] = field(default_factory=dict)
 
     def tiny(self, name: str) -> TinyModel | None:
         return next((t for t in self.tiny_models if t.name == name), None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from archtune.config.chat_templates import TEXT_MACRO
 from archtune.families import Family, FamilyRule, TinyModel, register_family
 from archtune.families.base import GgufArch, special_token_ids
 from archtune.families.media import media_chat_template, media_tokenizer
@@ -101,8 +102,21 @@ def _build_processor(config):
     )
 
 
+# Gemma 1-3: the system prompt opens the first user turn; the assistant's role is `model`.
+CHAT_TEMPLATE = TEXT_MACRO + (
+    "{{ bos_token }}{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first = text(messages[0]['content']) + '\\n\\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set first = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' "
+    "+ (first if loop.first else '') + text(m['content']) | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+
 FAMILY = register_family(
     Family(
+        chat_templates={"gemma": CHAT_TEMPLATE, "gemma3": CHAT_TEMPLATE, "gemma3n": CHAT_TEMPLATE},
         name="gemma3",
         model_types=("gemma3", "gemma3_text"),
         description="Gemma 3 (4B/12B/27B): multimodal wrapper over a text backbone, Siglip vision tower",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from archtune.config.chat_templates import TEXT_MACRO
 from archtune.families import Family, FamilyRule, TinyModel, register_family, text_config
 from archtune.families.base import special_token_ids
 
@@ -183,8 +184,16 @@ _DESCRIPTIONS = {
     "vision and audio towers",
 }
 
+# Gemma 4: `<|turn>ROLE ... <turn|>` turns, a system turn of its own, the assistant's role is `model`.
+CHAT_TEMPLATE = TEXT_MACRO + (
+    "{{ bos_token }}{%- for m in messages -%}"
+    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + text(m['content']) | trim "
+    "+ '<turn|>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}")
+
 FAMILY = register_family(
     Family(
+        chat_templates={"gemma4": CHAT_TEMPLATE},
         name="gemma4",
         model_types=("gemma4", "gemma4_text"),
         description="Gemma 4 (26B-A4B MoE, 31B dense, E2B/E4B): multimodal wrapper over a text backbone",

@@ -6,6 +6,7 @@ architecture, and the defaults elsewhere (e.g. a user's `lora_target_modules`) a
 """
 from __future__ import annotations
 
+from archtune.config.chat_templates import TEXT_MACRO
 from archtune.families import GENERIC, Family, TinyModel, register_family
 from archtune.families.base import GgufArch, special_token_ids
 
@@ -48,8 +49,19 @@ def _llama_config(tokenizer):
     )
 
 
+CHATML = TEXT_MACRO + (
+    "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + text(m['content']) + '<|im_end|>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+LLAMA3 = TEXT_MACRO + (
+    "{{ bos_token }}{%- for m in messages -%}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + text(m['content']) | trim + '<|eot_id|>' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif -%}")
+
 FAMILY = register_family(
     Family(
+        chat_templates={"chatml": CHATML, "qwen_25": CHATML, "llama3": LLAMA3},
         name=GENERIC,
         model_types=(),
         description="Any causal LM transformers loads with AutoModelForCausalLM (no family-specific handling)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from archtune.config.chat_templates import TEXT_MACRO
 from archtune.families import Family, FamilyRule, TinyModel, register_family, text_config
 from archtune.families.base import GgufArch, special_token_ids
 
@@ -211,8 +212,20 @@ def gguf_arch(arch: str) -> GgufArch:
     return GgufArch(arch, tensors=_gguf_tensors, metadata=_gguf_metadata)
 
 
+# Qwen 3 / 3.5: ChatML; an answer after the last user turn carries its (possibly empty) reasoning block.
+CHAT_TEMPLATE = TEXT_MACRO + (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}{%- set body = text(m['content']) -%}"
+    "{%- if m['role'] == 'assistant' and loop.index0 > ns.last_user and '<think>' not in body -%}"
+    "{%- set body = '<think>\\n\\n</think>\\n\\n' + body -%}{%- endif -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + body + '<|im_end|>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
 FAMILY = register_family(
     Family(
+        chat_templates={"qwen3": CHAT_TEMPLATE, "qwen3_5": CHAT_TEMPLATE},
         name="qwen3_5_moe",
         model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
         gguf={t: gguf_arch("qwen35moe") for t in ("qwen3_5_moe", "qwen3_5_moe_text")},

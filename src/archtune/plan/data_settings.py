@@ -43,11 +43,11 @@ class DataSettings:
 
 def chat_template_text(name: str | None) -> str | None:
     """`chat_template` as decided -> the Jinja text to render with (None: the tokenizer's own)."""
-    from archtune.config.chat_templates import CHAT_TEMPLATES
+    from archtune.families import chat_templates
 
     if name is None or name == "tokenizer_default":
         return None
-    return CHAT_TEMPLATES.get(name, name)
+    return chat_templates().get(name, name)
 
 
 def data_settings(plan: "Plan") -> DataSettings:

@@ -269,8 +269,9 @@ def _schedule(plan: "Plan") -> None:
 
 def _chat_template(plan: "Plan") -> None:
     from archtune.config.chat_templates import template_problem
+    from archtune.families import chat_templates
 
-    problem = template_problem(plan.config.chat_template)
+    problem = template_problem(plan.config.chat_template, chat_templates())
     if problem:
         plan.error("chat_template", *problem)
 
