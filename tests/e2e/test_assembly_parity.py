@@ -1,6 +1,7 @@
 """One model assembly for every command: what `train` measured is what `evaluate` and `merge-lora` get.
 
-Per case (a tiny family x LoRA, QLoRA with 4-bit experts, normalize_weight_scales, use_scattermoe):
+Per case (a tiny family x LoRA, QLoRA with 4-bit experts, normalize_weight_scales, use_scattermoe,
+rows with images):
 
 * `eval_loss_final` in train_summary.json equals `archtune evaluate --json`'s eval_loss on the
   saved output (rel 1e-5): the adapter is evaluated on the base it was trained on (4-bit experts,
@@ -21,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.e2e.conftest import QUICKSTART_DATA, head_jsonl, read_json, run_cli, write_config
+from tests.e2e.conftest import QUICKSTART_DATA, head_jsonl, read_json, run_cli, vision_rows, write_config
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -35,6 +36,9 @@ VARIANTS = {
     "qlora_4bit_experts": {"adapter": "qlora", "load_in_4bit": True, "lora_target_parameters": EXPERTS},
     "normalize_weight_scales": {},  # the drifted checkpoint and its rule: `_drifted`
     "use_scattermoe": {"use_scattermoe": True, "lora_target_parameters": EXPERTS},
+    # Rows with images (the bundled vision data), the projector trained beside the LoRA: evaluate
+    # reads the same image rows through the same processor.
+    "images": {"lora_modules_to_save": ["multi_modal_projector"], "sequence_len": 320},
 }
 
 CASES = [
@@ -42,6 +46,7 @@ CASES = [
     ("gemma4-moe", "qlora_4bit_experts"), ("qwen3_5-moe", "qlora_4bit_experts"),
     ("llama", "normalize_weight_scales"), ("qwen3_5-moe", "normalize_weight_scales"),
     ("gemma4-moe", "use_scattermoe"), ("qwen3_5-moe", "use_scattermoe"),
+    ("gemma3", "images"), ("gemma4-moe", "images"),
 ]
 
 
@@ -52,6 +57,14 @@ def data(tmp_path_factory) -> dict:
     test = head_jsonl(QUICKSTART_DATA / "test.jsonl", tmp / "test.jsonl", 8)
     return {"datasets": [{"path": str(train), "type": "alpaca"}],
             "test_datasets": [{"path": str(test), "type": "alpaca"}]}
+
+
+def _image_data(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train.jsonl", 16), ("test.jsonl", 8)):
+        (out / split).write_text("".join(json.dumps(r) + "\n" for r in vision_rows(split, n)))
+    return {"datasets": [{"path": str(out / "train.jsonl"), "type": "chat_template"}],
+            "test_datasets": [{"path": str(out / "test.jsonl"), "type": "chat_template"}]}
 
 
 def _drifted(family: str, out: Path) -> dict:
@@ -90,9 +103,10 @@ def test_evaluate_and_merge_see_the_model_training_saw(family, variant, data, tm
     keys = {"base_model": f"tiny:{family}", "adapter": "lora", **VARIANTS[variant]}
     if variant == "normalize_weight_scales":
         keys.update(_drifted(family, tmp_path / "base"))
+    rows = _image_data(tmp_path / "images") if variant == "images" else data
     out = tmp_path / "out"
-    config = write_config(tmp_path / "run.yaml", **keys, **data, dataset_prepared_path=str(tmp_path / "prepared"),
-                          lora_r=4, lora_alpha=8, sequence_len=64,
+    config = write_config(tmp_path / "run.yaml", **{"sequence_len": 64, **keys}, **rows,
+                          dataset_prepared_path=str(tmp_path / "prepared"), lora_r=4, lora_alpha=8,
                           micro_batch_size=4, max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0,
                           output_dir=str(out), use_tensorboard=False)
     code, _, err = run_cli(capsys, "train", config)
