@@ -298,3 +298,34 @@ def test_plan_reads_no_raw_key_a_rule_decides():
     reads = sorted({(str(p.relative_to(SRC)), func, attr) for p in (SRC / "plan").rglob("*.py")
                     for func, attr in raw_config_reads(p.read_text()) if attr in decided})
     assert reads == []
+
+
+# ---------------------------------------------------------------- stages read typed views, never a key by name
+
+LOOKUPS = ("get", "decided", "section", "source", "user_set")
+
+
+def plan_lookups(source: str) -> list[tuple[int, str]]:
+    """(line, spelling) of each look-up of a plan setting by name: `plan.get(...)`, `self.plan.decided(...)`,
+    and the aliases they hide behind (`d = plan.decided`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in LOOKUPS:
+            owner = node.value
+            if (isinstance(owner, ast.Name) and owner.id == "plan") or \
+                    (isinstance(owner, ast.Attribute) and owner.attr == "plan"):
+                found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_the_lookup_check_sees_every_spelling():
+    source = ("def f(plan, run, cfg):\n    d = plan.decided\n    return plan.get('adapter'), run.plan.section('fsdp_config'), "
+              "d('seed'), cfg.get('x'), plan.adapter.kind\n")
+    assert plan_lookups(source) == [(2, "plan.decided"), (3, "plan.get"), (3, "run.plan.section")]
+
+
+def test_no_stage_looks_a_setting_up_by_name():
+    # Outside plan/ every setting is read through a typed view (plan.model, plan.adapter, plan.training, ...).
+    found = sorted(f"{p.relative_to(SRC)}:{line}: {spelling}" for p in SRC.rglob("*.py")
+                   if p.relative_to(SRC).parts[0] != "plan" for line, spelling in plan_lookups(p.read_text()))
+    assert found == []

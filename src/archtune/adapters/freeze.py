@@ -93,7 +93,7 @@ def check_towers_frozen(model: torch.nn.Module, plan: Plan) -> None:
     """With freezing on: no adapter and no trainable parameter under a tower, else a UserError
     listing them. Run after LoRA is applied (a no-op when freezing is off). The Plan's
     `mm_trainable_modules` (projectors named in lora_modules_to_save) are exempt."""
-    exempt = tuple(plan.get("mm_trainable_modules") or ())
+    exempt = plan.model.mm_trainable_modules
     prefixes = tower_prefixes(plan)
     adapters = [n for n in adapters_in_towers(model, prefixes) if not under_prefix(n, exempt)]
     if adapters:

@@ -82,14 +82,14 @@ def resolve_lora_targets(model: torch.nn.Module, plan: Plan) -> list[str]:
     Names are spelled as `model.named_modules()` spells them (checkpoint-wrapper segments kept),
     so PEFT matches them exactly; `model` is the base model (not yet a PeftModel).
     """
-    spec = plan.decided("lora_target_modules")
+    spec = plan.adapter.target_modules
     if spec is None or (not _is_all_linear(spec) and len(spec) == 0):
         return []
     modules = {name: module for name, module in model.named_modules() if name}
     if _is_all_linear(spec):
         heads = _output_embedding_names(model)
         # Modules trained fully (a reward model's score head) carry no LoRA either.
-        saved = set(plan.decided("lora_modules_to_save") or ())
+        saved = set(plan.adapter.modules_to_save)
         linear = _linear_classes()
         picked = [n for n, m in modules.items()
                   if isinstance(m, linear) and n not in heads and n.rsplit(".", 1)[-1] not in saved]
@@ -134,7 +134,7 @@ def resolve_lora_parameters(model: torch.nn.Module, plan: Plan) -> list[str]:
     tower parameters are dropped when freezing is on. [] when unset; an entry set that matches
     nothing is a UserError on `lora_target_parameters`.
     """
-    entries = plan.decided("lora_target_parameters")
+    entries = plan.adapter.target_parameters
     if not entries:
         return []
     excluded = tower_prefixes(plan)
@@ -157,16 +157,17 @@ def lora_config(plan: Plan, target_modules: Iterable[str], target_parameters: It
     """PEFT's LoraConfig with explicit, resolved target lists."""
     from peft import LoraConfig
 
-    modules_to_save = plan.decided("lora_modules_to_save")
+    adapter = plan.adapter
+    modules_to_save = adapter.modules_to_save
     return LoraConfig(
-        r=plan.decided("lora_r"),
-        lora_alpha=plan.decided("lora_alpha"),
-        lora_dropout=plan.decided("lora_dropout"),
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
         # [] (not None): None would make PEFT fall back to its own per-model_type defaults.
         target_modules=list(target_modules),
         target_parameters=list(target_parameters) or None,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
-        task_type=plan.get("lora_task_type") or "CAUSAL_LM",  # SEQ_CLS: a reward model (the Plan)
+        task_type=adapter.task_type,  # SEQ_CLS: a reward model (the Plan)
         # A saved lm_head / embed_tokens stays tied to its twin (Gemma ties them), also when merged.
         ensure_weight_tying=bool(modules_to_save),
     )
@@ -203,20 +204,20 @@ def apply_lora(model, plan: Plan):
     """
     from peft import get_peft_model
 
-    if plan.decided("lora_model_dir"):
+    if plan.adapter.model_dir:
         return load_adapter_to_train(model, plan)
     targets = resolve_lora_targets(model, plan)
     parameters = resolve_lora_parameters(model, plan)
     if not targets and not parameters:
         raise UserError.single("lora_target_modules", "adapter is lora but nothing is targeted",
                                "set lora_target_modules (names, a regex or 'all-linear') and/or lora_target_parameters")
-    dropout = plan.decided("lora_dropout") or 0.0
+    dropout = plan.adapter.dropout
     if parameters and dropout:
         raise UserError.single("lora_dropout", f"lora_dropout is {dropout}, but LoRA on parameter tensors "
                                "(lora_target_parameters) only works without dropout", "set `lora_dropout: 0`")
     config = lora_config(plan, targets, parameters)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(plan.decided("seed"))
+        torch.manual_seed(plan.training.seed)
         try:
             with keep_module_targets():
                 peft_model = get_peft_model(model, config)
@@ -237,7 +238,7 @@ def load_adapter_to_train(model, plan: Plan):
     (its own targets and rank; Axolotl's meaning)."""
     from peft import PeftModel
 
-    path = plan.decided("lora_model_dir")
+    path = plan.adapter.model_dir
     try:
         with keep_module_targets():
             peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)

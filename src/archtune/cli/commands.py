@@ -194,7 +194,7 @@ def preprocess(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    if setup.plan.get("rl_trainer") == "GRPOTrainer":  # rl: grpo reads prompts (your transforms run here)
+    if setup.plan.preference.grpo:  # rl: grpo reads prompts (your transforms run here)
         from archtune.data.grpo import prepare_grpo_data
 
         data = prepare_grpo_data(setup.plan, setup.tokenizer, progress=not as_json)
@@ -221,7 +221,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
-    if setup.plan.get("rl_trainer") == "GRPOTrainer":  # rl: grpo: the mean reward on the held-out prompts
+    if setup.plan.preference.grpo:  # rl: grpo: the mean reward on the held-out prompts
         from archtune.train.grpo import evaluate_grpo
 
         result, weights = evaluate_grpo(setup.plan, setup.tokenizer, progress=not as_json)
@@ -232,7 +232,7 @@ def evaluate(config: Path, overrides: Optional[list[str]] = OverridesArg,
             console.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                                     if v is not None) + f" ({weights} weights)")
         return
-    if setup.plan.get("rl_trainer"):  # rl / reward_model: held-out rewards
+    if setup.plan.preference.trainer:  # rl / reward_model: held-out rewards
         from archtune.train.preference import evaluate_preference
 
         result, weights = evaluate_preference(setup.plan, setup.tokenizer, progress=not as_json)
@@ -276,10 +276,10 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     model, kind = built.model, built.weights
     # A turn ends at eot_tokens too, whatever the checkpoint's generation_config lists.
     stops = setup.tokenizer.convert_tokens_to_ids(list(setup.plan.data.eot_tokens))
-    if inputs is None and setup.plan.get("rl_trainer") == "GRPOTrainer":  # one user turn, as GRPO's prompts
+    if inputs is None and setup.plan.preference.grpo:  # one user turn, as GRPO's prompts
         from archtune.train.grpo import prompt_ids
 
-        ids = prompt_ids(setup.tokenizer, [[{"role": "user", "content": prompt}]], setup.plan.get("trl.chat_template_kwargs"))[0]
+        ids = prompt_ids(setup.tokenizer, [[{"role": "user", "content": prompt}]], setup.plan.grpo.chat_template_kwargs)[0]
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     elif inputs is None:
         ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)

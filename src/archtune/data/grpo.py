@@ -69,7 +69,7 @@ class _TransformFailed(Exception):
 
 def load_transform(path: str, key: str, plan: "Plan") -> Transform:
     """Axolotl's transform loader: `path(cfg)` -> transform_fn or (transform_fn, map kwargs)."""
-    factory = load_function(path, key, plan.get("rl_user_code_dir"))
+    factory = load_function(path, key, plan.preference.user_code_dir)
     try:
         made = factory(plan.config)
     except Exception as exc:

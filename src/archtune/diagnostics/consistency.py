@@ -151,18 +151,6 @@ class ProbeResult:
 # --------------------------------------------------------------------------- settings
 
 
-def _prefixed(plan, prefix: str) -> dict[str, Any]:
-    """A nested setting as a dict: the Plan stores dicts flattened to dotted keys."""
-    out: dict[str, Any] = {}
-    whole = plan.get(prefix)
-    if isinstance(whole, dict):
-        out.update(whole)
-    for key, decision in plan.settings.items():
-        if key.startswith(prefix + "."):
-            out[key[len(prefix) + 1:]] = decision.value
-    return out
-
-
 @dataclass
 class TrainingSettings:
     gradient_checkpointing: bool
@@ -183,11 +171,11 @@ class TrainingSettings:
 
 def training_settings(plan, base_model) -> TrainingSettings:
     """The settings the training run applies, read from the Plan (nothing re-derived)."""
-    gc = bool(plan.get("gradient_checkpointing"))
-    offload = bool(plan.get("activation_offloading"))
-    fsdp_ac = bool(plan.get("fsdp_config.fsdp_activation_checkpointing"))
+    gc = plan.training.gradient_checkpointing
+    offload = plan.model.activation_offloading
+    fsdp_ac = plan.distributed.fsdp_activation_checkpointing
     wrapper = "offload" if offload else ("checkpoint" if fsdp_ac else None)
-    return TrainingSettings(gc, _prefixed(plan, "gradient_checkpointing_kwargs"), wrapper,
+    return TrainingSettings(gc, dict(plan.training.gradient_checkpointing_kwargs or {}), wrapper,
                             plan.decoder_layer_classes if wrapper else (), plan.use_cache)
 
 
@@ -295,7 +283,7 @@ def probe_batch(tokenizer, plan) -> dict:
     features = [rows[i] for i in range(n)]
     batch = DataCollator(tokenizer, drop_attention_mask=plan.drop_attention_mask,
                          media=media.processor if media else None)(features)
-    if "position_ids" in batch and plan.get("sample_packing") and plan.drop_attention_mask:
+    if "position_ids" in batch and plan.data.sample_packing and plan.drop_attention_mask:
         # The family's packing policy: no attention mask, position_ids restart per document.
         mask = batch.pop("attention_mask", None)
         batch["real_token_mask"] = mask if mask is not None else batch["input_ids"] != tokenizer.pad_token_id
@@ -371,7 +359,7 @@ def run_probe(cfg, plan, console=None, *, tokenizer=None, model=None, batch: dic
                                        "files and the data (run with --debug for the traceback)"))
         return result
     result.loss_sanity = classify_initial_loss(result.loss_reference, ref_logits.size(-1),
-                                               random_init=tiny_name(plan.decided("base_model")) is not None)
+                                               random_init=tiny_name(plan.model.base_model) is not None)
     if result.loss_sanity.warning:
         result.warnings.append(result.loss_sanity.warning)
 

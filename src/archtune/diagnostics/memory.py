@@ -151,7 +151,7 @@ def _lora_targets(plan: "Plan", model) -> tuple[list[tuple[str, Any]], list[tupl
     """(targeted linear modules, targeted expert tensors) as PEFT would pick them."""
     import torch
 
-    targets = plan.get("lora_target_modules")
+    targets = plan.adapter.target_modules
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     output = model.get_output_embeddings()
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -163,14 +163,14 @@ def _lora_targets(plan: "Plan", model) -> tuple[list[tuple[str, Any]], list[tupl
         names = [str(t) for t in targets or []]
         hit = [(n, m) for n, m in linears if any(n == t or n.endswith("." + t) for t in names)]
     tensors = []
-    for target in plan.get("lora_target_parameters") or []:
+    for target in plan.adapter.target_parameters:
         tensors += [(n, tuple(p.shape)) for n, p in model.named_parameters()
                     if (n == target or n.endswith("." + target)) and p.dim() == 3]
     return hit, tensors
 
 
 def _is_frozen_tower(name: str, plan: "Plan") -> bool:
-    return bool(plan.get("freeze_mm_modules")) and any(
+    return plan.freeze_mm_modules and any(
         name.startswith(prefix + ".") or f".{prefix}." in f".{name}" for prefix in plan.family.mm_module_prefixes)
 
 
@@ -178,7 +178,7 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
     import torch
 
     bf16 = plan.training.bf16  # as resolved: `bf16: auto` is true on a GPU with bfloat16
-    quantized = bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
+    quantized = plan.model.four_bit_base
     base_kind = "bfloat16" if bf16 else "float32"
     output = model.get_output_embeddings()
     quantized_weights = set()
@@ -203,13 +203,13 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
         weights += weight_bytes(p.numel(), kind)
     adapter_params = 0
     trainable_bytes = 0
-    if plan.get("adapter") in ("lora", "qlora"):
-        r = int(plan.get("lora_r"))
+    if plan.adapter.is_lora:
+        r = int(plan.adapter.r)
         linears, tensors = _lora_targets(plan, model)
         adapter_params = sum(r * (m.in_features + m.out_features) for _, m in linears)
         adapter_params += sum(r * shape[0] * (shape[1] + shape[2]) for _, shape in tensors)
         saved = 0
-        for name in plan.get("lora_modules_to_save") or []:
+        for name in plan.adapter.modules_to_save:
             for n, m in model.named_modules():
                 if n == name or n.endswith("." + name):
                     saved += sum(p.numel() for p in m.parameters(recurse=True))
@@ -225,7 +225,7 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
         if type(m).__name__ in classes:
             largest_layer = max(largest_layer, sum(p.numel() for p in m.parameters()))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return {"weights": weights, "adapter": adapter_params * 4 if plan.get("adapter") in ("lora", "qlora") else 0,
+    return {"weights": weights, "adapter": adapter_params * 4 if plan.adapter.is_lora else 0,
             "trainable_params": trainable_params, "trainable_bytes": trainable_bytes,
             "largest_layer_bytes": int(largest_layer * BYTES_PER_PARAM[base_kind]), "buffers": buffers,
             "layer_classes": classes}
@@ -233,7 +233,7 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
 
 def layer_classes(plan: "Plan", model) -> set[str]:
     """The decoder layer classes: the Plan's, else the family's, else the model's `_no_split_modules`."""
-    classes = set(plan.get("decoder_layer_classes") or ([plan.family.decoder_layer_cls]
+    classes = set(plan.decoder_layer_classes or ([plan.family.decoder_layer_cls]
                                                          if plan.family.decoder_layer_cls else []))
     if not classes:  # no family knowledge and no wrapping planned: the model's own layer classes
         present = {type(m).__name__ for m in model.modules()}
@@ -255,10 +255,10 @@ def _optimizer_bytes(name: str, trainable_params: int, trainable_bytes: int, not
 def strategy(plan: "Plan") -> str:
     if plan.world_size == 1:
         return "single"
-    name = "fsdp2" if plan.get("fsdp") else "ddp"
-    if plan.get("fsdp") and plan.get("fsdp_config.fsdp_offload_params"):
+    name = plan.distributed.strategy
+    if plan.distributed.fsdp and plan.distributed.fsdp_offload_params:
         name += "+param_offload"
-    return name + ("+activation_offload" if plan.get("activation_offloading") else "")
+    return name + ("+activation_offload" if plan.model.activation_offloading else "")
 
 
 def estimate_memory(plan: "Plan") -> MemoryEstimate:
@@ -275,13 +275,13 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
         model = model.to(torch.bfloat16)
     ws = plan.world_size
     sizes = _parameter_bytes(plan, model)
-    fsdp = bool(plan.get("fsdp")) and ws > 1
+    fsdp = plan.distributed.fsdp and ws > 1
     shard = ws if fsdp else 1
-    offload_params = fsdp and bool(plan.get("fsdp_config.fsdp_offload_params"))
+    offload_params = fsdp and plan.distributed.fsdp_offload_params
 
     weights = 0 if offload_params else sizes["weights"] // shard
     buffers = sizes["buffers"]
-    if plan.get("rl_reference_model") == "frozen_copy":  # preference training of a full fine-tune
+    if plan.preference.reference_model == "frozen_copy":  # preference training of a full fine-tune
         weights += sizes["weights"]
         buffers += sizes["buffers"]
         notes.append("rl_reference_model: frozen_copy: a second, frozen copy of the model is the reference")
@@ -294,10 +294,10 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
 
     batch, seq = training.micro_batch_size, plan.data.sequence_len
     saved = measure_activations(model, sizes["layer_classes"], batch, seq)
-    if plan.get("activation_offloading"):
+    if plan.model.activation_offloading:
         activations = saved.outside + max(saved.per_layer, default=0) + saved.layer_input
         notes.append("activation_offloading: each layer's input waits in host memory until backward")
-    elif plan.get("gradient_checkpointing") or plan.get("fsdp_config.fsdp_activation_checkpointing"):
+    elif plan.training.gradient_checkpointing or plan.distributed.fsdp_activation_checkpointing:
         activations = saved.outside + len(saved.per_layer) * saved.layer_input + max(saved.per_layer, default=0)
     else:
         activations = saved.outside + sum(saved.per_layer)
@@ -310,8 +310,8 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
     logit_bytes = 2 if training.bf16 else 4
     per_element = logit_bytes + 4 * (2 + (1 if cap else 0))  # logits, fp32 copy/log-softmax, gradient, softcap
     tokens = batch * seq
-    if plan.get("chunked_cross_entropy"):
-        chunks = int(plan.get("chunked_cross_entropy_num_chunks") or 1)
+    if plan.model.chunked_cross_entropy:
+        chunks = plan.model.chunked_cross_entropy_num_chunks
         logits = math.ceil(tokens / chunks) * vocab * per_element
     else:
         logits = tokens * vocab * per_element
@@ -320,7 +320,7 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
         buffers += sizes["trainable_bytes"]  # DDP's gradient buckets
     if fsdp:
         gathered = 2 * sizes["largest_layer_bytes"]  # the computing layer and the prefetched one
-        buffers += gathered + (gathered // 2 if not plan.get("adapter") else 0)  # + one layer's full gradients
+        buffers += gathered + (gathered // 2 if not plan.adapter.kind else 0)  # + one layer's full gradients
 
     parts = {"weights": int(weights), "adapter": int(adapter), "gradients": int(gradients),
              "optimizer": int(optimizer), "activations": int(activations), "logits": int(logits),
@@ -355,7 +355,7 @@ def fitting_settings(plan: "Plan", budget: int) -> list[str]:
     """Settings (one change each, from the cheapest) under which the estimate fits `budget` bytes."""
     training = plan.training
     micro, accumulation = training.micro_batch_size, training.gradient_accumulation_steps
-    offloading = bool(plan.get("activation_offloading"))
+    offloading = plan.model.activation_offloading
     candidates: list[tuple[str, dict]] = []
     if not training.gradient_checkpointing and not offloading:
         candidates.append(("gradient_checkpointing: true", {"gradient_checkpointing": True}))
@@ -363,13 +363,13 @@ def fitting_settings(plan: "Plan", budget: int) -> list[str]:
         half = max(1, micro // 2)
         candidates.append((f"micro_batch_size: {half} with gradient_accumulation_steps: {accumulation * micro // half}",
                            {"micro_batch_size": half, "gradient_accumulation_steps": accumulation * micro // half}))
-    if not plan.get("chunked_cross_entropy"):
+    if not plan.model.chunked_cross_entropy:
         candidates.append(("chunked_cross_entropy: true", {"chunked_cross_entropy": True}))
     if not offloading:
         candidates.append(("activation_offloading: true", {"activation_offloading": True, "gradient_checkpointing": True}))
-    if not plan.get("adapter"):
+    if not plan.adapter.kind:
         candidates.append(("adapter: lora", {"adapter": "lora"}))
-    if plan.get("adapter") != "qlora" and not plan.get("load_in_4bit"):
+    if not plan.model.four_bit_base:
         candidates.append(("adapter: qlora with load_in_4bit: true", {"adapter": "qlora", "load_in_4bit": True}))
     fits: list[str] = []
     for label, changes in candidates:

@@ -290,7 +290,7 @@ def _scattermoe_block(ctx: FamilyDocs) -> tuple[dict[str, Any], Any]:
     # the experts' shape (plan/experts.py), and this page's plan is resolved on a tiny model.
     keys = {"plugins": [plugin], "use_kernels": True, "use_scattermoe": True, "experts_implementation": "scattermoe"}
     plan = ctx.plan(keys)
-    return {**keys, "experts_implementation": plan.get("experts_implementation")}, plan
+    return {**keys, "experts_implementation": plan.model.experts_implementation}, plan
 
 
 def _moe(ctx: FamilyDocs) -> list[str]:

@@ -50,10 +50,10 @@ def settings_from(plan, *, format: str | None = None, outtype: str | None = None
                   prompts: int = DEFAULT_PROMPTS) -> ExportSettings:
     """The command line's choices over the config's `export:` block (Axolotl 0.21's keys), over the defaults:
     gguf in f16 (llama.cpp's converter default); merged and adapter keep the model's dtype."""
-    fmt = format or plan.get("export.format") or "gguf"
+    fmt = format or plan.export.format or "gguf"
     if fmt not in FORMATS:
         raise UserError.single("--format", f"unknown export format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-    kind = outtype or plan.get("export.outtype")
+    kind = outtype or plan.export.outtype
     if kind in (None, "auto"):
         kind = "f16" if fmt == "gguf" else {torch.float32: "f32", torch.float16: "f16",
                                             torch.bfloat16: "bf16"}[_model_dtype(plan)]
@@ -61,14 +61,14 @@ def settings_from(plan, *, format: str | None = None, outtype: str | None = None
     if kind not in allowed:
         raise UserError.single("--outtype", f"outtype {kind!r} is not one of {', '.join(allowed)} for --format {fmt}",
                                "pick one of those (k-quants such as Q4_K_M go in --quantize, GGUF only)")
-    quants = tuple(quantize if quantize else (plan.get("export.quantize") or ()))
+    quants = tuple(quantize if quantize else plan.export.quantize)
     if quants and fmt != "gguf":
         raise UserError.single("--quantize", f"--quantize applies to GGUF files, not --format {fmt}",
                                "use --format gguf, or leave --quantize out")
     if quants and kind == "q8_0":
         raise UserError.single("--quantize", "llama.cpp's quantizer does not requantize a q8_0 file",
                                "use --outtype f16 (or f32, bf16) with --quantize, and add Q8_0 to --quantize")
-    outfile = out or (Path(plan.get("export.outfile")) if plan.get("export.outfile") else None)
+    outfile = out or (Path(plan.export.outfile) if plan.export.outfile else None)
     if prompts < 1:
         raise UserError.single("--prompts", f"--prompts must be at least 1, not {prompts}", "use --prompts 1 or more")
     return ExportSettings(fmt, kind, quants, outfile, prompts)
@@ -149,7 +149,7 @@ def _export_adapter(plan, tokenizer, settings, trained, expected, prompts, sourc
     del trained
     gc.collect()
     out = settings.out or _default_out(plan, "adapter")
-    config = hf.save_adapter(Path(plan.training.output_dir), tokenizer, out, str(plan.decided("base_model")))
+    config = hf.save_adapter(Path(plan.training.output_dir), tokenizer, out, plan.model.base_model)
     base = quant.load_quantized(plan, tokenizer) if quant.is_quantized(plan) else load_model(plan, tokenizer)
     stock = hf.load_adapter_stock(base, out)
     applied = {t.name: t.expected for t in adapted_tensors(stock)}
@@ -157,7 +157,7 @@ def _export_adapter(plan, tokenizer, settings, trained, expected, prompts, sourc
     check = verify(f"peft {peft.__version__}", settings.outtype, prompts, reference, lambda ids: hf_logits(stock, ids),
                    moe=plan.family.moe(plan.model_config))
     notes = hf.serving_notes(config)
-    if plan.get("normalize_weight_scales"):
+    if plan.model.normalize_weight_scales:
         notes.append("normalize_weight_scales rescaled the base before training: a server that loads this adapter "
                      "on the original base computes something else; export --format merged instead")
     return ExportReport("adapter", str(out), count, [check], [str(out)], source, notes)

@@ -58,7 +58,7 @@ def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference:
     if out.is_dir():
         out = out / f"model-{settings.outtype}.gguf"
     written = write_gguf(model, tokenizer, spec, plan.family.language_model_prefix if _wrapped(model, plan) else "",
-                         out, settings.outtype, name=Path(str(plan.decided("base_model"))).name)
+                         out, settings.outtype, name=Path(plan.model.base_model).name)
     log(f"wrote {out} ({written.arch}, {written.tensors} tensors: "
         + ", ".join(f"{n} {k}" for k, n in sorted(written.types.items())) + ")")
     del model

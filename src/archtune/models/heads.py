@@ -27,7 +27,7 @@ def _resolve(path: str):
 def register_score_head(plan: Plan):
     """Register the Plan's generic reward head (`reward_head_class`) for the model's config class;
     returns the class, or None when the Plan builds no such head. Idempotent."""
-    name = plan.get("reward_head_class")
+    name = plan.model.reward_head_class
     if not name:
         return None
     from transformers import AutoModelForSequenceClassification

@@ -131,7 +131,7 @@ def _tokenizer_class(cfg):
 
 def torch_dtype(plan: Plan) -> torch.dtype:
     """bf16 weights when the run is bf16 (`bf16: true`, or `auto` resolved to true by the Plan)."""
-    return torch.bfloat16 if plan.decided("bf16") is True else torch.float32
+    return torch.bfloat16 if plan.training.bf16 else torch.float32
 
 
 def load_processor(plan: Plan):
@@ -146,8 +146,8 @@ def load_processor(plan: Plan):
         return None, f"this model ({plan.model_type or family.name}) trains on text only in archtune"
     if not family.has_towers(plan.model_config):
         return None, "the model's config.json declares no vision or audio tower"
-    d = plan.decided
-    name = tiny_name(d("base_model"))
+    m = plan.model
+    name = tiny_name(m.base_model)
     if name is not None:  # a tiny model builds its own processor (processor_type names the class it is)
         from archtune.models.tiny import build_tiny_processor
 
@@ -155,21 +155,21 @@ def load_processor(plan: Plan):
         return (processor, None) if processor is not None else (None, f"tiny:{name} has no processor")
     import transformers
 
-    cls_name = d("processor_type") or "AutoProcessor"
+    cls_name = m.processor_type or "AutoProcessor"
     cls = getattr(transformers, cls_name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise UserError.single("processor_type", f"transformers has no processor class {cls_name!r}",
                                "use AutoProcessor or the model's processor class (e.g. what processor_config.json names)")
-    source = d("tokenizer_config") or d("base_model")
+    source = m.tokenizer_config or m.base_model
     try:
-        processor = cls.from_pretrained(source, trust_remote_code=d("trust_remote_code"))
+        processor = cls.from_pretrained(source, trust_remote_code=m.trust_remote_code)
     except Exception as exc:  # no processor files, a class that does not match them, no torchvision
-        processor = _without_video(cls, source, d("trust_remote_code"))
+        processor = _without_video(cls, source, m.trust_remote_code)
         if processor is None:
             why = f"{type(exc).__name__}: {str(exc).strip()}"
             if "torchvision" in why.lower():
                 why += f" ({TORCHVISION_INSTALL})"
-            if d("processor_type"):
+            if m.processor_type:
                 raise UserError.single("processor_type", f"cannot load {cls_name} from {source}: {why}",
                                        "use AutoProcessor, or the class the model's processor_config.json names"
                                        ) from None
@@ -208,8 +208,8 @@ def set_attn_implementation(model, plan: Plan) -> None:
     """The attention the Plan chose, when the config asked for one (else transformers' default,
     sdpa where the model supports it). A multimodal model whose towers lack the kernel gets it in
     its language model (text_config) only: the towers are not run on text batches."""
-    impl = plan.get("attn_implementation")
-    if not impl or plan.source("attn_implementation") == "default" or not hasattr(model, "set_attn_implementation"):
+    impl = plan.model.attn_implementation
+    if not impl or not plan.model.attn_implementation_user_set or not hasattr(model, "set_attn_implementation"):
         return
     try:
         model.set_attn_implementation(impl)
@@ -234,12 +234,12 @@ _REPLACED_HEAD_PREFIXES = {"AutoModelForSequenceClassification": ("lm_head.",)}
 
 def _head_settings(plan: Plan) -> dict:
     """Config values of the head the Plan adds (a reward model's one-output score)."""
-    return {"num_labels": plan.get("num_labels")} if plan.get("model_auto_class") else {}
+    return {"num_labels": plan.model.num_labels} if plan.model.auto_class else {}
 
 
 def _config_updates(plan: Plan) -> dict:
     """Values set on the base model's config: the `model_config` overrides, then the head's."""
-    return {**(plan.section("overrides_of_model_config") or {}), **_head_settings(plan)}
+    return {**plan.model.model_config_overrides, **_head_settings(plan)}
 
 
 def pretrained_kwargs(plan: Plan) -> dict:
@@ -247,22 +247,22 @@ def pretrained_kwargs(plan: Plan) -> dict:
     the plan refuses the ones archtune sets itself), and the config updates: as keyword arguments
     (transformers sets them on the config), or, with `model_config` overrides (which may name keys
     the config class does not declare), on a config object built here, as Axolotl does."""
-    d = plan.decided
-    kwargs = dict(plan.section("overrides_of_model_kwargs") or {})
+    m = plan.model
+    kwargs = dict(m.model_kwargs_overrides)
     updates = _config_updates(plan)
-    if not plan.section("overrides_of_model_config"):
+    if not m.model_config_overrides:
         return {**kwargs, **updates}
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(d("base_model_config") or d("base_model"), trust_remote_code=d("trust_remote_code"),
-                                        revision=d("model_revision"))
+    config = AutoConfig.from_pretrained(m.base_model_config or m.base_model, trust_remote_code=m.trust_remote_code,
+                                        revision=m.revision)
     for key, value in updates.items():
         setattr(config, key, value)
     return {**kwargs, "config": config}
 
 
 def _drop_new_head(info: dict, plan: Plan) -> dict:
-    auto = plan.get("model_auto_class") or ""
+    auto = plan.model.auto_class or ""
     prefixes = _NEW_HEAD_PREFIXES.get(auto, ())
     if not prefixes:
         return info
@@ -279,23 +279,23 @@ def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
     from archtune.models.heads import register_score_head
 
     register_score_head(plan)  # a reward model's score head transformers lacks for this family
-    d = plan.decided
+    m = plan.model
     dtype = torch_dtype(plan)
-    name = tiny_name(d("base_model")) if path is None else None
+    name = tiny_name(m.base_model) if path is None else None
     if name is not None:
         from archtune.models.tiny import build_tiny_model
 
         try:
-            model, _ = build_tiny_model(name, seed=d("seed"), auto_class=plan.get("model_auto_class"),
+            model, _ = build_tiny_model(name, seed=plan.training.seed, auto_class=m.auto_class,
                                         **_config_updates(plan))
         except KeyError:
             raise _unknown_tiny(name) from None
         return model.to(dtype)
-    source = str(path or d("base_model"))
+    source = str(path or m.base_model)
     key = "base_model" if path is None else "output_dir"
     try:
         model, info = auto_model_class(plan).from_pretrained(
-            source, dtype=dtype, trust_remote_code=d("trust_remote_code"), revision=d("model_revision"),
+            source, dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
             output_loading_info=True, **(pretrained_kwargs(plan) if path is None else _head_settings(plan)))
     except RuntimeError as exc:
         if "ignore_mismatched_sizes" not in str(exc):
@@ -351,7 +351,7 @@ def apply_weight_scale_rules(model, plan: Plan, console=None):
     ends with the same weights; only rank 0 prints the table (tensor, std, ratio, action) and the
     warnings. Returns the `WeightScaleResult`, or None when the Plan has no rules.
     """
-    rules = plan.get("normalize_weight_scales")
+    rules = plan.model.normalize_weight_scales
     if not rules:
         return None
     from rich.markup import escape

@@ -36,7 +36,7 @@ NF4_BYTES_PER_PARAM: dict[str, float] = {
 
 def is_quantized(plan: Plan) -> bool:
     """True when the Plan trains a 4-bit base (`load_in_4bit`, or `adapter: qlora`)."""
-    return bool(plan.get("load_in_4bit")) or plan.get("adapter") == "qlora"
+    return plan.model.four_bit_base
 
 
 def compute_dtype(plan: Plan) -> torch.dtype:
@@ -57,20 +57,14 @@ def bnb_config(plan: Plan):
                                "pip install bitsandbytes (its CPU backend works without a GPU)") from None
     from transformers import BitsAndBytesConfig
 
-    def setting(key: str, default: Any) -> Any:
-        value = plan.get(key)
-        if value is None:
-            value = getattr(plan.config, key, None)
-        return default if value is None else value
-
     kwargs = dict(
         load_in_4bit=True,
-        bnb_4bit_quant_type=setting("bnb_4bit_quant_type", "nf4"),
-        bnb_4bit_use_double_quant=bool(setting("bnb_4bit_use_double_quant", True)),
+        bnb_4bit_quant_type=plan.model.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=plan.model.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(plan),
         llm_int8_skip_modules=["lm_head"],
     )
-    kwargs.update(plan.section("bnb_config_kwargs") or {})  # Axolotl's bnb_config_kwargs: BitsAndBytesConfig's own names
+    kwargs.update(plan.model.bnb_config_kwargs)  # Axolotl's bnb_config_kwargs: BitsAndBytesConfig's own names
     try:
         return BitsAndBytesConfig(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -83,8 +77,8 @@ def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
     from archtune.models.load import auto_model_class, check_loading_info, pretrained_kwargs, tiny_name
 
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    d = plan.decided
-    name = tiny_name(d("base_model")) if path is None else None
+    base = plan.model.base_model
+    name = tiny_name(base) if path is None else None
     kwargs = dict(quantization_config=bnb_config(plan), dtype=compute_dtype(plan), device_map=device_map,
                   output_loading_info=True)
     if name is not None:
@@ -98,15 +92,15 @@ def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
             full.save_pretrained(tmp, safe_serialization=True)
             del full
             model, info = auto_model_class(plan).from_pretrained(tmp, **kwargs)
-            check_loading_info(info, d("base_model"))
-        model.config._name_or_path = d("base_model")  # not the temporary directory (adapter_config names it)
+            check_loading_info(info, base)
+        model.config._name_or_path = base  # not the temporary directory (adapter_config names it)
         _keep_training_layout(model)
         return model
-    source = str(path or d("base_model"))
+    source = str(path or base)
     if path is None:
         kwargs.update(pretrained_kwargs(plan))
-    model, info = auto_model_class(plan).from_pretrained(source, trust_remote_code=d("trust_remote_code"),
-                                                    revision=d("model_revision"), **kwargs)
+    model, info = auto_model_class(plan).from_pretrained(source, trust_remote_code=plan.model.trust_remote_code,
+                                                    revision=plan.model.revision, **kwargs)
     check_loading_info(info, source)
     _keep_training_layout(model)
     return model
@@ -138,7 +132,7 @@ def frozen_embeddings(model, plan: Plan) -> tuple[torch.Tensor, ...]:
     does no arithmetic, and under bf16/fp16 autocast the output head's matmul runs in 16 bits anyway.
     With `lora_modules_to_save` they are all upcast as before (PEFT's trained copies start from them).
     """
-    if compute_dtype(plan) == torch.float32 or plan.get("lora_modules_to_save"):
+    if compute_dtype(plan) == torch.float32 or plan.adapter.modules_to_save:
         return ()
     out = []
     for get in (model.get_input_embeddings, model.get_output_embeddings):
@@ -168,7 +162,7 @@ def prepare_for_training(model, plan: Plan, keep: tuple[torch.Tensor, ...] = ())
     finally:
         for p, data in kept:
             p.data = data
-    if plan.get("gradient_checkpointing"):
+    if plan.training.gradient_checkpointing:
         model.enable_input_require_grads()
 
 

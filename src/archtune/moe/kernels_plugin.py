@@ -42,7 +42,7 @@ class KernelsPlugin(BasePlugin):
         key = "experts_implementation"
         # plan.resolve's `experts_implementation` rule normally decided already (or refused a
         # conflicting user value): only fill the decision in when it is missing.
-        if plan.get(key) is None and not any(p.key == key for p in plan.errors):
+        if plan.model.experts_implementation is None and not any(p.key == key for p in plan.errors):
             plan.set(key, "scattermoe", "auto",
                      "use_kernels + use_scattermoe: archtune's ScatterMoE experts (expert LoRA fused)")
 

@@ -22,6 +22,9 @@ from archtune.plan.data_settings import DataSettings, chat_template_text, data_s
 from archtune.plan.rules import GENERIC_RULES, LAYER_CLASSES_KEY, REFUSALS, family_rules
 from archtune.plan.shared import Rule
 from archtune.plan.train_settings import TrainSettings, train_settings
+from archtune.plan.stage_settings import (AdapterSettings, DistributedSettings, ExportDefaults, GrpoSettings,
+                                          ModelSettings, PreferenceSettings, adapter_settings, distributed_settings,
+                                          export_defaults, grpo_settings, model_settings, preference_settings)
 from archtune.plan.structure import ModelStructure, StructureUnavailable, model_structure
 
 Source = Literal["user", "default", "family", "auto"]
@@ -130,6 +133,36 @@ class Plan:
         """Every setting the training recipe reads (TrainingArguments, the collator's padding), typed
         (plan/train_settings.py)."""
         return train_settings(self)
+
+    @property
+    def model(self) -> ModelSettings:
+        """What loading and assembling the model reads (plan/stage_settings.py)."""
+        return model_settings(self)
+
+    @property
+    def adapter(self) -> AdapterSettings:
+        """The LoRA adapter's settings; `adapter.kind` None for a full fine-tune."""
+        return adapter_settings(self)
+
+    @property
+    def distributed(self) -> DistributedSettings:
+        """FSDP2 and DDP settings of a run over several processes."""
+        return distributed_settings(self)
+
+    @property
+    def preference(self) -> PreferenceSettings:
+        """Preference, reward-model and GRPO training: TRL's trainer and its settings (`trainer` None: supervised)."""
+        return preference_settings(self)
+
+    @property
+    def grpo(self) -> GrpoSettings:
+        """The `trl:` block of `rl: grpo` (only for GRPO runs: the keys are decided then)."""
+        return grpo_settings(self)
+
+    @property
+    def export(self) -> ExportDefaults:
+        """The config's `export:` block (`archtune export`'s defaults)."""
+        return export_defaults(self)
 
     @property
     def eval_sample_packing(self) -> bool:

@@ -17,6 +17,10 @@ from archtune.plan.training_rules import cuda_available
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
 
+# The logger settings W&B's and MLflow's callbacks take from the environment.
+LOGGER_KEYS = ("wandb_project", "wandb_mode", "wandb_entity", "wandb_run_id", "wandb_watch", "wandb_log_model",
+               "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "hf_mlflow_log_artifacts")
+
 # transformers' TrainingArguments.save_steps default, which it needs even when saves are not by steps.
 TRAINER_SAVE_STEPS = 500
 
@@ -63,6 +67,7 @@ class TrainSettings:
     # logging, saving, evaluation
     logging_steps: int
     report_to: tuple[str, ...]
+    loggers: dict  # LOGGER_KEYS as decided (W&B and MLflow read them from the environment)
     run_name: str | None
     use_tensorboard: bool
     save_strategy: str | None  # None: from save_steps / saves_per_epoch (`save_interval`)
@@ -147,6 +152,7 @@ def train_settings(plan: "Plan") -> TrainSettings:
         seed=int(d("seed")),
         logging_steps=d("logging_steps"),
         report_to=tuple(plan.get("report_to") or ()),
+        loggers={key: d(key) for key in LOGGER_KEYS},
         run_name=d("run_name"),
         use_tensorboard=bool(d("use_tensorboard")),
         save_strategy=d("save_strategy"),

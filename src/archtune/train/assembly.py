@@ -108,7 +108,7 @@ def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, p
     if purpose.computes_loss:
         prepare_packing(model, plan)
         prepare_loss(model, plan)
-    if purpose.trains and plan.get("activation_offloading"):
+    if purpose.trains and plan.model.activation_offloading:
         apply_activation_offloading(model, plan)
     return Assembled(model, weights)
 
@@ -134,7 +134,7 @@ def merge_adapter(plan: Plan, tokenizer, out, *, console=None) -> MergeReport:
     output_dir = plan.training.output_dir
     why = stream_refusal_for(plan)
     if why is None:
-        base = plan.decided("base_model")
+        base = plan.model.base_model
         result = shard_merge.merge_lora_shards(base, output_dir, out, dtype=torch_dtype(plan))
         shard_merge.write_merged_config(base, out, dtype=torch_dtype(plan))
         return MergeReport(str(out), result.merged, True, None)
@@ -171,11 +171,11 @@ def stream_refusal_for(plan: Plan) -> str | None:
         return f"{output_dir} holds no LoRA adapter"
     if quant.is_quantized(plan):
         return "the base is loaded in 4 bits"
-    if plan.get("normalize_weight_scales"):
+    if plan.model.normalize_weight_scales:
         return "normalize_weight_scales rescales base tensors"
     if load_plugins(plan.config):
         return "plugins may change the model at load"
-    base = plan.decided("base_model")
+    base = plan.model.base_model
     if not Path(str(base)).is_dir():
         return f"{base} is not a local checkpoint directory"
     return shard_merge.stream_refusal(base, output_dir)
@@ -185,10 +185,10 @@ def attach_adapters(model, plan: Plan, weights: str, purpose: Purpose):
     """Training: the Plan's LoRA (new, or `lora_model_dir`'s, trainable) or `unfrozen_parameters`
     (else every weight but the towers trains); otherwise output_dir's adapter, if that is what it holds."""
     if purpose.trains:
-        if plan.get("adapter") in ("lora", "qlora"):
+        if plan.adapter.is_lora:
             return apply_lora(model, plan)
-        if plan.get("unfrozen_parameters"):
-            unfreeze_only(model, plan.get("unfrozen_parameters"))
+        if plan.model.unfrozen_parameters:
+            unfreeze_only(model, list(plan.model.unfrozen_parameters))
         return model
     if weights == "adapter":
         return load_adapter(model, plan.training.output_dir)
@@ -230,7 +230,7 @@ def quantize_moe_experts(model, plan: Plan) -> list[str]:
 def set_experts_implementation(model, plan: Plan) -> None:
     """The Plan's experts implementation (transformers' eager / grouped_mm / batched_mm, or
     archtune's scattermoe, registered by importing archtune.moe)."""
-    name = plan.get("experts_implementation")
+    name = plan.model.experts_implementation
     if not name or not hasattr(model, "set_experts_implementation"):
         return
     import archtune.moe  # noqa: F401  (registers "scattermoe")
@@ -264,7 +264,7 @@ def prepare_packing(model, plan: Plan) -> None:
         return
     try:
         prepare_model_for_packing(model, plan.packing_patches,
-                                  document_attention=bool(plan.get("document_attention")))
+                                  document_attention=plan.model.document_attention)
     except PackingUnsupported as exc:
         raise UserError.single("sample_packing", f"packing cannot be made exact for this model: {exc}",
                                "set sample_packing: false") from None
@@ -273,11 +273,11 @@ def prepare_packing(model, plan: Plan) -> None:
 def prepare_loss(model, plan: Plan) -> None:
     """`chunked_cross_entropy`: lm_head and the loss in chunks (train/losses.py), for training and
     evaluation. After the adapters: a LoRA on lm_head is part of what each chunk runs."""
-    if not plan.get("chunked_cross_entropy"):
+    if not plan.model.chunked_cross_entropy:
         return
     from archtune.train.losses import ChunkedCrossEntropy
 
-    ChunkedCrossEntropy.install(model, num_chunks=int(plan.get("chunked_cross_entropy_num_chunks")))
+    ChunkedCrossEntropy.install(model, num_chunks=plan.model.chunked_cross_entropy_num_chunks)
 
 
 def apply_activation_offloading(model, plan: Plan) -> None:

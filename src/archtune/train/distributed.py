@@ -131,13 +131,13 @@ def same_on_every_rank(value, key: str, what: str, fix: str) -> None:
 
 def fsdp_settings(plan) -> dict | None:
     """The Plan's FSDP2 settings (None when FSDP is off): wrap classes, resharding, offload."""
-    if not plan.get("fsdp"):
+    if not plan.distributed.fsdp:
         return None
-    reshard = plan.get("fsdp_config.fsdp_reshard_after_forward")
+    reshard = plan.distributed.fsdp_reshard_after_forward
     return {
         "layer_classes": list(plan.decoder_layer_classes),
         "reshard_after_forward": True if reshard is None else bool(reshard),
-        "offload_params": bool(plan.get("fsdp_config.fsdp_offload_params")),
+        "offload_params": plan.distributed.fsdp_offload_params,
     }
 
 

@@ -78,9 +78,9 @@ def load_reward_functions(plan) -> list[GuardedReward]:
     from archtune.data.user_code import load_function
 
     out = []
-    for i, path in enumerate(plan.get("trl.reward_funcs") or []):
+    for i, path in enumerate(plan.grpo.reward_funcs):
         key = f"trl.reward_funcs.{i}"
-        out.append(GuardedReward(load_function(path, key, plan.get("rl_user_code_dir")), path, key))
+        out.append(GuardedReward(load_function(path, key, plan.preference.user_code_dir), path, key))
     return out
 
 
@@ -93,36 +93,33 @@ def grpo_arguments(plan, base_args):
     from trl import GRPOConfig
 
     common = {f.name: getattr(base_args, f.name) for f in fields(TrainingArguments) if f.init}
-    t = plan.get
-    groups = int(t("trl.num_generations"))
+    g = plan.grpo
+    groups = g.num_generations
     # TRL checks its own evaluation batches hold whole groups; archtune evaluates with its own loop.
     common["per_device_eval_batch_size"] = groups
     extra: dict[str, Any] = {
-        "beta": float(t("trl.beta")), "num_generations": groups,
-        "max_completion_length": int(t("trl.max_completion_length")),
-        "generation_batch_size": int(t("trl.generation_batch_size")),
-        "temperature": float(t("trl.temperature")), "top_p": float(t("trl.top_p")), "top_k": int(t("trl.top_k")),
-        "min_p": t("trl.min_p"), "repetition_penalty": float(t("trl.repetition_penalty")),
-        "generation_kwargs": t("trl.generation_kwargs"), "chat_template_kwargs": t("trl.chat_template_kwargs"),
-        "loss_type": t("trl.loss_type"), "scale_rewards": t("trl.scale_rewards"),
-        "multi_objective_aggregation": t("trl.multi_objective_aggregation"),
-        "num_iterations": int(t("trl.num_iterations")), "epsilon": float(t("trl.epsilon")),
-        "epsilon_high": float(t("trl.epsilon_high")),
-        "importance_sampling_level": t("trl.importance_sampling_level"),
-        "mask_truncated_completions": bool(t("trl.mask_truncated_completions")),
-        "reward_weights": list(t("trl.reward_weights")),
-        "log_completions": bool(t("trl.log_completions")),
-        "num_completions_to_print": t("trl.num_completions_to_print"),
+        "beta": g.beta, "num_generations": groups,
+        "max_completion_length": g.max_completion_length,
+        "generation_batch_size": g.generation_batch_size,
+        "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
+        "min_p": g.min_p, "repetition_penalty": g.repetition_penalty,
+        "generation_kwargs": g.generation_kwargs, "chat_template_kwargs": g.chat_template_kwargs,
+        "loss_type": g.loss_type, "scale_rewards": g.scale_rewards,
+        "multi_objective_aggregation": g.multi_objective_aggregation,
+        "num_iterations": g.num_iterations, "epsilon": g.epsilon,
+        "epsilon_high": g.epsilon_high,
+        "importance_sampling_level": g.importance_sampling_level,
+        "mask_truncated_completions": g.mask_truncated_completions,
+        "reward_weights": list(g.reward_weights),
+        "log_completions": g.log_completions,
+        "num_completions_to_print": g.num_completions_to_print,
     }
     common["remove_unused_columns"] = False  # reward functions read every column
     # TRL counts the prompt and completion tokens of every rollout itself (its batches are rows, not tensors).
     common["include_num_input_tokens_seen"] = "no"
-    backend = t("rl_rollout_backend")
+    backend = g.rollout_backend
     if backend and backend.startswith("vllm"):
-        extra.update(use_vllm=True, vllm_mode=backend.removeprefix("vllm_"))
-        for key in ("vllm_server_host", "vllm_server_port", "vllm_server_timeout"):
-            if t(f"trl.{key}") is not None:
-                extra[key] = t(f"trl.{key}")
+        extra.update(use_vllm=True, vllm_mode=backend.removeprefix("vllm_"), **g.vllm_server)
     return GRPOConfig(**common, **extra)
 
 
@@ -141,9 +138,9 @@ class Rollouts:
 
     @classmethod
     def of_plan(cls, plan) -> "Rollouts":
-        t = plan.get
-        return cls(int(t("trl.max_completion_length")), float(t("trl.temperature")), int(t("trl.num_generations")),
-                   int(plan.training.eval_micro_batch_size), t("trl.chat_template_kwargs"), int(t("seed")))
+        g = plan.grpo
+        return cls(g.max_completion_length, g.temperature, g.num_generations,
+                   int(plan.training.eval_micro_batch_size), g.chat_template_kwargs, plan.training.seed)
 
 
 def prompt_ids(tokenizer, prompts: list, chat_template_kwargs: dict | None) -> list[list[int]]:
@@ -325,7 +322,7 @@ def trainer_class():
 def build_trainer(plan, model, tokenizer, data, rewards, args, callbacks, nonfinite=None):
     cls = trainer_class()
     reference = None
-    if plan.get("rl_reference_model") == "frozen_copy":
+    if plan.preference.reference_model == "frozen_copy":
         reference = copy.deepcopy(model)
         reference.requires_grad_(False)
         reference.eval()
@@ -394,9 +391,9 @@ def train_grpo(run) -> dict:
                                 "single" if plan.world_size == 1 else "ddp", data.stats)
     summary = {
         "method": "grpo",
-        "trainer": plan.get("rl_trainer"),
-        "reference_model": plan.get("rl_reference_model"),
-        "rollout_backend": plan.get("rl_rollout_backend"),
+        "trainer": plan.preference.trainer,
+        "reference_model": plan.preference.reference_model,
+        "rollout_backend": plan.grpo.rollout_backend,
         **shared["progress"],
         "reward_mean_first": train_logs[0].get("reward") if train_logs else None,
         "reward_mean_last": train_logs[-1].get("reward") if train_logs else None,
@@ -416,7 +413,7 @@ def train_grpo(run) -> dict:
         summary[key] = value
     for key, value in initial.items():
         summary[f"{key}_initial"] = value
-    title = f"{plan.training.base_model} ({plan.family.name}, grpo, {plan.get('adapter') or 'full'})"
+    title = f"{plan.training.base_model} ({plan.family.name}, grpo, {plan.adapter.kind or 'full'})"
     run.publish(staged, summary, plot=lambda path: plot_grpo(history, path, title))
     return summary
 
@@ -466,7 +463,7 @@ def evaluate_grpo(plan, tokenizer, *, progress: bool = True) -> tuple[dict, str]
     if data.eval is None:
         raise UserError.single("test_datasets", "there are no held-out prompts", "set test_datasets, or val_set_size > 0")
     policy = assemble_model(plan, tokenizer, "generate")
-    values = held_out_rewards(policy.model, tokenizer, data.eval, rewards, list(plan.get("trl.reward_weights")),
+    values = held_out_rewards(policy.model, tokenizer, data.eval, rewards, list(plan.grpo.reward_weights),
                               Rollouts.of_plan(plan))
     out = {"reward_mean": values["reward_mean"], "reward_mean_sampled": values["reward_mean_sampled"],
            "eval_rows": values["rows"], **{k: v for k, v in values.items() if k.startswith(("rewards/", "completion_"))}}

@@ -155,7 +155,7 @@ def ddp_error(exc: RuntimeError, plan: Plan) -> Exception:
     first = text.strip().splitlines()[0]
     return UserError.single("ddp_find_unused_parameters",
                             f"DDP failed: {first} (ddp_find_unused_parameters is "
-                            f"{plan.get('ddp_find_unused_parameters')}; some trainable parameters get no gradient)",
+                            f"{plan.distributed.ddp_find_unused_parameters}; some trainable parameters get no gradient)",
                             "remove the ddp_find_unused_parameters override (the family sets it), or set it to true")
 
 
@@ -228,14 +228,14 @@ LOGGER_ENVIRONMENT = {"wandb_project": "WANDB_PROJECT", "wandb_mode": "WANDB_MOD
 
 def logger_environment(plan: Plan) -> None:
     """transformers' WandbCallback / MLflowCallback read their settings from the environment."""
+    loggers = plan.training.loggers
     for key, env in LOGGER_ENVIRONMENT.items():
-        value = plan.decided(key)
-        if value is not None:
-            os.environ[env] = str(value)
-    if plan.decided("wandb_run_id"):
+        if loggers.get(key) is not None:
+            os.environ[env] = str(loggers[key])
+    if loggers.get("wandb_run_id"):
         os.environ.setdefault("WANDB_RESUME", "allow")
-    if plan.decided("hf_mlflow_log_artifacts") is not None:
-        os.environ["HF_MLFLOW_LOG_ARTIFACTS"] = str(bool(plan.decided("hf_mlflow_log_artifacts"))).lower()
+    if loggers.get("hf_mlflow_log_artifacts") is not None:
+        os.environ["HF_MLFLOW_LOG_ARTIFACTS"] = str(bool(loggers["hf_mlflow_log_artifacts"])).lower()
 
 
 __all__ = ["LOGGER_ENVIRONMENT", "RecipeRun", "ddp_error", "logger_environment", "training_arguments"]

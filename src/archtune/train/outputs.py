@@ -72,7 +72,7 @@ def params_fields(trainable: int, total: int, weight_bytes: int) -> dict:
 def processes_fields(plan, strategy: str) -> dict:
     """How many processes trained, and how."""
     return {"world_size": plan.world_size, "strategy": strategy,
-            "ddp_find_unused_parameters": plan.get("ddp_find_unused_parameters")}
+            "ddp_find_unused_parameters": plan.distributed.ddp_find_unused_parameters}
 
 
 def identity_fields(plan, data_stats: dict, skipped_steps, resume: Path | None) -> dict:
@@ -82,7 +82,7 @@ def identity_fields(plan, data_stats: dict, skipped_steps, resume: Path | None) 
     return {
         "family": plan.family.name,
         "model_type": plan.model_type,
-        "adapter": plan.get("adapter"),
+        "adapter": plan.adapter.kind,
         "data": data_stats,
         "skipped_steps": skipped_steps,
         "resumed_from": resume.name if resume is not None else None,

@@ -41,7 +41,7 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 # ---------------------------------------------------------------- TRL's configs from the Plan
 
 def method(plan) -> str:
-    return "reward" if plan.get("reward_model") else str(plan.get("rl"))
+    return str(plan.preference.method)
 
 
 def trl_arguments(plan, base_args):
@@ -53,22 +53,23 @@ def trl_arguments(plan, base_args):
     cls = _config_class(kind)
     common = {f.name: getattr(base_args, f.name) for f in fields(TrainingArguments) if f.init}
     extra: dict[str, Any] = {"max_length": plan.data.sequence_len, "disable_dropout": True}
+    p = plan.preference
     if kind in ("dpo", "ipo"):
-        extra.update(beta=plan.get("rl_beta"), loss_type=list(plan.get("rl_loss_type")),
-                     loss_weights=plan.get("rl_loss_weights"), label_smoothing=plan.get("dpo_label_smoothing") or 0.0,
-                     use_weighting=bool(plan.get("dpo_use_weighting")), padding_free=False, pad_to_multiple_of=None)
+        extra.update(beta=p.beta, loss_type=list(p.loss_type), loss_weights=p.loss_weights,
+                     label_smoothing=p.label_smoothing, use_weighting=p.use_weighting, padding_free=False,
+                     pad_to_multiple_of=None)
     elif kind == "kto":
-        extra.update(beta=plan.get("rl_beta"), desirable_weight=plan.get("kto_desirable_weight"),
-                     undesirable_weight=plan.get("kto_undesirable_weight"), pad_to_multiple_of=None)
+        extra.update(beta=p.beta, desirable_weight=p.kto_desirable_weight,
+                     undesirable_weight=p.kto_undesirable_weight, pad_to_multiple_of=None)
         # KTO's KL term pairs each row with its neighbour in a batch fixed when the data is prepared:
         # TRL requires the rows in data order.
         common["train_sampling_strategy"] = "sequential"
     elif kind in ("orpo", "simpo"):
-        extra.update(beta=plan.get("rl_beta"))
+        extra.update(beta=p.beta)
         if kind == "simpo":
-            extra.update(loss_type="simpo", simpo_gamma=plan.get("simpo_gamma"), cpo_alpha=plan.get("cpo_alpha"))
+            extra.update(loss_type="simpo", simpo_gamma=p.simpo_gamma, cpo_alpha=p.cpo_alpha)
     elif kind == "reward":
-        extra.update(center_rewards_coefficient=plan.get("center_rewards_coefficient"), pad_to_multiple_of=None)
+        extra.update(center_rewards_coefficient=p.center_rewards_coefficient, pad_to_multiple_of=None)
     return cls(**common, **extra)
 
 
@@ -204,7 +205,7 @@ def _construct(cls, kwargs: dict, plan, model):
     of the prepared policy (frozen, evaluation mode), made before any training step."""
     import copy
 
-    if plan.get("rl_reference_model") == "frozen_copy":
+    if plan.preference.reference_model == "frozen_copy":
         ref = copy.deepcopy(model)
         ref.requires_grad_(False)
         ref.eval()
@@ -387,12 +388,12 @@ def evaluate_preference(plan, tokenizer, *, progress: bool = True) -> tuple[dict
     policy = assemble_model(plan, tokenizer, "evaluate")
     weights = policy.weights
     reference = None
-    if weights == "full" and plan.get("rl_reference_model") not in (None, "none"):
+    if weights == "full" and plan.preference.reference_model not in (None, "none"):
         reference = assemble_model(plan, tokenizer, "reference").model
-    beta = plan.get("rl_beta") or 0.0
+    beta = plan.preference.beta or 0.0
     scorer = Scorer(method(plan), policy.model, reference, float(beta), _pad_id(tokenizer), "cpu",
                     plan.data.sequence_len, plan.training.eval_micro_batch_size,
-                    float(plan.get("center_rewards_coefficient") or 0.0))
+                    float(plan.preference.center_rewards_coefficient or 0.0))
     return {f"eval_{k}": v for k, v in preference_metrics(scorer, data.eval).items()}, weights
 
 
@@ -469,8 +470,8 @@ def train_preference(run) -> dict:
                                 (trainable, total, weight_bytes), "single" if plan.world_size == 1 else "ddp", data.stats)
     summary = {
         "method": method(plan),
-        "trainer": plan.get("rl_trainer"),
-        "reference_model": plan.get("rl_reference_model"),
+        "trainer": plan.preference.trainer,
+        "reference_model": plan.preference.reference_model,
         **shared["progress"],
         "experts_implementation": experts_implementation_in_use(model),
         **shared["memory"],
@@ -483,7 +484,7 @@ def train_preference(run) -> dict:
         summary[key] = last.get(key)  # the last logged training values
         summary[f"eval_{key}"] = final.get(f"eval_{key}")
         summary[f"eval_{key}_initial"] = initial.get(f"eval_{key}")
-    title = f"{plan.training.base_model} ({plan.family.name}, {method(plan)}, {plan.get('adapter') or 'full'})"
+    title = f"{plan.training.base_model} ({plan.family.name}, {method(plan)}, {plan.adapter.kind or 'full'})"
     run.publish(staged, summary, plot=lambda path: plot_preference(history, path, title))
     return summary
 

@@ -105,11 +105,11 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
     # 1. Everything is checked before output_dir is touched: config, plan, resume, data, model.
     plan, tokenizer = setup.plan, setup.tokenizer
     run = RecipeRun.start(cfg, plan, tokenizer, console)
-    if plan.get("rl_trainer") == "GRPOTrainer":  # rl: grpo: online RL on TRL's GRPOTrainer (train/grpo.py)
+    if plan.preference.grpo:  # rl: grpo: online RL on TRL's GRPOTrainer (train/grpo.py)
         from archtune.train.grpo import train_grpo
 
         return train_grpo(run)
-    if plan.get("rl_trainer"):  # rl / reward_model: TRL's preference trainers (train/preference.py)
+    if plan.preference.trainer:  # rl / reward_model: TRL's preference trainers (train/preference.py)
         from archtune.train.preference import train_preference
 
         return train_preference(run)
@@ -170,7 +170,7 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
         "sharded_params": distributed.sharded_parameters(trainer.model),
         **shared["identity"],
     }
-    title = f"{plan.training.base_model} ({plan.family.name}, {plan.get('adapter') or 'full'})"
+    title = f"{plan.training.base_model} ({plan.family.name}, {plan.adapter.kind or 'full'})"
     run.publish(staged, summary, plot=lambda path: plot_losses(history, path, title))
     return summary
 
@@ -208,5 +208,4 @@ def _steps_per_epoch(plan: Plan, train_rows) -> int:
 def _strategy(plan: Plan) -> str:
     if plan.world_size == 1:
         return "single"
-    name = "fsdp2" if plan.get("fsdp") else "ddp"
-    return name + ("+offload" if plan.get("activation_offloading") else "")
+    return plan.distributed.strategy + ("+offload" if plan.model.activation_offloading else "")
