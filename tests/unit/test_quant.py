@@ -28,7 +28,7 @@ def _config(tmp_path, **keys):
         "test_datasets": [{"path": str(tmp_path / "test.jsonl"), "type": "alpaca"}],
         "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 64, "micro_batch_size": 4,
         "max_steps": 6, "learning_rate": 0.01, "output_dir": str(tmp_path / "out"),
-        # the linear layers' path alone (4-bit experts: test_quant4_train.py)
+        # the linear layers' path alone (4-bit experts: tests/e2e/test_quant4_train.py)
         "quantize_moe_experts": False, **keys}))
     return load_config(path, [])
 

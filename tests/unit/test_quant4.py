@@ -5,7 +5,7 @@
   (output and every gradient, fp32, 1e-5 relative), with and without PEFT expert LoRA, for the
   usual [E, out, in] layout (Gemma 4, Qwen 3.5) and the transposed one (Aria), and never
   dequantizes a whole tensor;
-* the stored bytes are what `expert_4bit_bytes` says (whole models: test_quant4_train.py).
+* the stored bytes are what `expert_4bit_bytes` says (whole models: tests/e2e/test_quant4_train.py).
 """
 from __future__ import annotations
 
