@@ -213,3 +213,26 @@ def test_usage_errors_name_the_flag(trained, capsys):
     assert code == 2 and "--quantize" in err
     code, _, err = run_cli(capsys, "export", config, "--format", "onnx")
     assert code == 2 and "unknown export format" in err
+
+
+def test_qlora_with_4bit_experts_exports_what_it_trained(tmp_path, capsys):
+    """A QLoRA run (4-bit linears, expert LoRA): `export --format merged` writes the dequantized
+    base plus every delta (it failed before: transformers refuses to cast a model it still takes
+    for a bitsandbytes one), and the merged weights, in transformers alone, are the trained model."""
+    train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp_path / "train.jsonl", 32)
+    test = head_jsonl(QUICKSTART_DATA / "test.jsonl", tmp_path / "test.jsonl", 6)
+    config = write_config(tmp_path / "run.yaml", base_model="tiny:qwen3_5-moe", adapter="qlora", load_in_4bit=True,
+                          lora_r=4, lora_alpha=8, **FAMILY_KEYS["qwen3_5-moe"],
+                          datasets=[{"path": str(train), "type": "alpaca"}],
+                          test_datasets=[{"path": str(test), "type": "alpaca"}],
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0,
+                          output_dir=str(tmp_path / "out"), use_tensorboard=False)
+    code, out, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    code, report, err = _export(capsys, config, "--format", "merged")
+    assert code == 0, err
+    assert report["merged_tensors"]["merged"] == report["merged_tensors"]["adapted"] == 33
+    assert report["merged_tensors"]["expert"] == 8
+    v = report["verification"]
+    assert v["greedy_agree"] == v["prompts"] == 6

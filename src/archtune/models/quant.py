@@ -193,10 +193,11 @@ def dequantize(model) -> int:
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             if hasattr(config, attr):
                 delattr(config, attr)
-    for attr in ("is_quantized", "is_loaded_in_4bit", "hf_quantizer"):
+    # What transformers reads to refuse casting a bitsandbytes model (`.to(dtype)`): a plain model now.
+    for attr in ("is_quantized", "is_loaded_in_4bit", "hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
             try:
-                setattr(model, attr, False if attr != "hf_quantizer" else None)
+                setattr(model, attr, None if attr in ("hf_quantizer", "quantization_method") else False)
             except AttributeError:
                 pass
     return count
