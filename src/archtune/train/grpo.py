@@ -10,6 +10,8 @@ advantages and the clipped loss. What the subclass here adds to TRL's trainer, a
 - each reward function is called through a guard: one that raises, returns the wrong number of
   rewards or something that is not a number ends the run with one error naming its
   `trl.reward_funcs.N` key and the batch, never a traceback;
+- a rollout whose sampling probabilities are not finite (the weights or a prompt's activations
+  went inf or nan) stops the run as a non-finite loss does, naming the step and its prompts;
 - the wall time of each optimizer step is split into rollouts (generation, reward scoring and
   the log-probabilities of the sampled completions) and updates (the forward and backward passes
   of the loss), logged as `timing/rollout_seconds` and `timing/update_seconds`;
@@ -264,9 +266,18 @@ def trainer_class():
 
         # -- rollout vs update time
         def _generate_and_score_completions(self, inputs):
+            from archtune.train.guards import NonFinite
+
             start = time.perf_counter()
             try:
                 return super()._generate_and_score_completions(inputs)
+            except RuntimeError as exc:
+                # Non-finite weights or activations reach sampling before any loss: torch.multinomial
+                # refuses the probabilities. The run stops as for a non-finite loss, naming the step.
+                if "probability tensor contains" not in str(exc):
+                    raise
+                raise NonFinite(self.state.global_step + 1, "the policy's next-token probabilities are not finite "
+                                "(inf or nan) while sampling the rollouts", []) from None
             finally:
                 if self.model.training:
                     self._pending_rollout += time.perf_counter() - start
