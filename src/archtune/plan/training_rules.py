@@ -152,6 +152,17 @@ _OPTIMIZER_PACKAGES = (
 )
 
 
+# torchao optimizers with the same algorithm in bitsandbytes (8-bit blockwise-quantized AdamW moments);
+# bitsandbytes has no 4-bit optimizer, so adamw_torch_4bit needs torchao.
+TORCHAO_TO_BNB = {"adamw_torch_8bit": "adamw_bnb_8bit"}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def optimizer_names() -> list[str]:
     from transformers.training_args import OptimizerNames
 
@@ -181,6 +192,17 @@ def _optimizer(plan: "Plan") -> None:
         plan.error(key, f"{name} runs only on {'TPU (torch_xla)' if 'xla' in name else 'Ascend NPU (torch_npu)'}",
                    "use adamw_torch (or adamw_torch_fused)")
         return
+    if name in TORCHAO_TO_BNB and not _installed("torchao") and _installed("bitsandbytes"):
+        mapped = TORCHAO_TO_BNB[name]
+        plan.set(key, mapped, "auto",
+                 f"{name} is torchao's AdamW with 8-bit blockwise-quantized moments; torchao is not installed, "
+                 f"so the same algorithm runs through bitsandbytes (part of the install) as {mapped}; "
+                 "`pip install torchao` to run torchao's own")
+        plan.note(f"optimizer: {name} runs as {mapped} (bitsandbytes' 8-bit AdamW; torchao is not installed)")
+        name = mapped
+    if name.startswith("paged_") and not _cuda_available():
+        plan.note(f"optimizer: {name} pages its state to CPU memory only on CUDA; here bitsandbytes runs it "
+                  "unpaged (the same updates)")
     for part, module, install in _OPTIMIZER_PACKAGES:
         if part in name and not _installed(module):
             plan.error(key, f"optimizer {name} needs the {module} package, which is not installed",
@@ -374,7 +396,8 @@ TRAINING_RULES: tuple[Rule, ...] = (
          _fsdp_single_process),
     Rule("optimizer", "`optimizer` must be one of transformers' optimizer names (torchao's ao_adamw_4bit/8bit map to "
          "adamw_torch_4bit/8bit) whose package is installed; otherwise `check` names the install line or the "
-         "closest name.", _optimizer),
+         "closest name. adamw_torch_8bit without torchao runs as bitsandbytes' 8-bit AdamW (adamw_bnb_8bit), "
+         "the same algorithm.", _optimizer),
     Rule("lr_scheduler", "`lr_scheduler` must be a transformers scheduler name; `cosine_min_lr_ratio` selects "
          "cosine_with_min_lr.", _lr_scheduler),
     Rule("loggers", "`wandb_*` and `mlflow_*` keys log through the Trainer's integrations when the package is "
