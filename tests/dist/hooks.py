@@ -4,10 +4,18 @@ no test-only branch (the resume tests' kill is tests/e2e/kill_plugin.py). It act
 environment variable is set: ARCHTUNE_TEST_DUMP_RANK_STATE=DIR makes every rank write
 DIR/rank{R}.safetensors with its trainable parameters (full values) at the end of training, to
 check that the ranks hold identical weights.
+
+ARCHTUNE_TEST_KILL_RANK=R:S makes rank R SIGKILL itself in the middle of step S+1 (in the model's
+forward, before its gradients are all-reduced), in the first attempt only (torchrun's
+TORCHELASTIC_RESTART_COUNT 0): the restarted workers run undisturbed. ARCHTUNE_TEST_STALL_RANK=R:S
+makes rank R's data loader block for good when it fetches the first batch of step S+1 (a stalled
+file system, a dead data worker), in the first attempt only.
 """
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -16,6 +24,16 @@ from archtune.plugins import BasePlugin
 
 DUMP_RANK_STATE_ENV = "ARCHTUNE_TEST_DUMP_RANK_STATE"
 PLUGIN = "tests.dist.hooks.TestHooks"
+KILL_RANK_ENV = "ARCHTUNE_TEST_KILL_RANK"
+STALL_RANK_ENV = "ARCHTUNE_TEST_STALL_RANK"
+
+
+def _target(env: str) -> int | None:
+    """The step of `env` (R:S) when this process is rank R of the first attempt, else None."""
+    rank, _, step = os.environ.get(env, "").partition(":")
+    if not step or int(rank) != _rank() or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) != 0:
+        return None
+    return int(step)
 
 
 def _rank() -> int:
@@ -39,9 +57,53 @@ class DumpRankState(TrainerCallback):
         save_file(tensors, str(Path(target) / f"rank{_rank()}.safetensors"))
 
 
+class KillMidStep(TrainerCallback):
+    """SIGKILL in the forward of step `step` + 1 (the model's forward pre-hook, armed at step begin)."""
+
+    def __init__(self, step: int):
+        self.step, self.armed = step, False
+
+    def hook(self, module, args, kwargs):
+        if self.armed:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.armed = state.global_step == self.step
+
+
+class StallDataLoader(TrainerCallback):
+    """The data loader's collate function blocks for good once step `step` is done."""
+
+    def __init__(self, step: int):
+        self.step, self.done = step, False
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        collate = train_dataloader.collate_fn
+
+        def stalling(rows):
+            if self.done:
+                threading.Event().wait()  # never set
+            return collate(rows)
+
+        train_dataloader.collate_fn = stalling
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.done = state.global_step >= self.step
+
+
 class TestHooks(BasePlugin):
     __test__ = False  # not a pytest test class
     name = "test_hooks"
 
+    def __init__(self) -> None:
+        kill = _target(KILL_RANK_ENV)
+        self.kill = KillMidStep(kill) if kill is not None else None
+        stall = _target(STALL_RANK_ENV)
+        self.stall = StallDataLoader(stall) if stall is not None else None
+
+    def post_model_load(self, model, plan) -> None:
+        if self.kill is not None:
+            model.register_forward_pre_hook(self.kill.hook, with_kwargs=True)
+
     def callbacks(self, plan) -> list:
-        return [DumpRankState()]
+        return [DumpRankState()] + [c for c in (self.kill, self.stall) if c is not None]
