@@ -96,8 +96,9 @@ class Runner:
                      "dataset_prepared_path": str(root / "prepared")}
 
     def __call__(self, name: str, nproc: int = 2, env: dict | None = None, output_dir: Path | None = None,
-                 **keys) -> Run:
-        key = json.dumps([name, nproc, keys, env, str(output_dir)], sort_keys=True, default=str)
+                 args: tuple[str, ...] = (), **keys) -> Run:
+        """`args`: more `archtune train` options (e.g. --max-restarts 1)."""
+        key = json.dumps([name, nproc, keys, env, str(output_dir), list(args)], sort_keys=True, default=str)
         if key in self.cache:
             return self.cache[key]
         out = output_dir or self.root / name
@@ -111,7 +112,7 @@ class Runner:
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         run_env = {**os.environ, hooks.DUMP_RANK_STATE_ENV: str(dump), "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": pythonpath, **(env or {})}
-        proc = subprocess.run([sys.executable, "-m", "archtune", "train", str(path), "--nproc", str(nproc)],
+        proc = subprocess.run([sys.executable, "-m", "archtune", "train", str(path), "--nproc", str(nproc), *args],
                               capture_output=True, text=True, env=run_env, timeout=300, cwd=self.root)
         run = Run(out, proc.returncode, proc.stdout, proc.stderr, dump)
         self.cache[key] = run

@@ -9,7 +9,9 @@ ARCHTUNE_TEST_KILL_RANK=R:S makes rank R SIGKILL itself in the middle of step S+
 forward, before its gradients are all-reduced), in the first attempt only (torchrun's
 TORCHELASTIC_RESTART_COUNT 0): the restarted workers run undisturbed. ARCHTUNE_TEST_STALL_RANK=R:S
 makes rank R's data loader block for good when it fetches the first batch of step S+1 (a stalled
-file system, a dead data worker), in the first attempt only.
+file system, a dead data worker), in the first attempt only. ARCHTUNE_TEST_KILL_SAVE_RANK=R:S
+makes rank R SIGKILL itself while checkpoint-S is being written (its weights are on disk, its
+optimizer state is not yet), in the first attempt only.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ DUMP_RANK_STATE_ENV = "ARCHTUNE_TEST_DUMP_RANK_STATE"
 PLUGIN = "tests.dist.hooks.TestHooks"
 KILL_RANK_ENV = "ARCHTUNE_TEST_KILL_RANK"
 STALL_RANK_ENV = "ARCHTUNE_TEST_STALL_RANK"
+KILL_SAVE_RANK_ENV = "ARCHTUNE_TEST_KILL_SAVE_RANK"
 
 
 def _target(env: str) -> int | None:
@@ -91,6 +94,21 @@ class StallDataLoader(TrainerCallback):
         self.done = state.global_step >= self.step
 
 
+def kill_while_saving(step: int) -> None:
+    """SIGKILL this process when it writes checkpoint-`step`'s optimizer state (torch.save)."""
+    import torch
+
+    real_save = torch.save
+    folder = f"checkpoint-{step}"
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt") and folder in str(f):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 class TestHooks(BasePlugin):
     __test__ = False  # not a pytest test class
     name = "test_hooks"
@@ -100,6 +118,11 @@ class TestHooks(BasePlugin):
         self.kill = KillMidStep(kill) if kill is not None else None
         stall = _target(STALL_RANK_ENV)
         self.stall = StallDataLoader(stall) if stall is not None else None
+        self.kill_save = _target(KILL_SAVE_RANK_ENV)
+
+    def pre_model_load(self, cfg, plan) -> None:
+        if self.kill_save is not None:
+            kill_while_saving(self.kill_save)
 
     def post_model_load(self, model, plan) -> None:
         if self.kill is not None:

@@ -56,7 +56,9 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
           node_rank: int = typer.Option(0, "--node-rank", help="This node's number, 0 (the master) to nnodes-1."),
           master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0 (several nodes)."),
           master_port: Optional[int] = typer.Option(None, "--master-port", help="Port on node 0 (default: a free "
-                                                   "port on one node, 29500 on several).")) -> None:
+                                                   "port on one node, 29500 on several)."),
+          max_restarts: int = typer.Option(0, "--max-restarts", help="Restart all workers up to N times when one "
+                                           "fails; they continue from the last complete checkpoint.")) -> None:
     """Fine-tune as the config says; writes weights, train_summary.json, loss.png, TensorBoard logs.
 
     With --nproc N (or --nnodes > 1) this starts torchrun's workers, each running this command as
@@ -66,7 +68,7 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     if not distributed.is_distributed():  # once: in the process that starts the run, not in each worker
         _warn_about_the_environment()
-    if not distributed.is_distributed() and (nproc != 1 or nnodes != 1):
+    if not distributed.is_distributed() and (nproc != 1 or nnodes != 1 or max_restarts):
         from archtune.train.launch import launch
 
         from archtune.models.load import resolve_plan
@@ -74,7 +76,8 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
         # A bad config or a refused plan is reported once, here, before any worker starts.
         resolve_plan(_load(config, overrides), world_size=nproc * nnodes).raise_errors()
         code = launch(config, list(overrides or []), nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-                      master_addr=master_addr, master_port=master_port, debug=_state["debug"])
+                      master_addr=master_addr, master_port=master_port, max_restarts=max_restarts,
+                      debug=_state["debug"])
         if code:
             sys.exit(code)
         return

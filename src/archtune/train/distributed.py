@@ -8,7 +8,9 @@ the caller: which backend (NCCL on GPUs, gloo on CPU) and the collective timeout
 preprocessing once per node (nodes need not share a file system) and the check that every node
 prepared the same data, a clean
 `destroy_process_group` at exit (gloo can abort at interpreter exit when the group is left open),
-the final weights gathered once, and the activation-offloading wrappers.
+the final weights gathered once, and the activation-offloading wrappers; under torchrun's
+restarts (`--max-restarts`), a process group of this attempt's own and the id every attempt of
+one run shares.
 
 Every function is a no-op (or the single-process answer) when WORLD_SIZE is unset or 1.
 """
@@ -41,6 +43,16 @@ def node_rank() -> int:
     return int(os.environ.get("GROUP_RANK", "0"))
 
 
+def restart_count() -> int:
+    """How often torchrun restarted this run's workers (TORCHELASTIC_RESTART_COUNT; 0 at first)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+# The key-value store this attempt's process group was built on (progress records go there too)
+# and the id of the run every attempt of it shares; set by `init`.
+_session: dict = {"store": None, "run_id": None}
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -66,8 +78,44 @@ def init(timeout_seconds: int | None = None) -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     timeout = timedelta(seconds=timeout_seconds) if timeout_seconds else None
-    dist.init_process_group(backend=backend(), timeout=timeout)
+    base, attempt = _attempt_store(timeout)
+    _session["store"] = attempt
+    _session["run_id"] = _shared_run_id(base)
+    dist.init_process_group(backend=backend(), timeout=timeout, store=attempt, rank=rank(), world_size=world_size())
     return True
+
+
+def _attempt_store(timeout: timedelta | None):
+    """torchrun's store (env://) and a view of it for this attempt only. torchrun keeps one store
+    for every attempt of a run, so the workers it restarts would read the addresses the killed
+    attempt's ranks published there and fail to connect (gloo: "Connection refused";
+    pytorch/pytorch#167288): keys under an attempt's own prefix keep the attempts apart."""
+    import torch.distributed as dist
+
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    base, _, _ = next(dist.rendezvous("env://", rank=rank(), world_size=world_size(), **kwargs))
+    return base, dist.PrefixStore(f"archtune/attempt-{restart_count()}", base)
+
+
+def _shared_run_id(base) -> str:
+    """One id for all attempts of this run: rank 0 of the first attempt writes it into the store
+    the attempts share; later attempts read it (a restart is the same run)."""
+    key = "archtune/run-id"
+    if restart_count() == 0 and is_main():
+        import uuid
+
+        base.set(key, uuid.uuid4().hex)
+    return base.get(key).decode()
+
+
+def run_id() -> str | None:
+    """The id every torchrun attempt of this run shares (None on one process)."""
+    return _session["run_id"]
+
+
+def store():
+    """This attempt's key-value store (None on one process)."""
+    return _session["store"]
 
 
 def barrier() -> None:
@@ -88,6 +136,7 @@ def shutdown(synchronize: bool = True) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+            _session["store"] = None
 
 
 @contextlib.contextmanager

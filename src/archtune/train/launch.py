@@ -8,6 +8,10 @@ MASTER_ADDR / MASTER_PORT, the worker sees WORLD_SIZE and trains as one rank. Ru
 Single node: a free port is picked (several runs may share a machine). Several nodes: every
 node runs the same command with its `--node-rank`, and `--master-addr` / `--master-port` name
 node 0 (torchrun's static rendezvous).
+
+`--max-restarts N`: when a worker dies (a lost process, an out-of-memory kill), torchrun stops the
+others and starts the whole group again, up to N times; the restarted workers continue from the
+run's last complete checkpoint (train/lifecycle.py).
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from archtune.errors import UserError
 
 
 def torchrun_argv(config: Path, overrides: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0,
-                  master_addr: str | None = None, master_port: int | None = None, debug: bool = False) -> list[str]:
+                  master_addr: str | None = None, master_port: int | None = None, max_restarts: int = 0,
+                  debug: bool = False) -> list[str]:
     """torchrun's arguments for the workers of `archtune train CONFIG OVERRIDES`."""
     if nproc < 1:
         raise UserError.single("--nproc", f"--nproc must be at least 1, not {nproc}", "use --nproc 1 or more")
@@ -30,7 +35,12 @@ def torchrun_argv(config: Path, overrides: list[str], *, nproc: int, nnodes: int
     if nnodes > 1 and not master_addr:
         raise UserError.single("--master-addr", "several nodes need the address of node 0",
                                "pass --master-addr HOST (and the same --master-port) on every node")
+    if max_restarts < 0:
+        raise UserError.single("--max-restarts", f"--max-restarts must be 0 or more, not {max_restarts}",
+                               "use --max-restarts 0 (no restart) or more")
     argv = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank)]
+    if max_restarts:
+        argv += ["--max-restarts", str(max_restarts)]
     if master_addr:
         argv += ["--master-addr", master_addr]
     if master_port is not None:

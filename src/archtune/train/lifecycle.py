@@ -31,7 +31,7 @@ from archtune.train.callbacks import TrainClock
 from archtune.train.guards import RunGuards
 from archtune.train.outputs import (identity_fields, params_fields, peak_rss_mb, processes_fields, progress_fields,
                                     set_aside_previous_weights, write_summary)
-from archtune.train.run_record import refuse_reuse, resume_checkpoint, write_run_record
+from archtune.train.run_record import refuse_reuse, restart_resume, resume_checkpoint, write_run_record
 
 
 @dataclass
@@ -41,6 +41,7 @@ class RecipeRun:
     tokenizer: Any
     console: Any = None
     resume: Path | None = None  # the checkpoint this run resumes from
+    restarted: bool = False  # a torchrun restart of the run that claimed output_dir
     clock: TrainClock = field(default_factory=TrainClock)
     guards: RunGuards = field(init=False)
 
@@ -60,9 +61,16 @@ class RecipeRun:
     def start(cls, cfg: Config, plan: Plan, tokenizer, console=None) -> "RecipeRun":
         """The run, once nothing about output_dir refuses it (resume, reuse); prints the plan's notes."""
         out = Path(plan.training.output_dir)
-        resume = resume_checkpoint(plan.training, out)
-        refuse_reuse(plan.training, out, resume)
-        run = cls(cfg, plan, tokenizer, console, resume)
+        # torchrun restarted the workers of the run that claimed output_dir (--max-restarts):
+        # it continues from its last complete checkpoint, or starts over in its own output_dir.
+        restarted, resume = restart_resume(out, distributed.run_id(), distributed.restart_count())
+        if not restarted:
+            resume = resume_checkpoint(plan.training, out)
+            refuse_reuse(plan.training, out, resume)
+        run = cls(cfg, plan, tokenizer, console, resume, restarted=restarted)
+        if restarted:
+            run.say(f"torchrun restart {distributed.restart_count()} of this run: "
+                    + (f"continuing from {resume.name}" if resume else "no checkpoint yet, starting over"))
         for line in plan.info:
             run.say(f"[blue]info:[/] {line}")
         for warning in plan.warnings:
@@ -75,13 +83,14 @@ class RecipeRun:
         if self.main:
             out = self.out
             out.mkdir(parents=True, exist_ok=True)
-            if self.resume is None and (moved := set_aside_previous_weights(
+            if self.resume is None and not self.restarted and (moved := set_aside_previous_weights(
                     out, checkpoints=self.plan.training.overwrite_output_dir)):
                 self.say(f"an earlier run's outputs in {out} were moved to {moved}")
             cache_dir = data_stats.get("cache_dir")
             write_run_record(out, config=self.cfg.model_dump(mode="json", exclude_unset=True), plan=self.plan.to_json(),
                              cache_key=Path(cache_dir).name if cache_dir else None, world_size=self.plan.world_size,
-                             resumed_from=self.resume)
+                             resumed_from=self.resume,
+                             launch={"run_id": distributed.run_id(), "restart": distributed.restart_count()})
         distributed.barrier()
 
     def callbacks(self, plugins: list) -> list:

@@ -8,6 +8,7 @@ only once the config, the plan, the data and the model have all passed their che
     {"config": the keys as given (file and overrides), "plan": the `archtune check --json` object,
      "versions": {archtune, torch, transformers, peft, ...}, "data_cache_key": "...",
      "world_size": N, "resumed_from": "checkpoint-N" | null, "started_at": "...",
+     "launch": {"run_id": torchrun's attempts' shared id | null, "restart": TORCHELASTIC_RESTART_COUNT},
      "threads": {"torch_threads": N, "omp_wait_policy": "PASSIVE" | "libgomp default ..."},
      "earlier_starts": [the records of earlier starts of this run (resumed runs)]}
 """
@@ -97,11 +98,26 @@ def refuse_reuse(settings: TrainSettings, out: Path, resume: Path | None) -> Non
                                "(its files are moved to a previous-<time>/ folder)")
 
 
+def restart_resume(out: Path, run_id: str | None, restart: int) -> tuple[bool, Path | None]:
+    """A torchrun restart (`restart` > 0) of the run that claimed `out` (its record holds `run_id`)
+    continues that run: (True, its last complete checkpoint or None). Anything else: (False, None),
+    the config decides."""
+    if restart < 1 or run_id is None:
+        return False, None
+    try:
+        record = json.loads((out / RECORD).read_text())
+    except (OSError, ValueError):
+        return False, None
+    if (record.get("launch") or {}).get("run_id") != run_id:
+        return False, None
+    return True, last_complete_checkpoint(out)
+
+
 def write_run_record(out: Path, *, config: dict, plan: dict, cache_key: str | None, world_size: int,
-                     resumed_from: Path | None) -> Path:
+                     resumed_from: Path | None, launch: dict | None = None) -> Path:
     path = out / RECORD
     earlier: list = []
-    if resumed_from is not None and path.is_file():
+    if (resumed_from is not None or (launch or {}).get("restart")) and path.is_file():
         try:
             old = json.loads(path.read_text())
             earlier = old.pop("earlier_starts", []) + [old]
@@ -115,10 +131,11 @@ def write_run_record(out: Path, *, config: dict, plan: dict, cache_key: str | No
         "world_size": world_size,
         "resumed_from": resumed_from.name if resumed_from is not None else None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "launch": launch or {"run_id": None, "restart": 0},
         "threads": threads(),
         "earlier_starts": earlier,
     }
     return write_json_atomic(path, record)
 
 
-__all__ = ["RECORD", "versions", "threads", "resume_checkpoint", "refuse_reuse", "write_run_record"]
+__all__ = ["RECORD", "versions", "threads", "resume_checkpoint", "refuse_reuse", "restart_resume", "write_run_record"]

@@ -1,0 +1,60 @@
+"""Faults at scale on 2 gloo processes: torchrun's restarts (`archtune train --max-restarts 1`).
+
+One rank SIGKILLs itself on the first attempt only (tests/dist/hooks.py); torchrun stops the
+other and starts the group again; the restarted workers continue from the last complete
+checkpoint and end with the uninterrupted run's weights.
+"""
+from __future__ import annotations
+
+import json
+
+from tests.dist import hooks
+from tests.dist.conftest import max_rel_diff
+from tests.dist.test_distributed import TOWERS, _ok
+
+RESTART = ("--max-restarts", "1")
+
+
+def test_max_restarts_is_passed_to_torchrun():
+    from archtune.train.launch import torchrun_argv
+
+    argv = torchrun_argv("c.yaml", [], nproc=2, max_restarts=3)
+    assert argv[argv.index("--max-restarts") + 1] == "3"
+    assert "--max-restarts" not in torchrun_argv("c.yaml", [], nproc=2)
+
+
+def _restarted_from(run, checkpoint: str) -> None:
+    assert f"torchrun restart 1 of this run: continuing from {checkpoint}" in run.stdout, run.stdout[-2000:]
+    assert run.summary["resumed_from"] == checkpoint and run.summary["steps"] == 4
+    record = json.loads((run.out / "run_record.json").read_text())
+    first = record["earlier_starts"][-1]["launch"]
+    assert record["launch"]["restart"] == 1 and first["restart"] == 0
+    assert record["launch"]["run_id"] == first["run_id"]  # one run, two attempts
+    assert not (run.out / ".staging").exists()
+
+
+def test_a_rank_killed_mid_step_is_restarted_and_ends_with_the_uninterrupted_weights(train_run):
+    # Rank 1 dies in the forward of step 3, after checkpoint-2 was saved.
+    run = _ok(train_run("ddp_full_elastic", args=RESTART, save_steps=2, env={hooks.KILL_RANK_ENV: "1:2"}, **TOWERS))
+    assert "exitcode: -9" in run.stderr  # the first attempt did die
+    _restarted_from(run, "checkpoint-2")
+    straight = _ok(train_run("ddp_full", **TOWERS))
+    diff = max_rel_diff(run.weights(), straight.weights())
+    print(f"elastic restart (SIGKILL of rank 1 in step 3) vs uninterrupted: max relative difference {diff:.3g}")
+    assert diff == 0.0
+    assert run.summary["train_losses"] == straight.summary["train_losses"]
+    rank0, rank1 = run.rank_states()
+    assert max_rel_diff(rank0, rank1) == 0.0
+
+
+def test_a_rank_killed_while_saving_leaves_no_checkpoint_the_restart_would_take(train_run):
+    # Rank 0 dies while checkpoint-4 is half written: the restart takes checkpoint-2, not 4.
+    run = _ok(train_run("ddp_full_elastic_save", args=RESTART, save_steps=2,
+                        env={hooks.KILL_SAVE_RANK_ENV: "0:4"}, **TOWERS))
+    assert "exitcode: -9" in run.stderr
+    _restarted_from(run, "checkpoint-2")
+    assert sorted(p.name for p in run.out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    straight = _ok(train_run("ddp_full", **TOWERS))
+    diff = max_rel_diff(run.weights(), straight.weights())
+    print(f"elastic restart (SIGKILL of rank 0 saving checkpoint-4) vs uninterrupted: max relative difference {diff:.3g}")
+    assert diff == 0.0
