@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -28,6 +30,7 @@ DUMP_RANK_STATE_ENV = "ARCHTUNE_TEST_DUMP_RANK_STATE"
 PLUGIN = "tests.dist.hooks.TestHooks"
 KILL_RANK_ENV = "ARCHTUNE_TEST_KILL_RANK"
 STALL_RANK_ENV = "ARCHTUNE_TEST_STALL_RANK"
+STALL_STARTED = "archtune-test: the data loader stalls at"  # + time.time(), on stderr
 KILL_SAVE_RANK_ENV = "ARCHTUNE_TEST_KILL_SAVE_RANK"
 
 
@@ -81,14 +84,17 @@ class StallDataLoader(TrainerCallback):
         self.step, self.done = step, False
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        collate = train_dataloader.collate_fn
+        # accelerate's DataLoaderShard iterates the DataLoader it wraps (base_dataloader).
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        collate = loader.collate_fn
 
         def stalling(rows):
             if self.done:
+                print(f"{STALL_STARTED} {time.time():.3f}", file=sys.stderr, flush=True)
                 threading.Event().wait()  # never set
             return collate(rows)
 
-        train_dataloader.collate_fn = stalling
+        loader.collate_fn = stalling
 
     def on_step_end(self, args, state, control, **kwargs):
         self.done = state.global_step >= self.step

@@ -58,3 +58,24 @@ def test_a_rank_killed_while_saving_leaves_no_checkpoint_the_restart_would_take(
     diff = max_rel_diff(run.weights(), straight.weights())
     print(f"elastic restart (SIGKILL of rank 0 saving checkpoint-4) vs uninterrupted: max relative difference {diff:.3g}")
     assert diff == 0.0
+
+
+# ----------------------------------------------------------------------------- no silent hangs
+
+def test_a_stalled_rank_ends_the_run_within_ddp_timeout_naming_the_rank_and_phase_on_every_rank(train_run):
+    import re
+    import time
+
+    timeout = 20
+    run = train_run("ddp_full_stalled", ddp_timeout=timeout, env={hooks.STALL_RANK_ENV: "1:2"}, **TOWERS)
+    ended = time.time()
+    assert run.rc == 4, run.stderr[-3000:]  # progress.EXIT_NO_PROGRESS
+    stalled = float(re.search(re.escape(hooks.STALL_STARTED) + r" ([\d.]+)", run.stderr).group(1))
+    took = ended - stalled
+    print(f"rank 1's data loader stalled in step 3: the run ended {took:.1f} s later (ddp_timeout {timeout} s)")
+    assert timeout <= took <= timeout + 15
+    text = " ".join(run.stderr.split())
+    for rank in (0, 1):
+        assert (f"rank {rank}: stopping: rank 1 made no progress for" in text
+                and "while loading the batches of step 3" in text), run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and not (run.out / "train_summary.json").exists()

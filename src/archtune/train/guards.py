@@ -15,6 +15,7 @@ leaves every weight and its own state as they were), the step is counted and rep
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -25,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from archtune.errors import RunStopped
+from archtune.train.progress import EXIT_NO_PROGRESS, Progress
 
 EXIT_NONFINITE = 3
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
@@ -185,11 +187,14 @@ class NonFiniteGuard(TrainerCallback):
 class RunGuards:
     """The guards every training run gets, supervised or preference: the non-finite watch
     (`on_nonfinite`) and the signal handler, their Trainer callbacks, and the one message each
-    kind of stop ends with. The trainer must be a CrashSafeTrainer built with `nonfinite=watch`."""
+    kind of stop ends with. The trainer must be a CrashSafeTrainer built with `nonfinite=watch`.
+    Under several processes every rank also reports its progress (train/progress.py): one that
+    makes none for `timeout` seconds (ddp_timeout) ends the run on every rank."""
 
-    def __init__(self, policy: str = "stop", say=None):
+    def __init__(self, policy: str = "stop", say=None, timeout: float | None = None):
         self.watch = NonFiniteWatch(policy)
         self.stop = StopRequest(say=say)
+        self.timeout = timeout
 
     def callbacks(self) -> list:
         return [NonFiniteGuard(self.watch), StopOnSignal(self.stop)]
@@ -200,9 +205,18 @@ class RunGuards:
         batches came from (FILE:LINE)."""
         from archtune.train import distributed
 
+        progress = None
+        if distributed.is_distributed() and self.timeout:
+            progress = Progress(self.timeout, distributed.rank(), distributed.world_size(), store=distributed.store())
+            trainer.progress = progress
         try:
-            with self.stop:
+            with self.stop, progress if progress is not None else contextlib.nullcontext():
                 result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        except RuntimeError as exc:
+            if progress is None or not _collective_failure(exc):
+                raise
+            # Another rank stopped or is gone: say which, and where, rather than the backend's error.
+            raise RunStopped(progress.describe(str(exc)), EXIT_NO_PROGRESS) from None
         except NonFinite as exc:
             rows = name_rows(exc.batches)
             distributed.barrier()
@@ -222,6 +236,13 @@ class RunGuards:
             return None
         return (f"skipped {len(skipped)} steps whose loss or gradient norm was not finite (on_nonfinite: skip): "
                 f"{', '.join(map(str, skipped[:20]))}")
+
+
+def _collective_failure(exc: RuntimeError) -> bool:
+    """A collective that failed because another rank stopped answering or went away."""
+    text = str(exc)
+    return any(mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out",
+                                         "timed out"))
 
 
 def _last_good(out) -> str:

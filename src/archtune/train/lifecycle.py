@@ -47,7 +47,7 @@ class RecipeRun:
 
     def __post_init__(self) -> None:
         say = (lambda text: self.say(text)) if self.console is not None else None
-        self.guards = RunGuards(self.plan.training.on_nonfinite, say=say)
+        self.guards = RunGuards(self.plan.training.on_nonfinite, say=say, timeout=self.plan.training.ddp_timeout)
 
     @property
     def out(self) -> Path:

@@ -17,6 +17,7 @@ from archtune.train import checkpoints
 from archtune.train.evaluation import token_weighted_loss
 from archtune.train.guards import NonFiniteWatch
 from archtune.train.losses import ChunkedCrossEntropy
+from archtune.train.progress import COMPUTING, LOADING, SAVING, Progress
 
 # Sharded (FSDP2) checkpoints: torch.distributed.checkpoint directories inside checkpoint-N/.
 SHARDED_MODEL_DIR = "model_dcp"
@@ -45,12 +46,31 @@ class CrashSafeTrainer:
     when complete (train/checkpoints.py), and each step's losses and gradient norm shown to the
     non-finite guard (train/guards.py) before the optimizer applies the step.
 
+    Each phase of a step is reported to `progress` (train/progress.py: no silent hangs), which
+    the run's guards set while training (None: nothing reported).
+
     `nonfinite`: the run's NonFiniteWatch (None: nothing is watched)."""
 
     def __init__(self, *args, nonfinite: NonFiniteWatch | None = None, **kwargs):
         self.nonfinite = nonfinite
+        self.progress: Progress | None = None
         self._staging = False
         super().__init__(*args, **kwargs)
+
+    def _enter(self, phase: str | None, step: int) -> None:
+        if self.progress is not None:
+            self.progress.enter(phase, step)
+
+    # ------------------------------------------------------------------ progress of each step
+
+    def get_batch_samples(self, *args, **kwargs):
+        self._enter(LOADING, self.state.global_step + 1)
+        return super().get_batch_samples(*args, **kwargs)
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Logging and evaluation between steps have no deadline of their own (see progress.py).
+        self._enter(None, self.state.global_step)
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     # ------------------------------------------------------------------ complete checkpoints only
 
@@ -66,6 +86,7 @@ class CrashSafeTrainer:
 
         out = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
+        self._enter(SAVING, self.state.global_step)
         if self.args.should_save:
             checkpoints.clear_staging(out, name)  # what a killed save left
         distributed.barrier()
@@ -79,10 +100,12 @@ class CrashSafeTrainer:
             checkpoints.publish_checkpoint(checkpoints.staging_dir(out) / name, out)
             checkpoints.rotate(out, self.args.save_total_limit)
         distributed.barrier()
+        self._enter(None, self.state.global_step)
 
     # ------------------------------------------------------------------ non-finite steps
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._enter(COMPUTING, self.state.global_step + 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.nonfinite is not None:
             self.nonfinite.saw_loss(loss, inputs)
