@@ -32,6 +32,7 @@ KILL_RANK_ENV = "ARCHTUNE_TEST_KILL_RANK"
 STALL_RANK_ENV = "ARCHTUNE_TEST_STALL_RANK"
 STALL_STARTED = "archtune-test: the data loader stalls at"  # + time.time(), on stderr
 KILL_SAVE_RANK_ENV = "ARCHTUNE_TEST_KILL_SAVE_RANK"
+NAN_RANK_ENV = "ARCHTUNE_TEST_NAN_RANK"  # R:S: rank R's loss of step S+1 is NaN (first attempt)
 
 
 def _target(env: str) -> int | None:
@@ -115,6 +116,23 @@ def kill_while_saving(step: int) -> None:
     torch.save = save
 
 
+class NanLoss(TrainerCallback):
+    """The model's output logits become NaN in step `step` + 1 (a forward hook, armed at step begin)."""
+
+    def __init__(self, step: int):
+        self.step, self.armed = step, False
+
+    def hook(self, module, args, output):
+        if self.armed and getattr(output, "logits", None) is not None:
+            output.logits = output.logits * float("nan")
+            if getattr(output, "loss", None) is not None:
+                output.loss = output.loss * float("nan")
+        return output
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.armed = state.global_step == self.step
+
+
 class TestHooks(BasePlugin):
     __test__ = False  # not a pytest test class
     name = "test_hooks"
@@ -125,6 +143,8 @@ class TestHooks(BasePlugin):
         stall = _target(STALL_RANK_ENV)
         self.stall = StallDataLoader(stall) if stall is not None else None
         self.kill_save = _target(KILL_SAVE_RANK_ENV)
+        nan = _target(NAN_RANK_ENV)
+        self.nan = NanLoss(nan) if nan is not None else None
 
     def pre_model_load(self, cfg, plan) -> None:
         if self.kill_save is not None:
@@ -133,6 +153,8 @@ class TestHooks(BasePlugin):
     def post_model_load(self, model, plan) -> None:
         if self.kill is not None:
             model.register_forward_pre_hook(self.kill.hook, with_kwargs=True)
+        if self.nan is not None:
+            model.register_forward_hook(self.nan.hook)
 
     def callbacks(self, plan) -> list:
-        return [DumpRankState()] + [c for c in (self.kill, self.stall) if c is not None]
+        return [DumpRankState()] + [c for c in (self.kill, self.stall, self.nan) if c is not None]

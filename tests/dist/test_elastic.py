@@ -79,3 +79,13 @@ def test_a_stalled_rank_ends_the_run_within_ddp_timeout_naming_the_rank_and_phas
         assert (f"rank {rank}: stopping: rank 1 made no progress for" in text
                 and "while loading the batches of step 3" in text), run.stderr[-3000:]
     assert "Traceback" not in run.stderr and not (run.out / "train_summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- one voice
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_with_one_message(train_run):
+    run = train_run("ddp_full_nan", save_steps=2, env={hooks.NAN_RANK_ENV: "1:2"}, **TOWERS)
+    assert run.rc == 3, run.stderr[-3000:]  # guards.EXIT_NONFINITE
+    assert run.stderr.count("archtune: stopped at step 3") == 1, run.stderr[-3000:]
+    assert sorted(p.name for p in run.out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert "Traceback" not in run.stderr

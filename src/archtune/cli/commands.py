@@ -498,7 +498,8 @@ def main() -> None:
     except RunStopped as exc:
         if _state["debug"]:
             raise
-        err_console.print(escape(exc.message), highlight=False, soft_wrap=True)
+        if exc.message:  # empty on the ranks other than 0 when rank 0 speaks for all
+            err_console.print(escape(exc.message), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

@@ -220,6 +220,8 @@ class RunGuards:
         except NonFinite as exc:
             rows = name_rows(exc.batches)
             distributed.barrier()
+            if not distributed.is_main():  # every rank stopped at this step; rank 0 alone says so
+                raise RunStopped("", EXIT_NONFINITE) from None
             raise RunStopped(
                 f"archtune: stopped at step {exc.step}: {exc.what}. The batch held: {', '.join(rows) or 'no rows'}.\n"
                 f"Nothing of this step was applied; {_last_good(out)}.\n"
