@@ -25,6 +25,7 @@ import torch
 from archtune.config.schema import Config
 from archtune.errors import UserError
 from archtune.plan import Plan
+from archtune.plan.train_settings import LOGGER_KEYS
 from archtune.train import checkpoints, distributed
 from archtune.train.assembly import set_use_cache
 from archtune.train.callbacks import TrainClock
@@ -229,10 +230,9 @@ def training_arguments(plan: Plan, has_eval: bool, steps_per_epoch: int | None =
     )
 
 
-LOGGER_ENVIRONMENT = {"wandb_project": "WANDB_PROJECT", "wandb_mode": "WANDB_MODE", "wandb_entity": "WANDB_ENTITY",
-                      "wandb_run_id": "WANDB_RUN_ID", "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL",
-                      "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
-                      "mlflow_experiment_name": "MLFLOW_EXPERIMENT_NAME", "mlflow_run_name": "MLFLOW_RUN_NAME"}
+# W&B's and MLflow's callbacks read each setting from the environment variable of its name in
+# capitals; hf_mlflow_log_artifacts is a flag, written as "true"/"false" below.
+LOGGER_ENVIRONMENT = {key: key.upper() for key in LOGGER_KEYS if key != "hf_mlflow_log_artifacts"}
 
 
 def logger_environment(plan: Plan) -> None:

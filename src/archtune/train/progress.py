@@ -85,7 +85,7 @@ class Progress:
     def _watch(self) -> None:
         while not self._stop.wait(self.tick):
             self._publish(self._record())  # each tick: how long this phase has lasted, for the message
-            if self.phase is not None and time.monotonic() - self.since > self.timeout:
+            if self._is_stuck_here():
                 self._publish(self._record(stuck=True))
                 self.say(self.describe())
                 os._exit(EXIT_NO_PROGRESS)  # the main thread is the one that is stuck
