@@ -124,6 +124,11 @@ def test_unknown_key_without_close_match(tmp_path):
 @pytest.mark.parametrize("key, value, words", [
 ("lisa_n_layers", "4", "unfrozen weight"),
     ("peft_use_dora", "true", "plain LoRA"), ("neftune_noise_alpha", "5", "without noise"),
+    # new in Axolotl 0.21
+    ("context_parallel_size", "2", "whole sequences"), ("tensor_parallel_size", "2", "whole sequences"),
+    ("use_dft", "true", "plain cross-entropy"), ("mixlora_num_experts", "4", "adapter: lora"),
+    ("nf4_backend", "torchao", "bitsandbytes"), ("balance_labels", "true", "shuffled order"),
+    ("dpo_ld_alpha", "0.5", "LD-DPO"),
 ])
 def test_refused_axolotl_key_names_what_archtune_does_instead(tmp_path, key, value, words):
     (p,) = problems_of(write(tmp_path, MINIMAL + f"{key}: {value}\n"))
@@ -136,6 +141,31 @@ def test_refused_axolotl_key_names_what_archtune_does_instead(tmp_path, key, val
 def test_refused_key_left_empty_or_off_is_accepted(tmp_path, text):
     cfg = load_config(write(tmp_path, MINIMAL + text))
     assert cfg.axolotl_notes == []
+
+
+@pytest.mark.parametrize("text", ["context_parallel_size: 1\n", "tensor_parallel_size: 1\n",
+                                  "sequence_parallel_degree: 1\n", "context_parallel:\n  size: 1\n  backend: ring\n",
+                                  "nf4_backend: bitsandbytes\n"])
+def test_values_that_ask_for_nothing_are_accepted_without_a_note(tmp_path, text):
+    """A parallel size of 1 splits nothing; bitsandbytes is the NF4 backend archtune uses."""
+    assert load_config(write(tmp_path, MINIMAL + text)).axolotl_notes == []
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("context_parallel:\n  size: 2\n", "context_parallel", "whole sequences"),
+    ("    weight: 0.5\n", "datasets.0.weight", "every row"),
+])
+def test_refused_blocks_and_dataset_keys_new_in_axolotl_0_21(tmp_path, text, key, words):
+    (p,) = problems_of(write(tmp_path, MINIMAL + text))
+    assert p.key == key and "is refused" in p.message and words in p.message
+
+
+def test_axolotl_0_21_keys_without_effect_say_why(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "ple_cpu_offload: true\nmoe_bnb_fast: true\n"
+                            "export:\n  format: gguf\n  llama_cpp_dir: /opt/llama.cpp\n"))
+    notes = dict(cfg.axolotl_notes)
+    assert "_no_placement_params" in notes["ple_cpu_offload"] and "scattermoe" in notes["moe_bnb_fast"]
+    assert "llama-cpp-python" in notes["export.llama_cpp_dir"] and cfg.export.format == "gguf"
 
 
 def test_no_effect_keys_are_accepted_with_a_note_only_when_they_ask_for_something(tmp_path):

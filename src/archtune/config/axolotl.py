@@ -31,7 +31,7 @@ class Translated:
 
 def translate_axolotl_keys(data: dict, where: Where) -> Translated:
     """Rewrite `data` in place (see the module docstring); returns the problems and notes."""
-    from archtune.config.schema import Config, DatasetConfig, FsdpConfig
+    from archtune.config.schema import Config, DatasetConfig, ExportConfig, FsdpConfig
 
     out = Translated()
     _drop_empty(data)
@@ -50,6 +50,10 @@ def translate_axolotl_keys(data: dict, where: Where) -> Translated:
         _drop_empty(fsdp)
         _fsdp_spelling(fsdp, out, where)
         _sort_section(fsdp, ("fsdp_config",), "fsdp_config", set(FsdpConfig.model_fields), out, where)
+    export = data.get("export")
+    if isinstance(export, dict):
+        _drop_empty(export)
+        _sort_section(export, ("export",), "export", set(ExportConfig.model_fields), out, where)
     tokens = data.get("special_tokens")
     if isinstance(tokens, dict):
         _drop_empty(tokens)
@@ -81,7 +85,7 @@ def _sort_section(mapping: dict, path: tuple, section: str, fields: set[str], ou
                 out.notes.append((dotted, no_effect[plain]))
         elif plain in refused:
             del mapping[key]
-            if asks_for_something(value):
+            if asks_for_something(value, plain):
                 out.problems.append(Problem(dotted, f"`{key}: {_short(value)}` is refused: {refused[plain]}"
                                             + where((*path, key)),
                                             f"remove `{key}`" + ("" if path else f" (or set `{key}: null`)")))

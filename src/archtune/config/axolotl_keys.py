@@ -11,7 +11,7 @@
    Refused only when set to a value that asks for something (`rl: null` is fine).
 
 The list of Axolotl's keys is a data file generated from its schema (axolotl_schema_keys.json,
-written by scripts/axolotl_schema_keys.py, with the Axolotl commit it was read from);
+written by scripts/axolotl_schema_keys.py from the released wheel, with its version and sha256);
 tests/unit/test_axolotl_keys.py fails when a key there has no class here or has two.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 CLASS_HONORED = "honored"
 CLASS_NO_EFFECT = "accepted without effect"
@@ -47,9 +47,40 @@ NO_EFFECT: dict[str, str] = _table(
      "Axolotl's fused LoRA Triton kernels (CUDA only): archtune runs LoRA through PEFT, same result"),
     ("flash_attn_cross_entropy flash_attn_fuse_mlp flash_optimum fused_attn_kernel flash_attn_d512 "
      "large_head_attention gemma4_hybrid_attn_impl sdpa_varlen flex_attn_compile_kwargs heads_k_stride "
-     "moe_grouped_backend expert_backend moe_bnb_fast moe_dequant_chunk_size use_sonicmoe use_dsv4_kernels "
+     "moe_grouped_backend expert_backend use_sonicmoe use_dsv4_kernels fa_varlen_kwargs_in_collator "
      "use_glm_dsa_kernels dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all dsv4_fp4_grouped_mode "
-     "dense_mixer batch_flattening", _CUDA_KERNEL),
+     "dense_mixer batch_flattening autotune_cache_path autotune_profiles autotune_neighborhood liger_kernel_impl",
+     _CUDA_KERNEL),
+    ("moe_bnb_fast moe_dequant_chunk_size",
+     "which CUDA kernel path Axolotl runs its 4-bit experts through (one fused scatter launch, or chunks of "
+     "experts dequantized for grouped_mm): archtune's 4-bit experts (quantize_moe_experts) are dequantized one "
+     "expert at a time by scattermoe, the same values with its own memory and speed"),
+    ("ple_cpu_offload",
+     "Axolotl keeps the parameters a model lists in transformers' `_no_placement_params` in host RAM; none of "
+     "archtune's families has any (Gemma 4's per-layer embeddings are not listed, so Axolotl keeps them on the "
+     "GPU too), and archtune places the whole model on one device per process: the same weights train, and "
+     "only where a table sits in memory would differ"),
+    ("cut_cross_entropy_accum_c_fp32 cut_cross_entropy_c_grad_chunk_size",
+     "settings of Cut Cross Entropy's Triton kernel: archtune runs its chunked cross-entropy instead "
+     "(cut_cross_entropy), whose lm_head gradient follows the training precision"),
+    ("torch_compile_regional",
+     "regional compilation only shortens torch.compile's start-up: archtune compiles the model whole "
+     "(torch_compile), which computes the same values"),
+    ("sync_profiler_steps sync_profiler_start_step",
+     "the host-device synchronization profiler is not wired in; training is unchanged"),
+    ("logging_nan_inf_filter",
+     "archtune checks every step's loss for NaN/Inf itself (on_nonfinite: stop or skip), so a non-finite loss "
+     "is never averaged away in the logs"),
+    ("eval_on_start",
+     "archtune always evaluates before the first step when there is evaluation data (eval_loss_initial in "
+     "train_summary.json); evaluation changes no weights"),
+    ("full_determinism",
+     "deterministic algorithms are not forced: runs are seeded (seed), and on a GPU two runs may differ in the last "
+     "bits of the losses"),
+    ("coreweave", "archtune does not upload weights to a serving endpoint; they stay in output_dir"),
+    ("lora_fp32_gradients",
+     "archtune's LoRA weights are already float32 under bf16/fp16 training (PEFT's autocast_adapter_dtype), so "
+     "their gradients accumulate in float32; the frozen base weights keep their dtype"),
     ("liger_rope liger_rms_norm liger_rms_norm_gated liger_layer_norm liger_swiglu liger_glu_activation "
      "liger_cross_entropy liger_use_token_scaling",
      "Liger's Triton kernels (GPU only) are not used: transformers' own modules and loss compute the same values"),
@@ -111,7 +142,7 @@ NO_EFFECT: dict[str, str] = _table(
     ("deepcompile", "DeepSpeed is not used (see `deepspeed`)"),
     ("torchdistx_path", "only needed for the adamw_anyprecision optimizer, which archtune does not offer"),
     ("expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes "
-     "expert_parallel_fallback_on_unsupported",
+     "expert_parallel_fallback_on_unsupported expert_parallel_dispatch_chunks expert_parallel_save_dispatch",
      "expert parallelism is not supported (see expert_parallel_size); these tune it"),
     ("dsv4_fp8_nonexpert_mode gemma4_fp8_nonexpert gemma4_nf4_nonexpert nonexpert_quantization "
      "nvfp4_merge_aware nvfp4_merge_aware_start_step",
@@ -142,13 +173,16 @@ REFUSED: dict[str, str] = _table(
      "nemo_gym_model_name nemo_gym_multi_turn nemo_gym_max_turns hatchery",
      "an RL or preference setting archtune does not run (process reward models, EBFT, NeMo Gym, ...); the "
      "preference and online RL training it offers is set with `rl` (dpo ... grpo) and the `trl:` block"),
+    ("dpo_ld_alpha", "LD-DPO's length weighting is not passed to TRL: DPO weighs every answer token alike"),
     ("kd_trainer kd_ce_alpha kd_alpha kd_temperature kd_beta kd_normalize_topk kd_online_server_base_url "
      "kd_online_topk kd_online_server kd_online_timeout kd_temperature_min",
      "knowledge distillation is not supported: archtune trains on the data's tokens (cross-entropy)"),
-    ("diffusion", "diffusion language-model training is not supported: archtune trains causal next-token loss"),
-    ("sequence_parallel_degree context_parallel_size ring_attn_func tensor_parallel_size expert_parallel_size "
-     "expert_parallel_token_capacity dp_shard_size dp_replicate_size",
-     "this parallelism is not supported: archtune runs data parallel (DDP) or FSDP2 over `--nproc N` processes"),
+    ("diffusion diffusion_lm diffusion_decision",
+     "diffusion language-model training is not supported: archtune trains causal next-token loss"),
+    ("sequence_parallel_degree context_parallel_size context_parallel ring_attn_func tensor_parallel_size "
+     "expert_parallel_size expert_parallel_token_capacity dp_shard_size dp_replicate_size",
+     "this parallelism is not supported: archtune runs data parallel (DDP) or FSDP2 over `--nproc N` processes, "
+     "each holding whole sequences (a size of 1 is accepted: it splits nothing)"),
     ("relora relora_prune_ratio relora_prune_method relora_cpu_offload jagged_restart_steps "
      "jagged_restart_warmup_steps jagged_restart_anneal_steps",
      "ReLoRA / jagged restarts are not supported: archtune trains one LoRA adapter with one schedule"),
@@ -160,12 +194,19 @@ REFUSED: dict[str, str] = _table(
     ("llmcompressor", "LLM Compressor sparsity training is not supported: archtune trains dense weights"),
     ("qat", "quantization-aware training is not supported: archtune trains in the model's precision"),
     ("quantization", "post-training quantization is not run: the trained weights are saved unquantized"),
-    ("fp8 fp8_enable_fsdp_float8_all_gather",
+    ("fp8 fp8_enable_fsdp_float8_all_gather fp8_config",
      "FP8 training is not supported: archtune trains in fp32/bf16/fp16 (bf16/fp16 keys)"),
     ("use_onebitllms", "1.58-bit training is not supported"),
     ("model_quantization_config model_quantization_config_kwargs",
      "quantizing with another config (e.g. FP8) is not supported: use `load_in_4bit: true` (bitsandbytes NF4)"),
     ("use_eaft eaft_alpha eaft_k", "EAFT (entropy-weighted loss) is not supported: the loss is plain cross-entropy"),
+    ("use_dft", "DFT (each token's loss weighted by its own probability) is not supported: the loss is plain "
+     "cross-entropy"),
+    ("mixlora_num_experts mixlora_top_k mixlora_router_aux_loss_coef mixlora_router_init_range mixlora_jitter_noise "
+     "mixlora_expert_lora_r mixlora_expert_lora_alpha mixlora_expert_lora_dropout",
+     "MixLoRA (LoRA experts behind a router) is not supported: use `adapter: lora`"),
+    ("nf4_backend", "torchao's NF4 tensors are not used: archtune's 4-bit weights are bitsandbytes' NF4 "
+     "(`nf4_backend: bitsandbytes`, Axolotl's default, is accepted)"),
     ("grokfast_alpha grokfast_lamb", "Grokfast gradient filtering is not supported: gradients are used as computed"),
     ("scaling_softmax scaling_softmax_factor scaling_softmax_bias",
      "scalable-softmax attention changes the model: archtune trains the model's own attention"),
@@ -200,6 +241,8 @@ REFUSED: dict[str, str] = _table(
     ("curriculum_sampling sample_packing_sequentially",
      "data order is the Trainer's shuffled sampler under `seed`; sequential order is not supported"),
     ("group_by_length", "length-grouped batches are not supported: rows are batched in shuffled order"),
+    ("balance_labels label_balance_window_optim_steps",
+     "batches balanced by supervised tokens are not built: rows are batched in shuffled order under `seed`"),
     ("dataset_exact_deduplication", "deduplication is not run: every row of the data is trained on"),
     ("dataset_shard_num dataset_shard_idx", "training on one shard of the data is not supported: all rows are used"),
     ("eval_sequence_len", "evaluation uses sequence_len; a separate evaluation length is not supported"),
@@ -244,13 +287,17 @@ DATASET_REFUSED: dict[str, str] = _table(
      "chat_template", "per-dataset template and per-message training flags are not supported: the top-level "
      "chat_template and roles_to_train decide what gets loss"),
     ("step_separator max_completion_length train_on_last_step_only "
-     "text_column skip length sequence_length min_input_id max_input_id seed",
+     "text_column skip length sequence_length min_input_id max_input_id seed min_turns max_turns min_turn_length "
+     "input_fraction",
      "fields of preference, reward, pretraining or synthetic datasets, which archtune does not train on"),
     ("train_on_eot", "which end-of-turn tokens get loss is train_on_eos (turn, last, none)"),
+    ("weight", "subsampling a dataset for mixing is not supported: every row of every dataset is trained on "
+     "(write the subset to its own file)"),
 )
 
 # Keys of `fsdp_config` (Axolotl's unprefixed spelling; `fsdp_`-prefixed is the older one, both are read).
 FSDP_NO_EFFECT: dict[str, str] = _table(
+    # FSDP1 keys older Axolotl configs carry (Axolotl 0.21's schema no longer has these two).
     ("use_orig_params", "FSDP2 (fully_shard) keeps the original parameters; there is nothing to flatten"),
     ("sync_module_states", "every process loads the same weights, so there is nothing to synchronize"),
     ("cpu_offload_pin_memory", "offloaded parameters use PyTorch's default memory"),
@@ -263,7 +310,10 @@ FSDP_NO_EFFECT: dict[str, str] = _table(
 )
 # Keys a table lists that are not in Axolotl's current schema (older spellings it ignores).
 LEGACY_KEYS: dict[str, frozenset[str]] = {
-    "fsdp_config": frozenset({"sharding_strategy", "backward_prefetch", "forward_prefetch", "limit_all_gathers"}),
+    # Axolotl's GRPO trainer reads it, but its TRLConfig does not declare it.
+    "trl": frozenset({"reward_processing_classes"}),
+    "fsdp_config": frozenset({"sharding_strategy", "backward_prefetch", "forward_prefetch", "limit_all_gathers",
+                              "use_orig_params", "sync_module_states"}),
 }
 FSDP_REFUSED: dict[str, str] = _table()
 
@@ -294,6 +344,41 @@ VALUES_ACCEPTED_WITH: dict[str, tuple[str, str]] = {
     "model_type": ("reward_model", r"\w*ForSequenceClassification"),
 }
 VALUES_ACCEPTED_WITH["type_of_model"] = VALUES_ACCEPTED_WITH["model_type"]
+# Keys of the `trl:` block (rl: grpo) refused when set to something other than Axolotl's default: key ->
+# (that default, what archtune does instead). The plan reports them (plan/grpo.py), because a refused
+# key set to its default asks for nothing; every other Axolotl trl key is a TrlConfig field (honored).
+REFUSED_TRL: dict[str, tuple[Any, str]] = {
+    **{k: (None, "vLLM's own settings; rollouts run through transformers here") for k in (
+        "vllm_guided_decoding_regex", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction",
+        "vllm_importance_sampling_mode", "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_min",
+        "vllm_importance_sampling_clip_max")},
+    **{k: (d, "Axolotl's asynchronous rollout producer (background generation, replay buffer, re-rolls, reward "
+              "workers) is not built: rollouts are generated, scored and trained on in turn") for k, d in (
+        ("use_data_producer", False), ("async_prefetch", False), ("prefetch_depth", None),
+        ("vllm_sync_interval", None), ("streaming_partial_batch", None), ("streaming_min_groups", None),
+        ("reward_num_workers", 1), ("replay_buffer_size", 0), ("replay_recompute_logps", True),
+        ("reroll_start_fraction", 1.0), ("reroll_max_groups", 1), ("skip_zero_advantage_batches", True),
+        ("vllm_lora_sync", False), ("off_policy_mask_threshold", None), ("use_bias_correction_kl", None))},
+    **{k: (d, "a reference model updated during training is not built: the reference is the starting policy")
+       for k, d in (("sync_ref_model", False), ("ref_model_mixup_alpha", 0.9), ("ref_model_sync_steps", 64))},
+    **{k: (None, "entropy regularization is not built: the loss is GRPO's clipped objective and its KL term")
+       for k in ("entropy_coef", "use_adaptive_entropy", "entropy_target", "entropy_coef_delta", "entropy_coef_min",
+                 "entropy_coef_max")},
+    "use_liger_loss": (None, "Liger's fused GRPO loss is a CUDA kernel: TRL computes the same loss in chunks"),
+    "rollout_func": (None, "custom rollout functions are not built: the policy generates each completion"),
+    "log_multimodal": (None, "GRPO here trains on text prompts"),
+    "reward_processing_classes": (None, "reward models as reward functions are not built: rewards are your "
+                                  "Python functions"),
+}
+TRL_REFUSED: dict[str, str] = {key: why for key, (_, why) in REFUSED_TRL.items()}
+TRL_NO_EFFECT: dict[str, str] = _table()
+
+EXPORT_NO_EFFECT: dict[str, str] = _table(
+    ("llama_cpp_dir", "archtune writes GGUF itself and quantizes through llama-cpp-python, so it needs no llama.cpp "
+     "checkout and reads no file from there"),
+)
+EXPORT_REFUSED: dict[str, str] = _table()
+
 # special_tokens: the tokenizer's special-token attributes archtune sets.
 SPECIAL_TOKENS_HONORED: frozenset[str] = frozenset({"bos_token", "eos_token", "pad_token", "unk_token"})
 
@@ -314,13 +399,15 @@ def schema_keys() -> dict[str, Any]:
 
 def axolotl_version() -> str:
     keys = schema_keys()
-    return f"{keys['version']} ({keys['commit'][:10]})"
+    return f"{keys['version']} ({keys['wheel']})" if "wheel" in keys else f"{keys['version']} ({keys['commit'][:10]})"
 
 
 AXOLOTL_KEYS: frozenset[str] = frozenset(schema_keys()["config"])
 AXOLOTL_DATASET_KEYS: frozenset[str] = frozenset(schema_keys()["datasets"])
 AXOLOTL_FSDP_KEYS: frozenset[str] = frozenset(schema_keys()["fsdp_config"])
 AXOLOTL_SPECIAL_TOKENS_KEYS: frozenset[str] = frozenset(schema_keys()["special_tokens"])
+AXOLOTL_TRL_KEYS: frozenset[str] = frozenset(schema_keys()["trl"])
+AXOLOTL_EXPORT_KEYS: frozenset[str] = frozenset(schema_keys()["export"])
 
 # section -> (Axolotl's keys there, class 2 table, class 3 table)
 SECTIONS: dict[str, tuple[frozenset[str], dict[str, str], dict[str, str]]] = {
@@ -328,12 +415,14 @@ SECTIONS: dict[str, tuple[frozenset[str], dict[str, str], dict[str, str]]] = {
     "datasets": (AXOLOTL_DATASET_KEYS, DATASET_NO_EFFECT, DATASET_REFUSED),
     "fsdp_config": (AXOLOTL_FSDP_KEYS, FSDP_NO_EFFECT, FSDP_REFUSED),
     "special_tokens": (AXOLOTL_SPECIAL_TOKENS_KEYS, SPECIAL_TOKENS_NO_EFFECT, SPECIAL_TOKENS_REFUSED),
+    "trl": (AXOLOTL_TRL_KEYS, TRL_NO_EFFECT, TRL_REFUSED),
+    "export": (AXOLOTL_EXPORT_KEYS, EXPORT_NO_EFFECT, EXPORT_REFUSED),
 }
 
 
 def honored_keys(section: str) -> set[str]:
     """The keys of a section that archtune's schema reads (class 1), in Axolotl's spelling."""
-    from archtune.config.schema import Config, DatasetConfig, FsdpConfig
+    from archtune.config.schema import Config, DatasetConfig, ExportConfig, FsdpConfig, TrlConfig
 
     if section == "config":
         return set(Config.model_fields) | set(HONORED_ALIASES)
@@ -342,6 +431,11 @@ def honored_keys(section: str) -> set[str]:
     if section == "fsdp_config":
         fields = set(FsdpConfig.model_fields)
         return fields | {f[len("fsdp_"):] for f in fields if f != "fsdp_version"} | {"version"}
+    if section == "trl":
+        # TrlConfig declares the refused keys too, so that the plan can name them.
+        return set(TrlConfig.model_fields) - set(REFUSED_TRL)
+    if section == "export":
+        return set(ExportConfig.model_fields)
     return set(SPECIAL_TOKENS_HONORED)
 
 
@@ -366,8 +460,27 @@ def class_counts() -> dict[str, dict[str, int]]:
     return out
 
 
-def asks_for_something(value: Any) -> bool:
-    """A value that turns something on or names something: not null, false, 0 or empty."""
+def _splits_nothing(value: Any) -> bool:
+    return type(value) is int and value == 1
+
+
+# Values of class-2/3 keys that ask for nothing besides null, false, 0 and empty: key -> test.
+# A parallel size of 1 splits nothing, so a config that writes it out trains as without it.
+ASKS_FOR_NOTHING: dict[str, Callable[[Any], bool]] = {
+    **{key: _splits_nothing for key in ("sequence_parallel_degree", "context_parallel_size", "tensor_parallel_size",
+                                       "expert_parallel_size", "dp_shard_size", "dp_replicate_size")},
+    "context_parallel": lambda v: isinstance(v, dict) and all(v.get(k) is None or _splits_nothing(v.get(k))
+                                                              for k in ("size", "ulysses_size", "ring_size")),
+    # Axolotl's default NF4 backend is the one archtune uses.
+    "nf4_backend": lambda v: v == "bitsandbytes",
+}
+
+
+def asks_for_something(value: Any, key: str | None = None) -> bool:
+    """A value that turns something on or names something: not null, false, 0 or empty, nor a value the
+    key's ASKS_FOR_NOTHING test accepts."""
+    if key in ASKS_FOR_NOTHING and ASKS_FOR_NOTHING[key](value):
+        return False
     return value not in (None, False, 0, "", [], {}) and value != "none"
 
 

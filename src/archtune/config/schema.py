@@ -123,9 +123,6 @@ class ExportConfig(_Strict):
     quantize: list[str] | None = Field(
         None, description="GGUF only: more files quantized by llama.cpp's quantizer, e.g. [Q4_K_M, Q5_K_M, Q8_0].")
     outfile: str | None = Field(None, description="Where the file or directory goes (default: OUTPUT_DIR/export/).")
-    llama_cpp_dir: str | None = Field(
-        None, description="Axolotl's llama.cpp checkout; archtune writes GGUF itself and quantizes through "
-        "llama-cpp-python, so it needs none and reads no file from here.")
 
 
 class TrlConfig(_Strict):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from archtune.config.axolotl_keys import REFUSED_TRL
 from archtune.plan.shared import Rule
 from archtune.plan.preference import no_chunked_loss
 
@@ -45,32 +46,6 @@ TRL_DEFAULTS: dict[str, tuple[Any, str]] = {
     "mask_truncated_completions": (False, "completions cut at max_completion_length stay in the loss"),
     "log_completions": (False, "no sample of completions printed"),
 }
-
-# trl: keys archtune refuses when set to something other than Axolotl's default: what each asks for.
-REFUSED_TRL: dict[str, tuple[Any, str]] = {
-    **{k: (None, "vLLM's own settings; rollouts run through transformers here") for k in (
-        "vllm_guided_decoding_regex", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction",
-        "vllm_importance_sampling_mode", "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_min",
-        "vllm_importance_sampling_clip_max")},
-    **{k: (d, "Axolotl's asynchronous rollout producer (background generation, replay buffer, re-rolls, reward "
-              "workers) is not built: rollouts are generated, scored and trained on in turn") for k, d in (
-        ("use_data_producer", False), ("async_prefetch", False), ("prefetch_depth", None),
-        ("vllm_sync_interval", None), ("streaming_partial_batch", None), ("streaming_min_groups", None),
-        ("reward_num_workers", 1), ("replay_buffer_size", 0), ("replay_recompute_logps", True),
-        ("reroll_start_fraction", 1.0), ("reroll_max_groups", 1), ("skip_zero_advantage_batches", True),
-        ("vllm_lora_sync", False), ("off_policy_mask_threshold", None), ("use_bias_correction_kl", None))},
-    **{k: (d, "a reference model updated during training is not built: the reference is the starting policy")
-       for k, d in (("sync_ref_model", False), ("ref_model_mixup_alpha", 0.9), ("ref_model_sync_steps", 64))},
-    **{k: (None, "entropy regularization is not built: the loss is GRPO's clipped objective and its KL term")
-       for k in ("entropy_coef", "use_adaptive_entropy", "entropy_target", "entropy_coef_delta", "entropy_coef_min",
-                 "entropy_coef_max")},
-    "use_liger_loss": (None, "Liger's fused GRPO loss is a CUDA kernel: TRL computes the same loss in chunks"),
-    "rollout_func": (None, "custom rollout functions are not built: the policy generates each completion"),
-    "log_multimodal": (None, "GRPO here trains on text prompts"),
-    "reward_processing_classes": (None, "reward models as reward functions are not built: rewards are your "
-                                  "Python functions"),
-}
-
 
 def is_grpo(plan: "Plan") -> bool:
     return plan.config.rl == GRPO
