@@ -11,7 +11,11 @@ TORCHELASTIC_RESTART_COUNT 0): the restarted workers run undisturbed. ARCHTUNE_T
 makes rank R's data loader block for good when it fetches the first batch of step S+1 (a stalled
 file system, a dead data worker), in the first attempt only. ARCHTUNE_TEST_KILL_SAVE_RANK=R:S
 makes rank R SIGKILL itself while checkpoint-S is being written (its weights are on disk, its
-optimizer state is not yet), in the first attempt only.
+optimizer state is not yet), in the first attempt only. ARCHTUNE_TEST_SIGTERM=WHO:S sends SIGTERM
+right after step S, in the first attempt only: WHO `all` to every rank and to the torchrun agent
+(as Slurm signals every process of a job step: the workers then get it twice, once forwarded by
+the agent), `agent` to the agent alone (as Kubernetes signals the container's first process,
+which forwards it).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ STALL_RANK_ENV = "ARCHTUNE_TEST_STALL_RANK"
 STALL_STARTED = "archtune-test: the data loader stalls at"  # + time.time(), on stderr
 KILL_SAVE_RANK_ENV = "ARCHTUNE_TEST_KILL_SAVE_RANK"
 NAN_RANK_ENV = "ARCHTUNE_TEST_NAN_RANK"  # R:S: rank R's loss of step S+1 is NaN (first attempt)
+SIGTERM_ENV = "ARCHTUNE_TEST_SIGTERM"
 
 
 def _target(env: str) -> int | None:
@@ -133,6 +138,29 @@ class NanLoss(TrainerCallback):
         self.armed = state.global_step == self.step
 
 
+class SigtermAfterStep(TrainerCallback):
+    """SIGTERM once step `step` is done: to the agent (rank 0 sends it: the workers' parent) and,
+    with `everyone`, to every rank too (each sends it to itself)."""
+
+    def __init__(self, step: int, everyone: bool):
+        self.step, self.everyone = step, everyone
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step != self.step:
+            return
+        if _rank() == 0:
+            os.kill(os.getppid(), signal.SIGTERM)
+        if self.everyone:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _sigterm() -> SigtermAfterStep | None:
+    who, _, step = os.environ.get(SIGTERM_ENV, "").partition(":")
+    if not step or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) != 0:
+        return None
+    return SigtermAfterStep(int(step), everyone=who == "all")
+
+
 class TestHooks(BasePlugin):
     __test__ = False  # not a pytest test class
     name = "test_hooks"
@@ -145,6 +173,7 @@ class TestHooks(BasePlugin):
         self.kill_save = _target(KILL_SAVE_RANK_ENV)
         nan = _target(NAN_RANK_ENV)
         self.nan = NanLoss(nan) if nan is not None else None
+        self.sigterm = _sigterm()
 
     def pre_model_load(self, cfg, plan) -> None:
         if self.kill_save is not None:
@@ -157,4 +186,4 @@ class TestHooks(BasePlugin):
             model.register_forward_hook(self.nan.hook)
 
     def callbacks(self, plan) -> list:
-        return [DumpRankState()] + [c for c in (self.kill, self.stall, self.nan) if c is not None]
+        return [DumpRankState()] + [c for c in (self.kill, self.stall, self.nan, self.sigterm) if c is not None]

@@ -2,15 +2,18 @@
 
 One rank SIGKILLs itself on the first attempt only (tests/dist/hooks.py); torchrun stops the
 other and starts the group again; the restarted workers continue from the last complete
-checkpoint and end with the uninterrupted run's weights.
+checkpoint and end with the uninterrupted run's weights. Then a stalled rank, a NaN on one rank,
+and SIGTERM (as Slurm and Kubernetes send it) under DDP and FSDP2.
 """
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.dist import hooks
 from tests.dist.conftest import max_rel_diff
-from tests.dist.test_distributed import TOWERS, _ok
+from tests.dist.test_distributed import FSDP, TOWERS, _ok
 
 RESTART = ("--max-restarts", "1")
 
@@ -89,3 +92,32 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_with_one_message(t
     assert run.stderr.count("archtune: stopped at step 3") == 1, run.stderr[-3000:]
     assert sorted(p.name for p in run.out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("strategy, who", [("ddp", "all"), ("fsdp2", "agent")])
+def test_sigterm_saves_one_checkpoint_every_rank_exits_75_and_the_rerun_ends_as_an_uninterrupted_run(
+        train_run, tmp_path, strategy, who):
+    """SIGTERM after step 1. `all`: to every rank and to torchrun's agent, as Slurm signals a job
+    step (the workers get it twice: the agent passes it on); `agent`: to the agent alone, as
+    Kubernetes signals a container's first process."""
+    keys = {**TOWERS, **(FSDP if strategy == "fsdp2" else {})}
+    out = tmp_path / strategy
+    run = train_run(f"{strategy}_full_sigterm", output_dir=out, save_steps=10, env={hooks.SIGTERM_ENV: f"{who}:1"},
+                    **keys)
+    assert run.rc == 75, run.stderr[-3000:]  # guards.EXIT_STOPPED, from the launcher as from each worker
+    text = " ".join((run.stdout + run.stderr).split())
+    assert "every worker of this node (rank 0, 1) stopped after the same step and exited 75" in text, text[-3000:]
+    assert text.count("SIGTERM received") == 1 and text.count("archtune: stopped by SIGTERM") == 1, text[-3000:]
+    assert "Traceback" not in run.stderr
+    saved = sorted(p.name for p in out.glob("checkpoint-*"))  # save_steps 10: the stop's save alone
+    assert len(saved) == 1 and f"stopped by SIGTERM after step {saved[0].split('-')[1]};" in text, saved
+    assert not list(out.glob(".staging/*")) and not (out / "train_summary.json").exists()
+
+    resumed = _ok(train_run(f"{strategy}_full_sigterm_resumed", output_dir=out, save_steps=10,
+                            resume_from_checkpoint=True, **keys))
+    assert resumed.summary["resumed_from"] == saved[0] and resumed.summary["steps"] == 4
+    straight = _ok(train_run("fsdp_full" if strategy == "fsdp2" else "ddp_full", **keys))
+    diff = max_rel_diff(resumed.weights(), straight.weights())
+    print(f"{strategy}: SIGTERM ({who}) after step 1, stopped with {saved[0]}, rerun vs uninterrupted: "
+          f"max relative difference {diff:.3g}")
+    assert diff == 0.0

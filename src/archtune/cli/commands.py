@@ -488,14 +488,19 @@ def main() -> None:
     # How idle OpenMP threads wait: spin on idle CPUs, sleep when other processes keep them busy
     # (spinning there measured 311 vs 7,527 tokens/s on the quickstart, 2 cores). Before torch loads.
     set_wait_policy(PROBE)
+    from archtune.train.launch import record_exit
+
     try:
         app(standalone_mode=False)
+        record_exit(0)
     except UserError as exc:
+        record_exit(2)
         if _state["debug"]:
             raise
         err_console.print(f"[bold red]error[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except RunStopped as exc:
+        record_exit(exc.exit_code)
         if _state["debug"]:
             raise
         if exc.message:  # empty on the ranks other than 0 when rank 0 speaks for all
@@ -503,6 +508,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        record_exit(code if isinstance(code, int) else 1)
         sys.exit(code if isinstance(code, int) else 1)
     except typer.Abort:
         sys.exit(130)

@@ -5,7 +5,11 @@ Signals. The first SIGTERM or SIGINT asks the run to stop: the current optimizer
 a checkpoint is written (atomically, see checkpoints.py), and archtune exits with EXIT_STOPPED
 after one line saying where the checkpoint is. A second signal ends the process at once (the
 checkpoint being written, if any, stays in staging and is never resumed from). Under torchrun
-every rank gets the signal; the ranks agree on it at each step end, so all stop at the same step.
+every rank gets the signal; the ranks agree on it at each step end, so all stop at the same step,
+save one checkpoint together and exit with EXIT_STOPPED; rank 0 alone speaks. There a worker acts
+on the first signal only: torchrun's agent passes on each signal it gets, so a worker signalled
+by the scheduler too (Slurm signals every process of a job step) gets it twice, and stopping at
+once is the agent's part (it SIGKILLs the workers that outlast its shutdown timeout, 30 s by default).
 
 Non-finite values. `on_nonfinite: stop` (default): before the optimizer would apply a step whose
 loss or gradient norm is not finite, the run stops with one message naming the step and the rows
@@ -40,8 +44,9 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, say=None) -> None:
+    def __init__(self, say=None, first_only: bool = False) -> None:
         self.signum: int | None = None
+        self.first_only = first_only  # later signals are the same request passed on again (torchrun)
         self._previous: dict[int, object] = {}
         self._say = say or (lambda text: print(text, file=sys.stderr, flush=True))
 
@@ -61,14 +66,18 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None and self.first_only:
+            return
         if self.signum is not None:  # the second signal: stop now, the way the signal would
             self._say(f"archtune: {signal.Signals(signum).name} again: stopping at once, without a checkpoint")
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        again = ("torchrun's agent stops the workers at once after its shutdown timeout" if self.first_only
+                 else "send it again to stop at once")
         self._say(f"archtune: {self.name} received: finishing this step, saving a checkpoint, then stopping "
-                  f"(send it again to stop at once)")
+                  f"({again})")
 
     def __enter__(self) -> "StopRequest":
         return self.install()
@@ -192,8 +201,10 @@ class RunGuards:
     makes none for `timeout` seconds (ddp_timeout) ends the run on every rank."""
 
     def __init__(self, policy: str = "stop", say=None, timeout: float | None = None):
+        from archtune.train import distributed
+
         self.watch = NonFiniteWatch(policy)
-        self.stop = StopRequest(say=say)
+        self.stop = StopRequest(say=say, first_only=distributed.is_distributed())
         self.timeout = timeout
 
     def callbacks(self) -> list:
@@ -228,6 +239,8 @@ class RunGuards:
                 "fix: lower learning_rate (or raise warmup_steps), check those rows, or set on_nonfinite: skip to "
                 "skip such steps", EXIT_NONFINITE) from None
         if self.stop.signum is not None:
+            if not distributed.is_main():  # every rank stopped after this step; rank 0 alone says so
+                raise RunStopped("", EXIT_STOPPED)
             raise RunStopped(f"archtune: stopped by {self.stop.name} after step {trainer.state.global_step}; "
                              f"{_last_good(out)}", EXIT_STOPPED)
         return result

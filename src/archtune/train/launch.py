@@ -12,10 +12,18 @@ node 0 (torchrun's static rendezvous).
 `--max-restarts N`: when a worker dies (a lost process, an out-of-memory kill), torchrun stops the
 others and starts the whole group again, up to N times; the restarted workers continue from the
 run's last complete checkpoint (train/lifecycle.py).
+
+SIGTERM / SIGINT to this process (a scheduler stopping the job): torchrun's agent passes it on
+to the workers, which finish the step, save one checkpoint and exit 75 (train/guards.py); the
+agent then no longer reports their exit codes, so each worker leaves its code in a folder this
+process names (EXIT_STATUS_ENV), and this process exits 75 when every worker of its node did.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from archtune.errors import UserError
@@ -49,18 +57,72 @@ def torchrun_argv(config: Path, overrides: list[str], *, nproc: int, nnodes: int
     return argv
 
 
+EXIT_STATUS_ENV = "ARCHTUNE_EXIT_STATUS_DIR"  # where each worker of `launch` leaves its exit code
+
+
 def launch(config: Path, overrides: list[str], **kwargs) -> int:
-    """Run the workers to completion; the exit code of the first failed worker (0 when all succeed)."""
+    """Run the workers to completion; the exit code of the first failed worker (0 when all succeed).
+    Stopped by a signal: 75 when every worker of this node stopped with a checkpoint (exit 75)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(torchrun_argv(config, overrides, **kwargs))
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        failed_rank, failure = exc.get_first_failure()
-        code = failure.exitcode
-        print(f"archtune: worker rank {failed_rank} failed (exit code {code})", file=sys.stderr)
-        # A worker's own exit code (2: user error) passes through; a signal becomes 1.
-        return code if isinstance(code, int) and code > 0 else 1
+    with tempfile.TemporaryDirectory(prefix="archtune-exit-codes-") as exits:
+        os.environ[EXIT_STATUS_ENV] = exits  # the workers inherit this process's environment
+        try:
+            run(args)
+        except ChildFailedError as exc:
+            failed_rank, failure = exc.get_first_failure()
+            code = failure.exitcode
+            print(f"archtune: worker rank {failed_rank} failed (exit code {code})", file=sys.stderr)
+            # A worker's own exit code (2: user error) passes through; a signal becomes 1.
+            return code if isinstance(code, int) and code > 0 else 1
+        except SignalException as exc:
+            return stopped_by_signal(exc.sigval, worker_exit_codes(Path(exits)), int(args.nproc_per_node))
+        finally:
+            os.environ.pop(EXIT_STATUS_ENV, None)
     return 0
+
+
+def record_exit(code: int) -> None:
+    """In a worker of `launch`: leave this process's exit code for it (else nothing)."""
+    folder = os.environ.get(EXIT_STATUS_ENV)
+    if not folder:
+        return
+    from archtune.train import distributed
+
+    try:
+        Path(folder, f"attempt{distributed.restart_count()}-rank{distributed.rank()}").write_text(str(code))
+    except OSError:  # the launcher is gone (its folder with it): nobody to tell
+        pass
+
+
+def worker_exit_codes(folder: Path) -> dict[int, int]:
+    """rank -> exit code, as the workers of the latest torchrun attempt left them in `folder`."""
+    found: dict[int, dict[int, int]] = {}
+    for path in folder.glob("attempt*-rank*"):
+        attempt, _, rank = path.name.removeprefix("attempt").partition("-rank")
+        found.setdefault(int(attempt), {})[int(rank)] = int(path.read_text())
+    return found[max(found)] if found else {}
+
+
+def stopped_by_signal(sig: int, codes: dict[int, int], nproc: int) -> int:
+    """This node's exit code once torchrun passed `sig` on to its `nproc` workers and they ended
+    (`codes`: rank -> exit code of those that said): 75 when all stopped with a checkpoint, else
+    128 + the signal, as a process ended by it."""
+    from archtune.train.guards import EXIT_STOPPED
+
+    name = signal.Signals(sig).name
+    ranks = ", ".join(map(str, sorted(codes)))
+    if len(codes) == nproc and all(code == EXIT_STOPPED for code in codes.values()):
+        print(f"archtune: {name}: every worker of this node (rank {ranks}) stopped after the same step and exited "
+              f"{EXIT_STOPPED}; run the same command with resume_from_checkpoint: true to continue", file=sys.stderr)
+        return EXIT_STOPPED
+    said = [f"rank {r} exited {code}" for r, code in sorted(codes.items())]
+    missing = nproc - len(codes)
+    if missing:
+        said.append(f"{missing} ended without an exit code (stopped at once by torchrun after its shutdown timeout, "
+                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT, or lost)")
+    print(f"archtune: {name}: torchrun stopped the workers of this node: {'; '.join(said)}", file=sys.stderr)
+    return 128 + int(sig)

@@ -47,7 +47,8 @@ class RecipeRun:
     guards: RunGuards = field(init=False)
 
     def __post_init__(self) -> None:
-        say = (lambda text: self.say(text)) if self.console is not None else None
+        # Ranks other than 0 have no console and stay silent (rank 0 speaks for all).
+        say = (lambda text: self.say(text)) if self.console is not None or not distributed.is_main() else None
         self.guards = RunGuards(self.plan.training.on_nonfinite, say=say, timeout=self.plan.training.ddp_timeout)
 
     @property
