@@ -53,6 +53,10 @@ def settings_from(plan, *, format: str | None = None, outtype: str | None = None
     fmt = format or plan.export.format or "gguf"
     if fmt not in FORMATS:
         raise UserError.single("--format", f"unknown export format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    if fmt == "gguf" and plan.preference.method == "reward":
+        raise UserError.single("--format", "a reward model's score head has no place in archtune's GGUF writer, "
+                               "which writes the language model (its lm_head) for llama.cpp's generation",
+                               "use --format merged or --format adapter (transformers / PEFT score it)")
     kind = outtype or plan.export.outtype
     if kind in (None, "auto"):
         kind = "f16" if fmt == "gguf" else {torch.float32: "f32", torch.float16: "f16",

@@ -92,14 +92,24 @@ class Verification:
 def held_out_prompts(plan, tokenizer, count: int, length: int = PROMPT_TOKENS) -> tuple[list[list[int]], str]:
     """Up to `count` prompts (token ids, the row's first `length` tokens) and where they came from."""
     from archtune.data import prepare_data
+    from archtune.data.preference import prepare_preference_data
 
-    data = prepare_data(plan, tokenizer, progress=False)
+    preference = plan.data.preference_rows is not None
+    data = (prepare_preference_data if preference else prepare_data)(plan, tokenizer, progress=False)
     rows, source = (data.eval, "evaluation data") if data.eval is not None and len(data.eval) else \
         (data.train, "training data (last rows; the run has no evaluation data)")
     n = min(count, len(rows))
     picked = range(n) if rows is data.eval else range(len(rows) - n, len(rows))
-    prompts = [list(rows[i]["input_ids"][:length]) for i in picked]
+    sequences = [_sequence(rows[i]) for i in picked] if preference else [rows[i]["input_ids"] for i in picked]
+    prompts = [list(ids[:length]) for ids in sequences]
     return [p for p in prompts if len(p) >= 2], source
+
+
+def _sequence(row: dict) -> list[int]:
+    """A preference row's preferred sequence: its prompt and chosen (or only) answer; a reward pair's
+    chosen conversation."""
+    answer = row["chosen_ids"] if "chosen_ids" in row else row["completion_ids"]
+    return list(row.get("prompt_ids") or []) + list(answer)
 
 
 def hf_logits(model, ids: Sequence[int]) -> torch.Tensor:
@@ -115,6 +125,12 @@ def hf_logits(model, ids: Sequence[int]) -> torch.Tensor:
 
 def compare_prompt(reference: torch.Tensor, candidate: torch.Tensor, tol: float) -> PromptResult:
     reference, candidate = reference.float(), candidate.float()
+    if reference.dim() == 1:  # a reward model's score of the whole sequence: no tokens to choose
+        max_abs = float((reference - candidate).abs().max())
+        # relative to the score, or to 1 for a score near 0 (scores are logits, of order 1)
+        rel = max_abs / max(float(reference.abs().max()), 1.0)
+        return PromptResult(tokens=0, max_abs_logit_diff=max_abs, max_rel_logit_diff=rel,
+                            greedy_agree=rel <= tol, near_ties=0, disagreements=int(rel > tol), positions_agree=0)
     vocab = min(reference.shape[-1], candidate.shape[-1])  # a GGUF drops out-of-vocabulary padding rows
     extra = reference[..., vocab:]
     reference, candidate = reference[..., :vocab], candidate[..., :vocab]

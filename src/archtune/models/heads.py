@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 
 from archtune.plan import Plan
+from archtune.plan.preference import head_class_name
 
 
 def _resolve(path: str):
@@ -30,15 +31,41 @@ def register_score_head(plan: Plan):
     name = plan.model.reward_head_class
     if not name:
         return None
+    return _register(plan.model_type, plan.family.sequence_classification_base, name)
+
+
+def register_score_heads() -> dict[str, type]:
+    """Register every family's generic reward head with AutoModelForSequenceClassification, for each
+    model type it claims that transformers gives no sequence-classification class; returns
+    {model_type: class}. What a saved reward model of such a family needs before transformers loads it:
+
+        from archtune.models.heads import register_score_heads
+        register_score_heads()
+        model = AutoModelForSequenceClassification.from_pretrained(DIR)   # merged, or the base + PeftModel
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as native
+
+    from archtune.families import all_families
+
+    out = {}
+    for family in all_families():
+        base = family.sequence_classification_base
+        for model_type in family.model_types if base else ():
+            if model_type not in native:
+                out[model_type] = _register(model_type, base, head_class_name(base))
+    return out
+
+
+def _register(model_type: str, base_path: str, name: str):
     from transformers import AutoModelForSequenceClassification
     from transformers.modeling_layers import GenericForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config_class = CONFIG_MAPPING[plan.model_type]
+    config_class = CONFIG_MAPPING[model_type]
     mapping = AutoModelForSequenceClassification._model_mapping
     if config_class in mapping:
         return mapping[config_class]
-    base = _resolve(plan.family.sequence_classification_base)
+    base = _resolve(base_path)
     cls = type(name, (GenericForSequenceClassification, base),
                {"__module__": __name__, "config_class": config_class,
                 "__doc__": f"{base.__name__} under transformers' generic one-output score head."})
@@ -48,4 +75,4 @@ def register_score_head(plan: Plan):
     return cls
 
 
-__all__ = ["register_score_head"]
+__all__ = ["register_score_head", "register_score_heads"]

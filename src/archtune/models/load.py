@@ -294,9 +294,13 @@ def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
     source = str(path or m.base_model)
     key = "base_model" if path is None else "output_dir"
     try:
-        model, info = auto_model_class(plan).from_pretrained(
-            source, dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
-            output_loading_info=True, **(pretrained_kwargs(plan) if path is None else _head_settings(plan)))
+        # Weights the checkpoint lacks by design (a reward model's new score head) are drawn from
+        # `seed`, not from whatever the process's random state is.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(plan.training.seed)
+            model, info = auto_model_class(plan).from_pretrained(
+                source, dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
+                output_loading_info=True, **(pretrained_kwargs(plan) if path is None else _head_settings(plan)))
     except RuntimeError as exc:
         if "ignore_mismatched_sizes" not in str(exc):
             raise

@@ -170,7 +170,11 @@ def sequence_classification_class(plan: "Plan") -> str | None:
 def generic_head_name(plan: "Plan") -> str | None:
     """The class name of the generic score head built on the family's PreTrainedModel class
     (Gemma4PreTrainedModel -> Gemma4ForSequenceClassification), or None when it declares none."""
-    base = plan.family.sequence_classification_base
+    return head_class_name(plan.family.sequence_classification_base)
+
+
+def head_class_name(base: str) -> str | None:
+    """The generic score head's class name for a family's PreTrainedModel path ("" -> None)."""
     return base.rsplit(".", 1)[-1].replace("PreTrainedModel", "ForSequenceClassification") if base else None
 
 
