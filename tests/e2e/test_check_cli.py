@@ -37,7 +37,8 @@ def test_json_has_the_design_shape_and_every_key(tmp_path, capsys):
                  gradient_checkpointing=True, **SEED_FSDP2)
     code, data = check_json(capsys, cfg, "--nproc", "2")
     assert code == 0, data["errors"]
-    assert list(data) == ["family", "model_type", "world_size", "settings", "info", "warnings", "errors"]
+    # DESIGN.md's keys, in order, then what `check` adds: the world and what each node runs.
+    assert list(data) == ["family", "model_type", "world_size", "settings", "info", "warnings", "errors", "launch"]
     assert (data["family"], data["model_type"], data["world_size"]) == ("gemma4", "gemma4", 2)
     assert DESIGN_KEYS <= set(data["settings"])
     assert all(set(d) == {"value", "source", "reason"} and d["source"] in {"user", "default", "family", "auto"}
@@ -105,6 +106,57 @@ def test_nproc_resolves_ddp_decisions(tmp_path, capsys):
         "value": True, "source": "family", "reason": two["settings"]["ddp_find_unused_parameters"]["reason"]}
     code, out, err = run_cli(capsys, "check", cfg, "--nproc", "0")
     assert code == 2 and "--nproc" in err
+
+
+def test_nnodes_shows_what_each_node_runs_and_the_global_batch_of_that_world(tmp_path, capsys):
+    import shlex
+
+    import typer
+
+    from archtune.cli.commands import app
+    from archtune.train.launch import torchrun_argv
+
+    cfg = config(tmp_path, adapter="lora", micro_batch_size=2, gradient_accumulation_steps=3)
+    code, one = check_json(capsys, cfg)
+    code4, four = check_json(capsys, cfg, "--nproc", "2", "--nnodes", "2", "--master-addr", "10.0.0.1", "lora_r=4")
+    assert code == code4 == 0, four["errors"]
+    # The world changes what it must: world size, global batch, DDP's setting; the per-device batch stays.
+    assert (one["world_size"], four["world_size"]) == (1, 4)
+    assert (one["settings"]["global_batch_size"]["value"], four["settings"]["global_batch_size"]["value"]) == (6, 24)
+    assert one["settings"]["micro_batch_size"] == four["settings"]["micro_batch_size"]
+    assert (one["launch"]["strategy"], four["launch"]["strategy"]) == ("single", "ddp")
+    assert one["settings"]["ddp_find_unused_parameters"]["value"] != four["settings"]["ddp_find_unused_parameters"][
+        "value"]
+    launch = four["launch"]
+    assert {k: launch[k] for k in ("nproc_per_node", "nnodes", "world_size", "micro_batch_size",
+                                   "gradient_accumulation_steps", "global_batch_size")} == {
+        "nproc_per_node": 2, "nnodes": 2, "world_size": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 3,
+        "global_batch_size": 24}
+    nodes = launch["nodes"]
+    assert [(n["node_rank"], n["global_ranks"], n["prepares_data"], n["writes_outputs"]) for n in nodes] == [
+        (0, [0, 1], 0, 0), (1, [2, 3], 2, None)]
+    assert nodes[1]["command"] == (f"archtune train {cfg} --nproc 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
+                                   "--master-port 29500 lora_r=4")
+    assert nodes[1]["torchrun"] == (f"torchrun --nproc-per-node 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
+                                    f"--master-port 29500 -m archtune train {cfg} lora_r=4")
+    # Each printed archtune line, parsed by `archtune train` itself, starts exactly its torchrun line.
+    train = typer.main.get_command(app).commands["train"]
+    for node in nodes:
+        params = train.make_context("train", shlex.split(node["command"])[2:]).params
+        argv = torchrun_argv(params["config"], params["overrides"], nproc=params["nproc"], nnodes=params["nnodes"],
+                             node_rank=params["node_rank"], master_addr=params["master_addr"],
+                             master_port=params["master_port"])
+        assert shlex.join(["torchrun", *argv]) == node["torchrun"]
+
+    code, out, err = run_cli(capsys, "check", cfg, "--nproc", "2", "--nnodes", "2")
+    text = " ".join(out.split())
+    assert code == 0, err
+    assert "world: 4 processes (2 per node x 2 nodes), ddp; global batch 24 rows per optimizer step" in text
+    assert "node 0: global ranks 0-1; rank 0 prepares the data into this node's cache; rank 0 writes the outputs" in text
+    assert "node 1: global ranks 2-3; rank 2 prepares the data into this node's cache" in text
+    assert f"archtune train {cfg} --nproc 2 --nnodes 2 --node-rank 1 --master-addr NODE0_ADDR --master-port 29500" in text
+    code, out, err = run_cli(capsys, "check", cfg, "--nnodes", "0")
+    assert code == 2 and "--nnodes" in err
 
 
 def test_check_needs_only_config_json(tmp_path, capsys, monkeypatch):

@@ -551,7 +551,8 @@ def test_cli_cases_exit_2_with_a_message_never_a_traceback(fuzz_dir, tmp_path, c
         code, out, err = run_cli(capsys, "check", str(p), "--json")
         assert "Traceback" not in out + err, (p.read_text() if p.is_file() else p, err)
         data = json.loads(out)
-        assert set(data) == {"family", "model_type", "world_size", "settings", "info", "warnings", "errors"}, data
+        assert set(data) == {"family", "model_type", "world_size", "settings", "info", "warnings", "errors",
+                             "launch"}, data
         assert code == (2 if data["errors"] else 0), (code, data["errors"])
         seen_errors += bool(data["errors"])
         for e in data["errors"]:

@@ -30,3 +30,16 @@ def test_a_worker_acts_on_the_first_signal_only_when_the_agent_passes_it_on_agai
         os.kill(os.getpid(), signal.SIGTERM)  # would end this process without first_only
     assert request.name == "SIGTERM" and len(said) == 1 and "shutdown timeout" in said[0]
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed after training
+
+
+def test_train_help_lists_every_exit_code(capsys):
+    from archtune.train.guards import EXIT_NONFINITE
+    from archtune.train.progress import EXIT_NO_PROGRESS
+    from tests.e2e.conftest import run_cli
+
+    code, out, _ = run_cli(capsys, "train", "--help")
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "Exit codes: 0 finished; 2 a user error" in text, text
+    for exit_code, what in ((EXIT_NONFINITE, "a NaN/Inf"), (EXIT_NO_PROGRESS, "a rank made no progress for ddp_timeout"),
+                            (EXIT_STOPPED, "stopped by SIGTERM/SIGINT with a checkpoint")):
+        assert f"{exit_code} {what}" in text

@@ -37,6 +37,39 @@ def error_json(exc: UserError, world_size: int = 1) -> dict:
             "errors": [p.to_dict() for p in exc.problems]}
 
 
+def launch_json(plan: Plan | None, nodes: list[dict], nproc: int, nnodes: int) -> dict:
+    """The `check --json` "launch" object: the world the plan is for and what each node runs
+    (train/launch.py `node_layout`); strategy and global batch are None without a plan."""
+    from archtune.train.outputs import strategy_name
+
+    return {"nproc_per_node": nproc, "nnodes": nnodes, "world_size": nproc * nnodes,
+            "strategy": strategy_name(plan) if plan is not None else None,
+            "micro_batch_size": plan.training.micro_batch_size if plan is not None else None,
+            "gradient_accumulation_steps": plan.training.gradient_accumulation_steps if plan is not None else None,
+            "global_batch_size": plan.training.global_batch_size if plan is not None else None,
+            "nodes": nodes}
+
+
+def render_launch(launch: dict, console: Console) -> None:
+    """Human output for several processes: the world, the batch, and what each node runs."""
+    nodes = launch["nodes"]
+    console.print(Text.assemble(("world: ", "bold"), f"{launch['world_size']} processes ({launch['nproc_per_node']} "
+                                f"per node x {launch['nnodes']} node{'s' if launch['nnodes'] != 1 else ''}), "
+                                f"{launch['strategy']}; global batch {launch['global_batch_size']} rows per optimizer "
+                                f"step ({launch['micro_batch_size']} per device x {launch['gradient_accumulation_steps']} "
+                                f"accumulated x {launch['world_size']} processes)"))
+    for node in nodes:
+        ranks = node["global_ranks"]
+        span = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        roles = [f"rank {node['prepares_data']} prepares the data into this node's cache"]
+        if node["writes_outputs"] is not None:
+            roles.append(f"rank {node['writes_outputs']} writes the outputs and checkpoints")
+        console.print(Text.assemble((f"node {node['node_rank']}", "bold"), f": global ranks {span}; ",
+                                    "; ".join(roles)))
+        console.print(Text(f"  {node['command']}"), soft_wrap=True)
+        console.print(Text(f"  or: {node['torchrun']}", style="dim"), soft_wrap=True)
+
+
 def show_value(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -143,5 +176,5 @@ def render_memory(estimate, console: Console) -> None:
         console.print(Text(note, style="dim"))
 
 
-__all__ = ["check_plan", "error_json", "render_plan", "render_verdict", "changed_settings", "show_value", "memory_check",
+__all__ = ["check_plan", "error_json", "launch_json", "render_launch", "render_plan", "render_verdict", "changed_settings", "show_value", "memory_check",
            "render_memory", "detected_gpu_memory"]

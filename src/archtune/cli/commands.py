@@ -63,6 +63,11 @@ def train(config: Path, overrides: Optional[list[str]] = OverridesArg,
 
     With --nproc N (or --nnodes > 1) this starts torchrun's workers, each running this command as
     one rank; under torchrun (WORLD_SIZE set) it trains as that rank.
+
+    Exit codes: 0 finished; 2 a user error (config, data; nothing in output_dir touched); 3 a NaN/Inf
+    loss or gradient norm (the step was not applied); 4 a rank made no progress for ddp_timeout
+    seconds (or was lost); 75 stopped by SIGTERM/SIGINT with a checkpoint (resume_from_checkpoint:
+    true continues).
     """
     from archtune.train import distributed
 
@@ -131,35 +136,49 @@ def _print_train_summary(s: dict, output_dir: str) -> None:
 @app.command()
 def check(config: Path, overrides: Optional[list[str]] = OverridesArg,
           as_json: bool = typer.Option(False, "--json", help="Print the Plan as one JSON object."),
-          nproc: int = typer.Option(1, "--nproc", help="Resolve as for N processes (DDP/FSDP decisions)."),
+          nproc: int = typer.Option(1, "--nproc", help="Resolve as for N processes per node (DDP/FSDP decisions)."),
+          nnodes: int = typer.Option(1, "--nnodes", help="Resolve as for this many nodes, and show what each runs."),
+          master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0, for the "
+                                                    "command lines shown (several nodes)."),
+          master_port: Optional[int] = typer.Option(None, "--master-port", help="Port on node 0, for the command "
+                                                    "lines shown (default 29500 on several nodes)."),
           probe: bool = typer.Option(False, "--probe", help="Also load the model and run the consistency probe."),
           memory: bool = typer.Option(False, "--memory", help="Estimate the memory per device (from config.json, "
                                       "no weights loaded)."),
           gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Warn when the estimate exceeds this "
                                                    "(e.g. 80GiB; default: the detected GPU's memory); implies --memory.")
           ) -> None:
-    """Resolve the Plan without loading weights: what the family and auto-detection set, and why."""
-    from archtune.cli.check import check_plan, error_json, memory_check, render_memory, render_plan, render_verdict
+    """Resolve the Plan without loading weights: what the family and auto-detection set, and why.
+    With --nproc / --nnodes: the plan for that world, and what each node runs."""
+    from archtune.cli.check import (check_plan, error_json, launch_json, memory_check, render_launch, render_memory,
+                                    render_plan, render_verdict)
+    from archtune.train.launch import node_layout
 
+    nodes: list[dict] = []
     try:
-        if nproc < 1:
-            raise UserError.single("--nproc", f"--nproc must be at least 1, not {nproc}", "use --nproc 1 or more")
+        nodes = node_layout(config, list(overrides or []), nproc=nproc, nnodes=nnodes, master_addr=master_addr,
+                            master_port=master_port)
         cfg = _load(config, overrides)
-        plan = check_plan(cfg, world_size=nproc)
+        plan = check_plan(cfg, world_size=nproc * nnodes)
     except UserError as exc:
         if not as_json or _state["debug"]:
             raise
-        print(json.dumps(error_json(exc, world_size=nproc), default=str))  # the same shape, errors filled
+        out = error_json(exc, world_size=max(nproc, 1) * max(nnodes, 1))  # the same shape, errors filled
+        out["launch"] = launch_json(None, nodes, nproc, nnodes)
+        print(json.dumps(out, default=str))
         sys.exit(2)
+    launch = launch_json(plan, nodes, nproc, nnodes)
     estimate = memory_check(plan, gpu_memory) if (memory or gpu_memory) and not plan.errors else None
     if not as_json:
         render_plan(plan, console)
+        if plan.world_size > 1:
+            render_launch(launch, console)
         if estimate is not None:
             render_memory(estimate, console)
     if probe and not plan.errors:
         _probe(cfg, plan, err_console if as_json else console, report=not as_json)
     if as_json:
-        out = plan.to_json()
+        out = {**plan.to_json(), "launch": launch}
         if estimate is not None:
             out["memory"] = estimate.to_json()
         print(json.dumps(out, default=str))

@@ -449,9 +449,11 @@ def _diagnostics() -> list[str]:
 
     tolerances = ", ".join(f"{str(dtype).removeprefix('torch.')} {tol:g}" for dtype, tol in PROBE_TOLERANCE.items())
     return ["## Checks before a GPU hour is spent", "",
-            "- `archtune check CONFIG [--json] [--nproc N]` resolves everything above from the config and the model's "
-            "config.json alone (no weights): each setting with its value, source and reason, then warnings and "
-            "errors; exit code 2 when there are errors.",
+            "- `archtune check CONFIG [--json] [--nproc N] [--nnodes M]` resolves everything above from the config and "
+            "the model's config.json alone (no weights), for N processes on each of M nodes: each setting with its "
+            "value, source and reason, then warnings and errors; exit code 2 when there are errors. For several "
+            "processes it also shows the global batch and what each node runs (its global ranks, its `archtune "
+            "train` and `torchrun` lines, the rank that prepares its data, the one that writes outputs).",
             "- `archtune check CONFIG --probe` loads the model as training does and runs one real batch under the "
             "training settings (train mode, dropout off, checkpointing, offloading, `use_cache` as planned) and "
             "under inference settings (eval mode, `use_cache: true`, no checkpointing); a logit or loss difference "

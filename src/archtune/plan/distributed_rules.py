@@ -21,7 +21,7 @@ def _world_size(plan: "Plan") -> None:
     if n == 1:
         plan.set("world_size", 1, "default", "single process")
     else:
-        plan.set("world_size", n, "user", f"{n} processes (--nproc {n})")
+        plan.set("world_size", n, "user", f"{n} processes in all (--nproc per node x --nnodes)")
 
 
 def _ddp_find_unused_parameters(plan: "Plan") -> None:
@@ -116,7 +116,8 @@ def _decoder_layer_classes(plan: "Plan") -> None:
 
 
 DISTRIBUTED_RULES: tuple[Rule, ...] = (
-    Rule("world_size", "The plan is resolved for the number of processes given by `--nproc` (1: single process).",
+    Rule("world_size", "The plan is resolved for the number of processes, `--nproc` on each of `--nnodes` nodes "
+         "(1: single process).",
          _world_size),
     Rule("ddp_find_unused_parameters",
          "`ddp_find_unused_parameters` is false for a single process or under FSDP, and otherwise follows "

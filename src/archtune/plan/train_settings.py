@@ -37,6 +37,7 @@ class TrainSettings:
     micro_batch_size: int
     eval_micro_batch_size: int
     gradient_accumulation_steps: int
+    global_batch_size: int  # rows per optimizer step over all processes
     pad_to_multiple_of: int | None  # the collator rounds each batch's width up to a multiple of this
     pad_to_length: int | None  # every batch at least this wide (pad_to_sequence_len); None: the longest row
     # length of the run
@@ -126,6 +127,7 @@ def train_settings(plan: "Plan") -> TrainSettings:
         micro_batch_size=int(d("micro_batch_size")),
         eval_micro_batch_size=int(d("eval_micro_batch_size")),
         gradient_accumulation_steps=int(d("gradient_accumulation_steps")),
+        global_batch_size=int(d("global_batch_size")),
         pad_to_multiple_of=d("pad_to_multiple_of"),
         pad_to_length=d("pad_to_length"),
         num_epochs=d("num_epochs"),
@@ -190,6 +192,13 @@ def _eval_micro_batch_size(plan: "Plan") -> None:
              f"eval_batch_size is not set: evaluation batches hold micro_batch_size ({size}) rows")
 
 
+def _global_batch_size(plan: "Plan") -> None:
+    size, steps, world = plan.get("micro_batch_size"), plan.get("gradient_accumulation_steps"), plan.world_size
+    plan.set("global_batch_size", size * steps * world, _source(plan, "micro_batch_size", "gradient_accumulation_steps"),
+             f"micro_batch_size x gradient_accumulation_steps x processes ({size} x {steps} x {world}) rows per "
+             "optimizer step: the per-device batch stays as written, so more processes train on more rows per step")
+
+
 def _warmup(plan: "Plan") -> None:
     steps, ratio = plan.get("warmup_steps"), plan.get("warmup_ratio")
     if steps is not None:
@@ -233,6 +242,9 @@ def _run_name(plan: "Plan") -> None:
 TRAIN_SETTINGS_RULES: tuple[Rule, ...] = (
     Rule("eval_micro_batch_size", "Evaluation batches hold `eval_batch_size` rows, micro_batch_size when it is not "
          "set.", _eval_micro_batch_size),
+    Rule("global_batch_size", "An optimizer step trains on micro_batch_size x gradient_accumulation_steps rows on "
+         "every process: the global batch grows with the world size (Axolotl's `batch_size` is refused).",
+         _global_batch_size),
     Rule("warmup", "The learning-rate warmup is `warmup_steps` optimizer steps, else `warmup_ratio` of the run, else "
          "none.", _warmup),
     Rule("pad_to_length", "`pad_to_sequence_len` pads every batch to sequence_len tokens (fixed shapes); otherwise "

@@ -53,8 +53,12 @@ def restart_count() -> int:
 _session: dict = {"store": None, "run_id": None}
 
 
+MAIN_RANK = 0  # the one rank that logs and writes outputs and checkpoints
+PREPARING_LOCAL_RANK = 0  # on every node, the process that prepares the data first (`local_main_first`)
+
+
 def is_main() -> bool:
-    return rank() == 0
+    return rank() == MAIN_RANK
 
 
 def is_distributed() -> bool:
@@ -146,7 +150,7 @@ def local_main_first() -> Iterator[None]:
     cache. Each node prepares from its own files into its own cache, so nodes need no shared file
     system (`same_on_every_rank` then checks that they prepared the same data). If a node's first
     process fails, torchrun stops the waiting ones."""
-    first = local_rank() == 0
+    first = local_rank() == PREPARING_LOCAL_RANK
     if is_distributed() and not first:
         barrier()
     yield

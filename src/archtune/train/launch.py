@@ -57,6 +57,47 @@ def torchrun_argv(config: Path, overrides: list[str], *, nproc: int, nnodes: int
     return argv
 
 
+NODE0_PLACEHOLDER = "NODE0_ADDR"  # shown for --master-addr in a layout printed without one
+MULTI_NODE_PORT = 29500  # torchrun's default port on node 0
+
+
+def node_layout(config: Path, overrides: list[str], *, nproc: int, nnodes: int = 1, master_addr: str | None = None,
+                master_port: int | None = None) -> list[dict]:
+    """What each node of a run runs, node 0 first: its global ranks (torchrun's static rendezvous
+    numbers node R's processes R*nproc .. R*nproc+nproc-1), the `archtune train` line to run there
+    and the same as a `torchrun` line, the rank that prepares the data on that node (its local
+    rank 0: nodes need no shared disk) and, on node 0, the rank that writes outputs (global rank 0)."""
+    import shlex
+
+    from archtune.train.distributed import MAIN_RANK, PREPARING_LOCAL_RANK
+
+    several = nnodes > 1
+    addr = master_addr or (NODE0_PLACEHOLDER if several else None)
+    port = master_port if master_port is not None else (MULTI_NODE_PORT if several else None)
+    torchrun_argv(config, overrides, nproc=nproc, nnodes=nnodes, master_addr=addr)  # refuses a bad world
+    nodes = []
+    for node in range(nnodes):
+        torchrun = torchrun_argv(config, overrides, nproc=nproc, nnodes=nnodes, node_rank=node, master_addr=addr,
+                                 master_port=port)
+        archtune = ["archtune", "train", str(config)]
+        if nproc > 1 or several:
+            archtune += ["--nproc", str(nproc)]
+        if several:
+            archtune += ["--nnodes", str(nnodes), "--node-rank", str(node), "--master-addr", addr,
+                         "--master-port", str(port)]
+        archtune += overrides
+        ranks = list(range(node * nproc, (node + 1) * nproc))
+        nodes.append({
+            "node_rank": node,
+            "global_ranks": ranks,
+            "command": shlex.join(archtune),
+            "torchrun": shlex.join(["torchrun", *torchrun]),
+            "prepares_data": ranks[PREPARING_LOCAL_RANK],
+            "writes_outputs": MAIN_RANK if MAIN_RANK in ranks else None,
+        })
+    return nodes
+
+
 EXIT_STATUS_ENV = "ARCHTUNE_EXIT_STATUS_DIR"  # where each worker of `launch` leaves its exit code
 
 

@@ -69,6 +69,13 @@ def params_fields(trainable: int, total: int, weight_bytes: int) -> dict:
     return {"trainable_params": trainable, "total_params": total, "model_bytes": weight_bytes}
 
 
+def strategy_name(plan) -> str:
+    """How the plan's processes train: single, ddp or fsdp2, "+offload" with activation offloading."""
+    if plan.world_size == 1:
+        return "single"
+    return plan.distributed.strategy + ("+offload" if plan.model.activation_offloading else "")
+
+
 def processes_fields(plan, strategy: str) -> dict:
     """How many processes trained, and how."""
     return {"world_size": plan.world_size, "strategy": strategy,

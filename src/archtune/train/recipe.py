@@ -23,7 +23,7 @@ from archtune.train.callbacks import LossBar
 from archtune.train.assembly import assemble_model, experts_implementation_in_use
 from archtune.train.guards import batch_rows
 from archtune.train.lifecycle import RecipeRun, training_arguments
-from archtune.train.outputs import plot_losses
+from archtune.train.outputs import plot_losses, strategy_name
 from archtune.train.trainer import ArchtuneTrainer
 
 
@@ -156,7 +156,7 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
         history = [{"step": 0, "eval_loss": eval_initial}] + [h for h in history if h.get("step") != 0 or "eval_loss" not in h]
     train_tokens = int(trainer.state.num_input_tokens_seen)  # summed over all processes by the Trainer
     shared = run.summary_fields(trainer, result, eval_initial, eval_final, train_tokens, (trainable, total, weight_bytes),
-                                _strategy(plan), data.stats)
+                                strategy_name(plan), data.stats)
     summary = {
         **shared["progress"],
         "experts_load": routing.summary() if routing.layers else None,
@@ -200,12 +200,5 @@ def _chunked_loss_installed(model) -> bool:
 
 def _steps_per_epoch(plan: Plan, train_rows) -> int:
     """Optimizer steps in one epoch over the (packed) training rows, over all processes."""
-    t = plan.training
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps * distributed.world_size()
-    return max(1, -(-len(train_rows) // per_step))
+    return max(1, -(-len(train_rows) // plan.training.global_batch_size))
 
-
-def _strategy(plan: Plan) -> str:
-    if plan.world_size == 1:
-        return "single"
-    return plan.distributed.strategy + ("+offload" if plan.model.activation_offloading else "")
