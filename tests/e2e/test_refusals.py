@@ -7,6 +7,7 @@ a `plan.error` without a case here fails `test_every_refusing_rule_has_a_case`.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 
@@ -22,6 +23,7 @@ FSDP = {"fsdp": ["full_shard", "auto_wrap"]}
 FSDP2_WRAP = {**FSDP, "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
 UNKNOWN_MODEL = "unknown-model"  # a local model directory whose model_type transformers does not know
 QWEN3_NEXT = "qwen3-next"  # a local model directory of a Qwen3-Next config (DeltaNet layers no patch covers)
+GEMMA3N = "gemma3n"  # a local model directory of a Gemma 3n config: its vision tower is timm's (TimmWrapperModel)
 
 # rule name -> (base_model, config keys, --nproc, the key refused)
 REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
@@ -71,7 +73,26 @@ REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
     "refuse_inexact_packing": (QWEN3_NEXT, {"sample_packing": True}, 1, "sample_packing"),
     "quantize_moe_experts": ("tiny:gemma4-moe", {"adapter": "lora", "quantize_moe_experts": True}, 1,
                              "quantize_moe_experts"),
+    "model_libraries": (GEMMA3N, {}, 1, "base_model"),  # without timm (not in archtune's dependencies)
 }
+
+
+def gemma3n_config() -> dict:
+    """A small Gemma 3n config.json (transformers' own config classes): text decoder, timm vision tower,
+    audio encoder."""
+    from transformers import Gemma3nConfig
+
+    vocab = 512
+    return Gemma3nConfig(
+        text_config={"vocab_size": vocab, "vocab_size_per_layer_input": vocab, "hidden_size": 32,
+                     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 16, "hidden_size_per_layer_input": 8, "laurel_rank": 4,
+                     "num_kv_shared_layers": 0, "layer_types": ["sliding_attention", "full_attention"],
+                     "activation_sparsity_pattern": [0.0, 0.0], "sliding_window": 16},
+        vision_config={"hidden_size": 32, "vocab_size": 16, "vocab_offset": vocab},
+        audio_config={"hidden_size": 32, "conf_num_attention_heads": 2, "conf_num_hidden_layers": 1,
+                      "sscp_conv_channel_size": [8, 8], "vocab_size": 16, "vocab_offset": vocab + 16},
+    ).to_dict()
 
 
 def _refusing_rules() -> set[str]:
@@ -84,10 +105,11 @@ def test_every_refusing_rule_has_a_case():
 
 
 def _config(tmp_path, base_model: str, keys: dict):
-    if base_model in (UNKNOWN_MODEL, QWEN3_NEXT):
+    if base_model in (UNKNOWN_MODEL, QWEN3_NEXT, GEMMA3N):
         model_dir = tmp_path / base_model
         model_dir.mkdir()
-        model_config = {"model_type": "no_such_architecture"} if base_model == UNKNOWN_MODEL else qwen3_next_config()
+        model_config = {UNKNOWN_MODEL: lambda: {"model_type": "no_such_architecture"}, QWEN3_NEXT: qwen3_next_config,
+                        GEMMA3N: gemma3n_config}[base_model]()
         (model_dir / "config.json").write_text(json.dumps(model_config))
         base = {"base_model": str(model_dir), "tokenizer_config": str(TOKENIZER_DIR)}
     else:
@@ -99,6 +121,8 @@ def _config(tmp_path, base_model: str, keys: dict):
 @pytest.mark.parametrize("rule", sorted(REFUSAL_CASES))
 def test_check_and_train_refuse_alike(tmp_path, capsys, rule):
     base_model, keys, nproc, key = REFUSAL_CASES[rule]
+    if base_model == GEMMA3N and importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here: Gemma 3n's vision tower builds")
     config = _config(tmp_path, base_model, keys)
 
     code, out, err = run_cli(capsys, "check", config, "--json", "--nproc", str(nproc))
@@ -109,3 +133,17 @@ def test_check_and_train_refuse_alike(tmp_path, capsys, rule):
     assert code == 2, (rule, out, err)
     assert f"{key}:" in err and "Traceback" not in err, (rule, err)
     assert not (tmp_path / "out").exists()  # refused before the run started
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")
+def test_a_library_the_model_needs_is_named_alike_by_check_and_train(tmp_path, capsys):
+    """Gemma 3n's vision tower is timm's: check says so with the install line, and train stops with
+    the same message (never transformers' traceback while loading weights)."""
+    config = _config(tmp_path, GEMMA3N, {})
+    code, out, err = run_cli(capsys, "check", config, "--json")
+    (error,) = json.loads(out)["errors"]
+    assert code == 2 and error["key"] == "base_model" and error["fix"] == "pip install timm"
+    assert "TimmWrapperModel requires the timm library" in error["message"]
+    code, out, err = run_cli(capsys, "train", config)
+    assert code == 2 and "Traceback" not in err
+    assert f"base_model: {error['message']}" in " ".join(err.split()) and "pip install timm" in err

@@ -169,3 +169,64 @@ def test_skip_prepare_dataset_trains_image_rows_with_the_same_losses(vision_run,
     assert skipped["data"]["image_rows"] == cached["data"]["image_rows"] == {"train": 27, "eval": 8}
     for key in ("train_loss_first", "train_loss_last", "eval_loss_initial", "eval_loss_final"):
         assert abs(skipped[key] - cached[key]) < 1e-5, key
+
+
+def _qwen3_5_checkpoint_like(capsys, model: Path) -> Path:
+    """`init-tiny qwen3_5` written to `model` with its processor files laid out as the Qwen 3.5 checkpoints'
+    are: no processor_config.json; preprocessor_config.json names the processor class and the fast image
+    processor; video_preprocessor_config.json holds the video part (Qwen3VLVideoProcessor needs torchvision)."""
+    code, _, err = run_cli(capsys, "init-tiny", "qwen3_5", model)
+    assert code == 0, err
+    image = json.loads((model / "processor_config.json").read_text())["image_processor"]
+    image.update(image_processor_type="Qwen2VLImageProcessorFast", processor_class="Qwen3VLProcessor")
+    (model / "preprocessor_config.json").write_text(json.dumps(image))
+    video = {k: v for k, v in image.items() if k != "image_processor_type"}
+    (model / "video_preprocessor_config.json").write_text(json.dumps({**video,
+                                                                      "video_processor_type": "Qwen3VLVideoProcessor"}))
+    (model / "processor_config.json").unlink()
+    return model
+
+
+def test_a_qwen3_5_checkpoints_processor_loads_in_check_and_train(tmp_path, capsys):
+    """Axolotl's Qwen 3.5 vision config (processor_type: AutoProcessor): the processor class is found where
+    AutoProcessor finds it (preprocessor_config.json), loaded without its video part where torchvision is
+    missing; check passes and the image rows are read."""
+    model = _qwen3_5_checkpoint_like(capsys, tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vision_rows("train.jsonl", 6)))
+    config = write_config(
+        tmp_path / "config.yaml", base_model=str(model), processor_type="AutoProcessor",
+        skip_prepare_dataset=True, remove_unused_columns=False,
+        datasets=[{"path": str(tmp_path / "train.jsonl"), "type": "chat_template"}], sequence_len=128,
+        adapter="lora", lora_r=4, lora_alpha=8, micro_batch_size=3, max_steps=1, output_dir=str(tmp_path / "out"),
+        use_tensorboard=False)
+    code, out, err = run_cli(capsys, "check", config, "--json")
+    assert code == 0 and json.loads(out)["errors"] == [], out
+    code, out, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    assert read_json(tmp_path / "out" / "train_summary.json")["data"]["image_rows"]["train"] == 6
+
+
+def test_a_processor_that_does_not_load_is_a_check_error_with_trains_message(tmp_path, capsys):
+    """processor_type set (the config trains on images) and the model directory holds no processor files:
+    check stops with the message and fix train stops with, before any weight is loaded."""
+    model = _qwen3_5_checkpoint_like(capsys, tmp_path / "model")
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        (model / name).unlink()
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vision_rows("train.jsonl", 3)))
+    config = write_config(tmp_path / "config.yaml", base_model=str(model), processor_type="Qwen3VLProcessor",
+                          datasets=[{"path": str(tmp_path / "train.jsonl"), "type": "chat_template"}],
+                          max_steps=1, output_dir=str(tmp_path / "out"))
+    code, out, err = run_cli(capsys, "check", config, "--json")
+    (error,) = json.loads(out)["errors"]
+    assert code == 2 and error["key"] == "processor_type" and "cannot load Qwen3VLProcessor" in error["message"]
+    code, out, err = run_cli(capsys, "train", config)
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
+    assert f"processor_type: {' '.join(error['message'].split())}" in " ".join(err.split())
+    # Without processor_type, train reads text rows and refuses image rows: check warns with the reason.
+    text_config = write_config(tmp_path / "text.yaml", base_model=str(model),
+                               datasets=[{"path": str(tmp_path / "train.jsonl"), "type": "chat_template"}],
+                               max_steps=1, output_dir=str(tmp_path / "out"))
+    code, out, err = run_cli(capsys, "check", text_config, "--json")
+    assert code == 0, out
+    assert [w for w in json.loads(out)["warnings"] if w.startswith("rows with images or audio will be refused: ")
+            and "has no image processor" in w], out

@@ -20,12 +20,16 @@ SHOWN_SOURCES = ("family", "auto")
 
 def check_plan(cfg: Config, world_size: int = 1) -> Plan:
     """The Plan for `cfg` as for `world_size` processes; reads config.json only (no weights).
-    The same resolve as `archtune train` (models.load.resolve_plan), plus the warnings about an
-    environment that is not the verified one (libraries outside their ranges, drifted patches)."""
-    from archtune.models.load import resolve_plan
+    The same resolve as `archtune train` (models.load.resolve_plan), plus what train's data step
+    will meet loading the processor of a multimodal model (models.load.processor_problems), and the
+    warnings about an environment that is not the verified one (libraries outside their ranges,
+    drifted patches)."""
+    from archtune.models.load import processor_problems, resolve_plan
     from archtune.diagnostics.environment import environment_warnings
 
     plan = resolve_plan(cfg, world_size=world_size)
+    if not plan.errors:
+        processor_problems(plan)
     plan.warnings.extend(environment_warnings())
     return plan
 

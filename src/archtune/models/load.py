@@ -13,6 +13,7 @@ import torch
 
 from archtune.errors import Problem, UserError
 from archtune.plan import Plan, resolve
+from archtune.plan.structure import TORCHVISION_INSTALL
 
 TINY_PREFIX = "tiny:"
 
@@ -168,7 +169,7 @@ def load_processor(plan: Plan):
         if processor is None:
             why = f"{type(exc).__name__}: {str(exc).strip()}"
             if "torchvision" in why.lower():
-                why += f" ({TORCHVISION_INSTALL})"
+                why += f" (to use it, {TORCHVISION_INSTALL})"
             if m.processor_type:
                 raise UserError.single("processor_type", f"cannot load {cls_name} from {source}: {why}",
                                        "use AutoProcessor, or the class the model's processor_config.json names"
@@ -179,10 +180,22 @@ def load_processor(plan: Plan):
     return processor, None
 
 
-# What to run when a processor part needs torchvision: the build that matches the installed torch
-# (a plain `pip install torchvision` may bring another torch, or a CUDA build beside a CPU torch).
-TORCHVISION_INSTALL = ("to use it, install the torchvision build matching your torch, e.g. for a CPU torch: "
-                       "pip install torchvision --index-url https://download.pytorch.org/whl/cpu")
+
+
+def processor_problems(plan: Plan) -> None:
+    """What train meets when it loads the processor for rows with images or audio, recorded on the Plan
+    for `archtune check` (the same load_processor): the error train stops with (a `processor_type`
+    that does not load), or a warning that such rows will be refused, and why (e.g. torchvision missing)."""
+    asked = bool(plan.model.processor_type)  # Axolotl loads a processor only when processor_type is set
+    if plan.preference.trainer or not (asked or plan.family.modalities and plan.family.has_towers(plan.model_config)):
+        return  # TRL's trainers and text-only models read no processor
+    try:
+        processor, why = load_processor(plan)
+    except UserError as exc:
+        plan.errors.extend(exc.problems)
+        return
+    if processor is None:
+        plan.warn(f"rows with images or audio will be refused: {why}")
 
 
 def _without_video(cls, source, trust_remote_code: bool):
@@ -196,11 +209,39 @@ def _without_video(cls, source, trust_remote_code: bool):
 
     try:
         if not isinstance(cls, type) or not issubclass(cls, ProcessorMixin):  # AutoProcessor: the class saved
-            cls = getattr(transformers, ProcessorMixin.get_processor_dict(source)[0].get("processor_class") or "", None)
+            cls = getattr(transformers, processor_class_name(source) or "", None)
         if cls is None or "video_processor" not in cls.get_attributes():
             return None
         return without_video_processor(cls).from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception:  # the caller reports the first failure
+        return None
+
+
+def processor_class_name(source) -> str | None:
+    """The processor class AutoProcessor builds for `source`, found where AutoProcessor looks: the
+    `processor_class` of processor_config.json, preprocessor_config.json, video_preprocessor_config.json
+    or tokenizer_config.json (checkpoints such as Qwen 3.5's name it in the preprocessor files only),
+    else transformers' processor for config.json's model_type."""
+    from transformers import AutoConfig, ProcessorMixin
+    from transformers.image_processing_base import ImageProcessingMixin
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    readers = (lambda: ProcessorMixin.get_processor_dict(source)[0],
+               lambda: ImageProcessingMixin.get_image_processor_dict(source)[0],
+               lambda: BaseVideoProcessor.get_video_processor_dict(source)[0],
+               lambda: get_tokenizer_config(source))
+    for read in readers:
+        try:
+            name = read().get("processor_class")
+        except Exception:  # that file is absent or unreadable: look in the next one, as AutoProcessor does
+            continue
+        if name:
+            return name
+    try:
+        return PROCESSOR_MAPPING_NAMES.get(AutoConfig.from_pretrained(source).model_type)
+    except Exception:
         return None
 
 

@@ -39,6 +39,7 @@ from archtune.plan.moe_rules import MOE_RULES, REFUSE_LOAD_IN_8BIT
 from archtune.plan.packing import PACKING_RULES, REFUSE_INEXACT_PACKING
 from archtune.plan.grpo import GRPO_RULES
 from archtune.plan.preference import PREFERENCE_RULES
+from archtune.plan.structure import MissingLibraries, StructureUnavailable, install_lines, model_structure
 from archtune.plan.shared import (ALL_LINEAR, LAYER_CLASSES_KEY, REENTRANT_KEY, WRAP_KEY, checkpoint_wrappers,
                                   fsdp_enabled, quantized_base)
 from archtune.plan.train_settings import TRAIN_SETTINGS_RULES
@@ -80,6 +81,27 @@ def _plugins(plan: "Plan") -> None:
         plan.set("plugins", resolved, "auto", "; ".join(notes) or "duplicates removed")
 
 
+def _model_libraries(plan: "Plan") -> None:
+    """The libraries the model's classes declare (transformers' requires_backends) must be installed:
+    loading the weights builds the same classes, so train would stop there."""
+    try:
+        model_structure(plan.model_config, plan.family.auto_class)
+    except MissingLibraries as exc:
+        said = [part.strip() for part in str(exc).split(". ") if "requires" in part]
+        plan.error("base_model", f"this {plan.model_type} model cannot be built here: "
+                   + (". ".join(said) or str(exc)).rstrip("."),
+                   install_lines(exc.backends, str(exc)))
+    except StructureUnavailable:  # the rules that need the structure say why they could not use it
+        return
+
+
+MODEL_LIBRARIES = Rule(
+    "model_libraries",
+    "A model whose classes need a library that is not installed (transformers' requires_backends, e.g. timm for "
+    "Gemma 3n's vision tower) is refused with its install line: loading the weights would stop there.",
+    _model_libraries)
+
+
 def _axolotl_no_effect(plan: "Plan") -> None:
     for key, why in plan.config.axolotl_notes:
         plan.note(f"{key}: accepted without effect here: {why}")
@@ -111,6 +133,7 @@ GENERIC_RULES: tuple[Rule, ...] = (
 # refuse the same configurations. They run after the family's rules, and a key a family already
 # refused (with its more specific reason) is not refused twice.
 REFUSALS: tuple[Rule, ...] = (
+    MODEL_LIBRARIES,
     REFUSE_LOAD_IN_8BIT,
     *DISTRIBUTED_REFUSALS,
     REFUSE_INEXACT_PACKING,

@@ -10,11 +10,55 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelStructure", "StructureUnavailable", "model_structure"]
+__all__ = ["MissingLibraries", "ModelStructure", "StructureUnavailable", "TORCHVISION_INSTALL", "install_lines",
+           "missing_backends", "model_structure"]
 
 
 class StructureUnavailable(Exception):
     """The model could not be built on the meta device (unknown model_type, remote code, ...)."""
+
+
+class MissingLibraries(StructureUnavailable):
+    """The model's classes need libraries that are not installed: transformers' `requires_backends`
+    refused to build them (e.g. TimmWrapperModel, Gemma 3n's vision tower, without timm)."""
+
+    def __init__(self, message: str, backends: tuple[str, ...]):
+        super().__init__(message)
+        self.backends = backends
+
+
+# What to run when a part needs torchvision: the build that matches the installed torch (a plain
+# `pip install torchvision` may bring another torch, or a CUDA build beside a CPU torch).
+TORCHVISION_INSTALL = ("install the torchvision build matching your torch, e.g. for a CPU torch: "
+                       "pip install torchvision --index-url https://download.pytorch.org/whl/cpu")
+
+
+def missing_backends(exc: ImportError) -> tuple[str, ...]:
+    """The transformers backends (names of its BACKENDS_MAPPING: timm, torchvision, ...) that `exc`,
+    raised by transformers' `requires_backends`, reports missing; () for another ImportError."""
+    from transformers.utils.import_utils import BACKENDS_MAPPING
+
+    text, seen, out = str(exc), set(), []
+    for name, (available, message) in BACKENDS_MAPPING.items():
+        # The message after the class name ("{0} requires the timm library but ...") identifies the backend.
+        tail = message.split("{0}", 1)[-1].strip()[:60]
+        if tail and tail in text and tail not in seen and not available():
+            seen.add(tail)
+            out.append(name)
+    return tuple(out)
+
+
+def install_lines(backends: tuple[str, ...], message: str) -> str:
+    """How to install `backends`: the `pip install` lines transformers' own message gives, the
+    torch-matching torchvision build, else `pip install NAME`."""
+    import re
+
+    given = dict.fromkeys(re.findall(r"`(pip install [^`]+)`", message))
+    lines = [TORCHVISION_INSTALL if b == "torchvision" else None for b in backends]
+    lines = [line for line in lines if line] + [line for line in given if "torchvision" not in line]
+    named = " ".join(line.split()[-1] for line in given)
+    lines += [f"pip install {b}" for b in backends if b != "torchvision" and b not in named]
+    return "; ".join(dict.fromkeys(lines))
 
 
 @dataclass(frozen=True)
@@ -88,6 +132,12 @@ def meta_model(model_config: dict[str, Any], auto_class: str):
             # fork_rng: weight init on meta tensors must not touch the caller's random state.
             with torch.random.fork_rng(devices=[]), torch.device("meta"):
                 model = getattr(transformers, name).from_config(config)
+        except ImportError as exc:  # transformers' requires_backends: loading the weights would fail the same way
+            backends = missing_backends(exc)
+            if backends:
+                raise MissingLibraries(" ".join(str(exc).split()), backends) from None
+            errors.append(f"{name}: {exc}")
+            continue
         except Exception as exc:  # e.g. the Auto class has no mapping for this config
             errors.append(f"{name}: {exc}")
             continue
