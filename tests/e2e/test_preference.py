@@ -84,6 +84,28 @@ def test_held_out_preference_accuracy_reaches_0_9_and_the_margin_grows(trained, 
     assert s["train_tokens"] > 0 and s["tokens_per_second"] > 0  # the real tokens of every sequence trained on
 
 
+def test_dpo_ld_alpha_weighs_the_longer_answers_extra_tokens(tmp_path, capsys):
+    """dpo_ld_alpha (Axolotl 0.21, TRL's ld_alpha) on pairs whose rejected answer is twice as long: 1.0
+    trains exactly as plain DPO; 0.0 leaves the longer answer's extra tokens out of its log-probability,
+    so the losses differ once the policy has moved from the reference (step 1 is ln 2 either way)."""
+    rows = [json.loads(line) for line in (PREF / "train.jsonl").read_text().splitlines()[:24]]
+    for row in rows:
+        row["rejected"]["content"] = f"{row['rejected']['content']} {row['rejected']['content']}"
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summaries = {}
+    for alpha in (None, 1.0, 0.0):
+        keys = {**COMMON, "rl": "dpo", "max_steps": 3, "logging_steps": 1, "output_dir": str(tmp_path / str(alpha)),
+                "datasets": [{"path": str(tmp_path / "pairs.jsonl"), "type": "chat_template.default"}]}
+        config = write_config(tmp_path / f"{alpha}.yaml", **keys, **({"dpo_ld_alpha": alpha} if alpha is not None else {}))
+        code, out, err = run_cli(capsys, "train", config)
+        assert code == 0, err[-3000:]
+        summaries[alpha] = read_json(tmp_path / str(alpha) / "train_summary.json")
+    plain, one, zero = summaries[None], summaries[1.0], summaries[0.0]
+    assert abs(one["train_loss_last"] - plain["train_loss_last"]) < 1e-6
+    assert abs(zero["train_loss_first"] - plain["train_loss_first"]) < 1e-6
+    assert abs(zero["train_loss_last"] - plain["train_loss_last"]) > 1e-4
+
+
 def test_summary_plot_and_adapter(trained):
     s = trained("dpo")
     assert s["method"] == "dpo" and s["trainer"] == "DPOTrainer" and s["reference_model"] == "adapter_disabled"

@@ -51,10 +51,24 @@ def args_for(steps_per_epoch: int | None = None, has_eval: bool = True, **keys):
     ({"optimizer": "adamw_torch_fused"}, "optim", "adamw_torch_fused"),
     ({"optimizer": "lion_32bit"}, "optim", "lion_32bit"),
     ({"wandb_name": "run-7"}, "run_name", "run-7"),
+    ({"full_determinism": True}, "full_determinism", True),
+    ({}, "full_determinism", False),
 ])
 def test_keys_reach_the_trainer_with_their_meaning(keys, attr, value):
     got = getattr(args_for(**keys), attr)
     assert (got.value if hasattr(got, "value") else got) == value
+
+
+@pytest.mark.parametrize("keys, ld_alpha", [({"dpo_ld_alpha": 0.5}, 0.5), ({}, None)])
+def test_dpo_ld_alpha_is_trls_ld_alpha(keys, ld_alpha):
+    """Axolotl 0.21's LD-DPO weight reaches TRL's DPOConfig (unset: every answer token weighs 1)."""
+    from archtune.train.lifecycle import training_arguments
+    from archtune.train.preference import trl_arguments
+
+    plan = plan_for(rl="dpo", datasets=[{"path": "pairs.jsonl", "type": "chat_template.default"}], **keys)
+    assert not plan.errors, plan.errors
+    config = trl_arguments(plan, training_arguments(plan, has_eval=False, steps_per_epoch=None))
+    assert type(config).__name__ == "DPOConfig" and config.ld_alpha == ld_alpha
 
 
 @pytest.mark.parametrize("keys, strategy, steps", [

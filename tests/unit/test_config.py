@@ -128,7 +128,6 @@ def test_unknown_key_without_close_match(tmp_path):
     ("context_parallel_size", "2", "whole sequences"), ("tensor_parallel_size", "2", "whole sequences"),
     ("use_dft", "true", "plain cross-entropy"), ("mixlora_num_experts", "4", "adapter: lora"),
     ("nf4_backend", "torchao", "bitsandbytes"), ("balance_labels", "true", "shuffled order"),
-    ("dpo_ld_alpha", "0.5", "LD-DPO"),
 ])
 def test_refused_axolotl_key_names_what_archtune_does_instead(tmp_path, key, value, words):
     (p,) = problems_of(write(tmp_path, MINIMAL + f"{key}: {value}\n"))

@@ -74,9 +74,6 @@ NO_EFFECT: dict[str, str] = _table(
     ("eval_on_start",
      "archtune always evaluates before the first step when there is evaluation data (eval_loss_initial in "
      "train_summary.json); evaluation changes no weights"),
-    ("full_determinism",
-     "deterministic algorithms are not forced: runs are seeded (seed), and on a GPU two runs may differ in the last "
-     "bits of the losses"),
     ("coreweave", "archtune does not upload weights to a serving endpoint; they stay in output_dir"),
     ("lora_fp32_gradients",
      "archtune's LoRA weights are already float32 under bf16/fp16 training (PEFT's autocast_adapter_dtype), so "
@@ -173,7 +170,6 @@ REFUSED: dict[str, str] = _table(
      "nemo_gym_model_name nemo_gym_multi_turn nemo_gym_max_turns hatchery",
      "an RL or preference setting archtune does not run (process reward models, EBFT, NeMo Gym, ...); the "
      "preference and online RL training it offers is set with `rl` (dpo ... grpo) and the `trl:` block"),
-    ("dpo_ld_alpha", "LD-DPO's length weighting is not passed to TRL: DPO weighs every answer token alike"),
     ("kd_trainer kd_ce_alpha kd_alpha kd_temperature kd_beta kd_normalize_topk kd_online_server_base_url "
      "kd_online_topk kd_online_server kd_online_timeout kd_temperature_min",
      "knowledge distillation is not supported: archtune trains on the data's tokens (cross-entropy)"),

@@ -359,6 +359,10 @@ class Config(_Strict):
     dpo_padding_free: bool | None = Field(None, description="DPO: padding-free batches (refused: TRL has none now).")
     rpo_alpha: float | None = Field(None, ge=0, description="DPO: weight of an added NLL loss on the chosen answers "
                                     "(RPO).")
+    dpo_ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="DPO: LD-DPO's length desensitization, the weight on the log-probabilities of "
+        "the tokens an answer has beyond the shorter answer of its pair (1.0: unweighted, 0.0: ignored; TRL's "
+        "ld_alpha).")
     orpo_alpha: float | None = Field(None, gt=0, description="ORPO: weight of the odds-ratio loss (TRL's beta; "
                                      "default 0.1).")
     simpo_gamma: float | None = Field(None, ge=0, description="SimPO: target reward margin (default 0.5).")
@@ -391,6 +395,9 @@ class Config(_Strict):
     fp16: bool | Literal["auto"] = Field(False, description="Train with fp16 mixed precision ('auto': when bf16 is "
                                          "unavailable on a CUDA GPU).")
     seed: int = Field(42, description="Seed for weights of tiny models, data order and the validation split.")
+    full_determinism: bool | None = Field(
+        None, description="Seed with transformers' enable_full_determinism (deterministic torch algorithms, CUBLAS "
+        "workspace config) instead of set_seed: repeatable on a GPU, and slower.")
     gradient_checkpointing: bool | Literal["offload"] = Field(
         False, description="Recompute activations in backward to save memory; 'offload' also keeps the saved "
         "layer inputs in CPU memory (activation_offloading).")

@@ -20,7 +20,7 @@ WITH_REFERENCE = ("dpo", "ipo", "kto")
 # Keys that belong to one group of methods: set elsewhere they have no effect.
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "dpo_use_weighting": ("dpo", "ipo"), "dpo_label_smoothing": ("dpo",), "dpo_norm_loss": ("dpo",),
-    "rpo_alpha": ("dpo",), "orpo_alpha": ("orpo",), "simpo_gamma": ("simpo",), "cpo_alpha": ("simpo",),
+    "rpo_alpha": ("dpo",), "dpo_ld_alpha": ("dpo", "ipo"), "orpo_alpha": ("orpo",), "simpo_gamma": ("simpo",), "cpo_alpha": ("simpo",),
     "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
     "center_rewards_coefficient": ("reward",), "num_labels": ("reward",),
 }

@@ -85,6 +85,7 @@ class PreferenceSettings:
     loss_weights: Any
     label_smoothing: float
     use_weighting: bool
+    ld_alpha: float | None  # LD-DPO's weight on the longer answer's extra tokens; None: unweighted
     kto_desirable_weight: float | None
     kto_undesirable_weight: float | None
     simpo_gamma: float | None
@@ -218,6 +219,7 @@ def preference_settings(plan: "Plan") -> PreferenceSettings:
         loss_weights=g("rl_loss_weights"),
         label_smoothing=float(g("dpo_label_smoothing") or 0.0),
         use_weighting=bool(g("dpo_use_weighting")),
+        ld_alpha=g("dpo_ld_alpha"),
         kto_desirable_weight=g("kto_desirable_weight"),
         kto_undesirable_weight=g("kto_undesirable_weight"),
         simpo_gamma=g("simpo_gamma"),

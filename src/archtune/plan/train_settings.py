@@ -65,6 +65,7 @@ class TrainSettings:
     gradient_checkpointing: bool
     gradient_checkpointing_kwargs: dict | None
     seed: int
+    full_determinism: bool  # transformers' enable_full_determinism instead of set_seed
     # logging, saving, evaluation
     logging_steps: int
     report_to: tuple[str, ...]
@@ -152,6 +153,7 @@ def train_settings(plan: "Plan") -> TrainSettings:
         gradient_checkpointing=bool(d("gradient_checkpointing")),
         gradient_checkpointing_kwargs=plan.section("gradient_checkpointing_kwargs") or None,
         seed=int(d("seed")),
+        full_determinism=bool(d("full_determinism")),
         logging_steps=d("logging_steps"),
         report_to=tuple(plan.get("report_to") or ()),
         loggers={key: d(key) for key in LOGGER_KEYS},

@@ -206,6 +206,7 @@ def training_arguments(plan: Plan, has_eval: bool, steps_per_epoch: int | None =
         torch_compile=t.torch_compile,
         seed=t.seed,
         data_seed=t.seed,
+        full_determinism=t.full_determinism,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy=save_strategy,

@@ -56,8 +56,8 @@ def trl_arguments(plan, base_args):
     p = plan.preference
     if kind in ("dpo", "ipo"):
         extra.update(beta=p.beta, loss_type=list(p.loss_type), loss_weights=p.loss_weights,
-                     label_smoothing=p.label_smoothing, use_weighting=p.use_weighting, padding_free=False,
-                     pad_to_multiple_of=None)
+                     label_smoothing=p.label_smoothing, use_weighting=p.use_weighting, ld_alpha=p.ld_alpha,
+                     padding_free=False, pad_to_multiple_of=None)
     elif kind == "kto":
         extra.update(beta=p.beta, desirable_weight=p.kto_desirable_weight,
                      undesirable_weight=p.kto_undesirable_weight, pad_to_multiple_of=None)
