@@ -29,6 +29,9 @@ FAMILY_KEYS = {
     "qwen3_5-moe": {"lora_target_parameters": EXPERTS,
                     "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z",
                                             "out_proj", "gate_proj", "up_proj", "down_proj"]},
+    "gemma4-dense": {},  # the family's default targets: the language model's attention and MLP linears
+    "gemma4-e2b": {},
+    "gemma4-moe": {"lora_target_parameters": EXPERTS, "lora_target_modules": LINEARS},
 }
 
 
@@ -40,17 +43,19 @@ def _needs_llama_cpp():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """family -> the config of a finished 3-step LoRA run (trained once per module, on first use)."""
+    """(family, base) -> the config of a finished 3-step LoRA run on tiny:family, or on the base
+    `base(family, folder)` writes there (trained once per module, on first use)."""
     import sys
 
     runs: dict = {}
 
-    def get(family: str):
-        if family not in runs:
+    def get(family: str, base=None):
+        if (family, base) not in runs:
             tmp = tmp_path_factory.mktemp(family)
             train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp / "train.jsonl", 32)
             test = head_jsonl(QUICKSTART_DATA / "test.jsonl", tmp / "test.jsonl", 6)
-            config = write_config(tmp / "run.yaml", base_model=f"tiny:{family}", adapter="lora", lora_r=4,
+            base_model = str(base(family, tmp / "base")) if base else f"tiny:{family}"
+            config = write_config(tmp / "run.yaml", base_model=base_model, adapter="lora", lora_r=4,
                                   lora_alpha=8, **FAMILY_KEYS[family],
                                   datasets=[{"path": str(train), "type": "alpaca"}],
                                   test_datasets=[{"path": str(test), "type": "alpaca"}],
@@ -66,8 +71,8 @@ def trained(tmp_path_factory):
                 assert not exc.code, f"training tiny:{family} failed"
             finally:
                 sys.argv = argv
-            runs[family] = config
-        return runs[family]
+            runs[family, base] = config
+        return runs[family, base]
 
     return get
 
@@ -236,3 +241,78 @@ def test_qlora_with_4bit_experts_exports_what_it_trained(tmp_path, capsys):
     assert report["merged_tensors"]["expert"] == 8
     v = report["verification"]
     assert v["greedy_agree"] == v["prompts"] == 6
+
+
+
+def _conditioned_gemma4(variant: str, out):
+    """tiny:VARIANT with the weights of a trained Gemma 4 where a random one is too ill-conditioned
+    for a rounding check: query norms at head_dim ** -0.5 (Gemma 4's attention is unscaled, and unit
+    norms give scores of std sqrt(head_dim): rounding the weights to q8_0 then moves transformers' own
+    logits by 0.18 of their largest) and a decisive router (x1000: a random one is near-uniform, and
+    float32 rounding flips its near-tied choices). The scales training leaves at 1 (norms, the
+    router's input and per-expert scales, layer scalars) are drawn around 1, so each must reach the file."""
+    import torch
+
+    from archtune.models.tiny import build_tiny_model, build_tiny_processor
+
+    model, tokenizer = build_tiny_model(variant)
+    draw = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not name.startswith("model.language_model.") or not tensor.is_floating_point():
+                continue
+            if name.endswith("router.proj.weight"):
+                tensor.mul_(1000.0)
+            elif tensor.dim() == 1 and tensor.numel() > 1 or name.endswith("layer_scalar"):
+                tensor.mul_(1 + 0.2 * torch.randn(tensor.shape, generator=draw))
+            if name.endswith("q_norm.weight"):
+                tensor.mul_(tensor.numel() ** -0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    build_tiny_processor(variant, model.config).save_pretrained(out)
+    return out
+
+
+GEMMA4 = {"gemma4-dense": (26, 0), "gemma4-e2b": (24, 0), "gemma4-moe": (34, 8)}  # no v_proj where k == v, no k/v where KV is shared
+
+
+@pytest.mark.parametrize("variant", list(GEMMA4))
+def test_gemma4_gguf_loads_in_llama_cpp_and_matches(variant, trained, capsys):
+    """Gemma 4 (arch gemma4): dense with k == v on the full-attention layers, E2B-style per-layer
+    inputs and KV sharing, and the MoE beside the dense MLP with expert LoRA, in f32, q8_0 and
+    llama.cpp's Q4_K_M: greedy tokens agree, logits within the type's tolerance."""
+    _needs_llama_cpp()
+    config = trained(variant, _conditioned_gemma4)
+    adapted, experts = GEMMA4[variant]
+    rows = []
+    for outtype, quantize in (("f32", ()), ("q8_0", ()), ("f16", ("--quantize", "Q4_K_M"))):
+        code, report, err = _export(capsys, config, "--format", "gguf", "--outtype", outtype, *quantize)
+        assert code == 0, err
+        assert report["merged_tensors"] == {"merged": adapted, "adapted": adapted, "expert": experts,
+                                            "not_merged": []}
+        for c in [report["verification"], *report["quantized"]]:
+            rows.append({"family": variant, **{k: c[k] for k in ("outtype", "max_abs_logit_diff",
+                                                                  "max_rel_logit_diff", "greedy_agree")}})
+            assert c["ok"] and c["greedy_agree"] == c["prompts"] == 6, c
+            assert c["max_rel_logit_diff"] <= c["tolerance"] and c["tokenizer_mismatches"] == 0
+    print("\n".join(json.dumps(r) for r in rows))
+
+
+def test_gemma4_gguf_without_the_per_expert_scale_fails(trained, capsys, monkeypatch):
+    """The control: the router's per-expert scales (drawn around 1) left out of the file give other
+    logits in llama.cpp: exit 2."""
+    _needs_llama_cpp()
+    from dataclasses import replace
+
+    from archtune.families import FAMILIES
+
+    family = FAMILIES["gemma4"]
+    spec = family.gguf["gemma4_text"]
+
+    def without_scale(name, tensor, text):
+        return [] if name.endswith("per_expert_scale") else spec.tensors(name, tensor, text)
+
+    monkeypatch.setitem(family.gguf, "gemma4_text", replace(spec, tensors=without_scale))
+    code, report, err = _export(capsys, trained("gemma4-moe", _conditioned_gemma4), "--outtype", "f32")
+    assert code == 2
+    assert report["verification"]["max_rel_logit_diff"] > 0.05, report["verification"]

@@ -20,7 +20,10 @@ import torch
 
 # outtype -> allowed max |logit diff| relative to the reference's max |logit|
 TOLERANCES: dict[str, float] = {
-    "f32": 1e-3,  # llama.cpp's own float32 path (GELU from a float16 table) measures 2e-4
+    # llama.cpp's float32 path takes GELU from a float16 table: tiny Gemma 3 measures 5e-4, tiny
+    # Gemma 4 (more GELUs, unscaled attention) 1.7e-3, and 1.6e-4 once the reference takes GELU from
+    # the same table: what is left of the writer's own rounding.
+    "f32": 3e-3,
     "f16": 1e-2,
     "bf16": 4e-2,
     "q8_0": 6e-2,

@@ -15,6 +15,7 @@ stays f16).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,9 @@ def _rope(text: dict) -> tuple[dict, dict]:
     return {**legacy, **params}, {}
 
 
-def write_hparams(writer, text: dict, vocab_size: int) -> None:
-    """The keys llama.cpp's architectures share, from the text config (Hugging Face key names)."""
+def write_hparams(writer, text: dict, vocab_size: int, rope_types: tuple[str, ...] = ()) -> None:
+    """The keys llama.cpp's architectures share, from the text config (Hugging Face key names).
+    `rope_types`: RoPE types the architecture's own keys encode (not refused here)."""
     import gguf
 
     layers = int(text["num_hidden_layers"])
@@ -108,7 +110,7 @@ def write_hparams(writer, text: dict, vocab_size: int) -> None:
     if kind == "linear" and full.get("factor"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(full["factor"]))
-    elif kind not in (None, "default"):
+    elif kind not in (None, "default", *rope_types):
         raise UserError.single("base_model", f"the model's RoPE scaling {kind!r} is not written to GGUF by archtune",
                                "export --format merged, or a model with default or linear RoPE")
     types = text.get("layer_types") or []
@@ -231,9 +233,19 @@ def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, o
     if name:
         writer.add_name(name)
     writer.add_file_type(_file_type(outtype))
-    write_hparams(writer, text, vocab_rows)
+    write_hparams(writer, text, vocab_rows, spec.rope_types)
     if spec.metadata:
-        spec.metadata(writer, text)
+        # The family's keys replace shared ones (e.g. per-layer head counts): GGUFWriter overwrites,
+        # and its warning about it says nothing to the user.
+        gguf_log = logging.getLogger("gguf.gguf_writer")
+        level = gguf_log.level
+        gguf_log.setLevel(logging.ERROR)
+        try:
+            spec.metadata(writer, text)
+        finally:
+            gguf_log.setLevel(level)
+    if spec.extra_tensors:
+        tensors.extend(spec.extra_tensors(text))
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     write_tokenizer(writer, tokenizer, vocab_rows, eos if isinstance(eos, list) else [eos] if eos is not None else [])
     keep = [re.compile(p) for p in spec.keep_f32]

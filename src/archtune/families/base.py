@@ -57,14 +57,20 @@ class GgufArch:
     `lm_head.weight`) into the tensors llama.cpp reads, still under Hugging Face names the
     `gguf` package maps (e.g. a norm offset folded in, a fused tensor split); [] drops it.
     `metadata(writer, text_config)` adds the architecture's own keys with the `gguf` package's
-    GGUFWriter methods. `keep_f32` are regexes (search, over llama.cpp's names) of more tensors
-    llama.cpp reads as float32.
+    GGUFWriter methods; a key it writes replaces the shared writer's value. `keep_f32` are
+    regexes (search, over llama.cpp's names) of more tensors llama.cpp reads as float32.
+    `extra_tensors(text_config)` returns tensors the architecture reads that the model has no
+    parameter for (already under llama.cpp's names, e.g. RoPE frequency factors).
+    `rope_types` are RoPE types (Hugging Face's `rope_type`) beyond default and linear that the
+    family's own keys and tensors encode.
     """
 
     arch: str
     tensors: Callable[[str, Any, dict[str, Any]], Any] | None = None
     metadata: Callable[[Any, dict[str, Any]], None] | None = None
     keep_f32: tuple[str, ...] = ()
+    extra_tensors: Callable[[dict[str, Any]], Any] | None = None
+    rope_types: tuple[str, ...] = ()
 
 
 # Special tokens every tiny config may point its multimodal ids at (archtune's tokenizer has them all).

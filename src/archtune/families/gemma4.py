@@ -18,11 +18,12 @@ embeddings (`hidden_size_per_layer_input`) and cross-layer KV sharing
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from archtune.config.chat_templates import TEXT_MACRO
 from archtune.families import Family, FamilyRule, TinyModel, register_family, text_config
-from archtune.families.base import special_token_ids
+from archtune.families.base import GgufArch, special_token_ids
 
 # The seed's language-model-only target: never the towers (whose Gemma4ClippableLinear PEFT
 # rejects, and whose adapters give the "loss ~12" trap of `lora_target_linear`).
@@ -176,6 +177,90 @@ def _build_processor(config):
         chat_template=media_chat_template({"image": "<image_soft_token>", "audio": "<audio_soft_token>"}))
 
 
+# ---------------------------------------------------------------- GGUF (llama.cpp's gemma4)
+
+def _attention_shapes(text: dict) -> list[tuple[int, int]]:
+    """(head_dim, kv heads) per layer, as the model is built: `per_layer_config` overrides them on
+    the full-attention layers (their global head_dim, and kv heads where k == v)."""
+    overrides = text.get("per_layer_config") or {}
+    shapes = []
+    for i in range(int(text["num_hidden_layers"])):
+        layer = overrides.get(str(i)) or overrides.get(i) or {}
+        shapes.append((int(layer.get("head_dim") or text["head_dim"]),
+                       int(layer.get("num_key_value_heads") or text["num_key_value_heads"])))
+    return shapes
+
+
+def _full_head_dim(text: dict) -> int:
+    types = text["layer_types"]
+    return next(d for (d, _), t in zip(_attention_shapes(text), types) if t == "full_attention")
+
+
+def _gguf_tensors(name: str, tensor, text: dict):
+    """Gemma 4's tensors as llama.cpp's gemma4 reads them. Gemma4RMSNorm scales by the stored
+    weight (no 1 added, unlike Gemma 3), so norms are written as they are; the router's input
+    scale is `ffn_gate_inp.scale`, its per-expert scale `ffn_down_exps.scale` (llama.cpp multiplies
+    each expert's output by it, as the router multiplies that expert's weight); the fused experts
+    [E, 2I, H] (gate rows, then up rows) are llama.cpp's ffn_gate_up_exps as they are."""
+    layer = re.match(r"model\.layers\.(\d+)\.", name)
+    if layer and name.endswith(".router.scale"):
+        return [(f"blk.{layer.group(1)}.ffn_gate_inp.scale", tensor)]
+    if layer and name.endswith(".router.per_expert_scale"):
+        return [(f"blk.{layer.group(1)}.ffn_down_exps.scale", tensor)]
+    if name.endswith((".layer_scalar", ".experts.gate_up_proj", ".experts.down_proj")):
+        return [(f"{name}.weight", tensor)]
+    return [(name, tensor)]
+
+
+def _gguf_extra_tensors(text: dict):
+    """The full-attention layers' RoPE frequency factors. Proportional RoPE rotates the first
+    `partial_rotary_factor` of each head's frequency pairs (with head_dim's exponents) and leaves
+    the rest unrotated; llama.cpp rotates every pair and divides each frequency by its factor:
+    `factor` for the rotated pairs, 1e30 (no rotation) for the others."""
+    import torch
+
+    full = (text.get("rope_parameters") or {}).get("full_attention") or {}
+    head = _full_head_dim(text)
+    pairs = head // 2
+    proportional = full.get("rope_type") == "proportional"
+    rotated = int(float(full.get("partial_rotary_factor", 1.0)) * head // 2) if proportional else pairs
+    factor = float(full.get("factor", 1.0))
+    return [("rope_freqs.weight", torch.tensor([factor] * rotated + [1e30] * (pairs - rotated), dtype=torch.float32))]
+
+
+def _gguf_metadata(writer, text: dict) -> None:
+    """Two head sizes (sliding layers: head_dim; full layers: their own), kv heads and MLP widths
+    per layer, the KV-sharing tail, per-layer input width, the experts, the final softcap."""
+    shapes = _attention_shapes(text)
+    full, swa = _full_head_dim(text), int(text["head_dim"])
+    writer.add_key_length(full)
+    writer.add_value_length(full)
+    writer.add_key_length_swa(swa)
+    writer.add_value_length_swa(swa)
+    writer.add_head_count_kv([kv for _, kv in shapes])
+    # Full layers rotate every pair (the frequency factors leave the unrotated ones still).
+    writer.add_rope_dimension_count(full)
+    sliding = (text.get("rope_parameters") or {}).get("sliding_attention") or {}
+    writer.add_rope_dimension_count_swa(int(swa * float(sliding.get("partial_rotary_factor", 1.0))))
+    layers = int(text["num_hidden_layers"])
+    shared = int(text.get("num_kv_shared_layers") or 0)
+    writer.add_shared_kv_layers(shared)
+    writer.add_embedding_length_per_layer_input(int(text.get("hidden_size_per_layer_input") or 0))
+    if text.get("use_double_wide_mlp") and shared:
+        width = int(text["intermediate_size"])
+        writer.add_feed_forward_length([width * 2 if i >= layers - shared else width for i in range(layers)])
+    if text.get("enable_moe_block"):
+        writer.add_expert_count(int(text["num_experts"]))
+        writer.add_expert_used_count(int(text["top_k_experts"]))
+        writer.add_expert_feed_forward_length(int(text["moe_intermediate_size"]))
+    if text.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(text["final_logit_softcapping"]))
+
+
+GGUF = GgufArch("gemma4", tensors=_gguf_tensors, metadata=_gguf_metadata, extra_tensors=_gguf_extra_tensors,
+                rope_types=("proportional",))
+
+
 _DESCRIPTIONS = {
     "gemma4-moe": "Gemma 4 26B-A4B shape: 4 layers, MoE (8 experts, top-2) beside the dense MLP, "
     "sliding/full attention with k==v on full layers, vision tower",
@@ -234,6 +319,7 @@ FAMILY = register_family(
         lora_target_redirects={"Gemma4ClippableLinear": "linear"},
         packing_drop_attention_mask=True,
         sequence_classification_base="transformers.models.gemma4.modeling_gemma4.Gemma4PreTrainedModel",
+        gguf={t: GGUF for t in ("gemma4", "gemma4_text")},
         tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name), _build_processor) for name in _VARIANTS),
         rules=[
             FamilyRule("freeze_mm_modules"),
