@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from archtune.models.checkpoint_experts import INDEX, weight_map
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -40,15 +39,7 @@ class MergeResult:
 
 def base_shards(base_dir: str | os.PathLike) -> dict[str, str] | None:
     """tensor name -> shard file of a safetensors checkpoint directory (None: not one)."""
-    base = Path(base_dir)
-    if (base / INDEX).is_file():
-        return dict(json.loads((base / INDEX).read_text())["weight_map"])
-    if (base / SINGLE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(base / SINGLE), framework="pt") as f:
-            return {name: SINGLE for name in f.keys()}
-    return None
+    return weight_map(base_dir)
 
 
 def adapter_pairs(adapter_dir: str | os.PathLike) -> dict[str, tuple[str, str]]:

@@ -150,6 +150,11 @@ class Family:
     # Short names accepted in lora_target_parameters -> the expert parameter they mean
     # (e.g. gate_proj -> experts.gate_up_proj, where gate and up are fused in one tensor).
     expert_param_aliases: dict[str, str] = field(default_factory=dict)
+    # How a checkpoint that stores each expert as its own module (`experts.<e>.<part>.weight`, the
+    # hub layout transformers fuses at load) makes up an expert tensor: {expert param name: parts,
+    # concatenated along the output dimension}. A checkpoint holding the fused [E, out, in] tensor
+    # under the parameter's own name needs none. Lets 4-bit experts be read one expert at a time.
+    expert_checkpoint_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Hook: does this config.json (as a dict) describe a mixture-of-experts model? None: never.
     is_moe: Callable[[dict[str, Any]], bool] | None = None
     # Media the model trains on when its processor and towers are there ("image", "audio").

@@ -248,6 +248,9 @@ FAMILY = register_family(
         lora_target_regex=LORA_TARGET_REGEX,
         expert_param_names=("experts.gate_up_proj", "experts.down_proj"),
         expert_param_aliases=EXPERT_PARAM_ALIASES,
+        # Hub checkpoints store experts.<e>.gate_proj / up_proj / down_proj; transformers stacks them
+        # and concatenates gate and up (in that order) into gate_up_proj.
+        expert_checkpoint_parts={"experts.gate_up_proj": ("gate_proj", "up_proj"), "experts.down_proj": ("down_proj",)},
         is_moe=_is_moe,
         moe_shape_keys={"num_experts": "num_experts", "top_k": "num_experts_per_tok", "hidden": "hidden_size",
                         "intermediate": "moe_intermediate_size"},

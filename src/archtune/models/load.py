@@ -302,6 +302,22 @@ def pretrained_kwargs(plan: Plan) -> dict:
     return {**kwargs, "config": config}
 
 
+def pretrained_config(plan: Plan, source: str) -> tuple[Any, dict]:
+    """(the config object, the other from_pretrained arguments) of `pretrained_kwargs`, for loading
+    from a state dict: the config updates are set on a config built here (transformers takes no
+    config keyword arguments without a model path)."""
+    kwargs = pretrained_kwargs(plan)
+    config = kwargs.pop("config", None)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(plan.model.base_model_config or source,
+                                            trust_remote_code=plan.model.trust_remote_code)
+        for key in _config_updates(plan):
+            setattr(config, key, kwargs.pop(key))
+    return config, kwargs
+
+
 def _drop_new_head(info: dict, plan: Plan) -> dict:
     auto = plan.model.auto_class or ""
     prefixes = _NEW_HEAD_PREFIXES.get(auto, ())

@@ -72,15 +72,47 @@ def bnb_config(plan: Plan):
                                "use BitsAndBytesConfig's argument names, e.g. bnb_4bit_use_double_quant: true") from None
 
 
-def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
-    """The base model with its linear layers in bitsandbytes 4 bit (on CPU, or this rank's GPU)."""
+def checkpoint_experts(plan: Plan):
+    """The base checkpoint's expert tensors as a `CheckpointExperts` (models/checkpoint_experts.py),
+    to be quantized one expert at a time as they are read; None when they load whole (a hub id, a
+    tiny model, another head than the family's, a layout it does not know)."""
+    from pathlib import Path
+
+    import transformers
+
+    from archtune.models.checkpoint_experts import CheckpointExperts
+    from archtune.models.load import tiny_name
+
+    base = plan.model.base_model
+    structure = plan.structure()
+    if tiny_name(base) is not None or not Path(base).is_dir() or plan.model.auto_class or structure is None \
+            or not hasattr(transformers, structure.model_class):
+        return None
+    params = {n: structure.parameters[n] for t in plan.expert_param_names for n in structure.parameters_matching(t)}
+    if not params:
+        return None
+    found = CheckpointExperts.find(base, params, plan.expert_checkpoint_parts)
+    return found if isinstance(found, CheckpointExperts) else None
+
+
+def _device_map() -> dict:
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def load_quantized(plan: Plan, tokenizer, *, path: str | None = None, experts=None):
+    """The base model with its linear layers in bitsandbytes 4 bit (on CPU, or this rank's GPU).
+
+    `experts` (`checkpoint_experts(plan)`): the expert tensors are zero-byte stand-ins of their
+    shape, filled in 4 bits from the checkpoint by `quantize_moe_experts`; the rest loads as usual."""
     from archtune.models.load import auto_model_class, check_loading_info, pretrained_kwargs, tiny_name
 
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = _device_map()
     base = plan.model.base_model
     name = tiny_name(base) if path is None else None
     kwargs = dict(quantization_config=bnb_config(plan), dtype=compute_dtype(plan), device_map=device_map,
                   output_loading_info=True)
+    if experts is not None and path is None:
+        return _load_with_stand_ins(plan, experts, kwargs)
     if name is not None:
         from archtune.models.load import load_model
 
@@ -102,6 +134,36 @@ def load_quantized(plan: Plan, tokenizer, *, path: str | None = None):
     model, info = auto_model_class(plan).from_pretrained(source, trust_remote_code=plan.model.trust_remote_code,
                                                     revision=plan.model.revision, **kwargs)
     check_loading_info(info, source)
+    _keep_training_layout(model)
+    return model
+
+
+def _load_with_stand_ins(plan: Plan, experts, kwargs: dict):
+    """`from_pretrained` from the checkpoint's tensors (lazy slices) with stand-ins for the experts."""
+    from pathlib import Path
+
+    from transformers import GenerationConfig
+
+    import transformers
+
+    from archtune.models.load import check_loading_info, pretrained_config
+
+    # The class the Auto class picks (the meta-device build's): an Auto class needs a model path.
+    model_class = getattr(transformers, plan.structure().model_class)
+    source = str(plan.model.base_model)
+    config, extra = pretrained_config(plan, source)
+    device = next(iter(kwargs["device_map"].values()))
+    state, handles = experts.state_dict(torch.device(device), kwargs["dtype"])
+    try:
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs, **extra)
+    finally:
+        del state
+        for handle in handles:
+            handle.__exit__(None, None, None)
+    check_loading_info(info, source)
+    model.config._name_or_path = source  # as a load from the directory names it (adapter_config reads it)
+    if (Path(source) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
     _keep_training_layout(model)
     return model
 

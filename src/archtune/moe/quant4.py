@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -136,30 +137,44 @@ class NF4Experts(nn.Module):
 
 def quantize_tensor(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, NF4Experts]:
     """(packed codes [E, ceil(n/2)], state) of a 3D expert tensor: bitsandbytes NF4 per expert."""
-    import bitsandbytes.functional as bnbf
-
     if weight.dim() != 3:
         raise ValueError(f"expected a 3D expert tensor [E, out, in], got shape {tuple(weight.shape)}")
+    data = weight.detach()
+    return quantize_experts_of((data[e] for e in range(data.shape[0])), tuple(weight.shape), dtype or weight.dtype)
+
+
+def quantize_experts_of(experts: Iterable[torch.Tensor], shape: tuple[int, ...],
+                        dtype: torch.dtype) -> tuple[torch.Tensor, NF4Experts]:
+    """`quantize_tensor` of the [E, out, in] tensor whose experts `experts` yields one at a time
+    ([out, in] each, e.g. read from a checkpoint): no dense copy of the whole tensor exists."""
+    import bitsandbytes.functional as bnbf
+
     packed, absmax_q, absmax2, offset = [], [], [], []
     code = code2 = None
-    data = weight.detach()
-    for e in range(data.shape[0]):
-        q, state = bnbf.quantize_4bit(data[e].contiguous(), blocksize=BLOCKSIZE, compress_statistics=True,
+    for expert in experts:
+        q, state = bnbf.quantize_4bit(expert.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True,
                                       quant_type="nf4")
         packed.append(q.view(-1))
         absmax_q.append(state.absmax.view(-1))
         absmax2.append(state.state2.absmax.view(-1).float())
         offset.append(torch.as_tensor(state.offset, dtype=torch.float32).view(()))
         code, code2 = state.code.float(), state.state2.code.float()
+    if len(packed) != shape[0]:
+        raise ValueError(f"{len(packed)} experts given for a tensor of shape {tuple(shape)}")
     state = NF4Experts(torch.stack(absmax_q), torch.stack(absmax2), torch.stack(offset), code.clone(), code2.clone(),
-                       tuple(weight.shape), dtype or weight.dtype)
+                       tuple(shape), dtype)
     return torch.stack(packed), state
 
 
-def quantize_parameter_(module: nn.Module, name: str, dtype: torch.dtype | None = None) -> None:
-    """Replace `module.<name>` (a 3D expert parameter) by its 4-bit storage, in place."""
+def quantize_parameter_(module: nn.Module, name: str, dtype: torch.dtype | None = None,
+                        experts: Iterable[torch.Tensor] | None = None) -> None:
+    """Replace `module.<name>` (a 3D expert parameter) by its 4-bit storage, in place. `experts`:
+    its experts one at a time (from the checkpoint) when the parameter is only a stand-in of its shape."""
     weight = getattr(module, name)
-    packed, state = quantize_tensor(weight, dtype)
+    if experts is None:
+        packed, state = quantize_tensor(weight, dtype)
+    else:
+        packed, state = quantize_experts_of(experts, tuple(weight.shape), dtype or weight.dtype)
     delattr(module, name)
     module.register_parameter(name, _frozen(packed))
     # unsafe: the parametrization changes shape and dtype (uint8 codes -> dense weight) on purpose.
@@ -184,12 +199,21 @@ def expert_tensors(model: nn.Module, targets: tuple[str, ...]):
                 yield module, leaf, full
 
 
-def quantize_experts(model: nn.Module, targets: tuple[str, ...], dtype: torch.dtype | None = None) -> list[str]:
+def quantize_experts(model: nn.Module, targets: tuple[str, ...], dtype: torch.dtype | None = None,
+                     checkpoint=None) -> list[str]:
     """Store every expert tensor of `model` named by `targets` (e.g. the family's
-    `expert_param_names`: experts.gate_up_proj, experts.down_proj) in 4 bits. Returns their names."""
+    `expert_param_names`: experts.gate_up_proj, experts.down_proj) in 4 bits. Returns their names.
+
+    `checkpoint` (a models.checkpoint_experts.CheckpointExperts): the tensors it holds are
+    stand-ins in the model, and their experts are read from it one at a time."""
     done = []
     for module, leaf, full in list(expert_tensors(model, tuple(targets))):
-        quantize_parameter_(module, leaf, dtype)
+        source = checkpoint.lookup(full) if checkpoint is not None else None
+        experts = None
+        if source is not None:
+            param = getattr(module, leaf)
+            experts = checkpoint.experts(source, param.device, dtype or param.dtype)
+        quantize_parameter_(module, leaf, dtype, experts)
         done.append(full)
     return done
 
@@ -380,6 +404,7 @@ __all__ = [
     "model_bytes",
     "nf4_state",
     "quantize_experts",
+    "quantize_experts_of",
     "quantize_parameter_",
     "quantize_tensor",
     "quantized_experts",

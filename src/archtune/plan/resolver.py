@@ -199,6 +199,11 @@ class Plan:
         return tuple(self.family.expert_param_names)
 
     @property
+    def expert_checkpoint_parts(self) -> dict[str, tuple[str, ...]]:
+        """{expert param name: the per-expert checkpoint modules it concatenates} (the family's)."""
+        return dict(self.family.expert_checkpoint_parts)
+
+    @property
     def quantize_moe_experts(self) -> bool:
         """The expert tensors (`expert_param_names`) are stored in 4 bits (archtune.moe.quant4)."""
         return bool(self.decided("quantize_moe_experts"))

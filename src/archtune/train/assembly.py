@@ -16,7 +16,8 @@ are the same for all, so an adapter is evaluated and merged on the base it was t
     so both compute in the same dtypes
  6. adapters: new (or `lora_model_dir`) and trainable, or `unfrozen_parameters`, for training;
     the trained adapter in output_dir for the other commands; plugins' post_adapters
- 7. 4-bit experts (`quantize_moe_experts`), after the adapters (see `quantize_moe_experts`)
+ 7. 4-bit experts (`quantize_moe_experts`), after the adapters (see `quantize_moe_experts`); from a
+    local safetensors checkpoint read one expert at a time (step 1 loaded zero-byte stand-ins)
  8. training: the Plan's use_cache; training and evaluation: packing patches, chunked loss;
     training: activation offloading last
 
@@ -81,17 +82,33 @@ def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, p
     plugins = load_plugins(plan.config) if plugins is None else plugins  # plugins alone read the raw config
     run_hook(plugins, "pre_model_load", plan.config, plan)
     quantized = weights != "full" and quant.is_quantized(plan)
+    four_bit_experts = plan.quantize_moe_experts and weights != "full"
+    # 4-bit experts read from the checkpoint one expert at a time, after the adapters (step 7): until
+    # then they are zero-byte stand-ins, so nothing before may read them (plugins' hooks, weight-scale rules).
+    checkpoint = (quant.checkpoint_experts(plan) if quantized and four_bit_experts and not purpose.merges
+                  and not plugins and not plan.model.normalize_weight_scales else None)
+    try:
+        model = _assemble(plan, tokenizer, purpose, weights, quantized, four_bit_experts, checkpoint, console, plugins)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+    return Assembled(model, weights)
+
+
+def _assemble(plan: Plan, tokenizer, purpose: Purpose, weights: str, quantized: bool, four_bit_experts: bool,
+              checkpoint, console, plugins):
+    """Steps 1-8 of the module docstring."""
+    output_dir = plan.training.output_dir
     if weights == "full":
         model = load_model(plan, tokenizer, path=output_dir)
     else:
-        model = quant.load_quantized(plan, tokenizer) if quantized else load_model(plan, tokenizer)
+        model = quant.load_quantized(plan, tokenizer, experts=checkpoint) if quantized else load_model(plan, tokenizer)
     run_hook(plugins, "post_model_load", model, plan)
     set_attn_implementation(model, plan)
     set_experts_implementation(model, plan)
     if weights != "full":  # a full fine-tune saved its weights already rescaled
         apply_weight_scale_rules(model, plan, console)
     freeze_multimodal(model, plan)
-    four_bit_experts = plan.quantize_moe_experts and weights != "full"
     if quantized and purpose.merges:
         dequantize_base(model, plan, experts=four_bit_experts)
     elif quantized:
@@ -100,9 +117,9 @@ def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, p
     model = attach_adapters(model, plan, weights, purpose)
     run_hook(plugins, "post_adapters", model, plan)
     if purpose.merges:
-        return Assembled(model.merge_and_unload(), weights)
+        return model.merge_and_unload()
     if four_bit_experts:
-        quantize_moe_experts(model, plan)
+        quantize_moe_experts(model, plan, checkpoint)
     if purpose.trains:
         set_use_cache(model, plan.use_cache)
     if purpose.computes_loss:
@@ -110,7 +127,7 @@ def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, p
         prepare_loss(model, plan)
     if purpose.trains and plan.model.activation_offloading:
         apply_activation_offloading(model, plan)
-    return Assembled(model, weights)
+    return model
 
 
 @dataclass(frozen=True)
@@ -214,15 +231,17 @@ def quant4_targets(model, plan: Plan) -> tuple:
     return tuple(getattr(m, leaf) for m, leaf, _ in quant4.expert_tensors(model, plan.expert_param_names))
 
 
-def quantize_moe_experts(model, plan: Plan) -> list[str]:
-    """The family's expert tensors stored in 4 bits (archtune.moe.quant4), after the adapters.
+def quantize_moe_experts(model, plan: Plan, checkpoint=None) -> list[str]:
+    """The family's expert tensors stored in 4 bits (archtune.moe.quant4), after the adapters;
+    `checkpoint` (quant.checkpoint_experts): read from it one expert at a time (the model holds stand-ins).
 
     After, not before: PEFT nests the wrappers of a module's expert LoRAs in another order when the
     tensors are already parametrized, which would change the adapter's key names; quantized here,
     the saved adapter loads onto the unquantized base and is then quantized the same way."""
     from archtune.moe import quant4
 
-    names = quant4.quantize_experts(model, plan.expert_param_names, dtype=quant.compute_dtype(plan))
+    names = quant4.quantize_experts(model, plan.expert_param_names, dtype=quant.compute_dtype(plan),
+                                    checkpoint=checkpoint)
     quant4.adapt_peft(model)  # after the kernels plugin's post_adapters: its PEFT override must not replace this one
     return names
 
