@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import REPO, read_json
+from tests.e2e.poison_plugin import POISON
 from tests.e2e.test_resume import assert_identical, killed, resumed_from, weights
 
 KILL_ENV = "ARCHTUNE_TEST_KILL_AT"
@@ -84,12 +85,17 @@ def test_grpo_non_finite_rollout_stops_naming_the_step_and_the_prompt(straight):
     probabilities nan: one message naming the step and that prompt's FILE:LINE, exit 3."""
     rows = (REPO / "examples/grpo/data/train.jsonl").read_text().splitlines()[:16]
     row = json.loads(rows[5])
-    row["question"] += " \u2620"
+    row["question"] += f" {POISON}"
     rows[5] = json.dumps(row, ensure_ascii=False)
     path = straight / "poisoned.jsonl"
     path.write_text("\n".join(rows) + "\n")
+    # The policy never samples the poisoned tokens itself (suppress_tokens): only the prompt carries them.
+    from archtune.assets import load_tokenizer
+
+    poison = load_tokenizer()(POISON, add_special_tokens=False)["input_ids"]
     proc = grpo_run(straight, "nan", datasets=[{"path": str(path), "type": "rewards.number_prompts"}], save_steps=1,
-                    max_steps=8, plugins=["tests.e2e.poison_plugin.PoisonPlugin"])
+                    max_steps=8, plugins=["tests.e2e.poison_plugin.PoisonPlugin"],
+                    trl={**BASE["trl"], "generation_kwargs": {"suppress_tokens": poison}})
     text = " ".join(proc.stderr.split())
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert text.count("stopped at step") == 1 and "Traceback" not in text

@@ -146,3 +146,24 @@ def test_a_reward_function_returning_the_wrong_thing_is_named(returned, words):
     assert e.value.problems[0].key == "trl.reward_funcs.0" and words in e.value.problems[0].message
     ok = GuardedReward(lambda prompts, completions, **kw: [1, None], "rewards.r", "k")
     assert ok(prompts=["p", "p"], completions=["a", "b"]) == [1.0, None] and ok.__name__ == "<lambda>"
+
+
+def test_rollouts_are_seeded_per_completion_unless_generation_kwargs_sample_otherwise():
+    plan = grpo_plan(world_size=2)
+    assert decision(plan, "rl_rollout_seeding") == ("completion", "auto") and plan.grpo.rollout_seeding == "completion"
+    assert "any number of processes" in plan.settings["rl_rollout_seeding"].reason
+    own = grpo_plan(trl={"generation_kwargs": {"typical_p": 0.9}})
+    assert decision(own, "rl_rollout_seeding") == ("process", "auto")
+    assert "typical_p" in own.settings["rl_rollout_seeding"].reason
+    # Settings the seeded sampler applies itself keep the seeding.
+    assert grpo_plan(trl={"generation_kwargs": {"top_k": 5}}).grpo.rollout_seeding == "completion"
+
+
+def test_generation_and_chat_template_kwargs_reach_the_grpo_config(tmp_path):
+    plan = grpo_plan(trl={"generation_kwargs": {"top_k": 5, "no_repeat_ngram_size": 2},
+                          "chat_template_kwargs": {"enable_thinking": False}}, output_dir=str(tmp_path))
+    assert plan.grpo.generation_kwargs == {"top_k": 5, "no_repeat_ngram_size": 2}
+    assert plan.grpo.chat_template_kwargs == {"enable_thinking": False}
+    args = grpo_arguments(plan, training_arguments(plan, has_eval=False))
+    assert args.generation_kwargs == {"top_k": 5, "no_repeat_ngram_size": 2}
+    assert args.chat_template_kwargs == {"enable_thinking": False}

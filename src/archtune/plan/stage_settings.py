@@ -125,6 +125,7 @@ class GrpoSettings:
     log_completions: bool
     num_completions_to_print: int | None
     rollout_backend: str | None
+    rollout_seeding: str | None  # "completion": each completion's own seed; "process": the process's RNG
     vllm_server: dict  # vllm_server_host / _port / _timeout as set
 
 
@@ -241,8 +242,9 @@ def grpo_settings(plan: "Plan") -> GrpoSettings:
         top_k=int(t("trl.top_k")),
         min_p=t("trl.min_p"),
         repetition_penalty=float(t("trl.repetition_penalty")),
-        generation_kwargs=t("trl.generation_kwargs"),
-        chat_template_kwargs=t("trl.chat_template_kwargs"),
+        # dicts: a set one is held key by key (trl.generation_kwargs.top_k), an unset one as None
+        generation_kwargs=plan.section("trl.generation_kwargs"),
+        chat_template_kwargs=plan.section("trl.chat_template_kwargs"),
         loss_type=t("trl.loss_type"),
         scale_rewards=t("trl.scale_rewards"),
         multi_objective_aggregation=t("trl.multi_objective_aggregation"),
@@ -256,6 +258,7 @@ def grpo_settings(plan: "Plan") -> GrpoSettings:
         log_completions=bool(t("trl.log_completions")),
         num_completions_to_print=t("trl.num_completions_to_print"),
         rollout_backend=plan.get("rl_rollout_backend"),
+        rollout_seeding=plan.get("rl_rollout_seeding"),
         vllm_server={key: plan.get(f"trl.{key}") for key in ("vllm_server_host", "vllm_server_port", "vllm_server_timeout")
                      if plan.get(f"trl.{key}") is not None},
     )

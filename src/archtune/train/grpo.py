@@ -10,6 +10,10 @@ advantages and the clipped loss. What the subclass here adds to TRL's trainer, a
 - each reward function is called through a guard: one that raises, returns the wrong number of
   rewards or something that is not a number ends the run with one error naming its
   `trl.reward_funcs.N` key and the batch, never a traceback;
+- rollouts through transformers sample each completion from its own seed (the run's seed, the
+  optimizer step, the completion's row in the step's generation batch over all processes;
+  train/rollouts.py), so N DDP processes sample the completions one process samples with the
+  same global batch, and a resumed run samples what the uninterrupted one did;
 - a rollout whose sampling probabilities are not finite (the weights or a prompt's activations
   went inf or nan) stops the run as a non-finite loss does, naming the step and its prompts;
 - the wall time of each optimizer step is split into rollouts (generation, reward scoring and
@@ -163,30 +167,26 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in ids else []) + ids
 
 
-@torch.no_grad()
 def complete(model, tokenizer, prompts: list, rollouts: Rollouts, *, sample: bool, device="cpu"):
     """(completion ids, decoded completions) for `prompts`: greedy, or sampled at the run's
-    temperature; batched, prompts left-padded, generation stops at any eos id the model declares."""
+    temperature with each completion's own seed (train/rollouts.py: the same completions in any
+    batch size); batched, prompts left-padded, generation stops at any eos id the model declares."""
+    from transformers import GenerationConfig
+
     from archtune.patches.text_only import text_only_extras
+    from archtune.train.rollouts import EVALUATION_STREAM, completion_seeds, generate_completions
     from trl.data_utils import is_conversational
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
+    sampling = {"do_sample": True, "temperature": rollouts.temperature, "top_k": 0, "top_p": 1.0} if sample else \
+        {"do_sample": False}
+    config = GenerationConfig(max_new_tokens=rollouts.max_new_tokens, eos_token_id=_eos_ids(model, tokenizer),
+                              pad_token_id=pad, use_cache=True, **sampling)
     ids_out: list[list[int]] = []
     for start in range(0, len(prompts), rollouts.batch_size):
         chunk = prompt_ids(tokenizer, prompts[start:start + rollouts.batch_size], rollouts.chat_template_kwargs)
-        width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        batch = {"input_ids": input_ids, "attention_mask": mask}
-        batch.update(text_only_extras(model, batch))
-        kwargs = {"do_sample": True, "temperature": rollouts.temperature, "top_k": 0, "top_p": 1.0} if sample else \
-            {"do_sample": False}
-        out = model.generate(**batch, max_new_tokens=rollouts.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                             use_cache=True, **kwargs)
-        for row in out[:, width:].tolist():
-            cut = next((i for i, tok in enumerate(row) if tok in eos), None)
-            ids_out.append(row[: cut + 1] if cut is not None else row)
+        seeds = completion_seeds(rollouts.seed, EVALUATION_STREAM, 0, start, len(chunk)) if sample else None
+        ids_out += generate_completions(model, chunk, config, seeds=seeds, device=device, extras=text_only_extras)
     texts = tokenizer.batch_decode(ids_out, skip_special_tokens=True)
     if prompts and is_conversational({"prompt": prompts[0]}):
         return ids_out, [[{"role": "assistant", "content": t}] for t in texts]
@@ -211,8 +211,6 @@ def held_out_rewards(model, tokenizer, rows, rewards: list[GuardedReward], weigh
             runs.append(("_sampled", [p for p in prompts for _ in range(n)],
                          {k: [v for v in vals for _ in range(n)] for k, vals in columns.items()}, True))
         for suffix, ps, cols, sample in runs:
-            if sample:
-                torch.manual_seed(rollouts.seed)
             ids, completions = complete(model, tokenizer, ps, rollouts, sample=sample, device=device)
             table = []
             for fn in rewards:
@@ -245,6 +243,7 @@ def trainer_class():
     class ArchtuneGRPOTrainer(CrashSafeTrainer, GRPOTrainer):
         eval_rows: Any = None
         rollouts: Rollouts | None = None
+        seeded_rollouts = False
         step_prompts: list = []
 
         def __init__(self, *args, reference=None, **kwargs):
@@ -267,14 +266,16 @@ def trainer_class():
         # -- rollout vs update time
         def _generate_and_score_completions(self, inputs):
             from archtune.train.guards import NonFinite
+            from archtune.train.rollouts import NonFiniteProbabilities
 
             start = time.perf_counter()
             try:
                 return super()._generate_and_score_completions(inputs)
             except RuntimeError as exc:
-                # Non-finite weights or activations reach sampling before any loss: torch.multinomial
-                # refuses the probabilities. The run stops as for a non-finite loss, naming the step.
-                if "probability tensor contains" not in str(exc):
+                # Non-finite weights or activations reach sampling before any loss: the seeded sampler
+                # (or torch.multinomial) refuses the probabilities. The run stops as for a non-finite
+                # loss, naming the step.
+                if not isinstance(exc, NonFiniteProbabilities) and "probability tensor contains" not in str(exc):
                     raise
                 raise NonFinite(self.state.global_step + 1, "the policy's next-token probabilities are not finite "
                                 "(inf or nan) while sampling the rollouts", []) from None
@@ -303,6 +304,31 @@ def trainer_class():
                 self.update_seconds += self._step_update
                 self._step_rollout = self._step_update = 0.0
             return loss
+
+        # -- rollouts: each completion sampled from its own seed (train/rollouts.py)
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+            if not self.seeded_rollouts or self.use_vllm or images is not None or multimodal_fields:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     *args, **kwargs)
+            from trl.models.utils import unwrap_model_for_generation
+
+            from archtune.patches.text_only import text_only_extras
+            from archtune.train.rollouts import TRAINING_STREAM, completion_seeds, generate_completions
+
+            # This process's rows are rows [rank * n, (rank + 1) * n) of the step's generation batch
+            # (TRL slices the gathered advantages the same way).
+            n = len(prompt_ids)
+            seeds = completion_seeds(self.args.seed, TRAINING_STREAM, self.state.global_step,
+                                     self.accelerator.process_index * n, n)
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                             generation_kwargs=self.generation_kwargs,
+                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                                             ) as model:
+                ids = generate_completions(model, prompt_ids, self.generation_config, seeds=seeds,
+                                           device=self.accelerator.device, extras=text_only_extras,
+                                           eos=self.eos_token_ids)
+            return ids, None
 
         # -- text-only batches of multimodal wrappers get the inputs their forward takes
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *args, **kwargs):
@@ -342,6 +368,7 @@ def build_trainer(plan, model, tokenizer, data, rewards, args, callbacks, nonfin
                   reference=reference)
     trainer.eval_rows = data.eval
     trainer.rollouts = Rollouts.of_plan(plan)
+    trainer.seeded_rollouts = plan.grpo.rollout_seeding == "completion"
     return trainer
 
 
@@ -408,6 +435,7 @@ def train_grpo(run) -> dict:
         **shared["progress"],
         "reward_mean_first": train_logs[0].get("reward") if train_logs else None,
         "reward_mean_last": train_logs[-1].get("reward") if train_logs else None,
+        "train_rewards": [h.get("reward") for h in train_logs],  # the mean reward of each logged step's rollouts
         "rollout_seconds": round(trainer.rollout_seconds, 3),
         "update_seconds": round(trainer.update_seconds, 3),
         "experts_implementation": experts_implementation_in_use(model),
@@ -416,7 +444,12 @@ def train_grpo(run) -> dict:
         **shared["processes"],
         **shared["identity"],
     }
-    last = train_logs[-1] if train_logs else {}
+    # Each metric's latest value: with num_iterations > 1 the steps that reuse a generated batch log
+    # the clip ratios (the off-policy passes) but no rewards.
+    last: dict = {}
+    for h in history:
+        if "loss" in h:
+            last.update(h)
     for key in sorted(k for k in last if k.startswith(("rewards/", "completions/", "clip_ratio/")) or k in
                       ("kl", "entropy", "reward_std", "frac_reward_zero_std")):
         summary[key] = last[key]
