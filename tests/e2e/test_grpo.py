@@ -88,6 +88,9 @@ def test_evaluate_reports_the_trained_policys_held_out_reward(trained, capsys):
     result = json.loads(out)
     assert {"eval_loss", "eval_tokens", "eval_rows", "reward_mean", "reward_mean_sampled"} <= set(result)
     assert result["reward_mean"] == pytest.approx(s["eval_reward_mean"], abs=1e-9)
+    # Sampled: each held-out completion from its own seed, so `evaluate` samples what the run's final
+    # evaluation sampled.
+    assert result["reward_mean_sampled"] == pytest.approx(s["eval_reward_mean_sampled"], abs=1e-9)
     assert result["eval_rows"] == 16
 
 
