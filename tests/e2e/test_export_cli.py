@@ -212,6 +212,21 @@ def test_the_config_export_block_is_honored(trained, capsys, tmp_path):
     assert (tmp_path / "served" / "config.json").is_file()
 
 
+def test_axolotl_export_spellings_ftype_and_a_quantize_string(trained, capsys, tmp_path):
+    """Axolotl 0.21's export block as written: `quantize` as one comma-separated string (any case), and
+    `{ftype}` in outfile replaced by each file's weight type."""
+    import yaml
+
+    _needs_llama_cpp()
+    keys = yaml.safe_load(trained("llama").read_text())
+    keys["export"] = {"format": "gguf", "outtype": "f16", "quantize": "q8_0", "outfile": str(tmp_path / "m-{ftype}.gguf")}
+    code, report, err = _export(capsys, write_config(tmp_path / "axolotl_export.yaml", **keys))
+    assert code == 0, err
+    assert report["path"] == str(tmp_path / "m-f16.gguf") and (tmp_path / "m-Q8_0.gguf").is_file()
+    assert [c["outtype"] for c in report["quantized"]] == ["Q8_0"] and report["quantized"][0]["ok"]
+    assert not list(tmp_path.glob("*{ftype}*"))
+
+
 def test_usage_errors_name_the_flag(trained, capsys):
     config = trained("llama")
     code, _, err = run_cli(capsys, "export", config, "--format", "merged", "--quantize", "Q4_K_M")

@@ -121,8 +121,20 @@ class ExportConfig(_Strict):
     outtype: Literal["f32", "f16", "bf16", "q8_0", "auto"] | None = Field(
         None, description="Tensor type of the file (default: f16 for gguf, the model's dtype otherwise).")
     quantize: list[str] | None = Field(
-        None, description="GGUF only: more files quantized by llama.cpp's quantizer, e.g. [Q4_K_M, Q5_K_M, Q8_0].")
-    outfile: str | None = Field(None, description="Where the file or directory goes (default: OUTPUT_DIR/export/).")
+        None, description="GGUF only: more files quantized by llama.cpp's quantizer, e.g. [Q4_K_M, Q5_K_M, Q8_0] "
+        "(or, as in Axolotl, one comma-separated string; names are upper-cased).")
+    outfile: str | None = Field(None, description="Where the file or directory goes (default: OUTPUT_DIR/export/); "
+                                "`{ftype}` in a GGUF file name is replaced by each file's weight type.")
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quant_names(cls, v: Any) -> Any:
+        # Axolotl's spelling: "Q4_K_M,Q8_0" or lower case, the same types.
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, list) and all(isinstance(q, str) for q in v):
+            return list(dict.fromkeys(q.strip().upper() for q in v if q.strip()))
+        return v
 
 
 class TrlConfig(_Strict):

@@ -16,6 +16,8 @@ from typing import Callable
 from archtune.errors import UserError
 
 
+FTYPE = "{ftype}"  # the placeholder of Axolotl's export.outfile
+
 def gguf_spec(plan, model_type: str):
     spec = plan.family.gguf.get(model_type)
     if spec is None:
@@ -57,13 +59,16 @@ def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference:
     out = settings.out or Path(plan.training.output_dir) / "export" / f"model-{settings.outtype}.gguf"
     if out.is_dir():
         out = out / f"model-{settings.outtype}.gguf"
+    named = out  # Axolotl's `{ftype}` in the file name: each file's weight type
+    out = Path(str(named).replace(FTYPE, settings.outtype))
     written = write_gguf(model, tokenizer, spec, plan.family.language_model_prefix if _wrapped(model, plan) else "",
                          out, settings.outtype, name=Path(plan.model.base_model).name)
     log(f"wrote {out} ({written.arch}, {written.tensors} tensors: "
         + ", ".join(f"{n} {k}" for k, n in sorted(written.types.items())) + ")")
     del model
     gc.collect()
-    files = [out] + [out.with_name(f"{out.stem.removesuffix('-' + settings.outtype)}-{q}.gguf")
+    files = [out] + [Path(str(named).replace(FTYPE, q)) if FTYPE in str(named)
+                     else out.with_name(f"{out.stem.removesuffix('-' + settings.outtype)}-{q}.gguf")
                      for q in settings.quantize]
     for q, path in zip(settings.quantize, files[1:]):
         quantize(out, path, q)
