@@ -100,7 +100,35 @@ def test_adapter_reloads_with_stock_peft(trained, capsys):
     assert report["merged_tensors"]["merged"] == report["merged_tensors"]["adapted"] == 33
     assert report["verification"]["runtime"].startswith("peft")
     assert report["verification"]["max_rel_logit_diff"] <= 1e-5
-    assert any("vLLM" in n for n in report["notes"])  # 3D expert LoRA: what serving engines do is said
+    # The 8 expert deltas, rebuilt from the files as vLLM's 3D MoE loader reshapes them, are PEFT's.
+    assert report["serving_layout"]["expert_tensors"] == report["serving_layout"]["matching"] == 8
+    assert any("is_3d_moe_weight" in n for n in report["notes"])
+    assert any("vllm-project/vllm#41384" in n for n in report["notes"])  # the family's facts
+
+
+def test_gemma4_moe_adapter_reloads_with_stock_peft_in_the_layout_vllm_reads(trained, capsys):
+    code, report, err = _export(capsys, trained("gemma4-moe"), "--format", "adapter")
+    assert code == 0, err
+    assert report["merged_tensors"] == {"merged": 34, "adapted": 34, "expert": 8, "not_merged": []}
+    assert report["verification"]["greedy_agree"] == 6 and report["verification"]["max_rel_logit_diff"] <= 1e-5
+    assert report["serving_layout"]["matching"] == 8 and report["serving_layout"]["max_abs_diff"] < 1e-6
+    assert any("vllm-project/vllm#43254" in n for n in report["notes"])  # vLLM's Gemma 4 MoE has no expert LoRA
+
+
+def test_adapter_on_one_expert_tensor_is_not_what_vllm_loads(trained, capsys, tmp_path):
+    """The control: LoRA on experts.down_proj alone reloads in PEFT, but vLLM's 3D loader asserts a
+    gate_up_proj beside it: the export says so and exits 2."""
+    import yaml
+
+    keys = yaml.safe_load(trained("qwen3_5-moe").read_text())
+    keys.update(lora_target_parameters=["experts.down_proj"], output_dir=str(tmp_path / "out"))
+    config = write_config(tmp_path / "down_only.yaml", **keys)
+    code, _, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    code, report, err = _export(capsys, config, "--format", "adapter")
+    assert code == 2
+    assert report["verification"]["ok"] and report["serving_layout"]["matching"] == 0
+    assert "vLLM's 3D loader needs gate_up_proj and down_proj" in err
 
 
 def test_merged_export_fails_when_expert_deltas_are_dropped(trained, capsys, monkeypatch):

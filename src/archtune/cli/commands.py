@@ -435,6 +435,11 @@ def _export_failure(report) -> str:
     if count is not None and not count.ok:
         shown = ", ".join(count.missing[:5]) + (" ..." if len(count.missing) > 5 else "")
         parts.append(f"{count.sentence()}; not merged: {shown}")
+    layout = report.serving_layout
+    if layout is not None and not layout.ok:
+        shown = ", ".join(layout.mismatched[:5]) + (" ..." if len(layout.mismatched) > 5 else "")
+        parts.append(f"{layout.sentence()}; read otherwise: {shown} (vLLM's 3D loader needs gate_up_proj and "
+                     "down_proj LoRA on each experts module, in PEFT's [E, out, in] orientation)")
     for v, path in zip(report.verifications, report.files):
         if not v.ok:
             parts.append(f"{Path(path).name} ({v.runtime}, {v.outtype}): max relative logit difference "

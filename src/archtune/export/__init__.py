@@ -28,6 +28,7 @@ from archtune.errors import UserError
 from archtune.export.compare import held_out_prompts, hf_logits, verify
 from archtune.export.merge_check import adapted_tensors, count_merged
 from archtune.export.report import ExportReport
+from archtune.export.serving import vllm_3d_layout
 
 FORMATS = ("gguf", "merged", "adapter")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -156,15 +157,20 @@ def _export_adapter(plan, tokenizer, settings, trained, expected, prompts, sourc
     config = hf.save_adapter(Path(plan.training.output_dir), tokenizer, out, plan.model.base_model)
     base = quant.load_quantized(plan, tokenizer) if quant.is_quantized(plan) else load_model(plan, tokenizer)
     stock = hf.load_adapter_stock(base, out)
-    applied = {t.name: t.expected for t in adapted_tensors(stock)}
+    reloaded = list(adapted_tensors(stock))
+    applied = {t.name: t.expected for t in reloaded}
     count = count_merged(expected, applied.get, relative=RELOAD_RELATIVE)
+    layout = vllm_3d_layout(out / hf.ADAPTER_FILES[1], config, reloaded)
+    del reloaded, applied
     check = verify(f"peft {peft.__version__}", settings.outtype, prompts, reference, lambda ids: hf_logits(stock, ids),
                    moe=plan.family.moe(plan.model_config))
-    notes = hf.serving_notes(config)
+    notes = hf.serving_notes(config, plan.family.serving_notes)
+    if layout is not None:
+        notes.insert(0, layout.sentence())
     if plan.model.normalize_weight_scales:
         notes.append("normalize_weight_scales rescaled the base before training: a server that loads this adapter "
                      "on the original base computes something else; export --format merged instead")
-    return ExportReport("adapter", str(out), count, [check], [str(out)], source, notes)
+    return ExportReport("adapter", str(out), count, [check], [str(out)], source, notes, layout)
 
 
 __all__ = ["DEFAULT_PROMPTS", "ExportReport", "ExportSettings", "FORMATS", "OUTTYPES", "export", "settings_from"]

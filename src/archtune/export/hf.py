@@ -69,15 +69,17 @@ def adapter_tensor_names(out: Path) -> list[str]:
         return list(f.keys())
 
 
-def serving_notes(config: dict) -> list[str]:
-    """What the serving engines are known to do with this adapter's layout."""
+def serving_notes(config: dict, family_notes: tuple[str, ...] = ()) -> list[str]:
+    """What the serving engines are known to do with this adapter's layout (the family's own facts after)."""
     notes = []
     if config.get("target_parameters"):
-        notes.append("the adapter trains 3D expert tensors (target_parameters, PEFT's layout: lora_A/lora_B "
-                     "per wrapped parameter, experts stacked along the rank); PEFT loads it (checked above). "
-                     "vLLM's loading of such adapters was still being fixed upstream (vllm-project/vllm#41384, "
-                     "#52198) and is not checked here: serve the merged model (--format merged) with vLLM or "
-                     "SGLang unless your vLLM release lists target_parameters adapters as supported")
+        notes.append("the adapter trains 3D expert tensors in PEFT's target_parameters layout (gate_up_proj the "
+                     "inner wrapper, down_proj the outer; lora_A [experts*r, in], lora_B [out, r*experts]), the "
+                     "layout vLLM loads for models that declare is_3d_moe_weight (a model whose vLLM class does "
+                     "not declare it wants per-expert experts.N.{gate,up,down}_proj tensors instead; vLLM's "
+                     "--enable-mixed-moe-lora-format with is_3d_lora_weight: true serves it there). vLLM is not "
+                     "installed here: the layout is checked from the files, not by serving them")
+        notes.extend(family_notes)
     return notes
 
 

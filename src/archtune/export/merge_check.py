@@ -23,6 +23,7 @@ class AdaptedTensor:
     name: str  # the tensor's name in the merged model (the module path + parameter)
     expected: torch.Tensor  # float32: base + delta, or the trained copy
     expert: bool  # a 3D expert tensor (lora_target_parameters)
+    delta: torch.Tensor | None = None  # float32, expert tensors only: PEFT's delta (the serving-layout check)
 
 
 @dataclass
@@ -75,8 +76,9 @@ def adapted_tensors(model) -> Iterator[AdaptedTensor]:
                 with torch.no_grad():
                     delta = module.get_delta_weight(adapter).float()
                 value = _base_value(base, parameter or "weight")
-                yield AdaptedTensor(f"{_module_path(name)}.{parameter or 'weight'}", value + delta.reshape(value.shape),
-                                    expert=parameter is not None)
+                delta = delta.reshape(value.shape)
+                yield AdaptedTensor(f"{_module_path(name)}.{parameter or 'weight'}", value + delta,
+                                    expert=parameter is not None, delta=delta if parameter is not None else None)
         elif isinstance(module, ModulesToSaveWrapper):
             for adapter in module.active_adapters:
                 trained = module.modules_to_save[adapter]

@@ -194,6 +194,9 @@ class Family:
     # GGUF export (`archtune export --format gguf`): the text config's model_type -> how it is
     # written; a model_type not listed has no GGUF writer here.
     gguf: dict[str, GgufArch] = field(default_factory=dict)
+    # What serving engines are known to do with this family's expert-LoRA adapters (said by
+    # `export --format adapter` for an adapter with 3D expert tensors).
+    serving_notes: tuple[str, ...] = ()
     # `chat_template:` names (as Axolotl users write them) -> archtune's Jinja text of this
     # family's turn format.
     chat_templates: dict[str, str] = field(default_factory=dict)

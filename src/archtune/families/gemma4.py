@@ -320,6 +320,12 @@ FAMILY = register_family(
         packing_drop_attention_mask=True,
         sequence_classification_base="transformers.models.gemma4.modeling_gemma4.Gemma4PreTrainedModel",
         gguf={t: GGUF for t in ("gemma4", "gemma4_text")},
+        serving_notes=(
+            "vLLM's Gemma 4 class implements no get_expert_mapping and declares no is_3d_moe_weight until "
+            "vllm-project/vllm#43254 (open when this was written): loading an expert-LoRA adapter fails with \"To "
+            "support LoRA for MoE model, 'get_expert_mapping' must be implemented\", and a Gemma 4 LoRA was "
+            "reported ignored (vllm-project/vllm#41754); serve the merged model (--format merged) with vLLM",
+        ),
         tiny_models=tuple(TinyModel(name, _DESCRIPTIONS[name], _build(name), _build_processor) for name in _VARIANTS),
         rules=[
             FamilyRule("freeze_mm_modules"),

@@ -229,6 +229,13 @@ FAMILY = register_family(
         name="qwen3_5_moe",
         model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
         gguf={t: gguf_arch("qwen35moe") for t in ("qwen3_5_moe", "qwen3_5_moe_text")},
+        serving_notes=(
+            "vLLM's Qwen3_5MoeForConditionalGeneration declares is_3d_moe_weight (it reads this fused layout), "
+            "but releases before the fixes of vllm-project/vllm#41384 / #52194 / #52198 dropped such adapters "
+            "silently (the language_model prefix) or read PEFT's expert deltas transposed; which vLLM release "
+            "serves them correctly is not checked here: compare its outputs with the merged model's, or serve "
+            "the merged model (--format merged)",
+        ),
         models={"Qwen/Qwen3.5-35B-A3B": "MoE: 35B parameters, 3B active"},
         architecture_notes=(
             "Hybrid: Gated DeltaNet linear attention in 30 layers and full attention in 10 (every fourth layer)",
