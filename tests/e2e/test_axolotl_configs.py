@@ -66,6 +66,17 @@ use_comet: true
 dataset_num_proc: 4
 """
 
+# The chat rows in ShareGPT's spelling (from/value), as the Gemma 4 examples read them.
+SHAREGPT_ROWS = """\
+datasets:
+  - path: {tmp}/chat.jsonl
+    type: chat_template
+    field_messages: conversations
+    message_property_mappings:
+      role: from
+      content: value
+"""
+
 FAMILIES = {
     "gemma3": """\
 base_model: tiny:gemma3
@@ -88,19 +99,27 @@ ddp_find_unused_parameters: true
     "gemma4-moe": """\
 base_model: tiny:gemma4-moe
 chat_template: gemma4
-datasets:
-  - path: {tmp}/chat.jsonl
-    type: chat_template
-    field_messages: conversations
-    message_property_mappings:
-      role: from
-      content: value
+""" + SHAREGPT_ROWS + """\
 lora_target_parameters:
   - experts.gate_up_proj
   - experts.down_proj
 plugins:
   - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin
 liger_rms_norm: true
+""",
+    # Axolotl's examples/gemma4-unified/12b-text-lora.yaml, its family keys as written there.
+    "gemma4-unified": """\
+base_model: tiny:gemma4-unified
+plugins:
+  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin
+  - axolotl.integrations.liger.LigerPlugin
+liger_rms_norm: true
+liger_glu_activation: true
+liger_layer_norm: true
+chat_template: gemma4_unified
+""" + SHAREGPT_ROWS + """\
+lora_target_modules: 'model.language_model.layers.[\\d]+.(_checkpoint_wrapped_module.)?(mlp|self_attn).(up|down|gate|q|k|v|o)_proj'
+fused_attn_kernel: true
 """,
     "qwen3_5-moe": """\
 base_model: tiny:qwen3_5-moe
@@ -176,7 +195,8 @@ def check_and_train(tmp_path, capsys, name: str, *train_overrides: str) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "llama"])
+# gemma4-unified: tests/e2e/test_gemma4_unified.py runs it (8 steps, more assertions)
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in ("llama", "gemma4-unified")])
 def test_axolotl_style_config_checks_and_trains_two_steps(tmp_path, capsys, name):
     check_and_train(tmp_path, capsys, name)
 

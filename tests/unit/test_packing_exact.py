@@ -27,7 +27,7 @@ SEQUENCE_LEN = 256
 RTOL = 1e-4
 # Families whose layers need a packing patch (the one each family declares in `patches`).
 PATCHES = {"qwen3_5-moe": [GATED_DELTANET_PACKING], "qwen3_5": [GATED_DELTANET_PACKING]}
-FAMILIES = ["gemma4-moe", "gemma4-e2b", "gemma3", "qwen3_5-moe", "qwen3_5", "llama"]
+FAMILIES = ["gemma4-moe", "gemma4-e2b", "gemma4-unified", "gemma3", "qwen3_5-moe", "qwen3_5", "llama"]
 LLAMA_TARGETS = r".*\.(q|k|v|o|gate|up|down)_proj"
 
 

@@ -11,11 +11,12 @@ import transformers
 from archtune.families import detect, find_tiny
 from archtune.models import build_tiny_model, tiny_model_names, write_tiny_model
 
-NAMES = ["gemma4-moe", "gemma4-dense", "gemma4-e2b", "gemma3", "qwen3_5-moe", "qwen3_5", "llama"]
+NAMES = ["gemma4-moe", "gemma4-dense", "gemma4-e2b", "gemma4-unified", "gemma3", "qwen3_5-moe", "qwen3_5", "llama"]
 FAMILY_OF = {
     "gemma4-moe": "gemma4",
     "gemma4-dense": "gemma4",
     "gemma4-e2b": "gemma4",
+    "gemma4-unified": "gemma4_unified",
     "gemma3": "gemma3",
     "qwen3_5-moe": "qwen3_5_moe",
     "qwen3_5": "qwen3_5",

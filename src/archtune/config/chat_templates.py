@@ -20,7 +20,7 @@ SPECIAL_NAMES = ("tokenizer_default", "jinja")
 AXOLOTL_ONLY_TEMPLATES = (
     "alpaca", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "cohere", "llama3_2_vision",
     "llama4", "phi_3", "phi_35", "phi_4", "deepseek_v2", "deepseek_v3", "jamba", "falcon_h1", "nemotron_h", "exaone",
-    "exaone4", "metharme", "pixtral", "llava", "qwen2_vl", "gemma4_unified", "command_a", "command_a_tool_use",
+    "exaone4", "metharme", "pixtral", "llava", "qwen2_vl", "command_a", "command_a_tool_use",
     "command_a_rag", "aya")
 
 

@@ -50,7 +50,7 @@ def _is_moe(model_config: dict[str, Any]) -> bool:
 # Layer mix as in the real configs (sliding and full attention; the last layer is full).
 _LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
-_TEXT_BASE: dict[str, Any] = dict(
+TEXT_BASE: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=4,
@@ -130,7 +130,7 @@ def _build(name: str):
 
         ids = special_token_ids(tokenizer)
         # Deep copies: configs keep (and may edit) the lists and dicts they are given.
-        text = copy.deepcopy({**_TEXT_BASE, **variant["text"]})
+        text = copy.deepcopy({**TEXT_BASE, **variant["text"]})
         text.update(
             vocab_size=ids.vocab_size,
             vocab_size_per_layer_input=ids.vocab_size,
@@ -142,17 +142,19 @@ def _build(name: str):
             text_config=text,
             vision_config=copy.deepcopy(_VISION) if variant["vision"] else None,
             audio_config=copy.deepcopy(_AUDIO) if variant["audio"] else None,
-            image_token_id=ids["<image_soft_token>"],
-            video_token_id=ids["<video_soft_token>"],
-            audio_token_id=ids["<audio_soft_token>"],
-            boi_token_id=ids["<start_of_image>"],
-            eoi_token_id=ids["<end_of_image>"],
-            boa_token_id=ids["<start_of_audio>"],
-            eoa_token_index=ids["<end_of_audio>"],
+            **media_token_ids(ids),
             tie_word_embeddings=True,
         )
 
     return build_config
+
+
+def media_token_ids(ids) -> dict[str, int]:
+    """The media placeholder and boundary token ids of a Gemma 4 config, from the tiny tokenizer."""
+    return dict(image_token_id=ids["<image_soft_token>"], video_token_id=ids["<video_soft_token>"],
+                audio_token_id=ids["<audio_soft_token>"], boi_token_id=ids["<start_of_image>"],
+                eoi_token_id=ids["<end_of_image>"], boa_token_id=ids["<start_of_audio>"],
+                eoa_token_index=ids["<end_of_audio>"])
 
 
 def _build_processor(config):
