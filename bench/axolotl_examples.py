@@ -63,13 +63,20 @@ def _built(kind: str, vocab: int):
     if kind == "gemma3_text":
         return tf.Gemma3ForCausalLM(_small_text(tf.Gemma3TextConfig, vocab, sliding_window=64))
     if kind == "gemma3n":
-        # Gemma 3n checkpoints are image-audio-text models, but their vision tower (MobileNet v5) is a
-        # timm model, which is not installed here: the stand-in is the text model alone.
-        return tf.Gemma3nForCausalLM(_small_text(
-            tf.Gemma3nTextConfig, vocab, num_hidden_layers=4, sliding_window=64, hidden_size_per_layer_input=16,
-            vocab_size_per_layer_input=vocab, num_kv_shared_layers=0, laurel_rank=8,
-            intermediate_size=[128] * 4, activation_sparsity_pattern=[0.0] * 4,
-            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]))
+        # Gemma 3n checkpoints are image-audio-text models whose vision tower (MobileNet v5) is a timm
+        # model: the stand-in is the whole model, built where timm is installed (else config.json only,
+        # which is what `check` reads; train stops at the same plan error).
+        text = _small_text(tf.Gemma3nTextConfig, vocab, num_hidden_layers=4, sliding_window=64,
+                           hidden_size_per_layer_input=16, vocab_size_per_layer_input=vocab, num_kv_shared_layers=0,
+                           laurel_rank=8, intermediate_size=[128] * 4, activation_sparsity_pattern=[0.0] * 4,
+                           layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                        "full_attention"])
+        config = tf.Gemma3nConfig(text_config=text.to_dict(),
+                                  vision_config={"hidden_size": 64, "vocab_size": 16, "vocab_offset": vocab},
+                                  audio_config={"hidden_size": 64, "conf_num_attention_heads": 4,
+                                                "conf_num_hidden_layers": 1, "sscp_conv_channel_size": [8, 8],
+                                                "vocab_size": 16, "vocab_offset": vocab + 16})
+        return tf.Gemma3nForConditionalGeneration(config) if tf.utils.is_timm_available() else config
     raise KeyError(kind)
 
 
@@ -107,7 +114,9 @@ def tiny_model(kind: str, work: Path) -> str:
     torch.manual_seed(0)
     model = _built(kind, len(tok))
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    from transformers import PretrainedConfig
+
+    model.save_pretrained(out, **({} if isinstance(model, PretrainedConfig) else {"safe_serialization": True}))
     tok.save_pretrained(out)
     return str(out)
 
