@@ -7,9 +7,13 @@ to 1 only when it starts more than one process per node, and a CPU matmul comput
 rounds differently from one with 1 thread. With AdamW those last-bit differences on a LoRA B
 matrix (zero at the start, so its first updates are lr * sign(gradient)) grew to a 4.8e-4 max
 relative difference in 4 steps, and to the 3.8% first reported: the thread count, not the nodes.
+
+Then torchrun's restarts on two nodes (`--max-restarts 1`, one rank SIGKILLed): with an output_dir
+both nodes see, and without one (a clear stop, not a hang).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.dist import hooks
 from tests.dist.conftest import BASE, REPO, max_rel_diff
 from tests.dist.test_distributed import LORA, _ok
 
@@ -40,9 +45,10 @@ class Node:
 
 
 def two_nodes(root: Path, train_rows: list[str], test_rows: list[str], node1_rows: list[str] | None = None,
-              **keys) -> list[Node]:
+              torchrun_args: tuple[str, ...] = (), env: dict | None = None, **keys) -> list[Node]:
     """Two torchrun agents, one process each, in root/node0 and root/node1 (relative paths only),
-    run at once; node1_rows: node 1's training file when it is to differ."""
+    run at once; node1_rows: node 1's training file when it is to differ; torchrun_args: more
+    torchrun options (--max-restarts 1); env: more environment (the test hooks')."""
     port = _free_port()
     procs = []
     for n in (0, 1):
@@ -55,12 +61,13 @@ def two_nodes(root: Path, train_rows: list[str], test_rows: list[str], node1_row
                "test_datasets": [{"path": "data/test.jsonl", "type": "alpaca"}],
                "dataset_prepared_path": "prepared", "output_dir": "out", **keys}
         (home / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        run_env = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+                   **(env or {})}
         argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", root.name,
-                "-m", "archtune", "train", "config.yaml"]
-        procs.append((home, subprocess.Popen(argv, cwd=home, env=env, stdout=subprocess.PIPE,
+                *torchrun_args, "-m", "archtune", "train", "config.yaml"]
+        procs.append((home, subprocess.Popen(argv, cwd=home, env=run_env, stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True)))
     nodes = []
     for home, proc in procs:
@@ -100,8 +107,6 @@ def test_two_nodes_without_a_shared_disk_train_what_one_node_trains(train_run, t
     diff = max_rel_diff(two, one_node.weights())
     print(f"two nodes vs one node, two processes: max relative difference {diff:.3g}")
     assert diff <= 1e-6
-    import json
-
     summary = json.loads((writers[0].out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_losses"] == one_node.summary["train_losses"]
 
@@ -118,3 +123,47 @@ def test_a_node_with_other_data_stops_every_rank_before_training(train_run, tmp_
         assert "prepared other training data than rank 0" in text and "give every node the same data" in text, \
             node.stderr[-3000:]
         assert not node.files()  # nothing written: the check comes before output_dir is claimed
+
+
+RESTART_KILLING_RANK_1 = dict(torchrun_args=("--max-restarts", "1"), env={hooks.KILL_RANK_ENV: "1:2"},
+                              plugins=[hooks.PLUGIN], allow_external_plugins=True, save_steps=2, ddp_timeout=60)
+
+
+def test_a_rank_killed_on_two_nodes_sharing_output_dir_is_restarted_and_ends_as_one_node(train_run, tmp_path):
+    """--max-restarts 1, rank 1 SIGKILLed in step 3 after checkpoint-2, output_dir on a disk both
+    nodes see (data and caches still per node). The agents count restarts differently (the node
+    whose worker was healthy restarts it without counting): the ranks still meet again, resume
+    from checkpoint-2 and end with the uninterrupted one-node weights."""
+    train_rows, test_rows = _rows(train_run)
+    shared = tmp_path / "shared_out"
+    nodes = two_nodes(tmp_path / "restart", train_rows, test_rows, output_dir=str(shared), **RESTART_KILLING_RANK_1)
+    for node in nodes:
+        assert node.rc == 0, node.stderr[-4000:]
+    assert sum("exitcode: -9" in node.stderr for node in nodes) == 1  # the first attempt did die
+    assert sum(node.stdout.count("torchrun restart 1 of this run: continuing from checkpoint-2") for node in nodes) == 1
+    summary = json.loads((shared / "train_summary.json").read_text())
+    assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 4
+    one_node = _ok(train_run("ddp_lora", **LORA))
+    from safetensors.torch import load_file
+
+    diff = max_rel_diff(load_file(str(shared / "adapter_model.safetensors")), one_node.weights())
+    print(f"two nodes, rank 1 killed in step 3, restarted vs one node uninterrupted: max relative difference {diff:.3g}")
+    assert diff == 0.0
+
+
+def test_a_restart_on_two_nodes_without_a_shared_disk_stops_with_one_clear_message(train_run, tmp_path):
+    """--max-restarts 1, rank 1 SIGKILLed in step 3 after checkpoint-2: global rank 0's node holds
+    checkpoint-2, the other node none (no shared disk). The restarted ranks would resume from
+    different steps; they stop before training instead, every rank with the same message."""
+    train_rows, test_rows = _rows(train_run)
+    nodes = two_nodes(tmp_path / "restart", train_rows, test_rows, **RESTART_KILLING_RANK_1)
+    for node in nodes:
+        text = " ".join(node.stderr.split())
+        # torchrun prints its own traceback for failed workers; none runs through archtune's code.
+        assert node.rc != 0 and "archtune/train" not in node.stderr, node.stderr[-4000:]
+        assert ("the ranks would resume from different checkpoints" in text
+                and "shared file system" in text), node.stderr[-4000:]
+    assert "rank 0 (node 0) from checkpoint-2; rank 1 (node 1) from none" in " ".join(nodes[0].stderr.split()) or \
+        "rank 0 (node 1) from checkpoint-2; rank 1 (node 0) from none" in " ".join(nodes[0].stderr.split())
+    holder = [node for node in nodes if (node.out / "checkpoint-2").is_dir()]
+    assert len(holder) == 1 and not (holder[0].out / "checkpoint-4").exists()

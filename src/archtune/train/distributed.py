@@ -9,8 +9,8 @@ preprocessing once per node (nodes need not share a file system) and the check t
 prepared the same data, a clean
 `destroy_process_group` at exit (gloo can abort at interpreter exit when the group is left open),
 the final weights gathered once, and the activation-offloading wrappers; under torchrun's
-restarts (`--max-restarts`), a process group of this attempt's own and the id every attempt of
-one run shares.
+restarts (`--max-restarts`), a process group of this attempt's own, the attempt's number every
+rank agrees on and the id every attempt of one run shares.
 
 Every function is a no-op (or the single-process answer) when WORLD_SIZE is unset or 1.
 """
@@ -44,13 +44,19 @@ def node_rank() -> int:
 
 
 def restart_count() -> int:
-    """How often torchrun restarted this run's workers (TORCHELASTIC_RESTART_COUNT; 0 at first)."""
+    """How often torchrun restarted this node's workers (TORCHELASTIC_RESTART_COUNT; 0 at first).
+    Counted by each node's agent alone: see `attempt` for the number every rank agrees on."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-# The key-value store this attempt's process group was built on (progress records go there too)
-# and the id of the run every attempt of it shares; set by `init`.
-_session: dict = {"store": None, "run_id": None}
+# The key-value store this attempt's process group was built on (progress records go there too),
+# the id of the run every attempt of it shares and the attempt's number; set by `init`.
+_session: dict = {"store": None, "run_id": None, "attempt": None}
+
+
+def attempt() -> int:
+    """Which start of this run's worker group this is, the same on every rank (0 at first)."""
+    return _session["attempt"] if _session["attempt"] is not None else restart_count()
 
 
 MAIN_RANK = 0  # the one rank that logs and writes outputs and checkpoints
@@ -98,14 +104,20 @@ def _attempt_store(timeout: timedelta | None):
 
     kwargs = {"timeout": timeout} if timeout is not None else {}
     base, _, _ = next(dist.rendezvous("env://", rank=rank(), world_size=world_size(), **kwargs))
-    return base, dist.PrefixStore(f"archtune/attempt-{restart_count()}", base)
+    # Not TORCHELASTIC_RESTART_COUNT: on several nodes an agent whose own workers were healthy
+    # restarts them without counting (a membership change), so nodes disagree (seen: 0 on one,
+    # 1 on the other, and the ranks never met). Every worker of an attempt joins once, so the
+    # joins counted in the store the attempts share number the attempt alike on every node.
+    joins = base.add("archtune/joins", 1)
+    _session["attempt"] = (joins - 1) // world_size()
+    return base, dist.PrefixStore(f"archtune/attempt-{_session['attempt']}", base)
 
 
 def _shared_run_id(base) -> str:
     """One id for all attempts of this run: rank 0 of the first attempt writes it into the store
     the attempts share; later attempts read it (a restart is the same run)."""
     key = "archtune/run-id"
-    if restart_count() == 0 and is_main():
+    if attempt() == 0 and is_main():
         import uuid
 
         base.set(key, uuid.uuid4().hex)
@@ -141,6 +153,7 @@ def shutdown(synchronize: bool = True) -> None:
         finally:
             dist.destroy_process_group()
             _session["store"] = None
+            _session["attempt"] = None
 
 
 @contextlib.contextmanager

@@ -65,13 +65,20 @@ class RecipeRun:
         out = Path(plan.training.output_dir)
         # torchrun restarted the workers of the run that claimed output_dir (--max-restarts):
         # it continues from its last complete checkpoint, or starts over in its own output_dir.
-        restarted, resume = restart_resume(out, distributed.run_id(), distributed.restart_count())
-        if not restarted:
-            resume = resume_checkpoint(plan.training, out)
-            refuse_reuse(plan.training, out, resume)
+        refused = None
+        try:
+            restarted, resume = restart_resume(out, distributed.run_id(), distributed.attempt())
+            if not restarted:
+                resume = resume_checkpoint(plan.training, out)
+                refuse_reuse(plan.training, out, resume)
+        except UserError as exc:
+            if not distributed.is_distributed():
+                raise
+            refused, restarted, resume = exc, False, None
+        same_start_on_every_rank(out, resume, refused)
         run = cls(cfg, plan, tokenizer, console, resume, restarted=restarted)
         if restarted:
-            run.say(f"torchrun restart {distributed.restart_count()} of this run: "
+            run.say(f"torchrun restart {distributed.attempt()} of this run: "
                     + (f"continuing from {resume.name}" if resume else "no checkpoint yet, starting over"))
         for line in plan.info:
             run.say(f"[blue]info:[/] {line}")
@@ -92,7 +99,7 @@ class RecipeRun:
             write_run_record(out, config=self.cfg.model_dump(mode="json", exclude_unset=True), plan=self.plan.to_json(),
                              cache_key=Path(cache_dir).name if cache_dir else None, world_size=self.plan.world_size,
                              resumed_from=self.resume,
-                             launch={"run_id": distributed.run_id(), "restart": distributed.restart_count()})
+                             launch={"run_id": distributed.run_id(), "restart": distributed.attempt()})
         distributed.barrier()
 
     def callbacks(self, plugins: list) -> list:
@@ -156,6 +163,31 @@ class RecipeRun:
     def say(self, text: str) -> None:
         if self.console is not None:
             self.console.print(text)
+
+
+def same_start_on_every_rank(out: Path, resume: Path | None, refused: UserError | None) -> None:
+    """Every rank starts from the same checkpoint (or none), or all stop with the same UserError
+    (a collective; nothing on one process). Each rank reads output_dir on its own node, and only
+    global rank 0 writes checkpoints: on nodes without a shared file system the others find none,
+    and ranks resuming from different steps would train different runs, then wait on each other."""
+    if not distributed.is_distributed():
+        return
+    seen = distributed.gather((distributed.node_rank(), resume.name if resume else None,
+                               str(refused) if refused is not None else None))
+    refusals = [(r, text) for r, (_, _, text) in enumerate(seen) if text]
+    if refusals:
+        if refused is not None:
+            raise refused
+        r, text = refusals[0]
+        raise UserError.single("output_dir", f"rank {r} (node {seen[r][0]}) refused to start: {text}",
+                               "see that rank's message")
+    if len({name for _, name, _ in seen}) > 1:
+        starts = "; ".join(f"rank {r} (node {node}) from {name or 'none'}" for r, (node, name, _) in enumerate(seen))
+        raise UserError.single(
+            "output_dir", f"the ranks would resume from different checkpoints of {out}: {starts}. Only global rank 0 "
+            "writes checkpoints, into output_dir on its own node",
+            "give every node the same output_dir on a shared file system, or copy global rank 0's last checkpoint-N "
+            "into output_dir on every node, then resume (resume_from_checkpoint: true)")
 
 
 def ddp_error(exc: RuntimeError, plan: Plan) -> Exception:
@@ -249,4 +281,4 @@ def logger_environment(plan: Plan) -> None:
         os.environ["HF_MLFLOW_LOG_ARTIFACTS"] = str(bool(loggers["hf_mlflow_log_artifacts"])).lower()
 
 
-__all__ = ["LOGGER_ENVIRONMENT", "RecipeRun", "ddp_error", "logger_environment", "training_arguments"]
+__all__ = ["LOGGER_ENVIRONMENT", "RecipeRun", "ddp_error", "same_start_on_every_rank", "logger_environment", "training_arguments"]

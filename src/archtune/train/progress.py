@@ -132,7 +132,8 @@ class Progress:
             text = f"{head} {said} (ddp_timeout {self.timeout:.0f} s)."
         else:
             text = f"{head} a collective failed while this rank was {_phase(records[self.rank])}."
-        others = [f"rank {r} was in {_phase(rec)}" for r, rec in sorted(records.items()) if r not in culprits]
+        others = [f"rank {r} was in {_phase(rec)}" for r, rec in sorted(records.items())
+                  if r not in culprits and r != self.rank]
         if others:
             text += f" Meanwhile {', '.join(others)}."
         if error and not culprits:
