@@ -11,7 +11,7 @@ TORCHELASTIC_RESTART_COUNT 0): the restarted workers run undisturbed. ARCHTUNE_T
 makes rank R's data loader block for good when it fetches the first batch of step S+1 (a stalled
 file system, a dead data worker), in the first attempt only. ARCHTUNE_TEST_KILL_SAVE_RANK=R:S
 makes rank R SIGKILL itself while checkpoint-S is being written (its weights are on disk, its
-optimizer state is not yet), in the first attempt only. ARCHTUNE_TEST_SIGTERM=WHO:S sends SIGTERM
+optimizer state or, FSDP2, its scheduler state is not yet), in the first attempt only. ARCHTUNE_TEST_SIGTERM=WHO:S sends SIGTERM
 right after step S, in the first attempt only: WHO `all` to every rank and to the torchrun agent
 (as Slurm signals every process of a job step: the workers then get it twice, once forwarded by
 the agent), `agent` to the agent alone (as Kubernetes signals the container's first process,
@@ -107,14 +107,15 @@ class StallDataLoader(TrainerCallback):
 
 
 def kill_while_saving(step: int) -> None:
-    """SIGKILL this process when it writes checkpoint-`step`'s optimizer state (torch.save)."""
+    """SIGKILL this process when it writes checkpoint-`step`'s optimizer state (DDP: optimizer.pt)
+    or, FSDP2, its scheduler state (scheduler.pt, after the sharded model and optimizer), with torch.save."""
     import torch
 
     real_save = torch.save
     folder = f"checkpoint-{step}"
 
     def save(obj, f, *args, **kwargs):
-        if str(f).endswith("optimizer.pt") and folder in str(f):
+        if str(f).endswith(("optimizer.pt", "scheduler.pt")) and folder in str(f):
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(obj, f, *args, **kwargs)
 

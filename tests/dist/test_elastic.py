@@ -50,16 +50,20 @@ def test_a_rank_killed_mid_step_is_restarted_and_ends_with_the_uninterrupted_wei
     assert max_rel_diff(rank0, rank1) == 0.0
 
 
-def test_a_rank_killed_while_saving_leaves_no_checkpoint_the_restart_would_take(train_run):
-    # Rank 0 dies while checkpoint-4 is half written: the restart takes checkpoint-2, not 4.
-    run = _ok(train_run("ddp_full_elastic_save", args=RESTART, save_steps=2,
-                        env={hooks.KILL_SAVE_RANK_ENV: "0:4"}, **TOWERS))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_rank_killed_while_saving_leaves_no_checkpoint_the_restart_would_take(train_run, strategy):
+    # Rank 0 dies while checkpoint-4 is half written (FSDP2: its shards are on disk, its scheduler
+    # state is not): the restart takes checkpoint-2, not 4.
+    keys = {**TOWERS, **(FSDP if strategy == "fsdp2" else {})}
+    run = _ok(train_run(f"{strategy}_full_elastic_save", args=RESTART, save_steps=2,
+                        env={hooks.KILL_SAVE_RANK_ENV: "0:4"}, **keys))
     assert "exitcode: -9" in run.stderr
     _restarted_from(run, "checkpoint-2")
     assert sorted(p.name for p in run.out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    straight = _ok(train_run("ddp_full", **TOWERS))
+    straight = _ok(train_run("fsdp_full" if strategy == "fsdp2" else "ddp_full", **keys))
     diff = max_rel_diff(run.weights(), straight.weights())
-    print(f"elastic restart (SIGKILL of rank 0 saving checkpoint-4) vs uninterrupted: max relative difference {diff:.3g}")
+    print(f"{strategy}: elastic restart (SIGKILL of rank 0 saving checkpoint-4) vs uninterrupted: max relative "
+          f"difference {diff:.3g}")
     assert diff == 0.0
 
 
@@ -90,6 +94,12 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_with_one_message(t
     run = train_run("ddp_full_nan", save_steps=2, env={hooks.NAN_RANK_ENV: "1:2"}, **TOWERS)
     assert run.rc == 3, run.stderr[-3000:]  # guards.EXIT_NONFINITE
     assert run.stderr.count("archtune: stopped at step 3") == 1, run.stderr[-3000:]
+    # Rank 0 names the rank whose loss was NaN and the rows (FILE:LINE) of every rank's batch, that one's first.
+    text = " ".join(run.stderr.split())
+    message = text[text.index("archtune: stopped at step 3"):]
+    assert message.startswith("archtune: stopped at step 3: on rank 1 the loss is nan"), message[:500]
+    rank1, rank0 = message.index("rank 1: "), message.index("rank 0: ")
+    assert rank1 < rank0 and "train.jsonl:" in message[rank1:rank0] and "train.jsonl:" in message[rank0:], message[:800]
     assert sorted(p.name for p in run.out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert "Traceback" not in run.stderr
 

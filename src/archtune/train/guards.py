@@ -230,11 +230,18 @@ class RunGuards:
             raise RunStopped(progress.describe(str(exc)), EXIT_NO_PROGRESS) from None
         except NonFinite as exc:
             rows = name_rows(exc.batches)
-            distributed.barrier()
-            if not distributed.is_main():  # every rank stopped at this step; rank 0 alone says so
+            # Every rank stopped at this step; rank 0 alone says so, naming the rows of every rank.
+            seen = distributed.gather((exc.what if self.watch.bad_losses else None, rows))
+            if not distributed.is_main():
                 raise RunStopped("", EXIT_NONFINITE) from None
+            what, held = exc.what, f"The batch held: {', '.join(rows) or 'no rows'}"
+            if len(seen) > 1:
+                bad = [(r, w) for r, (w, _) in enumerate(seen) if w]
+                what = "; ".join(f"on rank {r} {w}" for r, w in bad) or what
+                order = [r for r, _ in bad] + [r for r in range(len(seen)) if seen[r][0] is None]
+                held = "The batches held: " + "; ".join(f"rank {r}: {', '.join(seen[r][1]) or 'no rows'}" for r in order)
             raise RunStopped(
-                f"archtune: stopped at step {exc.step}: {exc.what}. The batch held: {', '.join(rows) or 'no rows'}.\n"
+                f"archtune: stopped at step {exc.step}: {what}. {held}.\n"
                 f"Nothing of this step was applied; {_last_good(out)}.\n"
                 "fix: lower learning_rate (or raise warmup_steps), check those rows, or set on_nonfinite: skip to "
                 "skip such steps", EXIT_NONFINITE) from None
