@@ -201,3 +201,31 @@ def test_the_normalizations_train_different_adapters(root):
     for a, b in itertools.combinations(adapters, 2):
         worst = max(float((adapters[a][k] - adapters[b][k]).abs().max()) for k in adapters[a])
         assert worst > 1e-6, (a, b)
+
+
+def test_what_a_user_looks_at_reaches_tensorboard_the_bar_and_the_summary(root, capsys):
+    """beta 0.01 (a KL term: LoRA's reference is the adapter disabled), num_iterations 2: per step the
+    rewards' mean and spread, completion length, KL, clip ratio and the rollout / update split."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = write_config(root, "board", trl={**VARIANTS["dapo_clip_higher"], "beta": 0.01}, max_steps=4,
+                        learning_rate=0.3, use_tensorboard=True)
+    code, out, err = run_cli(capsys, "train", path)
+    assert code == 0, (out + err)[-3000:]
+    (events,) = (root / "board" / "runs").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events))
+    board.Reload()
+    steps = {tag: [e.step for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    for tag in ("kl", "clip_ratio/region_mean", "clip_ratio/high_mean", "timing/rollout_seconds",
+                "timing/update_seconds", "loss"):
+        assert steps[f"train/{tag}"] == [1, 2, 3, 4], tag
+    for tag in ("reward", "reward_std", "rewards/distinct/mean", "rewards/distinct/std", "completions/mean_length"):
+        assert steps[f"train/{tag}"] == [1, 3], tag  # the steps that generate (num_iterations 2)
+    # The bar's last render (step 4 reuses step 3's rollouts, so logs no reward) still shows the rewards.
+    bar = " ".join((out + err).split()).rsplit("it/s", 1)[1]
+    for shown in ("reward=", "reward_std=", "mean_length=", "kl=", "region_mean=", "rollout_seconds=",
+                  "update_seconds="):
+        assert shown in bar, (shown, bar)
+    s = read_json(root / "board" / "train_summary.json")
+    assert s["reference_model"] == "adapter_disabled" and s["kl"] > 0 and s["clip_ratio/region_mean"] > 0
+    assert s["rollout_seconds"] > 0 and s["update_seconds"] > 0 and len(s["train_rewards"]) == 2

@@ -25,11 +25,13 @@ class TrainClock(TrainerCallback):
 
 class LossBar(ProgressCallback):
     """The Trainer's progress bar, with the latest losses (and `keys`: more logged values, e.g. a
-    GRPO run's rewards) in the bar instead of a dict per log line."""
+    GRPO run's rewards) in the bar instead of a dict per log line. Each value stays until it is
+    logged again (GRPO logs rewards only on the steps that generate)."""
 
     def __init__(self, keys: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.keys = ("loss", "eval_loss", *keys)
+        self.shown: dict[str, str] = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
@@ -39,4 +41,5 @@ class LossBar(ProgressCallback):
         if "learning_rate" in logs:
             shown["lr"] = f"{logs['learning_rate']:.2e}"
         if shown:
-            self.training_bar.set_postfix(shown, refresh=False)
+            self.shown.update(shown)
+            self.training_bar.set_postfix(self.shown, refresh=False)
