@@ -196,3 +196,30 @@ def test_full_fine_tune_trains_the_text_decoder_and_head_with_the_towers_frozen(
     register_score_heads()
     diff = _max_score_diff(AutoModelForSequenceClassification.from_pretrained(out), _load(probe_dir / "scores.safetensors"))
     assert diff < 1e-5
+
+
+def test_a_checkpoint_without_pad_token_id_still_scores_padded_batches(tmp_path):
+    """The score is read at each sequence's last non-padding token, found through the config's
+    pad_token_id: a base without one gets the tokenizer's, so a padded batch scores each row as
+    it scores alone (and a merged model saves that id)."""
+    from archtune.config.schema import Config
+    from archtune.models.load import load_model
+    from archtune.models.tiny import write_tiny_model
+    from archtune.train.recipe import plan_for
+
+    base = write_tiny_model("llama", tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["pad_token_id"] = None
+    (base / "config.json").write_text(json.dumps(config))
+    pairs = head_jsonl(PREF / "reward_train.jsonl", tmp_path / "pairs.jsonl", 8)
+    setup = plan_for(Config(base_model=str(base), reward_model=True, output_dir=str(tmp_path / "out"),
+                            datasets=[{"path": str(pairs), "type": "bradley_terry.chat_template"}]))
+    model = load_model(setup.plan, setup.tokenizer).eval()
+    pad = setup.tokenizer.pad_token_id
+    assert model.config.pad_token_id == pad
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    batch = torch.tensor([rows[0], rows[1] + [pad, pad]])
+    with torch.no_grad():
+        together = model(input_ids=batch, attention_mask=(batch != pad).long()).logits[:, 0]
+        alone = torch.cat([model(input_ids=torch.tensor([r])).logits[:, 0] for r in rows])
+    assert torch.allclose(together, alone, atol=1e-5)

@@ -347,7 +347,7 @@ def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
                                         **_config_updates(plan))
         except KeyError:
             raise _unknown_tiny(name) from None
-        return model.to(dtype)
+        return _with_score_pad(model.to(dtype), plan, tokenizer)
     source = str(path or m.base_model)
     key = "base_model" if path is None else "output_dir"
     try:
@@ -369,6 +369,16 @@ def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
         raise UserError.single(key, f"cannot load weights from {source}: {exc}",
                                "point it at a directory written by save_pretrained (config.json + *.safetensors)") from None
     check_loading_info(_drop_new_head(info, plan) if path is None else info, source, key)
+    return _with_score_pad(model, plan, tokenizer)
+
+
+def _with_score_pad(model, plan: Plan, tokenizer):
+    """A score head reads each sequence's score at its last non-padding token, found through the
+    config's pad_token_id: a checkpoint without one gets the tokenizer's (as TRL's RewardTrainer sets
+    it for training), so the saved and merged models score padded batches too."""
+    text = model.config.get_text_config()
+    if plan.model.auto_class and getattr(text, "pad_token_id", None) is None and tokenizer is not None:
+        text.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model
 
 
