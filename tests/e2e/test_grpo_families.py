@@ -31,6 +31,7 @@ RUNS = {
     "gemma4-dense-lora": ("gemma4-dense", LORA),
     "gemma4-e2b-lora": ("gemma4-e2b", LORA),
     "gemma4-moe-lora": ("gemma4-moe", {**LORA, **EXPERTS}),
+    "gemma4-unified-lora": ("gemma4-unified", LORA),
     "gemma3-lora": ("gemma3", LORA),
     "qwen3_5-lora": ("qwen3_5", LORA),
     "qwen3_5-moe-lora": ("qwen3_5-moe", {**LORA, **EXPERTS}),
