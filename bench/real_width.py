@@ -123,6 +123,7 @@ print(json.dumps({"model_bytes": model_bytes(model, adapters=False)}))
 """
 
 
+MERGE = True  # --no-merge: leave merge-lora out
 SRC = REPO / "src"  # the archtune source the subprocesses run (--src: e.g. another branch's, for a before/after)
 
 
@@ -197,6 +198,8 @@ def one_case(cache: Path, work: Path, name: str) -> dict:
                host_estimate_over_that=round(memory.get("host_peak_bytes", memory["peak_bytes"])
                                              / (train_peak - summary["rss_before_model_mb"] * 2**20), 2),
                seconds_per_step=summary["seconds_per_step"], train_losses=summary["train_losses"])
+    if not MERGE:
+        return out
     merge, merge_peak = archtune("merge-lora", str(cfg), "--out", str(work / name / "merged"))
     if merge.returncode != 0:
         return {**out, "error": "merge-lora: " + merge.stderr[-2000:]}
@@ -212,9 +215,11 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(CASES))
     parser.add_argument("--build-only", action="store_true", help="write the checkpoints and stop")
     parser.add_argument("--src", type=Path, default=None, help="the archtune source to measure (default: this checkout's src)")
+    parser.add_argument("--no-merge", action="store_true", help="measure check, load and train only")
     args = parser.parse_args()
-    global SRC
+    global SRC, MERGE
     SRC = args.src or SRC
+    MERGE = not args.no_merge
     args.cache.mkdir(parents=True, exist_ok=True)
     names = args.only or list(CASES)
     if args.build_only:

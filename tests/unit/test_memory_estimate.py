@@ -27,9 +27,12 @@ def _estimate(name="llama", world_size=1, **keys):
 def test_json_object_has_the_documented_shape():
     _, e = _estimate()
     out = json.loads(json.dumps(e.to_json()))
-    assert set(out) == {"peak_bytes", "parts", "per_device"} and out["per_device"] is True
+    assert set(out) == {"peak_bytes", "parts", "per_device", "load_peak_bytes", "host_peak_bytes",
+                        "device_peak_bytes", "device", "load_parts"} and out["per_device"] is True
     assert list(out["parts"]) == list(PARTS) and out["peak_bytes"] == sum(out["parts"].values())
     assert all(isinstance(v, int) and v >= 0 for v in out["parts"].values())
+    assert list(out["load_parts"]) == ["resident", "mapped", "transient"] and out["device"] in ("cpu", "cuda")
+    assert out["device_peak_bytes"] == max(out["peak_bytes"], out["load_peak_bytes"])
 
 
 def test_parts_follow_the_settings():
@@ -177,3 +180,24 @@ def test_the_balanced_experts_patch_is_the_experts_forward_when_experts_are_equa
         expected = experts(hidden, index, weights)
         got = balanced_experts_forward(experts, hidden, index, weights)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_load_peak_counts_dense_experts_unless_read_one_expert_at_a_time(tmp_path):
+    """QLoRA with 4-bit experts: from a local safetensors checkpoint the experts are read one expert at
+    a time (nothing mapped, nothing dense beyond the trained weights); a model that loads whole (tiny:)
+    holds its experts dense in the compute dtype and the mapped shards while loading."""
+    keys = {"adapter": "qlora", "load_in_4bit": True, "quantize_moe_experts": True,
+            "lora_target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
+    _, whole = _estimate("qwen3_5-moe", **keys)
+    model, tokenizer = build_tiny_model("qwen3_5-moe", seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    cfg = config_from_dict({"base_model": str(tmp_path), "datasets": [{"path": "d.jsonl"}], "sequence_len": 256,
+                            "micro_batch_size": 2, **keys})
+    plan = resolve(cfg, json.loads((tmp_path / "config.json").read_text()))
+    assert not plan.errors, plan.errors
+    read = estimate_memory(plan)
+    assert read.load.mapped == 0 and read.load.resident == read.parts["weights"] + read.parts["adapter"]
+    experts_fp32 = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3)
+    assert whole.load.mapped > 0
+    assert whole.load.resident > read.load.resident + 0.7 * experts_fp32
+    assert read.device_peak_bytes == max(read.peak_bytes, read.load.device_bytes)

@@ -175,6 +175,16 @@ def render_memory(estimate, console: Console) -> None:
     for part, n in estimate.parts.items():
         table.add_row(part, f"{n / 2**30:.2f}")
     table.add_row(Text("peak", style="bold"), Text(f"{estimate.peak_bytes / 2**30:.2f}", style="bold"))
+    load = estimate.load
+    if load is not None:
+        table.add_row("loading (resident + mapped shards + in flight)", f"{load.device_bytes / 2**30:.2f}")
+        if load.device == "cpu":
+            table.add_row(Text("host RAM peak (CPU run: load or training)", style="bold"),
+                          Text(f"{estimate.host_peak_bytes / 2**30:.2f}", style="bold"))
+        else:
+            table.add_row(Text("device peak (load or training)", style="bold"),
+                          Text(f"{estimate.device_peak_bytes / 2**30:.2f}", style="bold"))
+            table.add_row("host RAM peak (while loading)", f"{estimate.host_peak_bytes / 2**30:.2f}")
     console.print(table)
     for note in estimate.notes:
         console.print(Text(note, style="dim"))

@@ -77,13 +77,63 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
     budget: int | None = None  # the device memory it was checked against (bytes), if any
 
+    load: "LoadMemory | None" = None  # what loading the weights materializes (see LoadMemory)
+
     @property
     def peak_bytes(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def device_peak_bytes(self) -> int:
+        """The training device's peak: the larger of loading's and training's."""
+        return max(self.peak_bytes, self.load.device_bytes if self.load else 0)
+
+    @property
+    def host_peak_bytes(self) -> int:
+        """Host RAM at its peak (beyond Python and the libraries): on a CPU run the device's peak."""
+        if self.load is None or self.load.device == "cpu":
+            return self.device_peak_bytes
+        return self.load.host_bytes
+
     def to_json(self) -> dict:
         """The `"memory"` object of `archtune check --memory --json`."""
-        return {"peak_bytes": self.peak_bytes, "parts": {k: int(self.parts[k]) for k in PARTS}, "per_device": True}
+        out = {"peak_bytes": self.peak_bytes, "parts": {k: int(self.parts[k]) for k in PARTS}, "per_device": True}
+        if self.load is not None:
+            out.update(load_peak_bytes=self.load.device_bytes, host_peak_bytes=self.host_peak_bytes,
+                       device_peak_bytes=self.device_peak_bytes, device=self.load.device,
+                       load_parts=self.load.parts())
+        return out
+
+
+@dataclass
+class LoadMemory:
+    """The peak while the weights load, before training starts.
+
+    resident: the weights as they are at loading's peak: the trained weights, but, when 4-bit
+    experts are quantized after loading whole (no per-expert read from the checkpoint), the expert
+    tensors dense in the compute dtype first; plus the adapter. mapped: the checkpoint's shards
+    mapped into memory while transformers reads them (their pages count as resident until loading
+    ends); none when archtune reads them itself (pread). transient: the largest tensor in flight:
+    read in the checkpoint's dtype, plus its dense compute-dtype copy when it is then quantized.
+    On a GPU the weights and their conversion go to the device; the host holds what is read.
+    """
+
+    device: str  # "cpu" or "cuda"
+    resident: int
+    mapped: int
+    transient: int
+    read_buffer: int  # the largest tensor read, in the checkpoint's dtype (host RAM on a GPU run)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.resident + self.transient + (self.mapped if self.device == "cpu" else 0)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.read_buffer + self.mapped
+
+    def parts(self) -> dict[str, int]:
+        return {"resident": int(self.resident), "mapped": int(self.mapped), "transient": int(self.transient)}
 
 
 # ---------------------------------------------------------------- the meta-device model
@@ -192,15 +242,25 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
             n == t or n.endswith("." + t) for t in plan.expert_param_names)}
     weights = 0
     seen = set()
+    experts_4bit = experts_dense = largest_read = largest_in_flight = 0
+    read_kind = checkpoint_kind(plan, base_kind)
+    compute_kind = base_kind
     for _, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
+        read = weight_bytes(p.numel(), read_kind)
+        largest_read = max(largest_read, read)
         if id(p) in four_bit_experts:
-            weights += expert_4bit_bytes(tuple(p.shape))
+            experts_4bit += expert_4bit_bytes(tuple(p.shape))
+            experts_dense += weight_bytes(p.numel(), compute_kind)
             continue
         kind = ("nf4" if id(p) in quantized_weights else "float32") if quantized else base_kind
         weights += weight_bytes(p.numel(), kind)
+        # in flight: the tensor read, and (a 4-bit linear) its dense copy before bitsandbytes quantizes it
+        largest_in_flight = max(largest_in_flight, read + (weight_bytes(p.numel(), compute_kind)
+                                                           if kind == "nf4" else 0))
+    weights += experts_4bit
     adapter_params = 0
     trainable_bytes = 0
     if plan.adapter.is_lora:
@@ -228,7 +288,33 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
     return {"weights": weights, "adapter": adapter_params * 4 if plan.adapter.is_lora else 0,
             "trainable_params": trainable_params, "trainable_bytes": trainable_bytes,
             "largest_layer_bytes": int(largest_layer * BYTES_PER_PARAM[base_kind]), "buffers": buffers,
-            "layer_classes": classes}
+            "layer_classes": classes, "experts_4bit": experts_4bit, "experts_dense": experts_dense,
+            "largest_read": largest_read, "largest_in_flight": largest_in_flight,
+            "checkpoint_bytes": sum(weight_bytes(p.numel(), read_kind) for p in model.parameters())}
+
+
+def checkpoint_kind(plan: "Plan", default: str) -> str:
+    """The dtype the checkpoint's tensors are stored in (config.json's dtype), as a BYTES_PER_PARAM key."""
+    config = plan.model_config
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    kind = str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or default)
+    kind = kind.removeprefix("torch.")
+    return kind if kind in BYTES_PER_PARAM else default
+
+
+def load_memory(plan: "Plan", sizes: dict) -> LoadMemory:
+    """`LoadMemory` of the Plan's load (see there), from `_parameter_bytes`' sizes."""
+    import torch
+
+    from archtune.models import quant
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    per_expert = plan.quantize_moe_experts and plan.model.four_bit_base and quant.checkpoint_experts(plan) is not None
+    resident = sizes["weights"] + sizes["adapter"]
+    if plan.quantize_moe_experts and not per_expert:  # loaded dense, then quantized tensor by tensor
+        resident += sizes["experts_dense"] - sizes["experts_4bit"]
+    mapped = 0 if per_expert else sizes["checkpoint_bytes"]
+    return LoadMemory(device, int(resident), int(mapped), int(sizes["largest_in_flight"]), int(sizes["largest_read"]))
 
 
 def layer_classes(plan: "Plan", model) -> set[str]:
@@ -325,7 +411,9 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
     parts = {"weights": int(weights), "adapter": int(adapter), "gradients": int(gradients),
              "optimizer": int(optimizer), "activations": int(activations), "logits": int(logits),
              "buffers": int(buffers)}
-    return MemoryEstimate(parts, ws, strategy(plan), notes)
+    # Every process loads the whole model before FSDP2 shards it: the load peak is not divided.
+    load = load_memory(plan, sizes)
+    return MemoryEstimate(parts, ws, strategy(plan), notes, load=load)
 
 
 # ---------------------------------------------------------------- what would make it fit
@@ -391,5 +479,5 @@ def fitting_settings(plan: "Plan", budget: int) -> list[str]:
     return fits
 
 
-__all__ = ["BYTES_PER_PARAM", "MemoryEstimate", "PARTS", "estimate_memory", "fitting_settings", "layer_classes",
+__all__ = ["BYTES_PER_PARAM", "LoadMemory", "MemoryEstimate", "checkpoint_kind", "load_memory", "PARTS", "estimate_memory", "fitting_settings", "layer_classes",
            "measure_activations", "parse_bytes", "strategy", "weight_bytes"]

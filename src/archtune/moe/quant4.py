@@ -149,21 +149,27 @@ def quantize_experts_of(experts: Iterable[torch.Tensor], shape: tuple[int, ...],
     ([out, in] each, e.g. read from a checkpoint): no dense copy of the whole tensor exists."""
     import bitsandbytes.functional as bnbf
 
-    packed, absmax_q, absmax2, offset = [], [], [], []
+    # Each expert's results are written into [E, ...] tensors allocated once (no list of pieces stacked
+    # afterwards: that would hold the 4-bit tensor twice).
+    stored: list[torch.Tensor] = []
     code = code2 = None
-    for expert in experts:
+    count = 0
+    for e, expert in enumerate(experts):
         q, state = bnbf.quantize_4bit(expert.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True,
                                       quant_type="nf4")
-        packed.append(q.view(-1))
-        absmax_q.append(state.absmax.view(-1))
-        absmax2.append(state.state2.absmax.view(-1).float())
-        offset.append(torch.as_tensor(state.offset, dtype=torch.float32).view(()))
+        parts = (q.view(-1), state.absmax.view(-1), state.state2.absmax.view(-1).float(),
+                 torch.as_tensor(state.offset, dtype=torch.float32, device=q.device).view(()))
+        if not stored:
+            stored = [torch.empty((shape[0], *t.shape), dtype=t.dtype, device=t.device) for t in parts]
+        for out, t in zip(stored, parts):
+            out[e].copy_(t)
         code, code2 = state.code.float(), state.state2.code.float()
-    if len(packed) != shape[0]:
-        raise ValueError(f"{len(packed)} experts given for a tensor of shape {tuple(shape)}")
-    state = NF4Experts(torch.stack(absmax_q), torch.stack(absmax2), torch.stack(offset), code.clone(), code2.clone(),
-                       tuple(shape), dtype)
-    return torch.stack(packed), state
+        count = e + 1
+    if count != shape[0]:
+        raise ValueError(f"{count} experts given for a tensor of shape {tuple(shape)}")
+    packed, absmax_q, absmax2, offset = stored
+    state = NF4Experts(absmax_q, absmax2, offset, code.clone(), code2.clone(), tuple(shape), dtype)
+    return packed, state
 
 
 def quantize_parameter_(module: nn.Module, name: str, dtype: torch.dtype | None = None,
