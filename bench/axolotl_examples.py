@@ -7,9 +7,11 @@ Usage: python bench/axolotl_examples.py AXOLOTL_GIT_DIR WORK_DIR [--no-train] [-
 
 AXOLOTL_GIT_DIR is a clone of https://github.com/axolotl-ai-cloud/axolotl (read with `git show`;
 nothing of it is copied into this repository). For each example of the families archtune
-covers (examples/gemma3, gemma3n, gemma4, qwen3, qwen3.5, qwen3-next):
+covers (examples/gemma3, gemma3n, gemma4, gemma4-unified, qwen3, qwen3.5, qwen3-next):
 - base_model -> a tiny random model of the same architecture, written under WORK_DIR (archtune's
-  embedded tiny models where one exists, else one built from a small transformers config);
+  embedded tiny models where one exists, else one built from a small transformers config); the
+  Gemma 4 stand-ins' tokenizer and processor name their special tokens as Gemma 4 checkpoints do
+  (`<|turn>`, `<turn|>`, `<|image>`, ...: GEMMA4_TOKENS);
 - each dataset's path -> a local JSONL file of the same format (chat_template rows under its
   field_messages with its message_property_mappings, alpaca rows, preference pairs, or reward
   pairs), large enough that its split slice (`train[:1%]`) keeps the same number of rows; the rest
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-FAMILIES = ("gemma3", "gemma3n", "gemma4", "qwen3", "qwen3.5", "qwen3-next")
+FAMILIES = ("gemma3", "gemma3n", "gemma4", "gemma4-unified", "qwen3", "qwen3.5", "qwen3-next")
 ROWS = 60
 
 
@@ -85,6 +87,8 @@ def tiny_kind(base_model: str) -> str:
     name = base_model.lower()
     if "gemma-3n" in name:
         return "gemma3n"
+    if "gemma-4-12b" in name:  # google/gemma-4-12B(-it) is Gemma 4 Unified (gemma4_unified, no towers)
+        return "gemma4-unified"
     if "gemma-4" in name:
         return "gemma4-e2b" if "e2b" in name else ("gemma4-moe" if "a4b" in name else "gemma4-dense")
     if "gemma-3" in name:
@@ -107,6 +111,8 @@ def tiny_model(kind: str, work: Path) -> str:
 
     if kind in tiny_model_names():
         write_tiny_model(kind, out)
+        if kind.startswith("gemma4"):
+            gemma4_token_names(out)
         return str(out)
     import torch
 
@@ -119,6 +125,27 @@ def tiny_model(kind: str, work: Path) -> str:
     model.save_pretrained(out, **({} if isinstance(model, PretrainedConfig) else {"safe_serialization": True}))
     tok.save_pretrained(out)
     return str(out)
+
+
+# The bundled tokenizer's special tokens under the names a Gemma 4 checkpoint's tokenizer gives them
+# (google/gemma-4-E2B-it: <|turn> 105, <turn|> 106, <|image> 255999, <|image|> 258880, ...), so the
+# examples' `eot_tokens: ["<turn|>"]` and chat_template gemma4 meet single tokens, as on the real
+# checkpoint. Ids stay the same; only the strings change.
+GEMMA4_TOKENS = {
+    "<start_of_turn>": "<|turn>", "<end_of_turn>": "<turn|>",
+    "<image_soft_token>": "<|image|>", "<audio_soft_token>": "<|audio|>", "<video_soft_token>": "<|video|>",
+    "<start_of_image>": "<|image>", "<end_of_image>": "<image|>",
+    "<start_of_audio>": "<|audio>", "<end_of_audio>": "<audio|>",
+}
+
+
+def gemma4_token_names(model_dir: Path) -> None:
+    for path in model_dir.iterdir():
+        if path.suffix in (".json", ".jinja") and path.name != "config.json":
+            text = path.read_text()
+            for old, new in GEMMA4_TOKENS.items():
+                text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+            path.write_text(text)
 
 
 # ---------------------------------------------------------------- data of the same format
