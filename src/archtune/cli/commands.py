@@ -373,10 +373,10 @@ def merge_lora(config: Path, overrides: Optional[list[str]] = OverridesArg,
     cfg = _load(config, overrides)
     setup = plan_for(cfg)
     target = out or Path(cfg.output_dir) / "merged"
-    report = merge_adapter(setup.plan, setup.tokenizer, target)  # a 4-bit base: dequantized, in memory
+    report = merge_adapter(setup.plan, setup.tokenizer, target)  # a 4-bit base: its values through 4 bits and back
     setup.tokenizer.save_pretrained(str(target))
     how = "shard by shard" if report.streamed else f"in memory ({report.why_in_memory})"
-    console.print(f"merged {report.merged} tensors {how}; merged model written to {target}")
+    console.print(f"{report.sentence()}, {how}; merged model written to {target}")
 
 
 @app.command("export")

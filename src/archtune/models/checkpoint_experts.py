@@ -139,6 +139,10 @@ class CheckpointExperts:
             weight = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
             yield weight.to(device=device, dtype=dtype)
 
+    def read(self, key: str) -> torch.Tensor:
+        """The checkpoint tensor `key` (e.g. one expert's part), in the checkpoint's dtype."""
+        return self._handle(self.files[key]).get_tensor(key)
+
     def _handle(self, file: str):
         from safetensors import safe_open
 

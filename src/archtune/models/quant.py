@@ -9,9 +9,11 @@
 - bitsandbytes' CPU backend runs Linear4bit forward and backward (tests/unit/test_quant.py trains
   on it): QLoRA trains on a CPU machine too.
 
-`archtune merge-lora` on a QLoRA run (train/assembly.py, use "merge"): the base is loaded in 4 bit (the weights
-the adapter was trained against), dequantized into plain `nn.Linear` layers here, and the
-adapter merged into those — the result is a regular full-precision model.
+`archtune merge-lora` on a QLoRA run merges into the weights the adapter was trained against: each
+4-bit weight dequantized (the checkpoint's value through 4 bits and back), not the original
+checkpoint's, so the merged model computes what the trained one did. Shard by shard
+(`four_bit_weights` names the tensors, `through_4bit` rounds one), or in memory (train/assembly.py,
+use "merge": loaded in 4 bit, `dequantize`d into plain `nn.Linear` layers, the adapter merged).
 """
 from __future__ import annotations
 
@@ -96,7 +98,12 @@ def checkpoint_experts(plan: Plan):
 
 
 def _device_map() -> dict:
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    return {"": load_device()}
+
+
+def load_device():
+    """Where `load_quantized` puts (and so quantizes) the 4-bit weights: this rank's GPU, else the CPU."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
 def load_quantized(plan: Plan, tokenizer, *, path: str | None = None, experts=None):
@@ -177,6 +184,34 @@ def _keep_training_layout(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def four_bit_weights(plan: Plan) -> set[str]:
+    """The weight names `load_quantized` stores in 4 bits, found without loading: transformers' own
+    bitsandbytes quantizer applied to the model built on the meta device (`lm_head`, the modules it
+    keeps in full precision and `llm_int8_skip_modules` stay as they are)."""
+    import bitsandbytes as bnb
+    from transformers.quantizers import AutoHfQuantizer
+
+    from archtune.plan.structure import meta_model
+
+    model = meta_model(plan.model_config, plan.family.auto_class)
+    quantizer = AutoHfQuantizer.from_config(bnb_config(plan), pre_quantized=False)
+    quantizer.preprocess_model(model, device_map=_device_map(), dtype=compute_dtype(plan))
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def through_4bit(weight: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """A linear weight (in the compute dtype) as its 4-bit layer computes with it: quantized as
+    `load_quantized` quantizes it (bitsandbytes' Params4bit with the Plan's settings) and
+    dequantized as `dequantize` does, on this process's device (where `load_quantized` puts it)."""
+    import bitsandbytes.functional as F
+
+    config = bnb_config(plan)
+    q, state = F.quantize_4bit(weight.to(load_device()), blocksize=BLOCKSIZE,
+                               compress_statistics=config.bnb_4bit_use_double_quant,
+                               quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage)
+    return F.dequantize_4bit(q, state).to(device="cpu", dtype=weight.dtype)
 
 
 def quantized_modules(model) -> list[str]:

@@ -172,6 +172,14 @@ def quantize_experts_of(experts: Iterable[torch.Tensor], shape: tuple[int, ...],
     return packed, state
 
 
+def expert_through_4bit(expert: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One expert [out, in] as `quantize_experts` stores it and training dequantizes it (in `dtype`),
+    on the expert's device: each expert is quantized on its own, so this equals expert e of the
+    whole tensor's round trip."""
+    packed, state = quantize_experts_of((expert,), (1, *expert.shape), dtype)
+    return state.expert(packed, 0)
+
+
 def quantize_parameter_(module: nn.Module, name: str, dtype: torch.dtype | None = None,
                         experts: Iterable[torch.Tensor] | None = None) -> None:
     """Replace `module.<name>` (a 3D expert parameter) by its 4-bit storage, in place. `experts`:
@@ -406,6 +414,7 @@ __all__ = [
     "dequantize_experts",
     "expert_4bit_bytes",
     "expert_tensors",
+    "expert_through_4bit",
     "expert_weight_4bit",
     "model_bytes",
     "nf4_state",

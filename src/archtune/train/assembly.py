@@ -133,69 +133,119 @@ def _assemble(plan: Plan, tokenizer, purpose: Purpose, weights: str, quantized: 
 @dataclass(frozen=True)
 class MergeReport:
     path: str  # the merged model's directory (loads with transformers alone)
-    merged: int  # weight tensors that received a LoRA delta
+    merged: int  # adapted tensors that received their LoRA delta
+    adapted: int  # tensors the adapter changes (one per LoRA A matrix: a linear module's, or an expert tensor's)
+    expert: int  # of the merged ones, 3D expert tensors
     streamed: bool  # shard by shard (adapters/merge.py) rather than through the whole model in memory
     why_in_memory: str | None  # when not streamed: what the shard-by-shard merge cannot do here
+
+    def sentence(self) -> str:
+        """What export prints too: "merged 120 of 120 adapted tensors, 8 of them expert tensors"."""
+        return f"merged {self.merged} of {self.adapted} adapted tensors, {self.expert} of them expert tensors"
+
+
+class FourBitValues:
+    """A 4-bit base's tensors as training computed with them (`adapters.merge.BaseValues`): the
+    linear weights the bitsandbytes quantizer stores in 4 bits, and with `quantize_moe_experts` the
+    family's expert tensors, each through 4 bits and back exactly as the in-memory merge
+    (`dequantize_base`) gives them."""
+
+    def __init__(self, plan: Plan, experts: set[str]):
+        self.plan, self.experts = plan, experts
+        self.linears = quant.four_bit_weights(plan)
+
+    def rounded(self) -> set[str]:
+        return self.linears | self.experts
+
+    def weight(self, name, tensor):
+        return quant.through_4bit(tensor, self.plan) if name in self.linears else tensor
+
+    def expert(self, name, tensor):
+        from archtune.moe import quant4
+
+        if name not in self.experts:
+            return tensor
+        device = quant.load_device()
+        return quant4.expert_through_4bit(tensor.to(device), tensor.dtype).to("cpu")
 
 
 def merge_adapter(plan: Plan, tokenizer, out, *, console=None) -> MergeReport:
     """output_dir's LoRA adapter merged into the base and written to `out` (config, weights; not
-    the tokenizer). Shard by shard when nothing between the checkpoint and the adapter changes the
-    base's tensors (`stream_refusal_for`), holding one shard at a time; otherwise through
-    `assemble_model(plan, tokenizer, "merge")` and save_pretrained. Both give the same tensors."""
-    from pathlib import Path
-
+    the tokenizer). Shard by shard whenever `stream_plan_for` can (LoRA on linears and 3D expert
+    tensors, a 4-bit base's tensors through 4 bits and back), holding a few shards at a time;
+    otherwise through `assemble_model(plan, tokenizer, "merge")` and save_pretrained. Both give
+    the same tensors."""
     from archtune.adapters import merge as shard_merge
     from archtune.models.load import torch_dtype
 
-    output_dir = plan.training.output_dir
-    why = stream_refusal_for(plan)
-    if why is None:
+    stream, values = stream_plan_for(plan)
+    if not isinstance(stream, str):
         base = plan.model.base_model
-        result = shard_merge.merge_lora_shards(base, output_dir, out, dtype=torch_dtype(plan))
+        result = shard_merge.merge_lora_shards(stream, out, dtype=torch_dtype(plan), values=values)
         shard_merge.write_merged_config(base, out, dtype=torch_dtype(plan))
-        return MergeReport(str(out), result.merged, True, None)
+        return MergeReport(str(out), result.merged, len(stream.targets), result.expert, True, None)
     merged = assemble_model(plan, tokenizer, "merge", console=console).model
-    count = merged_module_count(output_dir)
+    adapted, expert = adapter_counts(plan)
     merged.save_pretrained(str(out))
-    return MergeReport(str(out), count, False, why)
+    return MergeReport(str(out), adapted, adapted, expert, False, stream)
 
 
-def merged_module_count(adapter_dir) -> int:
-    """The base weights a saved adapter changes when merged: one per LoRA A matrix (a linear
-    module's, or an expert tensor's)."""
+def adapter_counts(plan: Plan) -> tuple[int, int]:
+    """(tensors output_dir's adapter changes, of them 3D expert tensors): one per LoRA A matrix."""
     from pathlib import Path
 
     from safetensors import safe_open
 
     from archtune.adapters import merge as shard_merge
 
-    with safe_open(str(Path(adapter_dir) / shard_merge.ADAPTER_WEIGHTS), framework="pt") as f:
-        return sum(1 for k in f.keys() if ".lora_A." in k)
+    adapter = Path(plan.training.output_dir)
+    with safe_open(str(adapter / shard_merge.ADAPTER_WEIGHTS), framework="pt") as f:
+        count = sum(1 for k in f.keys() if ".lora_A." in k)
+    targets = shard_merge.lora_targets(adapter, _skeleton(plan))
+    return count, 0 if isinstance(targets, str) else sum(1 for t in targets.values() if t.experts)
 
 
-def stream_refusal_for(plan: Plan) -> str | None:
-    """Why `merge_adapter` merges this run in memory (None: it streams): the base tensors the
-    adapter trained on differ from the checkpoint's (4 bits, weight-scale rules, plugins' hooks),
-    the base is not a local safetensors directory, or the adapter holds more than linear LoRA."""
+def _skeleton(plan: Plan):
+    from archtune.plan.structure import meta_model
+
+    return meta_model(plan.model_config, plan.family.auto_class)
+
+
+def stream_plan_for(plan: Plan):
+    """(`adapters.merge.StreamPlan`, the base values it merges into), or (why `merge_adapter`
+    merges this run in memory, None): the base tensors the adapter trained on differ from the
+    checkpoint's in a way the stream does not reproduce (weight-scale rules, plugins' hooks), the
+    base is not a local safetensors directory, or the adapter holds more than LoRA on linears
+    and expert tensors."""
     from pathlib import Path
 
     from archtune.adapters import merge as shard_merge
     from archtune.models.load import trained_weights_kind
+    from archtune.plan.structure import StructureUnavailable
 
     output_dir = plan.training.output_dir
     if trained_weights_kind(output_dir) != "adapter":
-        return f"{output_dir} holds no LoRA adapter"
-    if quant.is_quantized(plan):
-        return "the base is loaded in 4 bits"
+        return f"{output_dir} holds no LoRA adapter", None
     if plan.model.normalize_weight_scales:
-        return "normalize_weight_scales rescales base tensors"
+        return "normalize_weight_scales rescales base tensors", None
     if load_plugins(plan.config):
-        return "plugins may change the model at load"
+        return "plugins may change the model at load", None
     base = plan.model.base_model
     if not Path(str(base)).is_dir():
-        return f"{base} is not a local checkpoint directory"
-    return shard_merge.stream_refusal(base, output_dir)
+        return f"{base} is not a local checkpoint directory", None
+    try:
+        skeleton = _skeleton(plan)
+    except StructureUnavailable as exc:
+        return f"the model does not build on the meta device ({exc})", None
+    values, experts = shard_merge.BaseValues(), ()
+    if quant.is_quantized(plan):
+        from archtune.moe import quant4
+
+        if plan.quantize_moe_experts:
+            experts = tuple(full for _, _, full in quant4.expert_tensors(skeleton, plan.expert_param_names))
+        values = FourBitValues(plan, set(experts))
+    stream = shard_merge.stream_plan(base, output_dir, skeleton, plan.expert_checkpoint_parts, experts)
+    return (stream, None) if isinstance(stream, str) else (stream, values)
 
 
 def attach_adapters(model, plan: Plan, weights: str, purpose: Purpose):
@@ -310,4 +360,4 @@ def apply_activation_offloading(model, plan: Plan) -> None:
 
 __all__ = ["USES", "Assembled", "MergeReport", "Purpose", "Use", "apply_activation_offloading", "assemble_model",
            "experts_implementation_in_use", "merge_adapter", "prepare_loss", "prepare_packing", "quantize_moe_experts",
-           "set_experts_implementation", "set_use_cache", "stream_refusal_for"]
+           "set_experts_implementation", "set_use_cache", "stream_plan_for"]
