@@ -287,8 +287,8 @@ def test_qlora_with_4bit_experts_exports_what_it_trained(tmp_path, capsys):
 
 
 
-def _conditioned_gemma4(variant: str, out):
-    """tiny:VARIANT with the weights of a trained Gemma 4 where a random one is too ill-conditioned
+def _conditioned_gemma4(variant: str, out, model=None, tokenizer=None):
+    """tiny:VARIANT (or `model`) with the weights of a trained Gemma 4 where a random one is too ill-conditioned
     for a rounding check: query norms at head_dim ** -0.5 (Gemma 4's attention is unscaled, and unit
     norms give scores of std sqrt(head_dim): rounding the weights to q8_0 then moves transformers' own
     logits by 0.18 of their largest) and a decisive router (x1000: a random one is near-uniform, and
@@ -298,7 +298,9 @@ def _conditioned_gemma4(variant: str, out):
 
     from archtune.models.tiny import build_tiny_model, build_tiny_processor
 
-    model, tokenizer = build_tiny_model(variant)
+    built = model is None
+    if built:
+        model, tokenizer = build_tiny_model(variant)
     draw = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -312,7 +314,45 @@ def _conditioned_gemma4(variant: str, out):
                 tensor.mul_(tensor.numel() ** -0.5)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    build_tiny_processor(variant, model.config).save_pretrained(out)
+    if built:
+        build_tiny_processor(variant, model.config).save_pretrained(out)
+    return out
+
+
+def _gemma_tokenized(variant: str, out):
+    """tiny:VARIANT's shape over a Gemma-style (SentencePiece) tokenizer built here: its vocabulary
+    size, special and media token ids (Gemma 4's real names); Gemma 4 conditioned as above."""
+    import torch
+    import transformers
+
+    from archtune.families import FAMILIES
+    from archtune.models.tiny import build_tiny_config
+    from tests.gemma_tokenizer import build_gemma_tokenizer
+
+    tokenizer = build_gemma_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = build_tiny_config(variant)
+    text = config.text_config
+    text.vocab_size = len(tokenizer)
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = ids("<pad>"), ids("<bos>"), ids("<eos>")
+    if variant.startswith("gemma4"):
+        text.vocab_size_per_layer_input = len(tokenizer)
+        config.image_token_id, config.boi_token_id, config.eoi_token_id = ids(["<|image|>", "<|image>", "<image|>"])
+        config.audio_token_id, config.boa_token_id, config.eoa_token_index = ids(["<|audio|>", "<|audio>", "<audio|>"])
+        config.video_token_id = ids("<|video|>")
+    else:
+        config.image_token_index, config.boi_token_index, config.eoi_token_index = \
+            ids(["<|image|>", "<|image>", "<image|>"])
+    family = next(f for f in FAMILIES.values() if config.model_type in f.model_types)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(transformers, family.auto_class).from_config(config)
+    model.generation_config.eos_token_id = [ids("<eos>"), ids("<turn|>")]
+    model.generation_config.pad_token_id, model.generation_config.bos_token_id = ids("<pad>"), ids("<bos>")
+    if variant.startswith("gemma4"):
+        return _conditioned_gemma4(variant, out, model, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -359,3 +399,66 @@ def test_gemma4_gguf_without_the_per_expert_scale_fails(trained, capsys, monkeyp
     code, report, err = _export(capsys, trained("gemma4-moe", _conditioned_gemma4), "--outtype", "f32")
     assert code == 2
     assert report["verification"]["max_rel_logit_diff"] > 0.05, report["verification"]
+
+
+CHAT_DATA = QUICKSTART_DATA.parent / "chat.jsonl"
+
+
+@pytest.mark.parametrize("variant, model", [("gemma4-dense", "gemma4"), ("gemma3", "llama")])
+def test_gemma_tokenizer_gguf_splits_chat_prompts_as_transformers(variant, model, tmp_path, capsys):
+    """A Gemma-style (SentencePiece) tokenizer, trained on chat rows in Gemma 4's turn format: the GGUF
+    carries it as llama.cpp's converter does for the family (Gemma 4: model "gemma4", merges; Gemma 3:
+    "llama", scores), llama.cpp splits every held-out chat-templated prompt (`<bos>`, `<|turn>`,
+    `<turn|>` and text) into the Hugging Face tokenizer's ids, and the logits and greedy tokens agree."""
+    _needs_llama_cpp()
+    import gguf
+
+    base = _gemma_tokenized(variant, tmp_path / "base")
+    train = head_jsonl(CHAT_DATA, tmp_path / "train.jsonl", 32)
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(CHAT_DATA.read_text().splitlines(keepends=True)[-6:]))
+    config = write_config(tmp_path / "run.yaml", base_model=str(base), adapter="lora", lora_r=4, lora_alpha=8,
+                          chat_template="tokenizer_default", datasets=[{"path": str(train), "type": "chat_template"}],
+                          test_datasets=[{"path": str(test), "type": "chat_template"}],
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0, output_dir=str(tmp_path / "out"),
+                          use_tensorboard=False)
+    code, _, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    code, report, err = _export(capsys, config, "--outtype", "f32")
+    assert code == 0, err
+    v = report["verification"]
+    print(json.dumps({"family": variant, "tokenizer": model, **{k: v[k] for k in (
+        "outtype", "max_abs_logit_diff", "max_rel_logit_diff", "greedy_agree", "tokenizer_mismatches")}}))
+    assert v["ok"] and v["prompts"] == v["greedy_agree"] == 6 and v["tokenizer_mismatches"] == 0, v
+    reader = gguf.GGUFReader(report["path"])
+    field = reader.fields["tokenizer.ggml.model"]
+    assert bytes(field.parts[field.data[0]]).decode() == model
+
+
+def test_gguf_refuses_a_tokenizer_it_cannot_carry_before_writing(tmp_path, capsys):
+    """A Unigram tokenizer (T5-style SentencePiece): no GGUF written, one message naming the
+    tokenizer and the way out, exit 2, before the merge."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from archtune.models.tiny import write_tiny_model
+
+    base = write_tiny_model("llama", tmp_path / "base")
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.train_from_iterator(CHAT_DATA.read_text().splitlines(), trainers.UnigramTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], unk_token="<unk>", show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                            unk_token="<unk>").save_pretrained(base)
+    train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp_path / "train.jsonl", 16)
+    config = write_config(tmp_path / "run.yaml", base_model=str(base), adapter="lora", lora_r=4, lora_alpha=8,
+                          lora_target_modules=LINEARS, datasets=[{"path": str(train), "type": "alpaca"}],
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          max_steps=1, output_dir=str(tmp_path / "out"), use_tensorboard=False)
+    code, _, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "export", config, "--format", "gguf")
+    assert code == 2 and "Traceback" not in err
+    assert "tokenizer_config" in err and "Unigram model" in err and "convert_hf_to_gguf.py" in err
+    assert "wrote" not in err + out and not list((tmp_path / "out").rglob("*.gguf"))

@@ -41,17 +41,18 @@ def _gguf_package():
 def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference: Callable, *, log) -> object:
     from archtune.export.report import ExportReport
     from archtune.export.compare import verify
-    from archtune.export.gguf_file import text_config_of, write_gguf
+    from archtune.export.gguf_file import tokenizer_model, write_gguf
+    from archtune.families import text_config
     from archtune.export.llama_runtime import LlamaModel, llama_cpp, quantize, version
     from archtune.export.merge_check import count_merged, rounding
     from archtune.train.assembly import assemble_model
 
     _gguf_package()
     llama_cpp()  # before the merge: a missing runtime is said at once
+    spec = gguf_spec(plan, text_config(plan.model_config).get("model_type") or plan.model_type)
+    tokenizer_model(tokenizer, spec)  # and a tokenizer llama.cpp would split otherwise
     adapter = bool(expected) or _has_adapter(plan)
     model = assemble_model(plan, tokenizer, "merge" if adapter else "generate").model
-    text = text_config_of(model)
-    spec = gguf_spec(plan, text.get("model_type") or plan.model_type)
     count = None
     if adapter:
         tensors = dict(model.named_parameters())

@@ -3,12 +3,16 @@
 From the merged (or fully fine-tuned) model in memory: the text model's tensors under llama.cpp's
 names (the `gguf` package's tensor map, after the family's transforms: `Family.gguf`), the
 hyperparameters every llama.cpp architecture reads (and the family's own keys), and the
-tokenizer (tokens, types, merges, special token ids, whether BOS is added, the chat template).
+tokenizer (tokens, types, merges or scores, special token ids, whether BOS is added, the chat
+template): a byte-level BPE as llama.cpp's "gpt2" model, a SentencePiece-style one (Gemma's) as the
+model llama.cpp's converter writes for the family; a tokenizer llama.cpp would split otherwise is
+refused before anything is written.
 Multimodal towers are not written: llama.cpp keeps them in a separate projector file (mmproj),
 which this writer does not produce; the GGUF holds the language model.
 
-Tensor types: 1-D tensors (norms, biases, scalars) and the family's `keep_f32` tensors
-(and the norms, gates and kernels llama.cpp always reads in float32) are float32, as llama.cpp's converter writes them; the rest are the outtype (f32, f16, bf16, or q8_0
+Tensor types: 1-D tensors (norms, biases, scalars) and the family's `keep_f32` tensors (and the
+norms, gates and kernels llama.cpp always reads in float32) are float32, as llama.cpp's converter
+writes them; the rest are the outtype (f32, f16, bf16, or q8_0
 through the `gguf` package's quantizer; a tensor whose rows q8_0's blocks of 32 do not divide
 stays f16).
 """
@@ -19,7 +23,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -125,7 +129,13 @@ def write_hparams(writer, text: dict, vocab_size: int, rope_types: tuple[str, ..
 
 # ---------------------------------------------------------------- tokenizer
 
-def _token_types(tokenizer) -> tuple[list[str], list[int]]:
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _token_types(tokenizer, byte_pieces: bool = False, visible: tuple[str, ...] = ()) -> tuple[list[str], list[int]]:
+    """Tokens in id order and their llama.cpp types: added special tokens CONTROL (USER_DEFINED
+    where llama.cpp shows them in output: `visible`), other added tokens USER_DEFINED, the
+    `<0xXX>` pieces BYTE when `byte_pieces` (byte fallback), ids without a token UNUSED."""
     import gguf
 
     vocab = tokenizer.get_vocab()
@@ -139,10 +149,12 @@ def _token_types(tokenizer) -> tuple[list[str], list[int]]:
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.CONTROL if added[i].special and added[i].content not in visible
+                         else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
+            types.append(gguf.TokenType.BYTE if byte_pieces and BYTE_PIECE.fullmatch(by_id[i])
+                         else gguf.TokenType.NORMAL)
     return tokens, types
 
 
@@ -153,26 +165,144 @@ def _byte_level_bpe(tokenizer_json: dict) -> bool:
         and not model.get("byte_fallback")
 
 
-def write_tokenizer(writer, tokenizer, vocab_size: int, eos_ids: list[int]) -> None:
-    """A byte-level BPE tokenizer with the GPT-2 split (llama.cpp's "gpt2" model, "gpt-2" pre-tokenizer)."""
+def _replaces_spaces(step: dict | None) -> bool:
+    return bool(step) and step.get("type") == "Replace" and step.get("pattern") == {"String": " "} \
+        and step.get("content") == "\u2581"
+
+
+def sentencepiece_layout(tokenizer_json: dict) -> str | None:
+    """Why a BPE tokenizer with byte fallback is not the SentencePiece layout llama.cpp reads (Gemma's:
+    spaces as `▁` and nothing put in front, every `<0xXX>` piece, plain merges), or None when it is."""
+    model = tokenizer_json.get("model") or {}
+    normalizer, pre = tokenizer_json.get("normalizer"), tokenizer_json.get("pre_tokenizer")
+    no_op_split = pre is None or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "})
+    metaspace = bool(pre) and pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581"
+    if metaspace and pre.get("prepend_scheme", "always") != "never":
+        return f"its Metaspace pre-tokenizer puts a \u2581 in front (prepend_scheme {pre.get('prepend_scheme')!r})"
+    if not (_replaces_spaces(normalizer) and no_op_split) and not (normalizer is None and metaspace):
+        return (f"it writes spaces otherwise than as \u2581 alone (normalizer {(normalizer or {}).get('type')}, "
+                f"pre-tokenizer {(pre or {}).get('type')})")
+    vocab = model.get("vocab") or {}
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing:
+        return f"its byte fallback lacks {len(missing)} of the 256 byte pieces (e.g. {missing[0]})"
+    if model.get("ignore_merges") or model.get("dropout") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        return "its BPE model takes whole words first, drops merges at random or marks subwords"
+    return None
+
+
+def _merges(tokenizer_json: dict) -> list[tuple[str, str]]:
+    return [tuple(m) if not isinstance(m, str) else tuple(m.split(" ", 1))
+            for m in (tokenizer_json["model"].get("merges") or [])]
+
+
+def sentencepiece_splits_otherwise(tokenizer_json: dict, model: str, special: set[str],
+                                   pieces_of: Callable[[str], list[str]]) -> str | None:
+    """Why llama.cpp's tokenizer `model` would split some text otherwise than this BPE model, or None.
+
+    "gemma4" applies the merges by rank within each run of newlines and each run of other text, and
+    takes a run of newlines that is a piece whole: the BPE model's split (`pieces_of`: the model's
+    split of one run) when no piece holds a newline beside something else and the merges make each
+    newline piece. A Metaspace pre-tokenizer that splits before each `▁`: neither runtime splits
+    there, which changes nothing while no piece has a `▁` after its start. ("llama" joins the pair
+    whose piece scores best, scored by the piece's first merge: the merges' own choice wherever a
+    pair that joins into a piece without being a merge never meets, as in a trained BPE; the
+    prompts' check after writing is what shows it for the data.)
+    """
+    vocab = tokenizer_json["model"]["vocab"]
+    pieces = [p for p in vocab if p not in special and not BYTE_PIECE.fullmatch(p)]
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("split", True):
+        inner = [p for p in pieces if "\u2581" in p[1:]]
+        if inner:
+            return (f"{len(inner)} pieces hold a \u2581 after their start (e.g. {inner[0]!r}), where its "
+                    "pre-tokenizer splits")
+    if model != "gemma4":
+        return None
+    mixed = [p for p in pieces if "\n" in p and p.strip("\n")]
+    if mixed:
+        return (f"{len(mixed)} pieces hold a newline beside other characters (e.g. {mixed[0]!r}); llama.cpp's "
+                "gemma4 tokenizer splits runs of newlines from the rest first")
+    unmade = [p for p in pieces if p and not p.strip("\n") and pieces_of(p) != [p]]
+    if unmade:
+        return (f"{len(unmade)} runs of newlines are pieces the merges do not make (e.g. {unmade[0]!r}); llama.cpp's "
+                "gemma4 tokenizer takes such a run whole")
+    return None
+
+
+CONVERT = "export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py"
+# llama.cpp's own converter writes the same tokenizer model for the family: the split differs there too.
+SERVE_MERGED = ("export --format merged and serve it with transformers or vLLM, or train a tokenizer whose pieces "
+                "llama.cpp splits the same way")
+
+
+def _refuse_tokenizer(why: str, fix: str = CONVERT) -> UserError:
+    return UserError.single("tokenizer_config", f"archtune's GGUF writer cannot carry this tokenizer: {why}", fix)
+
+
+def _tokenizer_json(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def tokenizer_model(tokenizer, spec=None) -> str:
+    """llama.cpp's tokenizer model for `tokenizer`: "gpt2" for a byte-level BPE with the GPT-2 split;
+    for a SentencePiece-style BPE (Gemma's: `▁` for spaces, byte fallback) the model the family's
+    llama.cpp converter writes (`spec.sentencepiece_model`: "llama" with scores, or "gemma4" with
+    merges). A tokenizer llama.cpp would split otherwise is refused (UserError), before any file."""
+    data = _tokenizer_json(tokenizer)
+    model = data.get("model") or {}
+    if _byte_level_bpe(data):
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        kind = getattr(spec, "sentencepiece_model", "llama")
+        bpe = tokenizer.backend_tokenizer.model
+        why = sentencepiece_layout(data)
+        if why:
+            raise _refuse_tokenizer(why)
+        why = sentencepiece_splits_otherwise(data, kind, {t.content for t in tokenizer.added_tokens_decoder.values()},
+                                             lambda text: [t.value for t in bpe.tokenize(text)])
+        if why:
+            raise _refuse_tokenizer(why, SERVE_MERGED)
+        return kind
+    if model.get("type") == "Unigram":
+        raise _refuse_tokenizer("it is a Unigram model; llama.cpp's SentencePiece tokenizer joins pieces by score "
+                                "greedily and its T5 tokenizer needs the precompiled normalizer, neither of which "
+                                "archtune writes")
+    raise _refuse_tokenizer(f"it is {model.get('type')} / {(data.get('pre_tokenizer') or {}).get('type')}; the "
+                            "writer carries byte-level BPE (GPT-2 split) and SentencePiece-style BPE with byte "
+                            "fallback (Gemma's)")
+
+
+def write_tokenizer(writer, tokenizer, vocab_size: int, eos_ids: list[int], spec=None) -> None:
+    """The tokenizer as llama.cpp reads it (`tokenizer_model`): tokens and their types, the merges
+    (or, for SentencePiece, the scores), special token ids, whether BOS is added, the chat template."""
     import gguf
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    data = json.loads(backend.to_str()) if backend is not None else {}
-    if not _byte_level_bpe(data):
-        kind = f"{(data.get('model') or {}).get('type')} / {(data.get('pre_tokenizer') or {}).get('type')}"
-        raise UserError.single("tokenizer_config", f"archtune's GGUF writer carries byte-level BPE tokenizers with "
-                               f"the GPT-2 split; this tokenizer is {kind}",
-                               "export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py")
-    tokens, types = _token_types(tokenizer)
+    kind = tokenizer_model(tokenizer, spec)
+    data = _tokenizer_json(tokenizer)
+    tokens, types = _token_types(tokenizer, byte_pieces=kind != "gpt2", visible=getattr(spec, "visible_tokens", ()))
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_model(kind)
+    merges = [" ".join(m) for m in _merges(data)]
+    if kind == "gpt2":
+        writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
+    if kind == "llama":
+        # SentencePiece joins the pair whose piece scores best: the earlier its first merge, the better.
+        first = {}
+        for rank, (a, b) in enumerate(_merges(data)):
+            first.setdefault(a + b, rank)
+        writer.add_token_scores([-float(first[t] + 1) if t in first else 0.0 for t in tokens])
+    elif kind != "gpt2":
+        writer.add_token_scores([-1000.0] * len(tokens))  # as llama.cpp's converter: merges decide, not scores
     writer.add_token_types(types)
-    merges = data["model"].get("merges") or []
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    if kind != "llama":
+        writer.add_token_merges(merges)
+    if kind != "gpt2":
+        writer.add_add_space_prefix(False)
     for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                       ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
         value = getattr(tokenizer, attr, None)
@@ -247,7 +377,8 @@ def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, o
     if spec.extra_tensors:
         tensors.extend(spec.extra_tensors(text))
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    write_tokenizer(writer, tokenizer, vocab_rows, eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    write_tokenizer(writer, tokenizer, vocab_rows, eos if isinstance(eos, list) else [eos] if eos is not None else [],
+                    spec)
     keep = [re.compile(p) for p in spec.keep_f32]
     types: dict[str, int] = {}
     unmapped = []
@@ -284,4 +415,5 @@ def _arch_enum(arch: str) -> str:
                            "upgrade the gguf package (pip install -U gguf)")
 
 
-__all__ = ["GgufWritten", "text_config_of", "text_tensors", "write_gguf", "write_hparams", "write_tokenizer"]
+__all__ = ["BYTE_PIECE", "GgufWritten", "sentencepiece_layout", "sentencepiece_splits_otherwise", "text_config_of",
+           "text_tensors", "tokenizer_model", "write_gguf", "write_hparams", "write_tokenizer"]

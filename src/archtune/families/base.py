@@ -63,6 +63,10 @@ class GgufArch:
     parameter for (already under llama.cpp's names, e.g. RoPE frequency factors).
     `rope_types` are RoPE types (Hugging Face's `rope_type`) beyond default and linear that the
     family's own keys and tensors encode.
+    `sentencepiece_model` is the tokenizer model llama.cpp's converter writes for the family's
+    SentencePiece-style tokenizers (`▁` for spaces, byte fallback): "llama" (pieces with scores) or
+    "gemma4" (pieces with merges); `visible_tokens` are special tokens that converter marks
+    USER_DEFINED, so that llama.cpp prints them (a chat parser reads them) instead of hiding them.
     """
 
     arch: str
@@ -71,6 +75,8 @@ class GgufArch:
     keep_f32: tuple[str, ...] = ()
     extra_tensors: Callable[[dict[str, Any]], Any] | None = None
     rope_types: tuple[str, ...] = ()
+    sentencepiece_model: str = "llama"
+    visible_tokens: tuple[str, ...] = ()
 
 
 # Special tokens every tiny config may point its multimodal ids at (archtune's tokenizer has them all).

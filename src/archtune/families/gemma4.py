@@ -259,8 +259,12 @@ def _gguf_metadata(writer, text: dict) -> None:
         writer.add_final_logit_softcapping(float(text["final_logit_softcapping"]))
 
 
+# llama.cpp's converter writes Gemma 4's tokenizer as its "gemma4" model (BPE merges over `▁`-pieces, text
+# split into runs of newlines and runs of the rest), and shows the channel and tool-call markers.
 GGUF = GgufArch("gemma4", tensors=_gguf_tensors, metadata=_gguf_metadata, extra_tensors=_gguf_extra_tensors,
-                rope_types=("proportional",))
+                rope_types=("proportional",), sentencepiece_model="gemma4",
+                visible_tokens=("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                                "<tool_response|>", '<|"|>'))
 
 
 _DESCRIPTIONS = {
