@@ -32,6 +32,7 @@ FAMILY_KEYS = {
     "gemma4-dense": {},  # the family's default targets: the language model's attention and MLP linears
     "gemma4-e2b": {},
     "gemma4-moe": {"lora_target_parameters": EXPERTS, "lora_target_modules": LINEARS},
+    "gemma4-unified": {},  # Gemma 4's default targets: the language model's attention and MLP linears
 }
 
 
@@ -314,8 +315,9 @@ def _conditioned_gemma4(variant: str, out, model=None, tokenizer=None):
                 tensor.mul_(tensor.numel() ** -0.5)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if built:
-        build_tiny_processor(variant, model.config).save_pretrained(out)
+    processor = build_tiny_processor(variant, model.config) if built else None
+    if processor is not None:
+        processor.save_pretrained(out)
     return out
 
 
@@ -356,14 +358,15 @@ def _gemma_tokenized(variant: str, out):
     return out
 
 
-GEMMA4 = {"gemma4-dense": (26, 0), "gemma4-e2b": (24, 0), "gemma4-moe": (34, 8)}  # no v_proj where k == v, no k/v where KV is shared
+# no v_proj where k == v, no k/v where KV is shared; Gemma 4 Unified's text decoder is the dense one
+GEMMA4 = {"gemma4-dense": (26, 0), "gemma4-e2b": (24, 0), "gemma4-moe": (34, 8), "gemma4-unified": (26, 0)}
 
 
 @pytest.mark.parametrize("variant", list(GEMMA4))
 def test_gemma4_gguf_loads_in_llama_cpp_and_matches(variant, trained, capsys):
     """Gemma 4 (arch gemma4): dense with k == v on the full-attention layers, E2B-style per-layer
-    inputs and KV sharing, and the MoE beside the dense MLP with expert LoRA, in f32, q8_0 and
-    llama.cpp's Q4_K_M: greedy tokens agree, logits within the type's tolerance."""
+    inputs and KV sharing, the MoE beside the dense MLP with expert LoRA, and Gemma 4 Unified's text
+    decoder, in f32, q8_0 and llama.cpp's Q4_K_M: greedy tokens agree, logits within the type's tolerance."""
     _needs_llama_cpp()
     config = trained(variant, _conditioned_gemma4)
     adapted, experts = GEMMA4[variant]

@@ -83,6 +83,8 @@ FAMILY = register_family(
             "FSDP2 wraps `Gemma4UnifiedTextDecoderLayer`",
             "Images need transformers' Gemma4UnifiedImageProcessor, which has only a torchvision backend "
             "in transformers 5.25; archtune trains this family on text (image and audio rows are refused)",
+            "GGUF: the text decoder is written as llama.cpp's `gemma4` architecture (the dense Gemma 4 one); the "
+            "embedders belong in llama.cpp's separate mmproj file, which archtune does not write",
         ),
         auto_class="AutoModelForImageTextToText",
         language_model_prefix="model.language_model",
@@ -91,6 +93,9 @@ FAMILY = register_family(
         mm_projector_prefixes=("model.embed_vision", "model.embed_audio"),
         lora_target_regex=gemma4.LORA_TARGET_REGEX,
         packing_drop_attention_mask=True,
+        # The text decoder is Gemma 4's dense one (same attention, MLP, norms, layer scalar, RoPE): llama.cpp's
+        # gemma4 architecture runs it; the embedders are not written (they go in an mmproj file).
+        gguf={t: gemma4.GGUF for t in ("gemma4_unified", "gemma4_unified_text")},
         sequence_classification_base=(
             "transformers.models.gemma4_unified.modeling_gemma4_unified.Gemma4UnifiedPreTrainedModel"),
         tiny_models=(TinyModel("gemma4-unified", "Gemma 4 Unified shape: 4 dense layers, sliding/full attention "
