@@ -655,3 +655,32 @@ def test_the_training_view_reads_every_field_from_the_plan():
     del plan.settings["warmup"]
     with pytest.raises(KeyError, match="warmup"):
         plan.training
+
+
+# FSDP2 loading: each rank reads only its own rows where the checkpoint holds the model as stored.
+FSDP_LOADING = "fsdp_config.fsdp_cpu_ram_efficient_loading"
+
+
+def _checkpoint_dir(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("keys, value, source, why", [
+    ({}, True, "default", "reads only its own slices"),
+    ({"fsdp_config": {"fsdp_cpu_ram_efficient_loading": False}}, False, "user", "every rank loads the whole model"),
+    ({"adapter": "qlora", "load_in_4bit": True}, False, "default", "quantized while loading"),
+    ({"fsdp_config": {"fsdp_offload_params": True}}, False, "default", "fsdp_offload_params"),
+])
+def test_fsdp_ranks_read_their_own_shards_of_a_local_unquantized_checkpoint(tmp_path, keys, value, source, why):
+    plan = plan_for("gemma3", world_size=2, base_model=_checkpoint_dir(tmp_path), fsdp=["full_shard", "auto_wrap"],
+                    **keys)
+    assert decision(plan, FSDP_LOADING)[:2] == (value, source) and why in plan.settings[FSDP_LOADING].reason
+    assert plan.distributed.fsdp_load_own_shards is value
+
+
+def test_fsdp_loading_asked_for_where_it_cannot_apply_warns(tmp_path):
+    plan = plan_for("gemma3", world_size=2, base_model="tiny:gemma3", fsdp=["full_shard", "auto_wrap"],
+                    fsdp_config={"fsdp_cpu_ram_efficient_loading": True})
+    assert decision(plan, FSDP_LOADING)[:2] == (False, "user") and not plan.distributed.fsdp_load_own_shards
+    assert any("every rank loads the whole model" in w and "not a local safetensors" in w for w in plan.warnings)

@@ -109,7 +109,9 @@ class FsdpConfig(BaseModel):
     fsdp_offload_params: bool = Field(False, description="Keep sharded parameters in CPU memory.")
     fsdp_state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = Field(
         "SHARDED_STATE_DICT", description="Checkpoint format (sharded avoids a full gather per save).")
-    fsdp_cpu_ram_efficient_loading: bool = Field(False, description="Load weights on rank 0 only.")
+    fsdp_cpu_ram_efficient_loading: bool | None = Field(
+        None, description="No rank holds the full model while loading: each reads only the shards it keeps "
+        "(default on for a local safetensors base that is not quantized; false: every rank loads the whole model).")
     fsdp_activation_checkpointing: bool = Field(False, description="Activation checkpointing inside FSDP units.")
 
 

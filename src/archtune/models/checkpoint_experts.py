@@ -132,12 +132,16 @@ class CheckpointExperts:
     def experts(self, tensor: ExpertTensor, device, dtype: torch.dtype):
         """Expert e of `tensor` as a dense [out, in] tensor in `dtype` on `device`, for e = 0, 1, ..."""
         for e in range(tensor.shape[0]):
-            pieces = []
-            for key in tensor.expert_keys(e):
-                handle = self._handle(self.files[key])
-                pieces.append(handle.get_slice(key)[e] if tensor.fused else handle.get_tensor(key))
-            weight = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-            yield weight.to(device=device, dtype=dtype)
+            yield self.expert(tensor, e).to(device=device, dtype=dtype)
+
+    def expert(self, tensor: ExpertTensor, e: int) -> torch.Tensor:
+        """Expert e of `tensor` as stored ([out, in], the checkpoint's dtype), read alone."""
+        pieces = [self.tensor_slice(key)[e] if tensor.fused else self.read(key) for key in tensor.expert_keys(e)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def tensor_slice(self, key: str):
+        """Checkpoint tensor `key` as a safetensors slice: indexing it reads only the rows asked for."""
+        return self._handle(self.files[key]).get_slice(key)
 
     def read(self, key: str) -> torch.Tensor:
         """The checkpoint tensor `key` (e.g. one expert's part), in the checkpoint's dtype."""

@@ -372,6 +372,25 @@ def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
     return _with_score_pad(model, plan, tokenizer)
 
 
+def load_from_state_dict(plan: Plan, state: dict, kwargs: dict):
+    """`from_pretrained(None, config=..., state_dict=state)` for the base checkpoint directory, named and
+    configured as a load from the directory would be (its generation_config, `_name_or_path`); loading
+    problems raise as in `load_model`. `state` may hold lazy safetensors slices and zero-byte stand-ins."""
+    import transformers
+    from transformers import GenerationConfig
+
+    # The class the Auto class picks (the meta-device build's): an Auto class needs a model path.
+    model_class = getattr(transformers, plan.structure().model_class)
+    source = str(plan.model.base_model)
+    config, extra = pretrained_config(plan, source)
+    model, info = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs, **extra)
+    check_loading_info(info, source)
+    model.config._name_or_path = source  # as a load from the directory names it (adapter_config reads it)
+    if (Path(source) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    return model
+
+
 def _with_score_pad(model, plan: Plan, tokenizer):
     """A score head reads each sequence's score at its last non-padding token, found through the
     config's pad_token_id: a checkpoint without one gets the tokenizer's (as TRL's RewardTrainer sets

@@ -74,15 +74,16 @@ def bnb_config(plan: Plan):
                                "use BitsAndBytesConfig's argument names, e.g. bnb_4bit_use_double_quant: true") from None
 
 
-def checkpoint_experts(plan: Plan):
+def checkpoint_experts(plan: Plan, *, dense_too: bool = False):
     """The base checkpoint's expert tensors as a `CheckpointExperts` (models/checkpoint_experts.py),
-    to be quantized one expert at a time as they are read; None when they load whole (a hub id, a
-    tiny model, another head than the family's, a layout it does not know)."""
+    to be read one expert at a time; None when they load whole (a hub id, a tiny model, another head
+    than the family's, a layout it does not know). `dense_too`: a model without expert tensors gets
+    one too (with none), for reading its other tensors slice by slice."""
     from pathlib import Path
 
     import transformers
 
-    from archtune.models.checkpoint_experts import CheckpointExperts
+    from archtune.models.checkpoint_experts import CheckpointExperts, weight_map
     from archtune.models.load import tiny_name
 
     base = plan.model.base_model
@@ -92,12 +93,14 @@ def checkpoint_experts(plan: Plan):
         return None
     params = {n: structure.parameters[n] for t in plan.expert_param_names for n in structure.parameters_matching(t)}
     if not params:
-        return None
+        files = weight_map(base) if dense_too else None
+        return CheckpointExperts(Path(base), files, {}) if files is not None else None
     found = CheckpointExperts.find(base, params, plan.expert_checkpoint_parts)
     return found if isinstance(found, CheckpointExperts) else None
 
 
-def _device_map() -> dict:
+def device_map() -> dict:
+    """Where the base loads (from_pretrained's device_map): `load_device()`."""
     return {"": load_device()}
 
 
@@ -113,10 +116,9 @@ def load_quantized(plan: Plan, tokenizer, *, path: str | None = None, experts=No
     shape, filled in 4 bits from the checkpoint by `quantize_moe_experts`; the rest loads as usual."""
     from archtune.models.load import auto_model_class, check_loading_info, pretrained_kwargs, tiny_name
 
-    device_map = _device_map()
     base = plan.model.base_model
     name = tiny_name(base) if path is None else None
-    kwargs = dict(quantization_config=bnb_config(plan), dtype=compute_dtype(plan), device_map=device_map,
+    kwargs = dict(quantization_config=bnb_config(plan), dtype=compute_dtype(plan), device_map=device_map(),
                   output_loading_info=True)
     if experts is not None and path is None:
         return _load_with_stand_ins(plan, experts, kwargs)
@@ -147,30 +149,16 @@ def load_quantized(plan: Plan, tokenizer, *, path: str | None = None, experts=No
 
 def _load_with_stand_ins(plan: Plan, experts, kwargs: dict):
     """`from_pretrained` from the checkpoint's tensors (lazy slices) with stand-ins for the experts."""
-    from pathlib import Path
+    from archtune.models.load import load_from_state_dict
 
-    from transformers import GenerationConfig
-
-    import transformers
-
-    from archtune.models.load import check_loading_info, pretrained_config
-
-    # The class the Auto class picks (the meta-device build's): an Auto class needs a model path.
-    model_class = getattr(transformers, plan.structure().model_class)
-    source = str(plan.model.base_model)
-    config, extra = pretrained_config(plan, source)
     device = next(iter(kwargs["device_map"].values()))
     state, handles = experts.state_dict(torch.device(device), kwargs["dtype"])
     try:
-        model, info = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs, **extra)
+        model = load_from_state_dict(plan, state, kwargs)
     finally:
         del state
         for handle in handles:
             handle.__exit__(None, None, None)
-    check_loading_info(info, source)
-    model.config._name_or_path = source  # as a load from the directory names it (adapter_config reads it)
-    if (Path(source) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(source)
     _keep_training_layout(model)
     return model
 
@@ -197,7 +185,7 @@ def four_bit_weights(plan: Plan) -> set[str]:
 
     model = meta_model(plan.model_config, plan.family.auto_class)
     quantizer = AutoHfQuantizer.from_config(bnb_config(plan), pre_quantized=False)
-    quantizer.preprocess_model(model, device_map=_device_map(), dtype=compute_dtype(plan))
+    quantizer.preprocess_model(model, device_map=device_map(), dtype=compute_dtype(plan))
     return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from archtune.plan.shared import Rule
-from archtune.plan.shared import (LAYER_CLASSES_KEY, REENTRANT_KEY, WRAP_KEY, and_join, checkpoint_wrappers,
-                                  fsdp_enabled, quantized_base, refused)
+from archtune.plan.shared import (FSDP_LOADING_KEY, LAYER_CLASSES_KEY, REENTRANT_KEY, WRAP_KEY, and_join,
+                                  checkpoint_wrappers, fsdp_enabled, quantized_base, refused)
 
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
@@ -50,6 +50,46 @@ def _fsdp_config(plan: "Plan") -> None:
     if plan.config.fsdp_config is None:
         for k, v in FsdpConfig().model_dump().items():
             plan.set(f"fsdp_config.{k}", v, "default", "archtune default (fsdp_config not given)")
+
+
+def _fsdp_loading(plan: "Plan") -> None:
+    """Each rank reads only its shards where the checkpoint's tensors are the model's as stored:
+    a local safetensors directory, loaded neither in k bits nor rescaled before sharding."""
+    if not fsdp_enabled(plan):
+        return
+    why_not = _whole_model_load_reason(plan)
+    asked = plan.get(FSDP_LOADING_KEY)
+    if asked is False:
+        plan.set(FSDP_LOADING_KEY, False, "user", "set in config: every rank loads the whole model, then shards it")
+    elif why_not is None:
+        plan.set(FSDP_LOADING_KEY, True, "user" if asked else "default",
+                 "each rank builds the model without weights, shards it, then reads only its own slices of the "
+                 "checkpoint's tensors: no rank holds the full model")
+    else:
+        if asked:
+            plan.warn(f"{FSDP_LOADING_KEY}: every rank loads the whole model before sharding ({why_not})")
+        plan.set(FSDP_LOADING_KEY, False, "user" if asked else "default",
+                 f"every rank loads the whole model, then shards it: {why_not}")
+
+
+def _whole_model_load_reason(plan: "Plan") -> str | None:
+    """Why the ranks cannot read their shards straight from the checkpoint (None: they can)."""
+    from pathlib import Path
+
+    base = str(plan.get("base_model") or "")
+    if quantized_base(plan):
+        return f"the base is quantized while loading ({and_join(quantized_base(plan))})"
+    if plan.get("fsdp_config.fsdp_offload_params"):
+        return "fsdp_offload_params keeps the shards in CPU memory, where they are loaded whole"
+    if plan.get("normalize_weight_scales"):
+        return "normalize_weight_scales rescales the base weights before sharding"
+    if plan.get("reward_model") or plan.get("rl"):
+        return "preference and reward training load the model themselves"
+    directory = Path(base)
+    if not directory.is_dir() or not any((directory / f).is_file() for f in
+                                         ("model.safetensors.index.json", "model.safetensors")):
+        return f"{base} is not a local safetensors checkpoint directory"
+    return None
 
 
 def _fsdp_wrap_class(plan: "Plan") -> None:
@@ -130,6 +170,11 @@ DISTRIBUTED_RULES: tuple[Rule, ...] = (
     Rule("fsdp_config",
          "With `fsdp` set and no `fsdp_config`, FSDP2 defaults apply.",
          _fsdp_config),
+    Rule("fsdp_loading",
+         "Under FSDP, `fsdp_config.fsdp_cpu_ram_efficient_loading` defaults to true for a local safetensors base "
+         "loaded unquantized: each rank builds the model without weights, shards it and reads only its own slices "
+         "of the checkpoint; `false`, or a quantized or rescaled base, loads the whole model on every rank first.",
+         _fsdp_loading),
     Rule("fsdp_wrap_class",
          "Under FSDP with transformer-based wrapping, `fsdp_config.fsdp_transformer_layer_cls_to_wrap` defaults to "
          "the family's text decoder layer, and a class the model does not contain is refused before any process "

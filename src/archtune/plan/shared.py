@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 REENTRANT_KEY = "gradient_checkpointing_kwargs.use_reentrant"
 LAYER_CLASSES_KEY = "decoder_layer_classes"
 WRAP_KEY = "fsdp_config.fsdp_transformer_layer_cls_to_wrap"
+FSDP_LOADING_KEY = "fsdp_config.fsdp_cpu_ram_efficient_loading"
 ALL_LINEAR = "all-linear"
 
 
@@ -61,5 +62,5 @@ def and_join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-__all__ = ["REENTRANT_KEY", "LAYER_CLASSES_KEY", "WRAP_KEY", "ALL_LINEAR", "fsdp_enabled", "checkpoint_wrappers",
+__all__ = ["REENTRANT_KEY", "LAYER_CLASSES_KEY", "WRAP_KEY", "FSDP_LOADING_KEY", "ALL_LINEAR", "fsdp_enabled", "checkpoint_wrappers",
            "quantized_base", "refused", "yaml_list", "and_join"]

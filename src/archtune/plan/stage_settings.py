@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from archtune.plan.shared import FSDP_LOADING_KEY
+
 if TYPE_CHECKING:  # pragma: no cover
     from archtune.plan import Plan
 
@@ -69,6 +71,7 @@ class DistributedSettings:
     fsdp_activation_checkpointing: bool
     fsdp_reshard_after_forward: bool | None  # None: FSDP2's own default
     ddp_find_unused_parameters: bool | None
+    fsdp_load_own_shards: bool = False  # each rank reads only the slices of the checkpoint it keeps
 
     @property
     def strategy(self) -> str:
@@ -206,6 +209,7 @@ def distributed_settings(plan: "Plan") -> DistributedSettings:
         fsdp_activation_checkpointing=bool(g("fsdp_config.fsdp_activation_checkpointing")),
         fsdp_reshard_after_forward=g("fsdp_config.fsdp_reshard_after_forward"),
         ddp_find_unused_parameters=g("ddp_find_unused_parameters"),
+        fsdp_load_own_shards=bool(g("fsdp")) and bool(g(FSDP_LOADING_KEY)),
     )
 
 

@@ -21,6 +21,10 @@ are the same for all, so an adapter is evaluated and merged on the base it was t
  8. training: the Plan's use_cache; training and evaluation: packing patches, chunked loss;
     training: activation offloading last
 
+Under FSDP2 with `fsdp_config.fsdp_cpu_ram_efficient_loading` (`sharded_later`), step 1 builds the
+base from zero-byte stand-ins (models/own_shards.py) and every step runs on them; the Trainer
+shards the model and each rank then reads only its own rows of the checkpoint (`Assembled.own_shards`).
+
 Why here, in train/: step 8 needs train/'s chunked loss and activation offloading, and
 diagnostics/ and cli/ (later in the flow) call it.
 """
@@ -64,14 +68,17 @@ USES: dict[str, Purpose] = {
 class Assembled:
     model: object
     weights: str  # "base", "adapter" (output_dir's adapter on the base) or "full" (output_dir's weights)
+    own_shards: object = None  # an OwnShards: the base weights are stand-ins, read after sharding
 
 
-def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, plugins=None) -> Assembled:
+def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, plugins=None,
+                   sharded_later: bool = False) -> Assembled:
     """The model `use` needs, built from the Plan in the module's one order (see its docstring).
 
     `console` shows the weight-scale table; `plugins` (loaded from the config when None) are the
     run's plugins, whose hooks run at their points. "merge" returns the merged plain model and
-    refuses an output_dir without an adapter.
+    refuses an output_dir without an adapter. `sharded_later`: the caller shards the model with
+    FSDP2 and fills its shards from `own_shards` when that is set (the Plan's loading decision).
     """
     purpose = USES[use]
     output_dir = plan.training.output_dir
@@ -87,20 +94,38 @@ def assemble_model(plan: Plan, tokenizer, use: Use = "train", *, console=None, p
     # then they are zero-byte stand-ins, so nothing before may read them (plugins' hooks, weight-scale rules).
     checkpoint = (quant.checkpoint_experts(plan) if quantized and four_bit_experts and not purpose.merges
                   and not plugins and not plan.model.normalize_weight_scales else None)
+    own = _own_shards_checkpoint(plan, console) if sharded_later and weights == "base" and purpose.trains else None
     try:
-        model = _assemble(plan, tokenizer, purpose, weights, quantized, four_bit_experts, checkpoint, console, plugins)
+        model, own_shards = _assemble(plan, tokenizer, purpose, weights, quantized, four_bit_experts, checkpoint,
+                                      console, plugins, own)
     finally:
         if checkpoint is not None:
             checkpoint.close()
-    return Assembled(model, weights)
+    return Assembled(model, weights, own_shards)
+
+
+def _own_shards_checkpoint(plan: Plan, console):
+    """The checkpoint each FSDP2 rank reads its own rows from, when the Plan loads that way."""
+    if not plan.distributed.fsdp_load_own_shards:
+        return None
+    found = quant.checkpoint_experts(plan, dense_too=True)
+    if found is None and console is not None:
+        console.print("[yellow]warning:[/] fsdp_config.fsdp_cpu_ram_efficient_loading: this checkpoint's expert "
+                      "tensors are in a layout archtune cannot read by rows; every rank loads the whole model")
+    return found
 
 
 def _assemble(plan: Plan, tokenizer, purpose: Purpose, weights: str, quantized: bool, four_bit_experts: bool,
-              checkpoint, console, plugins):
-    """Steps 1-8 of the module docstring."""
+              checkpoint, console, plugins, own=None):
+    """Steps 1-8 of the module docstring; (the model, its OwnShards when `own` built it from stand-ins)."""
+    from archtune.models.own_shards import load_without_weights
+
     output_dir = plan.training.output_dir
+    own_shards = None
     if weights == "full":
         model = load_model(plan, tokenizer, path=output_dir)
+    elif own is not None:
+        model, own_shards = load_without_weights(plan, own)
     else:
         model = quant.load_quantized(plan, tokenizer, experts=checkpoint) if quantized else load_model(plan, tokenizer)
     run_hook(plugins, "post_model_load", model, plan)
@@ -117,7 +142,7 @@ def _assemble(plan: Plan, tokenizer, purpose: Purpose, weights: str, quantized: 
     model = attach_adapters(model, plan, weights, purpose)
     run_hook(plugins, "post_adapters", model, plan)
     if purpose.merges:
-        return model.merge_and_unload()
+        return model.merge_and_unload(), None
     if four_bit_experts:
         quantize_moe_experts(model, plan, checkpoint)
     if purpose.trains:
@@ -127,7 +152,7 @@ def _assemble(plan: Plan, tokenizer, purpose: Purpose, weights: str, quantized: 
         prepare_loss(model, plan)
     if purpose.trains and plan.model.activation_offloading:
         apply_activation_offloading(model, plan)
-    return model
+    return model, own_shards
 
 
 @dataclass(frozen=True)

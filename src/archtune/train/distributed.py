@@ -207,9 +207,12 @@ def fsdp_settings(plan) -> dict | None:
     }
 
 
-def shard_model(model, settings: dict) -> int:
+def shard_model(model, settings: dict, own_shards=None) -> int:
     """FSDP2: `fully_shard` on every module of the wrap classes, then on the root, over a 1-D
     device mesh of all ranks (cpu + gloo, or cuda + NCCL). Returns the number of layer units.
+
+    `own_shards` (models/own_shards.py): the base weights are stand-ins; they are sharded on the
+    meta device and each rank then reads only its own rows of them from the checkpoint.
 
     accelerate's FSDP2 path is GPU-only (its "MULTI_CPU" mode always wraps DDP), so the sharding
     is done here, by torch's own `fully_shard`, the same way on CPU and GPU.
@@ -223,9 +226,15 @@ def shard_model(model, settings: dict) -> int:
                   offload_policy=offload)
     wanted = set(settings["layer_classes"])
     layers = [m for m in model.modules() if type(m).__name__ in wanted]
+    sources = None
+    if own_shards is not None:
+        sources = own_shards.sources(model)
+        own_shards.to_meta(model)
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if own_shards is not None:
+        own_shards.fill(model, sources, device=mesh.device_type)
     return len(layers)
 
 

@@ -121,7 +121,9 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
                                    "give every node the same data files (and tokenizer) as node 0")
     plugins = load_plugins(cfg)
     rss_before_model_mb = _rss_mb()  # what the process holds before the model: the baseline of its training memory
-    model = assemble_model(plan, tokenizer, "train", console=console, plugins=plugins).model
+    assembled = assemble_model(plan, tokenizer, "train", console=console, plugins=plugins,
+                               sharded_later=plan.distributed.fsdp)
+    model = assembled.model
     trainable, total = count_params(model)
     weight_bytes = model_bytes(model, adapters=False)  # the loaded model, before any sharding
     routing = RoutingStats.attach(model)  # MoE models: per-layer expert load (no experts: no hooks)
@@ -138,6 +140,7 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
         processing_class=tokenizer,
         callbacks=run.callbacks(plugins),
         fsdp=distributed.fsdp_settings(plan),
+        own_shards=assembled.own_shards,
         nonfinite=run.guards.watch,
     )
     trainer.remove_callback(ProgressCallback)
@@ -168,6 +171,7 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
         **shared["processes"],
         "chunked_cross_entropy": _chunked_loss_installed(trainer.model),
         "sharded_params": distributed.sharded_parameters(trainer.model),
+        "loaded_own_shards": assembled.own_shards is not None,
         **shared["identity"],
     }
     title = f"{plan.training.base_model} ({plan.family.name}, {plan.adapter.kind or 'full'})"

@@ -125,18 +125,27 @@ class ArchtuneTrainer(CrashSafeTrainer, Trainer):
     owns its placement and gradient reduction (no DDP wrap; FSDP2 reduce-scatters). Checkpoints
     are then sharded (torch.distributed.checkpoint: model, optimizer) and resumable; the final
     `save_model` gathers the full weights once and rank 0 writes them as safetensors.
+    `own_shards`: the model's base weights are stand-ins that each rank fills with its own rows
+    after sharding (models/own_shards.py).
     """
 
-    def __init__(self, *args, fsdp: dict | None = None, **kwargs):
+    def __init__(self, *args, fsdp: dict | None = None, own_shards=None, **kwargs):
+        self.own_shards = own_shards
         super().__init__(*args, **kwargs)
         self.sharded = fsdp is not None
         if self.sharded:
             from archtune.train.distributed import shard_model
 
-            shard_model(self.model, fsdp)
+            shard_model(self.model, fsdp, own_shards)
             self.model_wrapped = self.model
             # transformers' path for models sharded before training: no accelerate DDP/FSDP wrap.
             self.is_distributed_loading_by_transformers = True
+
+    def _move_model_to_device(self, model, device) -> None:
+        # A model built from stand-ins is on its device already; moving it would copy each
+        # stand-in into a full tensor (what loading only this rank's shards avoids).
+        if self.own_shards is None:
+            super()._move_model_to_device(model, device)
 
     def _defer_fsdp_gradient_reduction(self):
         # The Trainer enters this on all but the last micro-batch of a model sharded before
