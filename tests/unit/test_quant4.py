@@ -62,9 +62,8 @@ def test_stored_bytes_match_the_public_accounting():
     assert quant4.expert_4bit_bytes((128, 1408, 2816)) / (128 * 1408 * 2816 * 2) == pytest.approx(0.258, abs=1e-3)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "expert_lora"])
-@pytest.mark.parametrize("kind", ["gemma4", "qwen3_5", "aria"])
-def test_4bit_scattermoe_equals_eager_on_the_dequantized_weights(kind, lora, monkeypatch):
+def quantized_pair(kind: str, lora: bool):
+    """`_quantized`, with the same PEFT expert LoRA values on both when `lora` (only LoRA trains)."""
     block, twin, config = _quantized(kind)
     if lora:
         from peft import inject_adapter_in_model
@@ -84,6 +83,29 @@ def test_4bit_scattermoe_equals_eager_on_the_dequantized_weights(kind, lora, mon
     for b in (block, twin):
         for name, p in b.named_parameters():
             p.requires_grad_("lora_" in name)
+    return block, twin, config
+
+
+def twin_config(twin, lora: bool):
+    return twin.experts.get_base_layer().config if lora else twin.experts.config
+
+
+def by_tensor(model, grads):
+    """Gradients keyed by the adapted tensor: LoRA parameter names differ by nesting order."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out = {k: v for k, v in grads.items() if "lora_" not in k}
+    for m in model.modules():
+        if isinstance(m, ParamWrapper):
+            for part in ("lora_A", "lora_B"):
+                out[f"{m.parameter_name}.{part}"] = getattr(m, part)["default"].weight.grad
+    return out
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "expert_lora"])
+@pytest.mark.parametrize("kind", ["gemma4", "qwen3_5", "aria"])
+def test_4bit_scattermoe_equals_eager_on_the_dequantized_weights(kind, lora, monkeypatch):
+    block, twin, config = quantized_pair(kind, lora)
     gen = torch.Generator().manual_seed(2)
     x, grad_out = torch.randn(24, 32, generator=gen), torch.randn(24, 32, generator=gen)
     index, weights = routing(24, 8, 2, [0, 1, 2, 4, 5, 6])  # experts 3 and 7 get no tokens
@@ -95,18 +117,7 @@ def test_4bit_scattermoe_equals_eager_on_the_dequantized_weights(kind, lora, mon
     with monkeypatch.context() as m:
         m.setattr(quant4.NF4Experts, "forward", whole_tensor)
         out4, grads4 = run_block(block, config, "scattermoe", x, index, weights, grad_out)
-    twin_config = twin.experts.get_base_layer().config if lora else twin.experts.config
-    ref = run_block(twin, twin_config, "eager", x, index, weights, grad_out)
-
-    def by_tensor(model, grads):  # LoRA parameter names differ by nesting order: key by adapted tensor
-        from peft.tuners.lora.layer import ParamWrapper
-
-        out = {k: v for k, v in grads.items() if "lora_" not in k}
-        for m in model.modules():
-            if isinstance(m, ParamWrapper):
-                for part in ("lora_A", "lora_B"):
-                    out[f"{m.parameter_name}.{part}"] = getattr(m, part)["default"].weight.grad
-        return out
+    ref = run_block(twin, twin_config(twin, lora), "eager", x, index, weights, grad_out)
 
     assert_same(out4, by_tensor(block, grads4), ref[0], by_tensor(twin, ref[1]))
     assert len(by_tensor(block, grads4)) == (6 if lora else 2)

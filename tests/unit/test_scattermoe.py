@@ -286,7 +286,7 @@ def test_register_refuses_a_different_function(monkeypatch):
 # ---- whole tiny models ---------------------------------------------------------------------------
 
 
-def _model_run(model, impl, input_ids):
+def model_run(model, impl, input_ids):
     model.set_experts_implementation(impl)
     model.zero_grad(set_to_none=True)
     out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
@@ -335,14 +335,14 @@ def test_tiny_model_logits_and_every_gradient_match_eager(tiny_models, name, lor
     input_ids = torch.randint(10, 1000, BATCHES[batch], generator=gen)
 
     stats = RoutingStats.attach(model)
-    logits_e, grads_e = _model_run(model, "eager", input_ids)
+    logits_e, grads_e = model_run(model, "eager", input_ids)
     stats.detach()
     if batch == "short_1x3":
         assert any(0 in counts for counts in stats.counts().values()), "the short batch must leave experts empty"
-    logits_s, grads_s = _model_run(model, "scattermoe", input_ids)
+    logits_s, grads_s = model_run(model, "scattermoe", input_ids)
     model64 = copy.deepcopy(model).double()
-    logits_e64, grads_e64 = _model_run(model64, "eager", input_ids)
-    logits_s64, grads_s64 = _model_run(model64, "scattermoe", input_ids)
+    logits_e64, grads_e64 = model_run(model64, "eager", input_ids)
+    logits_s64, grads_s64 = model_run(model64, "scattermoe", input_ids)
 
     assert set(grads_s) == set(grads_e) == set(grads_s64) == set(grads_e64)
     if lora:

@@ -334,7 +334,8 @@ class Config(_Strict):
     use_kernels: bool = Field(False, description="Use the kernels plugin's implementations.")
     use_scattermoe: bool = Field(False, description="Use the ScatterMoE experts implementation (with use_kernels).")
     experts_implementation: str | None = Field(
-        None, description="transformers experts implementation: eager, grouped_mm, batched_mm, or scattermoe.")
+        None, description="transformers experts implementation: eager, grouped_mm, batched_mm, scattermoe, or "
+                          "scattermoe_triton (the triton extra; a CUDA GPU, or TRITON_INTERPRET=1 on CPU).")
 
     # ---- loss
     chunked_cross_entropy: bool | None = Field(

@@ -51,7 +51,9 @@ class KernelsPlugin(BasePlugin):
             return False
         decided = _setting(plan, "experts_implementation")
         if decided is not None:  # the Plan's decision (use_scattermoe may have chosen a stock one)
-            return decided == "scattermoe"
+            from archtune.moe import FORWARDS
+
+            return decided in FORWARDS
         return self.wants_scattermoe(getattr(plan, "config", plan))
 
     def post_model_load(self, model, plan) -> None:
@@ -63,8 +65,9 @@ class KernelsPlugin(BasePlugin):
         if not experts_modules(model):
             logger.warning("use_scattermoe: the model has no experts modules; nothing to change")
             return
-        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-        logger.info("kernels plugin: experts_implementation = scattermoe")
+        name = _setting(plan, "experts_implementation") or EXPERTS_IMPLEMENTATION  # scattermoe or scattermoe_triton
+        model.set_experts_implementation(name)
+        logger.info("kernels plugin: experts_implementation = %s", name)
 
     def post_adapters(self, model, plan) -> None:
         if not self._active(plan):

@@ -132,14 +132,12 @@ class _Proj:
 
     @classmethod
     def of(cls, w: ExpertWeight, transposed: bool, dtype: torch.dtype) -> "_Proj":
-        a = b = None
-        scaling = 0.0
-        if w.lora is not None:
-            lhs, rhs, scaling = w.lora
-            # Contiguous per-expert factors: PEFT's are permuted views of lora_B / lora_A.
-            lhs, rhs = lhs.to(dtype).contiguous(), rhs.to(dtype).contiguous()
-            a, b = (lhs, rhs) if transposed else (rhs, lhs)
-        return cls(w.weight.to(dtype), a, b, float(scaling), transposed)
+        factors = w.in_out_factors(transposed, dtype)
+        if factors is None:
+            return cls(w.weight.to(dtype), None, None, 0.0, transposed)
+        a, b, scaling = factors
+        # Contiguous per-expert factors: PEFT's are permuted views of lora_B / lora_A.
+        return cls(w.weight.to(dtype), a.contiguous(), b.contiguous(), scaling, transposed)
 
     @property
     def lora(self) -> bool:
@@ -284,7 +282,7 @@ class _ExpertLinear(torch.autograd.Function):
 
 def expert_linear(x: torch.Tensor, w: ExpertWeight, counts: list[int], transposed: bool) -> torch.Tensor:
     """Per-expert linear over expert-sorted rows, LoRA factors fused when `w.lora` is set."""
-    proj = _Proj.of(w, transposed, _compute_dtype(x, w.weight))
+    proj = _Proj.of(w, transposed, compute_dtype(x, w.weight))
     return _ExpertLinear.apply(x.to(proj.weight.dtype), proj.weight, proj.a, proj.b, proj, counts)
 
 
@@ -369,7 +367,7 @@ class _FusedExperts(torch.autograd.Function):
         return (g_hidden, g_weights, *p1.finish(g1), *p2.finish(g2), None, None, None, None, None)
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     # Under autocast, F.linear in the eager loop runs in the autocast dtype: do the same.
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -464,7 +462,7 @@ def _grouped_gated(hidden, weights, routing: Routing, p1: _Proj, p2: _Proj, gate
 
 
 def _grouped_expert_linear(x: torch.Tensor, w: ExpertWeight, routing: Routing, transposed: bool) -> torch.Tensor:
-    proj = _Proj.of(w, transposed, _compute_dtype(x, w.weight))
+    proj = _Proj.of(w, transposed, compute_dtype(x, w.weight))
     with torch.autocast(x.device.type, enabled=False):
         return _grouped_linear(x.to(proj.weight.dtype), proj, routing.offsets)
 
@@ -528,24 +526,26 @@ def resolve_strategy(module: torch.nn.Module, hidden_states: torch.Tensor, top_k
     """(strategy, reason) that `scattermoe_experts_forward` runs for these arguments: `strategy`
     (None: `default_strategy`); GROUPED falls back to LOOP, with the reason, for experts
     grouped_mm cannot take (`grouped_unsupported`)."""
-    up = _weight(module, "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj")
+    up = experts_weight(module, "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj")
     pairs = int((top_k_index < module.num_experts).sum())
-    return _resolve(strategy, hidden_states, up, _weight(module, "down_proj"), _compute_dtype(hidden_states, up.weight),
+    return _resolve(strategy, hidden_states, up, experts_weight(module, "down_proj"), compute_dtype(hidden_states, up.weight),
                     pairs, bool(getattr(module, "is_transposed", False)))
 
 
 # ---- the experts forward --------------------------------------------------------------------
 
 
-def _gate(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    apply_gate = getattr(module, "_apply_gate", None)
-    if apply_gate is not None:
-        return apply_gate(gate_up)
+def apply_gate(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """The experts' gate on [N, 2I] gate/up rows: the module's `_apply_gate`, else act(gate) * up."""
+    own_gate = getattr(module, "_apply_gate", None)
+    if own_gate is not None:
+        return own_gate(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return module.act_fn(gate) * up
 
 
-def _weight(module: torch.nn.Module, name: str) -> ExpertWeight:
+def experts_weight(module: torch.nn.Module, name: str) -> ExpertWeight:
+    """`module.<name>` as the experts' forward multiplies with it (4-bit storage, LoRA factors)."""
     # Hook: a 4-bit expert tensor (quantize_moe_experts) comes as a per-expert weight provider.
     return expert_weight_4bit(module, name) or expert_weight(module, name)
 
@@ -570,14 +570,14 @@ def scattermoe_experts_forward(
 
     routing = sort_by_expert(top_k_index, self.num_experts)
     weights = top_k_weights.reshape(-1)[routing.perm]  # [N]
-    up = _weight(self, "gate_up_proj" if has_gate else "up_proj")
-    down = _weight(self, "down_proj")
-    dtype = _compute_dtype(hidden_states, up.weight)
+    up = experts_weight(self, "gate_up_proj" if has_gate else "up_proj")
+    down = experts_weight(self, "down_proj")
+    dtype = compute_dtype(hidden_states, up.weight)
     grouped = _resolve(strategy, hidden_states, up, down, dtype, len(routing.perm), transposed)[0] == GROUPED
 
     if has_gate and not has_bias and not post_norm:
         p1, p2 = _Proj.of(up, transposed, dtype), _Proj.of(down, transposed, dtype)
-        gate = functools.partial(_gate, self)
+        gate = functools.partial(apply_gate, self)
         if grouped:
             return _grouped_gated(hidden_states, weights, routing, p1, p2, gate)
         return _FusedExperts.apply(hidden_states, weights, p1.weight, p1.a, p1.b, p2.weight, p2.a, p2.b,
@@ -594,7 +594,7 @@ def scattermoe_experts_forward(
     proj = linear(x, up)
     if has_bias:
         proj = proj + getattr(self, "gate_up_proj_bias" if has_gate else "up_proj_bias")[routing.expert_idx]
-    proj = _gate(self, proj) if has_gate else self.act_fn(proj)
+    proj = apply_gate(self, proj) if has_gate else self.act_fn(proj)
     out = linear(proj, down)
     if has_bias:
         out = out + self.down_proj_bias[routing.expert_idx]
@@ -606,5 +606,5 @@ def scattermoe_experts_forward(
     return final.index_add_(0, routing.token_idx, out)
 
 
-__all__ = ["Routing", "sort_by_expert", "expert_linear", "scattermoe_experts_forward", "STRATEGIES", "LOOP",
+__all__ = ["Routing", "sort_by_expert", "expert_linear", "apply_gate", "experts_weight", "compute_dtype", "scattermoe_experts_forward", "STRATEGIES", "LOOP",
            "GROUPED", "default_strategy", "resolve_strategy", "grouped_unsupported", "CPU_FP32_GROUPED_MAX_BYTES"]

@@ -77,6 +77,15 @@ class ExpertWeight:
     def fused(self) -> bool:
         return self.lora is not None
 
+    def in_out_factors(self, transposed: bool, dtype: torch.dtype):
+        """(A, B, scaling) in `dtype`, A mapping in -> r and B mapping r -> out, each in the weight's
+        layout ([E, r, in] / [E, out, r]; transposed: [E, in, r] / [E, r, out]); None without LoRA."""
+        if self.lora is None:
+            return None
+        lhs, rhs, scaling = self.lora
+        a, b = (lhs, rhs) if transposed else (rhs, lhs)
+        return a.to(dtype), b.to(dtype), float(scaling)
+
 
 def lora_factors(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """`(lhs, rhs, scaling)` when `module.<name>` carries exactly one PEFT LoRA factors proxy."""

@@ -58,9 +58,15 @@ copy of the expert weights (pairs x hidden x 3 x intermediate) is at most 512 Mi
 measured up to 7x faster than grouped_mm at 256 tokens of hidden 256; grouped_mm elsewhere.
 Those CUDA rows timed scattermoe's per-expert loop; its grouped strategy, now the CUDA default,
 is not measured there yet.
+
+`scattermoe_triton` (archtune.moe.triton_experts: Triton grouped GEMMs, exact against eager under
+Triton's interpreter on CPU) is chosen only by name: it has no GPU measurement yet, so the rule
+never picks it (`bash bench/gpu_check.sh` measures it against grouped_mm and batched_mm).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 from archtune.registry import Registry
@@ -78,6 +84,7 @@ GROUPED_FP32_MAX_BYTES = 4 << 20
 GROUPED_PAIRS = 16
 STOCK = "grouped_mm"
 SCATTERMOE = "scattermoe"
+SCATTERMOE_TRITON = "scattermoe_triton"
 BATCHED = "batched_mm"
 
 
@@ -121,6 +128,29 @@ register_experts_implementation(ExpertsImplementation(
     SCATTERMOE, "archtune's ScatterMoE: tokens sorted by expert, gather-GEMM-scatter per expert, expert LoRA kept "
                 "factored (run through the kernels plugin)",
     forward="archtune.moe.scattermoe:scattermoe_experts_forward"))
+register_experts_implementation(ExpertsImplementation(
+    SCATTERMOE_TRITON, "archtune's ScatterMoE on Triton kernels: two grouped GEMMs over the expert-sorted pairs, "
+                       "permute and unpermute fused into them, expert LoRA kept factored, 4-bit experts dequantized "
+                       "per tile; a CUDA device, or CPU under TRITON_INTERPRET=1 (the optional triton extra); "
+                       "chosen only by name until it is measured on a GPU",
+    forward="archtune.moe.triton_experts:triton_experts_forward"))
+
+
+TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+def triton_unavailable(cuda: bool) -> tuple[str, str] | None:
+    """(message, fix) when `scattermoe_triton` cannot run on this machine (`cuda`: it has a CUDA
+    device); None when it can. Read by check and train alike, before any model is loaded."""
+    if importlib.util.find_spec("triton") is None:
+        return (f"{SCATTERMOE_TRITON} runs Triton kernels, and triton is not installed",
+                "install the triton extra (`pip install 'archtune[triton]'`), or use `experts_implementation: "
+                f"{SCATTERMOE}`")
+    if not cuda and os.environ.get(TRITON_INTERPRET_ENV) != "1":
+        return (f"{SCATTERMOE_TRITON} runs its Triton kernels on a CUDA GPU, and this machine has none",
+                f"on CPU set {TRITON_INTERPRET_ENV}=1 in the environment (Triton's interpreter: exact but slow, for "
+                f"testing), or use `experts_implementation: {SCATTERMOE}`")
+    return None
 
 
 def experts_implementations() -> list[str]:
@@ -179,4 +209,5 @@ def choose_experts_implementation(*, num_experts: int, top_k: int, hidden: int, 
 
 __all__ = ["EXPERTS", "ExpertsImplementation", "register_experts_implementation", "experts_implementations",
            "Choice", "choose_experts_implementation", "FEW_PAIRS", "LARGE_EXPERT", "BF16_LORA_MAX_EXPERTS",
-           "BATCHED_MM_COPY_BYTES", "GROUPED_FP32_MAX_BYTES", "GROUPED_PAIRS"]
+           "BATCHED_MM_COPY_BYTES", "GROUPED_FP32_MAX_BYTES", "GROUPED_PAIRS", "SCATTERMOE", "SCATTERMOE_TRITON",
+           "triton_unavailable"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from archtune.plan.shared import Rule
-from archtune.plan.experts import EXPERTS, choose_experts_implementation
+from archtune.plan.experts import (EXPERTS, SCATTERMOE, SCATTERMOE_TRITON, choose_experts_implementation,
+                                   triton_unavailable)
 from archtune.plan.shared import refused
 from archtune.plan.training_rules import cuda_available
 
@@ -23,7 +24,7 @@ def _experts_implementation(plan: "Plan") -> None:
         if given is None:
             name, reason = _scattermoe_or_stock(plan)
             plan.set(key, name, "auto", reason)
-        elif given != "scattermoe":
+        elif given not in (SCATTERMOE, SCATTERMOE_TRITON):
             plan.error(key, f"use_scattermoe: true asks for ScatterMoE but experts_implementation is {given!r}",
                        "set `experts_implementation: scattermoe`, or `use_scattermoe: false`")
             return
@@ -31,6 +32,11 @@ def _experts_implementation(plan: "Plan") -> None:
         if given not in EXPERTS:
             plan.error(key, f"{given!r} is not an experts implementation",
                        f"use one of: {', '.join(EXPERTS.names())}")
+            return
+    if given == SCATTERMOE_TRITON:
+        missing = triton_unavailable(cuda_available())
+        if missing is not None:
+            plan.error(key, *missing)
             return
     if plan.get(key) is not None and fam.is_moe is not None and not fam.moe(plan.model_config):
         plan.warn(f"experts_implementation: {plan.get(key)} has no effect: this {plan.model_type} model has no experts")
@@ -93,14 +99,16 @@ def _experts_for_4bit_experts(plan: "Plan") -> None:
            "the whole expert tensor, dequantized at every forward")
     if plan.get(key) is None:
         plan.set(key, "scattermoe", "auto", why)
-    elif plan.get(key) != "scattermoe":
+    elif plan.get(key) not in (SCATTERMOE, SCATTERMOE_TRITON):  # scattermoe_triton dequantizes per tile
         plan.warn(f"experts_implementation: {plan.get(key)} with quantize_moe_experts works but saves little memory "
                   f"while training: {why}")
 
 
 MOE_RULES: tuple[Rule, ...] = (
     Rule("experts_implementation",
-         "`experts_implementation` must be eager, one of transformers' registered implementations, or scattermoe; "
+         "`experts_implementation` must be eager, one of transformers' registered implementations, scattermoe, or "
+         "scattermoe_triton (Triton kernels: needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU; chosen only "
+         "by name, not yet measured on a GPU); "
          "`use_scattermoe: true` turns on `use_kernels` and runs scattermoe where it measured faster for the "
          "model's experts, the run's dtype and the device (on CPU: with expert LoRA, in bf16, or with enough "
          "token-expert pairs per expert), else the fastest stock implementation (grouped_mm; batched_mm for "
@@ -113,7 +121,7 @@ MOE_RULES: tuple[Rule, ...] = (
          _quantize_moe_experts),
     Rule("experts_implementation_for_4bit_experts",
          "With `quantize_moe_experts`, `experts_implementation` defaults to scattermoe, which dequantizes one expert "
-         "at a time; another implementation gets a warning.",
+         "at a time (scattermoe_triton: one tile at a time); another implementation gets a warning.",
          _experts_for_4bit_experts),
 )
 
