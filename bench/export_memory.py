@@ -9,8 +9,9 @@ run on it (r 8, every linear), then as subprocesses (OMP_NUM_THREADS=2), each on
 `merge-lora` (shard by shard here: a local checkpoint, linear LoRA), and `export --format merged
 --prompts 2` (which also holds the trained model for the reference logits and reloads the merged
 one with transformers), run by this tree's source and, with `--other-src`, by another checkout's
-(a before/after in one run). Printed: one JSON line with the checkpoint's size, each peak (GiB)
-and each export's check.
+(a before/after in one run). `--format gguf` measures `export --format gguf --outtype OUTTYPE (f16)
+--prompts 2` instead (the merge, archtune's GGUF writer, llama.cpp loading the file for the check). Printed:
+one JSON line with the checkpoint's size, each peak (GiB) and each export's check.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--other-src", type=Path, default=None)
+    parser.add_argument("--format", choices=("merged", "gguf"), default="merged")
+    parser.add_argument("--outtype", default="f16", help="the GGUF file's type (--format gguf)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = build_checkpoint(args.work / "checkpoint")
@@ -73,17 +76,22 @@ def main() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result["merge_lora_peak_gib"] = real_width.gib(peak)
     sources = {"this": REPO / "src"} | ({"other": args.other_src} if args.other_src else {})
+    fmt = args.format
     for label, src in sources.items():
         real_width.SRC = src
-        proc, peak = real_width.archtune("export", str(config), "--format", "merged", "--prompts", "2",
-                                         "--out", str(args.work / f"merged-{label}"), "--json")
+        out = args.work / (f"merged-{label}" if fmt == "merged" else f"model-{label}-{args.outtype}.gguf")
+        extra = ("--outtype", args.outtype) if fmt == "gguf" else ()
+        proc, peak = real_width.archtune("export", str(config), "--format", fmt, *extra, "--prompts", "2",
+                                         "--out", str(out), "--json")
         assert proc.returncode in (0, 2) and proc.stdout.strip(), proc.stderr[-3000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
-        result[f"export_merged_{label}_ok"] = report["ok"]
-        result[f"export_merged_{label}_merged_tensors"] = report["merged_tensors"]
-        result[f"export_merged_{label}_peak_gib"] = real_width.gib(peak)
-        result[f"export_merged_{label}_notes"] = report["notes"]
-        result[f"export_merged_{label}_max_rel_logit_diff"] = report["verification"]["max_rel_logit_diff"]
+        result[f"export_{fmt}_{label}_ok"] = report["ok"]
+        result[f"export_{fmt}_{label}_merged_tensors"] = report["merged_tensors"]
+        result[f"export_{fmt}_{label}_peak_gib"] = real_width.gib(peak)
+        result[f"export_{fmt}_{label}_notes"] = report["notes"]
+        result[f"export_{fmt}_{label}_max_rel_logit_diff"] = report["verification"]["max_rel_logit_diff"]
+        if fmt == "gguf":
+            result[f"export_gguf_{label}_file_gib"] = real_width.gib(out.stat().st_size)
     print(json.dumps(result))
 
 

@@ -10,11 +10,12 @@ refused before anything is written.
 Multimodal towers are not written: llama.cpp keeps them in a separate projector file (mmproj),
 which this writer does not produce; the GGUF holds the language model.
 
-Tensor types: 1-D tensors (norms, biases, scalars) and the family's `keep_f32` tensors (and the
-norms, gates and kernels llama.cpp always reads in float32) are float32, as llama.cpp's converter
-writes them; the rest are the outtype (f32, f16, bf16, or q8_0
-through the `gguf` package's quantizer; a tensor whose rows q8_0's blocks of 32 do not divide
-stays f16).
+The tensors are converted to their file type one at a time as they are written, so the file's
+data is never held in memory beside the model. Tensor types: 1-D tensors (norms, biases, scalars)
+and the family's `keep_f32` tensors (and the norms, gates and kernels llama.cpp always reads in
+float32) are float32, as llama.cpp's converter writes them; the rest are the outtype (f32, f16,
+bf16, or q8_0 through the `gguf` package's quantizer; a tensor whose rows q8_0's blocks of 32 do
+not divide stays f16).
 """
 from __future__ import annotations
 
@@ -326,17 +327,37 @@ def write_tokenizer(writer, tokenizer, vocab_size: int, eos_ids: list[int], spec
 _ALWAYS_F32 = re.compile(r"(_norm\.weight|ffn_gate_inp(_shexp)?\.weight|ssm_conv1d\.weight)$|(?<!\.weight)$")
 
 
-def _array(tensor: torch.Tensor, qtype, qtypes) -> tuple[np.ndarray, Any]:
+def _target_type(tensor: torch.Tensor, qtype, qtypes):
+    """The type a tensor is written in: q8_0 needs rows in blocks of 32 (else f16)."""
+    if qtype == qtypes["q8_0"] and tensor.shape[-1] % 32:
+        return qtypes["f16"]
+    return qtype
+
+
+def _array(tensor: torch.Tensor, qtype, qtypes) -> np.ndarray:
+    """One tensor in its file type, made when it is written (never all of them at once)."""
     import gguf
 
     data = tensor.detach().to(torch.float32).contiguous().numpy()
     if qtype == qtypes["f32"]:
-        return data, qtype
+        return data
     if qtype == qtypes["f16"]:
-        return data.astype(np.float16), qtype
-    if qtype == qtypes["q8_0"] and data.shape[-1] % 32:
-        return data.astype(np.float16), qtypes["f16"]
-    return gguf.quants.quantize(data, qtype), qtype
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, qtype)
+
+
+def _info(tensor: torch.Tensor, qtype, qtypes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, numpy dtype, bytes) of `_array(tensor, qtype)`, without making it."""
+    import gguf
+
+    shape = tuple(int(d) for d in tensor.shape)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if qtype == qtypes["f32"]:
+        return shape, np.dtype(np.float32), 4 * count
+    if qtype == qtypes["f16"]:
+        return shape, np.dtype(np.float16), 2 * count
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape, dtype=np.int64))
 
 
 def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, outtype: str,
@@ -382,6 +403,7 @@ def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, o
     keep = [re.compile(p) for p in spec.keep_f32]
     types: dict[str, int] = {}
     unmapped = []
+    planned = []
     for hf_name, tensor in tensors:
         target = hf_name if hf_name.startswith(("blk.", "token_embd", "output")) else \
             names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -389,8 +411,10 @@ def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, o
             unmapped.append(hf_name)
             continue
         f32 = tensor.dim() <= 1 or bool(_ALWAYS_F32.search(target)) or any(p.search(target) for p in keep)
-        data, qtype = _array(tensor, qtypes["f32"] if f32 else main_type, qtypes)
-        writer.add_tensor(target, data, raw_dtype=qtype)
+        qtype = _target_type(tensor, qtypes["f32"] if f32 else main_type, qtypes)
+        shape, dtype, nbytes = _info(tensor, qtype, qtypes)
+        writer.add_tensor_info(target, shape, dtype, nbytes, raw_dtype=qtype)
+        planned.append((tensor, qtype, nbytes))
         types[qtype.name] = types.get(qtype.name, 0) + 1
     if unmapped:
         writer.close()
@@ -400,7 +424,11 @@ def write_gguf(model, tokenizer, spec, language_model_prefix: str, path: Path, o
                                "export --format merged; this architecture variant is not written to GGUF yet")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for tensor, qtype, nbytes in planned:  # converted one at a time: the file's data never all in memory
+        data = _array(tensor, qtype, qtypes)
+        assert data.nbytes == nbytes, (tensor.shape, qtype)
+        writer.write_tensor_data(data)
     writer.close()
     return GgufWritten(path, spec.arch, sum(types.values()), dropped, types)
 
