@@ -179,6 +179,9 @@ def test_gguf_loads_in_llama_cpp_and_matches(family, trained, capsys):
         assert c["tokenizer_mismatches"] == 0
     assert checks[0]["max_rel_logit_diff"] < 5e-3  # f16
     assert checks[0]["greedy_agree"] == checks[0]["prompts"]
+    # archtune's tokenizer has a Gemma-style chat template: llama.cpp's built-in "gemma" format matches it
+    assert any("built-in chat format (used without --jinja) formats a conversation as the chat template does" in n
+               for n in report["notes"]), report["notes"]
 
 
 @pytest.mark.parametrize("family, bound", [("gemma3", 1e-3), ("qwen3_5-moe", 1e-5), ("qwen3_5", 1e-5)])
@@ -437,6 +440,10 @@ def test_gemma_tokenizer_gguf_splits_chat_prompts_as_transformers(variant, model
     reader = gguf.GGUFReader(report["path"])
     field = reader.fields["tokenizer.ggml.model"]
     assert bytes(field.parts[field.data[0]]).decode() == model
+    template = reader.fields["tokenizer.chat_template"]
+    assert "<|turn>" in bytes(template.parts[template.data[0]]).decode()
+    # llama.cpp (0.3.36's) has no built-in Gemma 4 chat format: the export says to use the file's template
+    assert any("no built-in chat format" in n and "--jinja" in n for n in report["notes"]), report["notes"]
 
 
 def test_gguf_refuses_a_tokenizer_it_cannot_carry_before_writing(tmp_path, capsys):

@@ -91,7 +91,43 @@ def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference:
     if written.dropped:
         notes.append(f"{len(written.dropped)} tensors outside the language model (towers, projectors) are not in the "
                      "GGUF file: it holds the text model (llama.cpp keeps vision in a separate mmproj file, not written)")
+    chat = _chat_format_note(tokenizer)
+    if chat:
+        notes.append(chat)
     return ExportReport("gguf", str(out), count, checks, [str(f) for f in files], source, notes)
+
+
+# A conversation to render both ways: what a chat client sends.
+CHAT_PROBE = ({"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "blue"},
+              {"role": "user", "content": "Another one."})
+
+
+def _chat_format_note(tokenizer) -> str | None:
+    """Whether llama.cpp without --jinja formats chats as the file's chat template does: it uses a
+    built-in format it recognizes in the template (Gemma 3's, Llama 3's, ChatML, ...), not the template."""
+    import jinja2
+
+    from archtune.export.llama_runtime import builtin_chat
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    theirs = builtin_chat(template, list(CHAT_PROBE))
+    if theirs is None:
+        return ("llama.cpp has no built-in chat format for this chat template: run it with the file's template "
+                "(llama-server --jinja; llama-cpp-python's chat handler reads it from the file)")
+    try:
+        ours = tokenizer.apply_chat_template(list(CHAT_PROBE), tokenize=False, add_generation_prompt=True)
+    except (jinja2.TemplateError, ValueError):
+        return None
+    bos = tokenizer.bos_token or ""
+    if bos and ours.startswith(bos) and not theirs.startswith(bos):
+        ours = ours[len(bos):]  # llama.cpp adds BOS when it tokenizes the formatted chat
+    if ours == theirs:
+        return ("llama.cpp's built-in chat format (used without --jinja) formats a conversation as the chat "
+                "template does")
+    return ("llama.cpp's built-in chat format (used without --jinja) formats a conversation otherwise than the chat "
+            "template: run it with --jinja (the file's template)")
 
 
 def _has_adapter(plan) -> bool:

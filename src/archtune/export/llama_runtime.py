@@ -58,6 +58,20 @@ class LlamaModel:
         self.llm.close()
 
 
+def builtin_chat(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str | None:
+    """`messages` as llama.cpp renders them with the built-in chat format it recognizes in `template`
+    (what llama.cpp and its servers use without --jinja), or None when it recognizes none."""
+    module = llama_cpp()
+    chat = (module.llama_chat_message * len(messages))(
+        *[module.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
+    size = module.llama_chat_apply_template(template.encode(), chat, len(messages), add_generation_prompt, None, 0)
+    if size < 0:
+        return None
+    buffer = ctypes.create_string_buffer(size + 1)
+    module.llama_chat_apply_template(template.encode(), chat, len(messages), add_generation_prompt, buffer, size + 1)
+    return buffer.raw[:size].decode("utf-8")
+
+
 def release_freed_memory() -> None:
     """Hand the heap Python has freed back to the system. glibc keeps what the merged model freed
     (bench/export_memory.py: 0.27 GiB of a 0.26 GiB checkpoint's export), and the pages of the file
@@ -99,4 +113,4 @@ def quantize(src: Path, dst: Path, kind: str) -> None:
                                "try another type, or quantize the f16 file with llama.cpp's llama-quantize")
 
 
-__all__ = ["INSTALL", "LlamaModel", "llama_cpp", "quantize", "release_freed_memory", "version"]
+__all__ = ["INSTALL", "LlamaModel", "builtin_chat", "llama_cpp", "quantize", "release_freed_memory", "version"]
