@@ -172,3 +172,87 @@ def test_the_bundled_byte_level_tokenizer_stays_gpt2(gemma):
 
     assert tokenizer_model(load_tokenizer()) == "gpt2"
     assert tokenizer_model(gemma) == "llama" and tokenizer_model(gemma, _spec("gemma4")) == "gemma4"
+
+
+# ---------------------------------------------------------------- byte-level BPE with a model's own word split
+
+# Text in NFC (the tokenizers normalize to it, llama.cpp does not): marks that compose with nothing.
+SPLIT_TEXTS = ("12345 and 2026-12-07", "don't, I'M, they'll", "x\u0301yz q\u0308 \u0915\u093f\u0924\u093e\u092c",
+               "tabs\tand  spaces\n\n", "<|im_start|>user\nName the category<|im_end|>\n")
+
+
+def _byte_level(pre: str):
+    """A byte-level BPE trained here on the bundled data with `pre`'s word split (as Qwen's and Llama 3's
+    tokenizer.json write it: NFC, Split(regex, isolated), ByteLevel without its own split)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from archtune.export.gguf_file import BYTE_LEVEL_SPLITS
+    from tests.gemma_tokenizer import _texts
+
+    regex = next(r for r, name in BYTE_LEVEL_SPLITS.items() if name == pre)
+    tok = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(list(_texts()) + list(SPLIT_TEXTS) * 50, trainers.BpeTrainer(
+        vocab_size=900, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _split_mismatches(tokenizer, path) -> list[str]:
+    import llama_cpp
+
+    from archtune.export.llama_runtime import stdout_to_stderr
+
+    rows = [json.loads(line) for line in QUICKSTART_TEST.open(encoding="utf-8")][:40]
+    texts = list(SPLIT_TEXTS) + list(HELD_OUT[:6]) + [r["instruction"] + "\n" + r["output"] for r in rows]
+    with stdout_to_stderr():
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return [t for t in texts if llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
+                != tokenizer(t, add_special_tokens=False)["input_ids"]]
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "qwen35", "llama-bpe"])
+def test_byte_level_splits_are_carried_with_llama_cpps_pre_tokenizer(pre, tmp_path):
+    """Qwen 2's, Qwen 3.5's and Llama 3's word splits: written with llama.cpp's pre-tokenizer of that name,
+    split as transformers splits (digits, contractions, combining marks, special tokens in text)."""
+    _needs_llama_cpp()
+    import gguf
+
+    tokenizer = _byte_level(pre)
+    path = _vocab_file(tokenizer, tmp_path / "vocab.gguf", _spec("llama"))
+    field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == pre
+    assert _split_mismatches(tokenizer, path) == []
+
+
+@pytest.mark.parametrize("pre, other", [("qwen35", "qwen2"), ("llama-bpe", "qwen2")])
+def test_another_pre_tokenizer_splits_otherwise(pre, other, tmp_path, monkeypatch):
+    """The control: Qwen 3.5's tokenizer written with Qwen 2's pre-tokenizer splits words with combining
+    marks otherwise; Llama 3's, digits. The pre-tokenizer written is what makes the ids the same."""
+    _needs_llama_cpp()
+    from archtune.export import gguf_file
+
+    tokenizer = _byte_level(pre)
+    monkeypatch.setattr(gguf_file, "byte_level_pre", lambda data: other)
+    assert _split_mismatches(tokenizer, _vocab_file(tokenizer, tmp_path / "other.gguf", _spec("llama")))
+
+
+def test_an_unknown_word_split_is_refused():
+    from archtune.export.gguf_file import tokenizer_model
+
+    data = json.loads(_byte_level("qwen2").backend_tokenizer.to_str())
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+|."
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    with pytest.raises(UserError, match="Qwen 3.5's or Llama 3's word split"):
+        tokenizer_model(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data))))

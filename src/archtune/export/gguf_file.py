@@ -4,7 +4,8 @@ From the merged (or fully fine-tuned) model in memory: the text model's tensors 
 names (the `gguf` package's tensor map, after the family's transforms: `Family.gguf`), the
 hyperparameters every llama.cpp architecture reads (and the family's own keys), and the
 tokenizer (tokens, types, merges or scores, special token ids, whether BOS is added, the chat
-template): a byte-level BPE as llama.cpp's "gpt2" model, a SentencePiece-style one (Gemma's) as the
+template): a byte-level BPE as llama.cpp's "gpt2" model (with the pre-tokenizer of its word split:
+GPT-2's, Qwen 2's, Qwen 3.5's, Llama 3's), a SentencePiece-style one (Gemma's) as the
 model llama.cpp's converter writes for the family; a tokenizer llama.cpp would split otherwise is
 refused before anything is written.
 Multimodal towers are not written: llama.cpp keeps them in a separate projector file (mmproj),
@@ -159,11 +160,51 @@ def _token_types(tokenizer, byte_pieces: bool = False, visible: tuple[str, ...] 
     return tokens, types
 
 
-def _byte_level_bpe(tokenizer_json: dict) -> bool:
+# The word splits of byte-level BPE tokenizers (a tokenizer.json's Split regex before ByteLevel) that
+# llama.cpp has a pre-tokenizer for, by the name its converter writes (llama.cpp's llama-vocab.cpp
+# quotes each regex from the tokenizer.json it was written for).
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+BYTE_LEVEL_SPLITS = {
+    # Qwen 2 / Qwen 3: one digit a piece
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    # Qwen 3.5: combining marks stay with the letters before them
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen35",
+    # Llama 3: up to three digits a piece
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+}
+
+
+def byte_level_pre(tokenizer_json: dict) -> str | None:
+    """llama.cpp's pre-tokenizer for a byte-level BPE tokenizer: "gpt-2" for ByteLevel's own split,
+    the name of a known Split regex followed by ByteLevel without its own (`BYTE_LEVEL_SPLITS`), or
+    None (not byte-level, or a split llama.cpp has no pre-tokenizer for). A Unicode NFC normalizer
+    is allowed: llama.cpp's converter writes those tokenizers the same way (text already in NFC,
+    as most text is, splits the same)."""
     model = tokenizer_json.get("model") or {}
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    return model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
-        and not model.get("byte_fallback")
+    normalizer = tokenizer_json.get("normalizer")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (normalizer or {"type": "NFC"})["type"] != "NFC":
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and normalizer is None:
+        return "gpt-2"
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2:
+        return None
+    split, level = steps
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert") \
+            or level.get("type") != "ByteLevel" or level.get("use_regex", True):
+        return None
+    name = BYTE_LEVEL_SPLITS.get((split.get("pattern") or {}).get("Regex"))
+    # llama.cpp takes a word that is a token whole (ignore_merges) for Llama 3's split only, as its tokenizer.json says
+    if name and bool(model.get("ignore_merges")) != (name == "llama-bpe"):
+        return None
+    return name
+
+
+def _byte_level_bpe(tokenizer_json: dict) -> bool:
+    return byte_level_pre(tokenizer_json) is not None
 
 
 def _replaces_spaces(step: dict | None) -> bool:
@@ -248,7 +289,8 @@ def _tokenizer_json(tokenizer) -> dict:
 
 
 def tokenizer_model(tokenizer, spec=None) -> str:
-    """llama.cpp's tokenizer model for `tokenizer`: "gpt2" for a byte-level BPE with the GPT-2 split;
+    """llama.cpp's tokenizer model for `tokenizer`: "gpt2" for a byte-level BPE whose word split
+    llama.cpp has (`byte_level_pre`: GPT-2's, Qwen 2's, Qwen 3.5's, Llama 3's);
     for a SentencePiece-style BPE (Gemma's: `▁` for spaces, byte fallback) the model the family's
     llama.cpp converter writes (`spec.sentencepiece_model`: "llama" with scores, or "gemma4" with
     merges). A tokenizer llama.cpp would split otherwise is refused (UserError), before any file."""
@@ -272,8 +314,8 @@ def tokenizer_model(tokenizer, spec=None) -> str:
                                 "greedily and its T5 tokenizer needs the precompiled normalizer, neither of which "
                                 "archtune writes")
     raise _refuse_tokenizer(f"it is {model.get('type')} / {(data.get('pre_tokenizer') or {}).get('type')}; the "
-                            "writer carries byte-level BPE (GPT-2 split) and SentencePiece-style BPE with byte "
-                            "fallback (Gemma's)")
+                            "writer carries byte-level BPE with GPT-2's, Qwen 2's, Qwen 3.5's or Llama 3's word split "
+                            "and SentencePiece-style BPE with byte fallback (Gemma's)")
 
 
 def write_tokenizer(writer, tokenizer, vocab_size: int, eos_ids: list[int], spec=None) -> None:
@@ -289,7 +331,7 @@ def write_tokenizer(writer, tokenizer, vocab_size: int, eos_ids: list[int], spec
     writer.add_tokenizer_model(kind)
     merges = [" ".join(m) for m in _merges(data)]
     if kind == "gpt2":
-        writer.add_tokenizer_pre("gpt-2")
+        writer.add_tokenizer_pre(byte_level_pre(data))
     writer.add_token_list(tokens)
     if kind == "llama":
         # SentencePiece joins the pair whose piece scores best: the earlier its first merge, the better.
@@ -443,5 +485,6 @@ def _arch_enum(arch: str) -> str:
                            "upgrade the gguf package (pip install -U gguf)")
 
 
-__all__ = ["BYTE_PIECE", "GgufWritten", "sentencepiece_layout", "sentencepiece_splits_otherwise", "text_config_of",
-           "text_tensors", "tokenizer_model", "write_gguf", "write_hparams", "write_tokenizer"]
+__all__ = ["BYTE_LEVEL_SPLITS", "BYTE_PIECE", "GgufWritten", "byte_level_pre", "sentencepiece_layout",
+           "sentencepiece_splits_otherwise", "text_config_of", "text_tensors", "tokenizer_model", "write_gguf",
+           "write_hparams", "write_tokenizer"]
