@@ -17,12 +17,12 @@ from archtune.assets import TOKENIZER_DIR
 from archtune.families import all_families
 from archtune.plan.rules import GENERIC_RULES, REFUSALS, WRAP_KEY, family_rules
 from tests.e2e.conftest import run_cli, write_config
-from tests.unit.test_plan_rules import qwen3_next_config
+from tests.unit.test_plan_rules import jamba_config
 
 FSDP = {"fsdp": ["full_shard", "auto_wrap"]}
 FSDP2_WRAP = {**FSDP, "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
 UNKNOWN_MODEL = "unknown-model"  # a local model directory whose model_type transformers does not know
-QWEN3_NEXT = "qwen3-next"  # a local model directory of a Qwen3-Next config (DeltaNet layers no patch covers)
+JAMBA = "jamba"  # a local model directory of a Jamba config (a Mamba layer no packing patch covers)
 GEMMA3N = "gemma3n"  # a local model directory of a Gemma 3n config: its vision tower is timm's (TimmWrapperModel)
 
 # rule name -> (base_model, config keys, --nproc, the key refused)
@@ -70,7 +70,7 @@ REFUSAL_CASES: dict[str, tuple[str, dict, int, str]] = {
                               "chunked_cross_entropy"),
     "refuse_offloading_without_layers": (UNKNOWN_MODEL, {"activation_offloading": True}, 1,
                                          "activation_offloading"),
-    "refuse_inexact_packing": (QWEN3_NEXT, {"sample_packing": True}, 1, "sample_packing"),
+    "refuse_inexact_packing": (JAMBA, {"sample_packing": True}, 1, "sample_packing"),
     "quantize_moe_experts": ("tiny:gemma4-moe", {"adapter": "lora", "quantize_moe_experts": True}, 1,
                              "quantize_moe_experts"),
     "model_libraries": (GEMMA3N, {}, 1, "base_model"),  # without timm (not in archtune's dependencies)
@@ -105,10 +105,10 @@ def test_every_refusing_rule_has_a_case():
 
 
 def _config(tmp_path, base_model: str, keys: dict):
-    if base_model in (UNKNOWN_MODEL, QWEN3_NEXT, GEMMA3N):
+    if base_model in (UNKNOWN_MODEL, JAMBA, GEMMA3N):
         model_dir = tmp_path / base_model
         model_dir.mkdir()
-        model_config = {UNKNOWN_MODEL: lambda: {"model_type": "no_such_architecture"}, QWEN3_NEXT: qwen3_next_config,
+        model_config = {UNKNOWN_MODEL: lambda: {"model_type": "no_such_architecture"}, JAMBA: jamba_config,
                         GEMMA3N: gemma3n_config}[base_model]()
         (model_dir / "config.json").write_text(json.dumps(model_config))
         base = {"base_model": str(model_dir), "tokenizer_config": str(TOKENIZER_DIR)}

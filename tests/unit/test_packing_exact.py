@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -140,22 +142,36 @@ def test_a_mean_per_micro_batch_would_not_be_the_same_objective():
     assert grad_rel(g_packed, g_unpacked) > 1e-2
 
 
+def checkpointed_gradient_rel(model, collator, docs, packed) -> float:
+    """Relative difference of the packed step's gradient under activation checkpointing (which
+    recomputes the layers in backward: the document index must be there too) from the unpacked one."""
+    g_unpacked = step_gradient(model, collate_parts(collator, docs, 2))
+    model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    try:
+        g_packed = step_gradient(model, collate_parts(collator, packed, 1))
+    finally:
+        model.get_base_model().gradient_checkpointing_disable()
+    return grad_rel(g_packed, g_unpacked)
+
+
+def packed_row_logit_diff(model, collator, row) -> float:
+    """Max |logit| difference between a packed row and its documents run one by one."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [row["length"]]
+    with torch.no_grad():
+        model.eval()
+        whole = model(**collator([row]), use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([row["input_ids"][a:b]]), use_cache=False).logits[0]
+                           for a, b in zip(starts[:-1], starts[1:])])
+    return float((whole - alone).abs().max())
+
+
 def test_qwen3_5_packing_leaks_without_the_deltanet_patch():
     model, tok = lora_model("qwen3_5-moe")
     collator = DataCollator(tok, drop_attention_mask=True)
     docs = make_docs(model.get_base_model().config.get_text_config().vocab_size, tok.bos_token_id)
     packed = pack_dataset(docs, SEQUENCE_LEN, seed=0)
-    row = packed[0]
-    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [row["length"]]
-
     def row_logit_diff() -> float:
-        """Max |logit| difference between the packed row and its documents run one by one."""
-        with torch.no_grad():
-            model.eval()
-            whole = model(**collator([row]), use_cache=False).logits[0]
-            alone = torch.cat([model(input_ids=torch.tensor([row["input_ids"][a:b]]), use_cache=False).logits[0]
-                               for a, b in zip(starts[:-1], starts[1:])])
-        return float((whole - alone).abs().max())
+        return packed_row_logit_diff(model, collator, packed[0])
 
     unpacked = token_weighted_loss(model, docs, collator, batch_size=6)["eval_loss"]
     leaked = token_weighted_loss(model, packed, collator, batch_size=6)["eval_loss"]
@@ -170,14 +186,7 @@ def test_qwen3_5_packing_leaks_without_the_deltanet_patch():
     assert rel(exact, unpacked) < RTOL
     # Unpacked rows take the original forward, untouched by the patch.
     assert token_weighted_loss(model, docs, collator, batch_size=6)["eval_loss"] == unpacked
-    # Activation checkpointing recomputes the layers in backward: the document index must be there too.
-    g_unpacked = step_gradient(model, collate_parts(collator, docs, 2))
-    model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
-    try:
-        g_packed = step_gradient(model, collate_parts(collator, packed, 1))
-    finally:
-        model.get_base_model().gradient_checkpointing_disable()
-    assert grad_rel(g_packed, g_unpacked) < RTOL
+    assert checkpointed_gradient_rel(model, collator, docs, packed) < RTOL
 
 
 def test_a_trainer_step_on_packed_rows_is_the_unpacked_step(tmp_path):
@@ -258,3 +267,49 @@ def test_packed_rows_run_attention_per_document_and_plain_sdpa_agrees(monkeypatc
     per_document = token_weighted_loss(model, packed, collator, batch_size=3)["eval_loss"]
     assert rel(per_document, unpacked) < RTOL
     assert lengths and max(lengths) < max(packed["length"])  # sdpa saw documents or chunks, never a whole row
+
+
+def qwen3_next_lora_model():
+    """tiny:qwen3_next (Gated DeltaNet with the fused projections, 2 value heads per key head) with
+    the family's LoRA targets, resolved to module names as archtune places them."""
+    from peft import LoraConfig, get_peft_model
+
+    from archtune.patches.peft_targets import keep_module_targets
+
+    family, _ = find_tiny("qwen3_next")
+    model, tok = build_tiny_model("qwen3_next", seed=0)
+    targets = [n for n, _ in model.named_modules() if re.fullmatch(family.lora_target_regex, n)]
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]), keep_module_targets():
+        torch.manual_seed(1)
+        model = get_peft_model(model, lora)
+    return family, model, tok
+
+
+def test_qwen3_next_packing_is_exact_with_the_deltanet_patch_for_its_fused_projections():
+    family, model, tok = qwen3_next_lora_model()
+    assert family.patches == [GATED_DELTANET_PACKING.name]
+    targeted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert {"in_proj_qkvz", "out_proj", "q_proj", "o_proj"} <= targeted
+    collator = DataCollator(tok, drop_attention_mask=True)
+    docs = make_docs(len(tok), tok.bos_token_id)
+    packed = pack_dataset(docs, SEQUENCE_LEN, seed=0)
+    def row_logit_diff() -> float:
+        return packed_row_logit_diff(model, collator, packed[0])
+
+    unpacked = token_weighted_loss(model, docs, collator, batch_size=6)["eval_loss"]
+    leaked = token_weighted_loss(model, packed, collator, batch_size=6)["eval_loss"]
+    leaked_logits = row_logit_diff()
+    # The control: unpatched, the DeltaNet carries state across documents.
+    assert rel(leaked, unpacked) > 1e-5 and leaked_logits > 1e-3
+    with pytest.raises(PackingUnsupported, match="linear_attn"):
+        prepare_model_for_packing(model)
+
+    assert prepare_model_for_packing(model, [GATED_DELTANET_PACKING])["patches"] == {"gated_deltanet_packing": 3}
+    exact = token_weighted_loss(model, packed, collator, batch_size=6)["eval_loss"]
+    exact_logits = row_logit_diff()
+    print(f"qwen3_next: eval_loss unpacked {unpacked:.8f} packed {exact:.8f} (unpatched {leaked:.8f}); "
+          f"packed-row max logit diff {exact_logits:.2e} (unpatched {leaked_logits:.2e})")
+    assert exact_logits < 1e-5 and rel(exact, unpacked) < 1e-6
+    assert token_weighted_loss(model, docs, collator, batch_size=6)["eval_loss"] == unpacked
+    assert checkpointed_gradient_rel(model, collator, docs, packed) < RTOL

@@ -430,16 +430,15 @@ def test_document_attention_is_chosen_by_device(monkeypatch, cuda, keys, value):
         assert ("CUDA" if cuda else "CPU") in plan.settings["document_attention"].reason
 
 
-def qwen3_next_config() -> dict:
-    """A tiny Qwen3-Next config.json: Gated DeltaNet layers of another layout (fused in_proj_qkvz), which
-    no family claims and no packing patch covers."""
-    from transformers import Qwen3NextConfig
+def jamba_config() -> dict:
+    """A tiny Jamba config.json: a Mamba mixer layer (state along the sequence) and 3D expert tensors,
+    which no family claims and no packing patch covers."""
+    from transformers import JambaConfig
 
-    return Qwen3NextConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, intermediate_size=64, moe_intermediate_size=32,
-                           shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                           linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-                           linear_num_value_heads=4, vocab_size=1024).to_dict()
+    return JambaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, num_experts=4, num_experts_per_tok=2, expert_layer_period=1,
+                       expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+                       mamba_dt_rank=8, vocab_size=1024).to_dict()
 
 
 @pytest.mark.parametrize("keys, refused", [
@@ -448,15 +447,15 @@ def qwen3_next_config() -> dict:
     ({}, None),
 ])
 def test_packing_a_model_whose_state_no_patch_resets_is_refused_in_the_plan(keys, refused):
-    cfg = config_from_dict({"base_model": "some/qwen3-next", "datasets": [{"path": "data.jsonl"}], **keys})
-    plan = resolve(cfg, qwen3_next_config())
+    cfg = config_from_dict({"base_model": "some/jamba", "datasets": [{"path": "data.jsonl"}], **keys})
+    plan = resolve(cfg, jamba_config())
     assert plan.family.name == "generic" and not plan.packing_patches
     if refused is None:
         assert plan.errors == []
         return
     assert error_keys(plan) == [refused]
     message = plan.errors[0].message
-    assert "cannot be made exact" in message and "model.layers.0.linear_attn (Qwen3NextGatedDeltaNet)" in message
+    assert "cannot be made exact" in message and "model.layers.0.mamba (JambaMambaMixer)" in message
     assert f"{refused}: false" in plan.errors[0].fix
 
 
@@ -596,14 +595,14 @@ def test_every_rule_has_a_one_line_doc_and_a_unique_name():
 
 
 def test_quantize_moe_experts_on_experts_no_family_declares_says_so():
-    """Qwen3-Next has 3D expert tensors, but no family declares them: the warning does not claim the
+    """Jamba has 3D expert tensors, but no family declares them: the warning does not claim the
     model has none."""
     from archtune.models.tiny import build_tiny_config
 
     cfg = config_from_dict({"base_model": "some/model", "datasets": [{"path": "d.jsonl"}], "adapter": "qlora",
                             "load_in_4bit": True, "quantize_moe_experts": True})
-    (warning,) = [w for w in resolve(cfg, qwen3_next_config()).warnings if w.startswith("quantize_moe_experts")]
-    assert "knows no expert tensors of this qwen3_next model" in warning
+    (warning,) = [w for w in resolve(cfg, jamba_config()).warnings if w.startswith("quantize_moe_experts")]
+    assert "knows no expert tensors of this jamba model" in warning
     (warning,) = [w for w in resolve(cfg, build_tiny_config("llama").to_dict()).warnings
                   if w.startswith("quantize_moe_experts")]
     assert "this llama model has no expert tensors" in warning

@@ -11,7 +11,8 @@ import transformers
 from archtune.families import detect, find_tiny
 from archtune.models import build_tiny_model, tiny_model_names, write_tiny_model
 
-NAMES = ["gemma4-moe", "gemma4-dense", "gemma4-e2b", "gemma4-unified", "gemma3", "qwen3_5-moe", "qwen3_5", "llama"]
+NAMES = ["gemma4-moe", "gemma4-dense", "gemma4-e2b", "gemma4-unified", "gemma3", "qwen3_5-moe", "qwen3_5", "qwen3_next",
+         "llama"]
 FAMILY_OF = {
     "gemma4-moe": "gemma4",
     "gemma4-dense": "gemma4",
@@ -20,6 +21,7 @@ FAMILY_OF = {
     "gemma3": "gemma3",
     "qwen3_5-moe": "qwen3_5_moe",
     "qwen3_5": "qwen3_5",
+    "qwen3_next": "qwen3_next",
     "llama": "generic",
 }
 
@@ -289,6 +291,9 @@ def test_lora_target_coverage():
                         "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj",
                         "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
                         "mlp.shared_expert.down_proj"},
+        # No MLP names: stock PEFT would reload them onto the routed experts (families/qwen3_next.py).
+        "qwen3_next": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "linear_attn.in_proj_qkvz", "linear_attn.out_proj"},
     }
     for name, suffixes in expected.items():
         model, _ = build_tiny_model(name)

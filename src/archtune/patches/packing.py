@@ -11,6 +11,10 @@ ms-swift#9565, axolotl#3453). transformers passes `cu_seq_lens_q` / `seq_idx` on
 CUDA kernels of flash-linear-attention and causal-conv1d, and its PyTorch path (the one that
 runs on CPU, and on GPUs without those packages) raises on them.
 
+Qwen3-Next's Gated DeltaNet (`Qwen3NextGatedDeltaNet`) is the same layer with its projections fused
+(`in_proj_qkvz`, `in_proj_ba`, split per key head by its `fix_query_key_value_ordering`); its
+convolution and chunked rule are Qwen 3.5's (the same source).
+
 `patch_gated_deltanet_for_packing(model)` makes every such layer exact on packed rows:
 
 - a forward pre-hook on the layer that owns it (the decoder layer, which receives
@@ -190,9 +194,33 @@ def segmented_chunk_gated_delta_rule(query: torch.Tensor, key: torch.Tensor, val
 
 # ================================================================ the Gated DeltaNet patch
 
-# What the replacement forward reads from a Gated DeltaNet (transformers' Qwen 3.5 layout).
-_DELTANET_ATTRS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "A_log", "dt_bias", "norm",
-                   "out_proj", "key_dim", "value_dim", "head_k_dim", "head_v_dim", "activation")
+# What the replacement forward reads from a Gated DeltaNet: the projections of one of two layouts
+# (Qwen 3.5's separate ones, Qwen3-Next's fused ones) and the rest, which both share.
+_SPLIT_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+_FUSED_PROJECTIONS = ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering")
+_DELTANET_ATTRS = ("conv1d", "A_log", "dt_bias", "norm", "out_proj", "key_dim", "value_dim", "head_k_dim",
+                   "head_v_dim", "activation")
+
+
+def _projection_layout(module: torch.nn.Module) -> tuple[str, ...] | None:
+    for layout in (_SPLIT_PROJECTIONS, _FUSED_PROJECTIONS):
+        if all(hasattr(module, a) for a in layout):
+            return layout
+    return None
+
+
+def _deltanet_projections(self, hidden_states: torch.Tensor):
+    """(q|k|v concatenated, channels first [B, C, L]; z [B, L, H, dv]; b; a) as the original forward
+    computes them before its convolution."""
+    batch, length, _ = hidden_states.shape
+    if hasattr(self, "in_proj_qkvz"):
+        query, key, value, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
+                                                                      self.in_proj_ba(hidden_states))
+        mixed = torch.cat([x.reshape(batch, length, -1) for x in (query, key, value)], dim=-1)
+        return mixed.transpose(1, 2), z, b, a
+    z = self.in_proj_z(hidden_states).reshape(batch, length, -1, self.head_v_dim)
+    return (self.in_proj_qkv(hidden_states).transpose(1, 2), z, self.in_proj_b(hidden_states),
+            self.in_proj_a(hidden_states))
 
 
 def _is_gated_deltanet(module: torch.nn.Module) -> bool:
@@ -212,10 +240,7 @@ def _packed_deltanet_forward(original: Callable) -> Callable:
         if attention_mask is not None:  # padding, as the original zeroes it
             hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
         batch, length, _ = hidden_states.shape
-        mixed = self.in_proj_qkv(hidden_states).transpose(1, 2)
-        z = self.in_proj_z(hidden_states).reshape(batch, length, -1, self.head_v_dim)
-        b = self.in_proj_b(hidden_states)
-        a = self.in_proj_a(hidden_states)
+        mixed, z, b, a = _deltanet_projections(self, hidden_states)
         mixed = segmented_causal_conv1d(mixed, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx,
                                         self.activation).transpose(1, 2)
         query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -257,6 +282,8 @@ def patch_gated_deltanet_for_packing(model: torch.nn.Module) -> int:
             if not _is_gated_deltanet(child) or getattr(child, _PATCHED, False):
                 continue
             missing = [a for a in _DELTANET_ATTRS if not hasattr(child, a)]
+            if _projection_layout(child) is None:
+                missing.append(f"{'/'.join(_SPLIT_PROJECTIONS)} or {'/'.join(_FUSED_PROJECTIONS)}")
             if missing:
                 raise NotImplementedError(
                     f"{type(child).__name__} has no {', '.join(missing)}: archtune's packed forward for Gated DeltaNet "
@@ -519,6 +546,11 @@ GATED_DELTANET_PACKING = register_packing_patch(Patch(
         "transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5GatedDeltaNet.forward": "a43ffe9ab7f4",
         "transformers.models.qwen3_5.modeling_qwen3_5.causal_conv1d_forward": "80c94f801beb",
         "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.torch_chunk_gated_delta_rule": "a1bbf783aa65",
+        "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet.forward": "d267e937a25e",
+        "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet.fix_query_key_value_ordering":
+            "1b706d1f9a49",
+        "transformers.models.qwen3_next.modeling_qwen3_next.causal_conv1d_forward": "80c94f801beb",
+        "transformers.models.qwen3_next.modeling_qwen3_next.torch_chunk_gated_delta_rule": "a1bbf783aa65",
         "transformers.masking_utils.find_packed_sequence_indices": "ebd2ac7ca795",
     },
 ))
