@@ -12,7 +12,10 @@ against a reference method's, and scattermoe's against grouped_mm's.
 moe: `scattermoe` runs scattermoe's default strategy for the device (on CUDA "grouped": one
 grouped_mm per product over all experts), and the other strategy is timed beside it under its
 own name (`scattermoe_loop` on CUDA, `scattermoe_grouped` on CPU; bench/moe_strategies.py);
-`scattermoe_strategy` says which strategy `scattermoe` ran, and `best_stock` excludes all three.
+`scattermoe_strategy` says which strategy `scattermoe` ran. `scattermoe_triton` (the Triton
+kernels, when triton runs here) is timed beside them: `triton_vs_grouped_mm`, `triton_vs_batched_mm`
+(> 1: the kernels faster) and its gradients' `grad_rel_err_triton_vs_*`; `best_stock` excludes
+all of archtune's.
 """
 from __future__ import annotations
 
@@ -69,10 +72,13 @@ def moe(args) -> None:
     import moe_strategies
     from archtune.moe.routing_stats import experts_modules
     from archtune.moe.scattermoe import STRATEGIES, resolve_strategy
+    from archtune.moe.triton_experts import unavailable as triton_unavailable
     from archtune.plan.experts import choose_experts_implementation
 
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     shapes = bench_moe.sweep_shapes() if not args.quick else [dict(bench_moe.QUICK)]
+    if args.only:
+        shapes = [s for s in shapes if f"{s['experts']}-{s['top_k']}-{s['tokens']}-{s['hidden']}" in args.only.split(",")]
     for shape in shapes:
         for dtype in dtypes:
             for lora in (False, True):
@@ -86,9 +92,13 @@ def moe(args) -> None:
                 strategy = resolve_strategy(experts, x, index)[0]
                 other = next(f"scattermoe_{s}" for s in STRATEGIES if s != strategy)
                 impls = ["grouped_mm", "scattermoe", other, "eager"]
+                if triton_unavailable(DEV) is None:
+                    impls.insert(1, "scattermoe_triton")
                 pairs = shape["tokens"] * shape["top_k"]
                 if pairs * shape["hidden"] * 3 * shape["intermediate"] * x.element_size() <= bench_moe.BATCHED_MM_BYTES:
                     impls.append("batched_mm")
+                if args.impls:
+                    impls = [i for i in impls if i in args.impls.split(",")]
                 ms, errors, grads = {}, {}, {}
                 for impl in impls:
                     try:
@@ -112,6 +122,13 @@ def moe(args) -> None:
                     row["rule_vs_best"] = round(min(ms.values()) / chosen, 3) if chosen else None
                 if "scattermoe" in ms and other in ms:
                     row[f"scattermoe_vs_{other}"] = round(ms[other] / ms["scattermoe"], 3)
+                if "scattermoe_triton" in ms:  # the Triton kernels against transformers' CUDA paths
+                    for ref in ("grouped_mm", "batched_mm", "scattermoe"):
+                        if ref in ms:
+                            row[f"triton_vs_{ref}"] = round(ms[ref] / ms["scattermoe_triton"], 3)
+                        if ref in grads and "scattermoe_triton" in grads:
+                            row[f"grad_rel_err_triton_vs_{ref}"] = max(
+                                rel_err(a, b) for a, b in zip(grads["scattermoe_triton"], grads[ref]))
                 if "scattermoe" in grads and "grouped_mm" in grads:
                     row["grad_rel_err_scattermoe_vs_grouped_mm"] = max(
                         rel_err(a, b) for a, b in zip(grads["scattermoe"], grads["grouped_mm"]))
@@ -227,6 +244,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--methods", help="attention: comma-separated subset of block_mask,per_document,archtune,flex")
+    parser.add_argument("--impls", help="moe: comma-separated subset of the experts implementations to time "
+                                        "(grouped_mm, scattermoe_triton, scattermoe, scattermoe_loop, eager, batched_mm)")
+    parser.add_argument("--only", help="moe: comma-separated EXPERTS-TOPK-TOKENS-HIDDEN shapes of the sweep")
     parser.add_argument("--models", help="attention: comma-separated subset of bench/attention.py's MODELS")
     parser.add_argument("--model", default="gemma4-moe")
     parser.add_argument("--steps", type=int, default=5)

@@ -10,6 +10,16 @@
 # Usage, from the project root: OUT=DIR BUDGET_S=420 bash bench/gpu_check.sh
 # Results (8 files): DIR/train.jsonl, DIR/*.out (JSON lines of bench/gpu.py; the train runs' and
 # the tests' output), DIR/check_bf16_rule.json and DIR/log.txt.
+#
+# WHAT=triton: the Triton experts kernels (experts_implementation scattermoe_triton) only, about
+# 10 minutes on an H100 (needs the triton extra):
+#   a. bench/moe_train_loop.py: bf16 LoRA + expert LoRA train loop on the 2-layer real-width Gemma 4
+#      26B-A4B and Qwen 3.5 35B-A3B, grouped_mm vs scattermoe_triton side by side in one process:
+#      tokens/s, peak memory, and the two's loss and gradients from the same weights (bf16, fp32);
+#   b. bench/gpu.py moe: every cell of bench/moe.py's sweep, fp32 and bf16, with and without expert
+#      LoRA: scattermoe_triton against grouped_mm and batched_mm (CUDA events, median of 5).
+#   OUT=DIR WHAT=triton BUDGET_S=570 bash bench/gpu_check.sh   -> DIR/trainloop.out, DIR/moetriton.out
+#   SMOKE=1 runs the same commands on CPU at tiny sizes under TRITON_INTERPRET=1 (tries the script).
 set -u
 OUT="${OUT:-/tmp/archtune-gpu}"
 BUDGET_S="${BUDGET_S:-420}"
@@ -32,6 +42,23 @@ run() {
 
 say "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
 python3 -c 'import torch, transformers, peft, accelerate, trl; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__, "trl", trl.__version__)' 2>&1 | tee -a "$LOG"
+
+# ---- the Triton experts kernels (WHAT=triton)
+if [ "${WHAT:-all}" = triton ]; then
+  python3 -c 'import triton; print("triton", triton.__version__)' 2>&1 | tee -a "$LOG"
+  if [ -n "${SMOKE:-}" ]; then
+    export TRITON_INTERPRET=1
+    LOOP_ARGS="--tiny --cpu-smoke --models gemma4_moe --seq 16 --steps 1 --rounds 1"
+    SWEEP_ARGS="--cpu-smoke --quick --reps 1 --dtypes bfloat16"
+  else
+    LOOP_ARGS="--batch 2 --seq 2048 --steps 4 --rounds 2"
+    SWEEP_ARGS="--reps 5"
+  fi
+  run 300 trainloop python3 bench/moe_train_loop.py --impls grouped_mm,scattermoe_triton $LOOP_ARGS
+  run 600 moetriton python3 bench/gpu.py moe --impls grouped_mm,batched_mm,scattermoe_triton $SWEEP_ARGS
+  say "done"
+  exit 0
+fi
 
 # ---- 1. train
 train_config() {  # NAME EXTRA-YAML

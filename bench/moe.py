@@ -111,7 +111,7 @@ def run_impl(block: nn.Module, impl: str, x: torch.Tensor, grad: torch.Tensor) -
     # (archtune.moe.skip_parametrization_check, an instance-level override).
     for m in block.modules():
         m.__dict__.pop("_activate_lora", None)
-    if impl == "scattermoe":
+    if impl in archtune.moe.FORWARDS:  # scattermoe, scattermoe_triton
         archtune.moe.skip_parametrization_check(block)
     block.zero_grad(set_to_none=True)
     step(block, x, grad)

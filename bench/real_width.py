@@ -65,15 +65,8 @@ ADAPTERS: dict[str, dict] = {
 CASES = {f"{m}_{a}": (m, a) for m in MODELS for a in ADAPTERS}
 
 
-def build_checkpoint(cache: Path, model: str) -> Path:
-    """The truncated real-width checkpoint of `model` in `cache` (written once)."""
-    directory = cache / model
-    if (directory / "model.safetensors.index.json").is_file():
-        return directory
-    import torch
-    import transformers
-
-    from archtune.assets import load_tokenizer
+def model_config(model: str):
+    """The transformers config of `model` (MODELS): the tiny family model's, at the published widths."""
     from archtune.models.tiny import build_tiny_config
 
     tiny, widths = MODELS[model]
@@ -83,7 +76,20 @@ def build_checkpoint(cache: Path, model: str) -> Path:
     values["text_config"].pop("per_layer_config", None)  # derived again from the layer types and widths
     if "out_hidden_size" in values["vision_config"]:  # Qwen's projector maps into the text width
         values["vision_config"]["out_hidden_size"] = widths["hidden_size"]
-    config = type(tiny_config).from_dict(values)
+    return type(tiny_config).from_dict(values)
+
+
+def build_checkpoint(cache: Path, model: str) -> Path:
+    """The truncated real-width checkpoint of `model` in `cache` (written once)."""
+    directory = cache / model
+    if (directory / "model.safetensors.index.json").is_file():
+        return directory
+    import torch
+    import transformers
+
+    from archtune.assets import load_tokenizer
+
+    config = model_config(model)
     torch.manual_seed(0)
     auto = transformers.AutoModelForImageTextToText
     built = auto.from_config(config, dtype=torch.bfloat16)

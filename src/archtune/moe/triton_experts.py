@@ -157,8 +157,10 @@ class Schedule:
 
     @classmethod
     def of(cls, routing: Routing, device: torch.device) -> "Schedule":
+        # On a GPU always 64 rows (one compiled kernel per product shape, whatever the routing); the
+        # interpreter's programs run one after another, so there tiles shrink to the largest segment.
         largest = max(routing.counts, default=0)
-        block_m = _next_pow2(largest, 16, 64)
+        block_m = 64 if device.type == "cuda" else _next_pow2(largest, 16, 64)
         experts, rows, start = [], [], 0
         for e, n in enumerate(routing.counts):
             experts += [e] * -(-n // block_m)

@@ -74,7 +74,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _load_w(W, e, stride_we, ks, cols, stride_wk, stride_wn, mask,
-            QA, QA2, QOFF, CODE, CODE2, stride_qe, stride_q2e, stride_q2ae, dtype,
+            QA, QA2, QOFF, CODE, CODE2, stride_qe, stride_q2e, stride_q2ae, dtype: tl.constexpr,
             QUANT: tl.constexpr):
     """A [BK, BN] tile of R(W)_e: dense, or dequantized from NF4 (two codes per byte, high first)."""
     flat = ks[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn
