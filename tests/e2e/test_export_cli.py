@@ -324,36 +324,40 @@ def _conditioned_gemma4(variant: str, out, model=None, tokenizer=None):
     return out
 
 
-def _gemma_tokenized(variant: str, out):
-    """tiny:VARIANT's shape over a Gemma-style (SentencePiece) tokenizer built here: its vocabulary
-    size, special and media token ids (Gemma 4's real names); Gemma 4 conditioned as above."""
+def _retokenized(variant: str, out, tokenizer):
+    """tiny:VARIANT's shape over `tokenizer` (built here): its vocabulary size, special and media token
+    ids (the tokenizer's real names); Gemma 4 conditioned as above."""
     import torch
     import transformers
 
     from archtune.families import FAMILIES
     from archtune.models.tiny import build_tiny_config
-    from tests.gemma_tokenizer import build_gemma_tokenizer
 
-    tokenizer = build_gemma_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     config = build_tiny_config(variant)
     text = config.text_config
     text.vocab_size = len(tokenizer)
-    text.pad_token_id, text.bos_token_id, text.eos_token_id = ids("<pad>"), ids("<bos>"), ids("<eos>")
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = \
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
     if variant.startswith("gemma4"):
         text.vocab_size_per_layer_input = len(tokenizer)
         config.image_token_id, config.boi_token_id, config.eoi_token_id = ids(["<|image|>", "<|image>", "<image|>"])
         config.audio_token_id, config.boa_token_id, config.eoa_token_index = ids(["<|audio|>", "<|audio>", "<audio|>"])
         config.video_token_id = ids("<|video|>")
-    else:
+    elif variant.startswith("gemma3"):
         config.image_token_index, config.boi_token_index, config.eoi_token_index = \
             ids(["<|image|>", "<|image>", "<image|>"])
+    else:  # Qwen 3.5
+        config.image_token_id, config.video_token_id = ids(["<|image_pad|>", "<|video_pad|>"])
+        config.vision_start_token_id, config.vision_end_token_id = ids(["<|vision_start|>", "<|vision_end|>"])
     family = next(f for f in FAMILIES.values() if config.model_type in f.model_types)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = getattr(transformers, family.auto_class).from_config(config)
-    model.generation_config.eos_token_id = [ids("<eos>"), ids("<turn|>")]
-    model.generation_config.pad_token_id, model.generation_config.bos_token_id = ids("<pad>"), ids("<bos>")
+    turn_end = ids("<turn|>" if variant.startswith("gemma") else "<|im_end|>")
+    model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, turn_end})
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     if variant.startswith("gemma4"):
         return _conditioned_gemma4(variant, out, model, tokenizer)
     model.save_pretrained(out)
@@ -410,16 +414,23 @@ def test_gemma4_gguf_without_the_per_expert_scale_fails(trained, capsys, monkeyp
 CHAT_DATA = QUICKSTART_DATA.parent / "chat.jsonl"
 
 
-@pytest.mark.parametrize("variant, model", [("gemma4-dense", "gemma4"), ("gemma3", "llama")])
-def test_gemma_tokenizer_gguf_splits_chat_prompts_as_transformers(variant, model, tmp_path, capsys):
-    """A Gemma-style (SentencePiece) tokenizer, trained on chat rows in Gemma 4's turn format: the GGUF
-    carries it as llama.cpp's converter does for the family (Gemma 4: model "gemma4", merges; Gemma 3:
-    "llama", scores), llama.cpp splits every held-out chat-templated prompt (`<bos>`, `<|turn>`,
-    `<turn|>` and text) into the Hugging Face tokenizer's ids, and the logits and greedy tokens agree."""
+def _tokenizer_for(model: str):
+    from tests.local_tokenizers import build_byte_level_tokenizer, build_gemma_tokenizer
+
+    return build_byte_level_tokenizer(model) if model == "qwen35" else build_gemma_tokenizer()
+
+
+@pytest.mark.parametrize("variant, model", [("gemma4-dense", "gemma4"), ("gemma3", "llama"), ("qwen3_5", "qwen35")])
+def test_real_tokenizer_layouts_split_chat_prompts_as_transformers(variant, model, tmp_path, capsys):
+    """Tokenizers in the layout real checkpoints ship, trained on chat rows in the model's turn format:
+    Gemma's SentencePiece-style BPE (Gemma 4: llama.cpp's "gemma4" model with merges; Gemma 3: "llama",
+    scores) with `<bos>`, `<|turn>`, `<turn|>`, and Qwen 3.5's byte-level BPE (pre-tokenizer "qwen35")
+    with ChatML's `<|im_start|>`/`<|im_end|>`. llama.cpp splits every held-out chat-templated prompt into
+    the Hugging Face tokenizer's ids, and the logits and greedy tokens agree."""
     _needs_llama_cpp()
     import gguf
 
-    base = _gemma_tokenized(variant, tmp_path / "base")
+    base = _retokenized(variant, tmp_path / "base", _tokenizer_for(model))
     train = head_jsonl(CHAT_DATA, tmp_path / "train.jsonl", 32)
     test = tmp_path / "test.jsonl"
     test.write_text("".join(CHAT_DATA.read_text().splitlines(keepends=True)[-6:]))
@@ -438,12 +449,19 @@ def test_gemma_tokenizer_gguf_splits_chat_prompts_as_transformers(variant, model
         "outtype", "max_abs_logit_diff", "max_rel_logit_diff", "greedy_agree", "tokenizer_mismatches")}}))
     assert v["ok"] and v["prompts"] == v["greedy_agree"] == 6 and v["tokenizer_mismatches"] == 0, v
     reader = gguf.GGUFReader(report["path"])
-    field = reader.fields["tokenizer.ggml.model"]
-    assert bytes(field.parts[field.data[0]]).decode() == model
-    template = reader.fields["tokenizer.chat_template"]
-    assert "<|turn>" in bytes(template.parts[template.data[0]]).decode()
-    # llama.cpp (0.3.36's) has no built-in Gemma 4 chat format: the export says to use the file's template
-    assert any("no built-in chat format" in n and "--jinja" in n for n in report["notes"]), report["notes"]
+
+    def text(key):
+        field = reader.fields[key]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    assert (text("tokenizer.ggml.model"), text("tokenizer.ggml.pre") if model == "qwen35" else None) == \
+        (("gpt2", "qwen35") if model == "qwen35" else (model, None))
+    if model == "gemma4":
+        assert "<|turn>" in text("tokenizer.chat_template")
+        # llama.cpp (0.3.36's) has no built-in Gemma 4 chat format: the export says to use the file's template
+        assert any("no built-in chat format" in n and "--jinja" in n for n in report["notes"]), report["notes"]
+    if model == "qwen35":  # ChatML is one of llama.cpp's built-in formats
+        assert any("formats a conversation as the chat template does" in n for n in report["notes"]), report["notes"]
 
 
 def test_gguf_refuses_a_tokenizer_it_cannot_carry_before_writing(tmp_path, capsys):

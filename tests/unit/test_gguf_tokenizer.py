@@ -1,4 +1,4 @@
-"""A Gemma-style (SentencePiece) tokenizer in GGUF: llama.cpp splits text as transformers does.
+"""Tokenizers in GGUF: llama.cpp splits text as transformers does.
 
 The tokenizer is built here in Gemma's layout (tests/gemma_tokenizer.py). archtune's writer
 carries it as the model llama.cpp's converter writes for the family (Gemma 3 and the generic
@@ -16,7 +16,7 @@ import json
 import pytest
 
 from archtune.errors import UserError
-from tests.gemma_tokenizer import HELD_OUT, build_gemma_tokenizer
+from tests.local_tokenizers import HELD_OUT, SPLIT_TEXTS, build_byte_level_tokenizer, build_gemma_tokenizer
 
 QUICKSTART_TEST = build_gemma_tokenizer.__globals__["DATA"] / "quickstart" / "test.jsonl"
 
@@ -176,34 +176,6 @@ def test_the_bundled_byte_level_tokenizer_stays_gpt2(gemma):
 
 # ---------------------------------------------------------------- byte-level BPE with a model's own word split
 
-# Text in NFC (the tokenizers normalize to it, llama.cpp does not): marks that compose with nothing.
-SPLIT_TEXTS = ("12345 and 2026-12-07", "don't, I'M, they'll", "x\u0301yz q\u0308 \u0915\u093f\u0924\u093e\u092c",
-               "tabs\tand  spaces\n\n", "<|im_start|>user\nName the category<|im_end|>\n")
-
-
-def _byte_level(pre: str):
-    """A byte-level BPE trained here on the bundled data with `pre`'s word split (as Qwen's and Llama 3's
-    tokenizer.json write it: NFC, Split(regex, isolated), ByteLevel without its own split)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from archtune.export.gguf_file import BYTE_LEVEL_SPLITS
-    from tests.gemma_tokenizer import _texts
-
-    regex = next(r for r, name in BYTE_LEVEL_SPLITS.items() if name == pre)
-    tok = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(list(_texts()) + list(SPLIT_TEXTS) * 50, trainers.BpeTrainer(
-        vocab_size=900, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
 def _split_mismatches(tokenizer, path) -> list[str]:
     import llama_cpp
 
@@ -227,7 +199,7 @@ def test_byte_level_splits_are_carried_with_llama_cpps_pre_tokenizer(pre, tmp_pa
     _needs_llama_cpp()
     import gguf
 
-    tokenizer = _byte_level(pre)
+    tokenizer = build_byte_level_tokenizer(pre)
     path = _vocab_file(tokenizer, tmp_path / "vocab.gguf", _spec("llama"))
     field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"]
     assert bytes(field.parts[field.data[0]]).decode() == pre
@@ -241,7 +213,7 @@ def test_another_pre_tokenizer_splits_otherwise(pre, other, tmp_path, monkeypatc
     _needs_llama_cpp()
     from archtune.export import gguf_file
 
-    tokenizer = _byte_level(pre)
+    tokenizer = build_byte_level_tokenizer(pre)
     monkeypatch.setattr(gguf_file, "byte_level_pre", lambda data: other)
     assert _split_mismatches(tokenizer, _vocab_file(tokenizer, tmp_path / "other.gguf", _spec("llama")))
 
@@ -249,7 +221,7 @@ def test_another_pre_tokenizer_splits_otherwise(pre, other, tmp_path, monkeypatc
 def test_an_unknown_word_split_is_refused():
     from archtune.export.gguf_file import tokenizer_model
 
-    data = json.loads(_byte_level("qwen2").backend_tokenizer.to_str())
+    data = json.loads(build_byte_level_tokenizer("qwen2").backend_tokenizer.to_str())
     data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+|."
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast

@@ -1,4 +1,7 @@
-"""A Gemma-style tokenizer built here (no hub): the layout Gemma 3 and Gemma 4 checkpoints ship.
+"""Tokenizers built here (no hub) in the layouts real checkpoints ship: Gemma's (below) and the
+byte-level BPEs of Qwen 2, Qwen 3.5 and Llama 3 (`build_byte_level_tokenizer`).
+
+A Gemma-style tokenizer: the layout Gemma 3 and Gemma 4 checkpoints ship.
 
 What a Gemma tokenizer.json holds (transformers' GemmaConverter writes it from the SentencePiece
 model): a BPE model with byte fallback over `▁`-pieces (normalizer: " " -> "▁"; pre-tokenizer:
@@ -15,7 +18,6 @@ with their leading `▁`, runs of `▁`, runs of newlines; no piece crosses a wo
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,8 +105,39 @@ HELD_OUT = (
 )
 
 
-def byte_pieces(text: str) -> bool:
-    return bool(re.search(r"[^\x00-\x7f]", text))
+# Text in NFC (the tokenizers normalize to it, llama.cpp does not): digit runs, contractions, marks that
+# compose with nothing, special tokens in text.
+SPLIT_TEXTS = ("12345 and 2026-12-07", "don't, I'M, they'll", "x\u0301yz q\u0308 \u0915\u093f\u0924\u093e\u092c",
+               "tabs\tand  spaces\n\n", "<|im_start|>user\nName the category<|im_end|>\n")
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>")
+# ChatML, as Qwen's templates write turns.
+CHATML = ("{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}"
+          "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
-__all__ = ["BYTES", "HELD_OUT", "SPECIAL", "build_gemma_tokenizer", "complete_merges"]
+def build_byte_level_tokenizer(pre: str, pieces: int = 900):
+    """A byte-level BPE learned from the bundled data with the word split llama.cpp calls `pre`
+    ("qwen2", "qwen35", "llama-bpe"), as Qwen's and Llama 3's tokenizer.json write it: NFC,
+    Split(regex, isolated), ByteLevel without its own split; Qwen's special tokens, ChatML."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from archtune.export.gguf_file import BYTE_LEVEL_SPLITS
+
+    regex = next(r for r, name in BYTE_LEVEL_SPLITS.items() if name == pre)
+    tok = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(_texts()) + list(SPLIT_TEXTS) * 50, trainers.BpeTrainer(
+        vocab_size=pieces, special_tokens=list(QWEN_SPECIAL), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+__all__ = ["BYTES", "CHATML", "HELD_OUT", "QWEN_SPECIAL", "SPECIAL", "SPLIT_TEXTS", "build_byte_level_tokenizer",
+           "build_gemma_tokenizer", "complete_merges"]
