@@ -2,6 +2,7 @@
 
     python bench/real_width.py --cache /tmp/real-width                 # every case, one JSON line each
     python bench/real_width.py --cache /tmp/real-width --only gemma4_qlora_experts
+    python bench/real_width.py --cache /tmp/real-width --merge-only   # merge-lora again on the runs left there
 
 Each model is the published text widths of a real MoE cut to 2 decoder layers, written once
 into `--cache` as a hub checkpoint is: random bf16 weights (transformers' own initialisation),
@@ -130,6 +131,7 @@ print(json.dumps({"model_bytes": model_bytes(model, adapters=False)}))
 
 
 MERGE = True  # --no-merge: leave merge-lora out
+MERGE_ONLY = False  # --merge-only: merge-lora alone where the case's run already left its adapter
 SRC = REPO / "src"  # the archtune source the subprocesses run (--src: e.g. another branch's, for a before/after)
 
 
@@ -175,11 +177,21 @@ def gib(n: float | None) -> float | None:
     return None if n is None else round(n / GIB, 2)
 
 
+def merge_case(checkpoint: Path, cfg: Path, work: Path, name: str) -> dict:
+    merge, merge_peak = archtune("merge-lora", str(cfg), "--out", str(work / name / "merged"))
+    if merge.returncode != 0:
+        return {"error": "merge-lora: " + merge.stderr[-2000:]}
+    return dict(merge_peak_gib=gib(merge_peak), merge_peak_over_checkpoint=round(merge_peak / checkpoint_bytes(checkpoint), 2),
+                merge_said=" ".join(merge.stdout.split())[-300:])
+
+
 def one_case(cache: Path, work: Path, name: str) -> dict:
     model, adapter = CASES[name]
     checkpoint = build_checkpoint(cache, model)
     cfg = case_config(work, name, checkpoint, adapter)
     out: dict = {"case": name, "checkpoint_gib": gib(checkpoint_bytes(checkpoint))}
+    if MERGE_ONLY and (work / name / "adapter_model.safetensors").is_file():
+        return {**out, **merge_case(checkpoint, cfg, work, name)}
     check, _ = archtune("check", str(cfg), "--memory", "--json")
     if check.returncode != 0:
         return {**out, "error": "check: " + (check.stdout[-1500:] + check.stderr[-1500:])}
@@ -206,12 +218,7 @@ def one_case(cache: Path, work: Path, name: str) -> dict:
                seconds_per_step=summary["seconds_per_step"], train_losses=summary["train_losses"])
     if not MERGE:
         return out
-    merge, merge_peak = archtune("merge-lora", str(cfg), "--out", str(work / name / "merged"))
-    if merge.returncode != 0:
-        return {**out, "error": "merge-lora: " + merge.stderr[-2000:]}
-    out.update(merge_peak_gib=gib(merge_peak), merge_peak_over_checkpoint=round(merge_peak / checkpoint_bytes(checkpoint), 2),
-               merge_said=" ".join(merge.stdout.split())[-300:])
-    return out
+    return {**out, **merge_case(checkpoint, cfg, work, name)}
 
 
 def main() -> None:
@@ -222,10 +229,13 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="write the checkpoints and stop")
     parser.add_argument("--src", type=Path, default=None, help="the archtune source to measure (default: this checkout's src)")
     parser.add_argument("--no-merge", action="store_true", help="measure check, load and train only")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="measure merge-lora alone where --work holds the case's trained adapter")
     args = parser.parse_args()
-    global SRC, MERGE
+    global SRC, MERGE, MERGE_ONLY
     SRC = args.src or SRC
     MERGE = not args.no_merge
+    MERGE_ONLY = args.merge_only
     args.cache.mkdir(parents=True, exist_ok=True)
     names = args.only or list(CASES)
     if args.build_only:

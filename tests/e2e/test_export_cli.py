@@ -490,3 +490,51 @@ def test_gguf_refuses_a_tokenizer_it_cannot_carry_before_writing(tmp_path, capsy
     assert code == 2 and "Traceback" not in err
     assert "tokenizer_config" in err and "Unigram model" in err and "convert_hf_to_gguf.py" in err
     assert "wrote" not in err + out and not list((tmp_path / "out").rglob("*.gguf"))
+
+
+def test_merged_f32_export_of_a_bf16_run_streams_keeps_every_delta_and_allows_the_runs_own_rounding(tmp_path, capsys):
+    """A bf16 LoRA run on a local sharded checkpoint, `export --format merged --outtype f32`: the merge
+    streams in float32 (W + delta computed and stored in f32, so deltas below bf16's resolution stay:
+    every adapted tensor within float32 rounding of the trained value), the artifact computes what the
+    trained model computes in float32, and what separates it from the trained model's bf16 logits is
+    that model's own arithmetic (`reference_noise`), allowed on top of f32's tolerance. Before: merged in
+    bf16 and cast, the tensors off by bf16 rounding, the logits beyond f32's tolerance."""
+    import torch
+    import transformers
+
+    from archtune.config import load_config
+    from archtune.export.compare import hf_logits, tolerance
+    from archtune.models.tiny import build_tiny_model
+    from archtune.train.assembly import assemble_model
+    from archtune.train.recipe import plan_for
+
+    model, tokenizer = build_tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "base", max_shard_size="200KB")
+    tokenizer.save_pretrained(tmp_path / "base")
+    train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp_path / "train.jsonl", 32)
+    test = head_jsonl(QUICKSTART_DATA / "test.jsonl", tmp_path / "test.jsonl", 6)
+    config = write_config(tmp_path / "run.yaml", base_model=str(tmp_path / "base"), adapter="lora", lora_r=4,
+                          lora_alpha=8, lora_target_modules=LINEARS, bf16=True,
+                          datasets=[{"path": str(train), "type": "alpaca"}],
+                          test_datasets=[{"path": str(test), "type": "alpaca"}],
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          max_steps=2, learning_rate=1e-3, warmup_steps=0, seed=0,
+                          output_dir=str(tmp_path / "out"), use_tensorboard=False)
+    code, _, err = run_cli(capsys, "train", config)
+    assert code == 0, err
+    code, report, err = _export(capsys, config, "--format", "merged", "--outtype", "f32")
+    assert code == 0, err
+    assert report["merged_tensors"] == {"merged": 28, "adapted": 28, "expert": 0, "not_merged": []}
+    v = report["verification"]
+    assert v["greedy_agree"] == v["prompts"] == 6
+    assert v["reference_noise"] > tolerance("f32") and v["allowed"] == tolerance("f32") + v["reference_noise"]
+    assert tolerance("f32") < v["max_rel_logit_diff"] <= v["allowed"]
+
+    # The float32 artifact is the trained model computing in float32.
+    setup = plan_for(load_config(config))
+    exact = assemble_model(setup.plan, setup.tokenizer, "generate").model.float()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(report["path"], dtype="auto")
+    assert merged.dtype == torch.float32
+    ids = setup.tokenizer("### Instruction:\nName the colour of the sky.\n\n### Response:\n")["input_ids"]
+    a, b = hf_logits(exact, ids), hf_logits(merged, ids)
+    assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())

@@ -192,19 +192,21 @@ class _ExpertKeys:
 class _Merger:
     """The merged value of each checkpoint tensor (see the module docstring)."""
 
-    def __init__(self, stream: StreamPlan, lora, dtype: torch.dtype, values: BaseValues):
-        self.stream, self.lora, self.dtype, self.values = stream, lora, dtype, values
+    def __init__(self, stream: StreamPlan, lora, dtype: torch.dtype, values: BaseValues, base_dtype: torch.dtype):
+        self.stream, self.lora, self.dtype, self.values, self.base_dtype = stream, lora, dtype, values, base_dtype
         self.expert_keys = _ExpertKeys.of(stream.experts)
         self.rounded = values.rounded()
         self.merged: set[str] = set()
-        # this shard's merged experts of the per-expert layout: (name, e) -> (merged [out, in], rows per part)
-        self.parts: dict[tuple[str, int], tuple[torch.Tensor, list[int]]] = {}
+        # the last merged expert of the per-expert layout (its parts are neighbours in a shard):
+        # ((name, e), merged [out, in], rows per part)
+        self.last: tuple[tuple[str, int], torch.Tensor, list[int]] | None = None
         self.factors: tuple[str, torch.Tensor, torch.Tensor] | None = None  # the last expert LoRA's A, B per expert
 
     def linear(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        t = tensor.to(self.dtype)
+        t = tensor.to(self.base_dtype)
         if name in self.rounded:
             t = self.values.weight(name, t)
+        t = t.to(self.dtype)
         target = self.stream.targets.get(name)
         if target is not None:
             a = self.lora.get_tensor(target.a_key).to(torch.float32)
@@ -215,7 +217,7 @@ class _Merger:
 
     def expert(self, tensor: ExpertTensor, e: int, weight: torch.Tensor) -> torch.Tensor:
         """Expert e of `tensor` merged: weight [out, in] as the model holds it."""
-        w = self.values.expert(tensor.name, weight.to(self.dtype))
+        w = self.values.expert(tensor.name, weight.to(self.base_dtype)).to(self.dtype)
         target = self.stream.targets.get(tensor.name)
         if target is None:
             return w
@@ -244,22 +246,24 @@ class _Merger:
         """Part p of expert e (per-expert layout): its parts concatenated as transformers fuses them,
         merged, and split again (a part in another shard is read from there)."""
         key = (tensor.name, e)
-        if key not in self.parts:
+        if self.last is None or self.last[0] != key:
+            self.last = None
             pieces = [self.stream.experts.read(k) for k in tensor.expert_keys(e)]
             merged = self.expert(tensor, e, torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0])
-            self.parts[key] = (merged, [t.shape[0] for t in pieces])
-        merged, rows = self.parts[key]
+            self.last = (key, merged, [t.shape[0] for t in pieces])
+        _, merged, rows = self.last
         start = sum(rows[:p])
         return merged[start:start + rows[p]].clone()
 
     def shard_done(self) -> None:
-        self.parts.clear()
+        self.last = None
 
 
 def merge_lora_shards(stream: StreamPlan, out_dir: str | os.PathLike, *, dtype: torch.dtype,
-                      values: BaseValues | None = None) -> MergeResult:
+                      values: BaseValues | None = None, base_dtype: torch.dtype | None = None) -> MergeResult:
     """The adapter merged into the base, written shard by shard into `out_dir` (see the module
-    docstring); `stream` comes from `stream_plan`. Tensors are cast to `dtype`."""
+    docstring); `stream` comes from `stream_plan`. Base tensors are read as the trained model
+    loaded them (in `base_dtype`, default `dtype`), then merged and written in `dtype`."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -273,10 +277,11 @@ def merge_lora_shards(stream: StreamPlan, out_dir: str | os.PathLike, *, dtype: 
     total = total_size = 0
     try:
         with safe_open(str(stream.adapter_dir / ADAPTER_WEIGHTS), framework="pt") as lora:
-            merger = _Merger(stream, lora, dtype, values)
+            merger = _Merger(stream, lora, dtype, values, base_dtype or dtype)
             for file in sorted(by_file):
                 tensors = {}
-                with safe_open(str(base / file), framework="pt") as f:
+                # pread, not mapped: a mapped shard's pages count as resident while it is open
+                with safe_open(str(base / file), framework="pt", backend="pread") as f:
                     for name in by_file[file]:
                         found = merger.expert_keys.by_key.get(name)
                         if found is None:
@@ -302,6 +307,37 @@ def merge_lora_shards(stream: StreamPlan, out_dir: str | os.PathLike, *, dtype: 
                        tensors=total, shards=len(by_file))
 
 
+class MergedTensors:
+    """A merge's tensors read back from its files one at a time by the model's names (a 3D expert
+    tensor of the per-expert layout put together from its parts), for checking them."""
+
+    def __init__(self, stream: StreamPlan, out_dir: str | os.PathLike):
+        self.out = Path(out_dir)
+        self.files = base_shards(self.out) or {}
+        self.experts = stream.experts.at(self.out) if stream.experts is not None else None
+
+    def get(self, name: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        if name in self.files:
+            with safe_open(str(self.out / self.files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+        tensor = self.experts.tensors.get(name) if self.experts is not None else None
+        if tensor is None:
+            return None
+        dtype = self._dtype(tensor.expert_keys(0)[0])
+        try:
+            return torch.stack(list(self.experts.experts(tensor, "cpu", dtype)))
+        finally:
+            self.experts.close()
+
+    def _dtype(self, key: str) -> torch.dtype:
+        from safetensors import safe_open
+
+        with safe_open(str(self.out / self.files[key]), framework="pt") as f:
+            return f.get_slice(key)[:1].dtype
+
+
 def write_merged_config(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype) -> None:
     """The base's config.json (its dtype the merged tensors' dtype) and generation_config.json."""
     from transformers import AutoConfig, GenerationConfig
@@ -313,5 +349,5 @@ def write_merged_config(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
         GenerationConfig.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BaseValues", "LoraTarget", "MergeResult", "StreamPlan",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BaseValues", "LoraTarget", "MergeResult", "MergedTensors", "StreamPlan",
            "base_shards", "lora_targets", "merge_lora_shards", "stream_plan", "write_merged_config"]

@@ -418,9 +418,13 @@ def _print_export_report(report) -> None:
         table.add_column(column, overflow="fold")
     for v, path in zip(report.verifications, report.files):
         table.add_row(Path(path).name, v.outtype, f"{v.max_abs_logit_diff:.2g}",
-                      f"{v.max_rel_logit_diff:.2g} ({v.tolerance:.2g})", f"{v.greedy_agree}/{len(v.prompts)}",
+                      f"{v.max_rel_logit_diff:.2g} ({v.allowed:.2g})", f"{v.greedy_agree}/{len(v.prompts)}",
                       style=None if v.ok else "red")
     console.print(table)
+    noise = max((v.reference_noise for v in report.verifications), default=0.0)
+    if noise:
+        console.print(f"tol. = the type's tolerance + {noise:.2g}, the trained model's own 16-bit arithmetic "
+                      "against float32 on these prompts")
     runtimes = sorted({v.runtime for v in report.verifications})
     console.print(f"checked in {', '.join(runtimes)} against the trained model on held-out prompts "
                   f"({report.prompt_source}); greedy: prompts whose argmax agrees wherever the trained model's "
@@ -443,7 +447,7 @@ def _export_failure(report) -> str:
     for v, path in zip(report.verifications, report.files):
         if not v.ok:
             parts.append(f"{Path(path).name} ({v.runtime}, {v.outtype}): max relative logit difference "
-                         f"{v.max_rel_logit_diff:.3g} (tolerance {v.tolerance:.3g}), greedy tokens agree on "
+                         f"{v.max_rel_logit_diff:.3g} (allowed {v.allowed:.3g}), greedy tokens agree on "
                          f"{v.greedy_agree} of {len(v.prompts)} prompts")
     return ("the exported model does not compute what the trained model computes: " + "; ".join(parts)
             + ". Fix: report this with the JSON report (--json); do not serve this file")

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from archtune.errors import UserError
-from archtune.export.compare import held_out_prompts, hf_logits, verify
+from archtune.export.compare import held_out_prompts, hf_logits, reference_noise, verify
 from archtune.export.merge_check import adapted_tensors, count_merged
 from archtune.export.report import ExportReport
 from archtune.export.serving import vllm_3d_layout
@@ -106,23 +106,61 @@ def export(plan, tokenizer, settings: ExportSettings, *, log: Callable[[str], No
 
     for ids in prompts:  # the trained model's logits first: it can then be freed
         reference(ids)
+    if settings.format == "merged" and trained.weights == "adapter":
+        held = [trained]  # the only reference: _export_merged frees the trained model when it is done with it
+        del trained
+        streamed = _export_merged_streaming(plan, tokenizer, settings, held, prompts, source, reference)
+        if streamed is not None:
+            return streamed
+        trained = held.pop()
     expected = list(adapted_tensors(trained.model)) if trained.weights == "adapter" else []
+    noise = reference_noise(trained.model, prompts, reference)  # the last use of the trained model
     if settings.format == "adapter":
-        return _export_adapter(plan, tokenizer, settings, trained, expected, prompts, source, reference)
+        return _export_adapter(plan, tokenizer, settings, trained, expected, prompts, source, reference, noise)
     del trained
     gc.collect()
     if settings.format == "merged":
-        return _export_merged(plan, tokenizer, settings, expected, prompts, source, reference)
+        return _export_merged(plan, tokenizer, settings, expected, prompts, source, reference, noise)
     from archtune.export.gguf_export import export_gguf
 
-    return export_gguf(plan, tokenizer, settings, expected, prompts, source, reference, log=log)
+    return export_gguf(plan, tokenizer, settings, expected, prompts, source, reference, log=log, noise=noise)
 
 
 def _default_out(plan, name: str) -> Path:
     return Path(plan.training.output_dir) / "export" / name
 
 
-def _export_merged(plan, tokenizer, settings, expected, prompts, source, reference) -> ExportReport:
+def _export_merged_streaming(plan, tokenizer, settings, held: list, prompts, source, reference) -> ExportReport | None:
+    """`--format merged` shard by shard (merge-lora's stream), None when it must merge in memory.
+
+    The trained model (`held`'s one item) stays while the merge streams (a shard at a time) so that
+    each adapted tensor is checked against the merged files one tensor at a time, then goes before
+    transformers loads the merged model for the logits: at most one model in memory, not the
+    trained one, the in-memory merge's and float32 copies of every adapted tensor."""
+    import transformers
+
+    from archtune.adapters.merge import MergedTensors
+    from archtune.export import hf
+    from archtune.train.assembly import merge_adapter, stream_plan_for
+
+    stream, _ = stream_plan_for(plan)
+    if isinstance(stream, str):
+        return None
+    out = settings.out or _default_out(plan, "merged")
+    report = merge_adapter(plan, tokenizer, out, dtype=hf.DTYPES[settings.outtype])
+    tokenizer.save_pretrained(str(out))
+    trained = held.pop()
+    count = count_merged(adapted_tensors(trained.model), MergedTensors(report.stream, out).get)
+    noise = reference_noise(trained.model, prompts, reference)
+    del trained
+    gc.collect()
+    reloaded = hf.load_merged(plan, out)
+    check = verify(f"transformers {transformers.__version__}", settings.outtype, prompts, reference,
+                   lambda ids: hf_logits(reloaded, ids), moe=plan.family.moe(plan.model_config), noise=noise)
+    return ExportReport("merged", str(out), count, [check], [str(out)], source)
+
+
+def _export_merged(plan, tokenizer, settings, expected, prompts, source, reference, noise) -> ExportReport:
     import transformers
 
     from archtune.export import hf
@@ -137,11 +175,12 @@ def _export_merged(plan, tokenizer, settings, expected, prompts, source, referen
     tensors = dict(reloaded.named_parameters())
     count = count_merged(expected, tensors.get)
     check = verify(f"transformers {transformers.__version__}", settings.outtype, prompts, reference,
-                   lambda ids: hf_logits(reloaded, ids), moe=plan.family.moe(plan.model_config))
+                   lambda ids: hf_logits(reloaded, ids), moe=plan.family.moe(plan.model_config), noise=noise)
     return ExportReport("merged", str(out), count, [check], [str(out)], source)
 
 
-def _export_adapter(plan, tokenizer, settings, trained, expected, prompts, source, reference) -> ExportReport:
+def _export_adapter(plan, tokenizer, settings, trained, expected, prompts, source, reference,
+                    noise) -> ExportReport:
     import peft
 
     from archtune.export import hf
@@ -163,7 +202,7 @@ def _export_adapter(plan, tokenizer, settings, trained, expected, prompts, sourc
     layout = vllm_3d_layout(out / hf.ADAPTER_FILES[1], config, reloaded)
     del reloaded, applied
     check = verify(f"peft {peft.__version__}", settings.outtype, prompts, reference, lambda ids: hf_logits(stock, ids),
-                   moe=plan.family.moe(plan.model_config))
+                   moe=plan.family.moe(plan.model_config), noise=noise)
     notes = hf.serving_notes(config, plan.family.serving_notes)
     if layout is not None:
         notes.insert(0, layout.sentence())

@@ -38,7 +38,8 @@ def _gguf_package():
                                INSTALL) from None
 
 
-def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference: Callable, *, log) -> object:
+def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference: Callable, *, log,
+                noise: float = 0.0) -> object:
     from archtune.export.report import ExportReport
     from archtune.export.compare import verify
     from archtune.export.gguf_file import tokenizer_model, write_gguf
@@ -79,7 +80,8 @@ def export_gguf(plan, tokenizer, settings, expected, prompts, source, reference:
     for kind, path in zip((settings.outtype, *settings.quantize), files):
         loaded = LlamaModel(path, n_ctx=max(64, max(len(p) for p in prompts)))
         try:
-            check = verify(runtime, kind, prompts, reference, loaded.logits, moe=plan.family.moe(plan.model_config))
+            check = verify(runtime, kind, prompts, reference, loaded.logits, moe=plan.family.moe(plan.model_config),
+                           noise=noise)
             check.tokenizer_mismatches = _tokenizer_mismatches(loaded, tokenizer, prompts)
         finally:
             loaded.close()

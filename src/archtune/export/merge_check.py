@@ -11,7 +11,7 @@ saved as "merged" fails this, whatever the logits of a tiny model happen to show
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -91,7 +91,7 @@ def rounding(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
 
 
-def count_merged(expected: list[AdaptedTensor], lookup: Callable[[str], torch.Tensor | None],
+def count_merged(expected: Iterable[AdaptedTensor], lookup: Callable[[str], torch.Tensor | None],
                  relative: float | None = None) -> MergeCount:
     """How many `expected` tensors `lookup(name)` (the artifact's tensor, or None) holds merged.
 

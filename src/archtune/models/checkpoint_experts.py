@@ -101,6 +101,13 @@ class CheckpointExperts:
         shapes.close()
         return cls(Path(directory), files, tensors)
 
+    def at(self, directory: str | os.PathLike) -> "CheckpointExperts":
+        """The same tensors in another checkpoint of this one's layout (e.g. a merge written from it)."""
+        files = weight_map(directory)
+        if files is None:
+            raise FileNotFoundError(f"{directory} is not a safetensors checkpoint directory")
+        return CheckpointExperts(Path(directory), files, self.tensors)
+
     def skipped(self) -> set[str]:
         """The checkpoint keys the expert tensors are read from (not given to from_pretrained)."""
         return {k for t in self.tensors.values() for k in t.checkpoint_keys()}

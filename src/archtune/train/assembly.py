@@ -163,6 +163,7 @@ class MergeReport:
     expert: int  # of the merged ones, 3D expert tensors
     streamed: bool  # shard by shard (adapters/merge.py) rather than through the whole model in memory
     why_in_memory: str | None  # when not streamed: what the shard-by-shard merge cannot do here
+    stream: object | None = None  # when streamed: the `adapters.merge.StreamPlan` it followed
 
     def sentence(self) -> str:
         """What export prints too: "merged 120 of 120 adapted tensors, 8 of them expert tensors"."""
@@ -194,24 +195,27 @@ class FourBitValues:
         return quant4.expert_through_4bit(tensor.to(device), tensor.dtype).to("cpu")
 
 
-def merge_adapter(plan: Plan, tokenizer, out, *, console=None) -> MergeReport:
+def merge_adapter(plan: Plan, tokenizer, out, *, console=None, dtype=None) -> MergeReport:
     """output_dir's LoRA adapter merged into the base and written to `out` (config, weights; not
     the tokenizer). Shard by shard whenever `stream_plan_for` can (LoRA on linears and 3D expert
     tensors, a 4-bit base's tensors through 4 bits and back), holding a few shards at a time;
     otherwise through `assemble_model(plan, tokenizer, "merge")` and save_pretrained. Both give
-    the same tensors."""
+    the same tensors. `dtype` (default: the run's): the merged tensors' dtype, W + delta computed
+    in it from the base values the run loaded (a float32 merge of a bf16 run keeps deltas below
+    bf16's resolution)."""
     from archtune.adapters import merge as shard_merge
     from archtune.models.load import torch_dtype
 
+    dtype = dtype or torch_dtype(plan)
     stream, values = stream_plan_for(plan)
     if not isinstance(stream, str):
         base = plan.model.base_model
-        result = shard_merge.merge_lora_shards(stream, out, dtype=torch_dtype(plan), values=values)
-        shard_merge.write_merged_config(base, out, dtype=torch_dtype(plan))
-        return MergeReport(str(out), result.merged, len(stream.targets), result.expert, True, None)
+        result = shard_merge.merge_lora_shards(stream, out, dtype=dtype, values=values, base_dtype=torch_dtype(plan))
+        shard_merge.write_merged_config(base, out, dtype=dtype)
+        return MergeReport(str(out), result.merged, len(stream.targets), result.expert, True, None, stream)
     merged = assemble_model(plan, tokenizer, "merge", console=console).model
     adapted, expert = adapter_counts(plan)
-    merged.save_pretrained(str(out))
+    merged.to(dtype).save_pretrained(str(out))
     return MergeReport(str(out), adapted, adapted, expert, False, stream)
 
 
