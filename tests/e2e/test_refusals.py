@@ -16,6 +16,7 @@ import pytest
 from archtune.assets import TOKENIZER_DIR
 from archtune.families import all_families
 from archtune.plan.rules import GENERIC_RULES, REFUSALS, WRAP_KEY, family_rules
+from archtune.plan.structure import TORCHVISION_INSTALL
 from tests.e2e.conftest import run_cli, write_config
 from tests.unit.test_plan_rules import jamba_config
 
@@ -142,7 +143,9 @@ def test_a_library_the_model_needs_is_named_alike_by_check_and_train(tmp_path, c
     config = _config(tmp_path, GEMMA3N, {})
     code, out, err = run_cli(capsys, "check", config, "--json")
     (error,) = json.loads(out)["errors"]
-    assert code == 2 and error["key"] == "base_model" and error["fix"] == "pip install timm"
+    # timm imports torchvision: without one, the torch-matching build comes first.
+    fix = "pip install timm" if importlib.util.find_spec("torchvision") else f"{TORCHVISION_INSTALL}; pip install timm"
+    assert code == 2 and error["key"] == "base_model" and error["fix"] == fix
     assert "TimmWrapperModel requires the timm library" in error["message"]
     code, out, err = run_cli(capsys, "train", config)
     assert code == 2 and "Traceback" not in err

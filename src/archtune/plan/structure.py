@@ -48,12 +48,21 @@ def missing_backends(exc: ImportError) -> tuple[str, ...]:
     return tuple(out)
 
 
+# Backends whose package imports torchvision (timm's models are torchvision-based): without a
+# torchvision, `pip install timm` would pick one for the newest torch, not the installed one.
+NEEDS_TORCHVISION = ("timm",)
+
+
 def install_lines(backends: tuple[str, ...], message: str) -> str:
     """How to install `backends`: the `pip install` lines transformers' own message gives, the
-    torch-matching torchvision build, else `pip install NAME`."""
+    torch-matching torchvision build (first, where a backend needs one and none is installed),
+    else `pip install NAME`."""
+    import importlib.util
     import re
 
     given = dict.fromkeys(re.findall(r"`(pip install [^`]+)`", message))
+    if importlib.util.find_spec("torchvision") is None and any(b in NEEDS_TORCHVISION for b in backends):
+        backends = ("torchvision", *backends)
     lines = [TORCHVISION_INSTALL if b == "torchvision" else None for b in backends]
     lines = [line for line in lines if line] + [line for line in given if "torchvision" not in line]
     named = " ".join(line.split()[-1] for line in given)
