@@ -56,12 +56,6 @@ def _built(kind: str, vocab: int):
     if kind == "qwen3_moe":
         return tf.Qwen3MoeForCausalLM(_small_text(tf.Qwen3MoeConfig, vocab, num_experts=4, num_experts_per_tok=2,
                                                   moe_intermediate_size=32, decoder_sparse_step=1))
-    if kind == "qwen3_next":
-        return tf.Qwen3NextForCausalLM(_small_text(
-            tf.Qwen3NextConfig, vocab, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
-            moe_intermediate_size=32, shared_expert_intermediate_size=32, linear_num_value_heads=4,
-            linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
-            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]))
     if kind == "gemma3_text":
         return tf.Gemma3ForCausalLM(_small_text(tf.Gemma3TextConfig, vocab, sliding_window=64))
     if kind == "gemma3n":
