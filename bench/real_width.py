@@ -16,6 +16,10 @@ the tiny models' (a few MB): these runs train text.
 - gemma4_moe: Gemma 4 26B-A4B (hidden 2816, dense MLP 2112, 16 heads / 8 kv of 256, full
   attention 2 kv of 512 with k == v, 128 experts of width 704 top-8, vocabulary 262,144, window
   1024); layers: one sliding, one full. 4.4 GiB on disk.
+- gemma4_moe_1layer: the same widths, one full-attention layer (for the full fine-tune).
+
+Adapters: qlora_experts (QLoRA + expert LoRA, 4-bit experts), lora (fp32 on CPU: the bf16
+checkpoint cast while loading), lora_bf16, full_bf16_sgd (a full fine-tune in bf16 with SGD).
 
 Per case, as subprocesses (OMP_NUM_THREADS=2), each one's peak RSS (the kernel's high-water
 mark, GNU time's %M, or the process tree sampled every 50 ms when that is larger):
@@ -57,11 +61,17 @@ MODELS: dict[str, tuple[str, dict]] = {
         enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
         vocab_size=262144, vocab_size_per_layer_input=262144, sliding_window=1024)),
 }
+# Gemma 4 26B-A4B's widths cut to one (full attention) layer: a full fine-tune that fits this machine.
+MODELS["gemma4_moe_1layer"] = ("gemma4-moe", {**MODELS["gemma4_moe"][1], "num_hidden_layers": 1,
+                                              "layer_types": ["full_attention"]})
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 ADAPTERS: dict[str, dict] = {
     "qlora_experts": {"adapter": "qlora", "load_in_4bit": True, "quantize_moe_experts": True,
                       "lora_target_parameters": EXPERTS},
     "lora": {"adapter": "lora"},
+    "lora_bf16": {"adapter": "lora", "bf16": True},
+    # every weight but the towers trains; SGD (no optimizer state) keeps it within this machine's RAM
+    "full_bf16_sgd": {"bf16": True, "optimizer": "sgd"},
 }
 CASES = {f"{m}_{a}": (m, a) for m in MODELS for a in ADAPTERS}
 
@@ -110,7 +120,8 @@ def case_config(work: Path, name: str, checkpoint: Path, adapter: str) -> Path:
     cfg = {"base_model": str(checkpoint), "datasets": [{"path": str(DATA / "train.jsonl"), "type": "alpaca"}],
            "dataset_prepared_path": str(work / "prepared"), "sample_packing": False, "sequence_len": 256,
            "micro_batch_size": 1, "gradient_accumulation_steps": 1, "max_steps": 2, "optimizer": "adamw_torch",
-           "learning_rate": 1e-4, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+           "learning_rate": 1e-4,
+           **({"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0} if ADAPTERS[adapter].get("adapter") else {}),
            "gradient_checkpointing": True, "use_tensorboard": False, "logging_steps": 1,
            "save_strategy": "no", "output_dir": str(work / name), "freeze_mm_modules": True, **ADAPTERS[adapter]}
     path = work / f"{name}.yaml"

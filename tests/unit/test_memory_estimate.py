@@ -201,3 +201,20 @@ def test_load_peak_counts_dense_experts_unless_read_one_expert_at_a_time(tmp_pat
     assert whole.load.mapped > 0
     assert whole.load.resident > read.load.resident + 0.7 * experts_fp32
     assert read.device_peak_bytes == max(read.peak_bytes, read.load.device_bytes)
+
+
+def test_fsdp2_ranks_reading_their_own_rows_load_a_shard_of_the_weights(tmp_path):
+    """Under FSDP2 from a local safetensors base each rank holds its shards (and the adapters) while
+    loading; with fsdp_cpu_ram_efficient_loading: false every rank loads the whole model first."""
+    model, _ = build_tiny_model("gemma3", seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    keys = {"base_model": str(tmp_path), "datasets": [{"path": "d.jsonl"}], "fsdp": ["full_shard", "auto_wrap"],
+            "adapter": "lora", "sequence_len": 64}
+    own = estimate_memory(resolve(config_from_dict(keys), json.loads((tmp_path / "config.json").read_text()),
+                                  world_size=2))
+    whole = estimate_memory(resolve(config_from_dict({**keys, "fsdp_config": {"fsdp_cpu_ram_efficient_loading": False}}),
+                                    json.loads((tmp_path / "config.json").read_text()), world_size=2))
+    assert own.load.mapped == whole.load.mapped == 0  # stored in the training dtype: the pages are the weights
+    assert own.load.resident == own.parts["weights"] + 2 * own.parts["adapter"]  # adapters whole until sharded
+    assert whole.load.resident == 2 * own.parts["weights"] + 2 * own.parts["adapter"]
+    assert own.load.transient * 2 <= whole.load.transient and own.load.device_bytes < whole.load.device_bytes

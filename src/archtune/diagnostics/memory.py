@@ -113,7 +113,9 @@ class LoadMemory:
     experts are quantized after loading whole (no per-expert read from the checkpoint), the expert
     tensors dense in the compute dtype first; plus the adapter. mapped: the checkpoint's shards
     mapped into memory while transformers reads them (their pages count as resident until loading
-    ends); none when archtune reads them itself (pread). transient: the largest tensor in flight:
+    ends); none when archtune reads them itself (pread), or when the weights are those pages (a
+    checkpoint stored in the training dtype). FSDP2 ranks that read only their own rows hold their
+    shards and the adapters, and a shard of the largest tensor in flight. transient: the largest tensor in flight:
     read in the checkpoint's dtype, plus its dense compute-dtype copy when it is then quantized.
     On a GPU the weights and their conversion go to the device; the host holds what is read.
     """
@@ -309,11 +311,18 @@ def load_memory(plan: "Plan", sizes: dict) -> LoadMemory:
     from archtune.models import quant
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    ws = plan.world_size
+    if plan.distributed.fsdp and ws > 1 and plan.distributed.fsdp_load_own_shards:
+        # Each rank reads its own rows (pread) into its shards; the adapters are whole until sharded.
+        share = sizes["largest_read"] // ws
+        return LoadMemory(device, int(sizes["weights"] // ws + sizes["adapter"]), 0, int(share), int(share))
     per_expert = plan.quantize_moe_experts and plan.model.four_bit_base and quant.checkpoint_experts(plan) is not None
     resident = sizes["weights"] + sizes["adapter"]
     if plan.quantize_moe_experts and not per_expert:  # loaded dense, then quantized tensor by tensor
         resident += sizes["experts_dense"] - sizes["experts_4bit"]
-    mapped = 0 if per_expert else sizes["checkpoint_bytes"]
+    # Not quantized, the mapped shards are no second copy: stored in the training dtype, the weights
+    # are their pages; in another dtype, archtune reads them tensor by tensor (models/load.py).
+    mapped = 0 if per_expert or not plan.model.four_bit_base else sizes["checkpoint_bytes"]
     return LoadMemory(device, int(resident), int(mapped), int(sizes["largest_in_flight"]), int(sizes["largest_read"]))
 
 
@@ -411,7 +420,7 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
     parts = {"weights": int(weights), "adapter": int(adapter), "gradients": int(gradients),
              "optimizer": int(optimizer), "activations": int(activations), "logits": int(logits),
              "buffers": int(buffers)}
-    # Every process loads the whole model before FSDP2 shards it: the load peak is not divided.
+    # Unless each FSDP2 rank reads only its own rows, every process loads the whole model first.
     load = load_memory(plan, sizes)
     return MemoryEstimate(parts, ws, strategy(plan), notes, load=load)
 

@@ -355,6 +355,9 @@ def load_model(plan: Plan, tokenizer, *, path: str | os.PathLike | None = None):
         # `seed`, not from whatever the process's random state is.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.training.seed)
+            by_tensor = checkpoint_to_cast(plan, dtype) if path is None else None
+            if by_tensor is not None:
+                return _with_score_pad(_load_by_tensor(plan, by_tensor, dtype), plan, tokenizer)
             model, info = auto_model_class(plan).from_pretrained(
                 source, dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
                 output_loading_info=True, **(pretrained_kwargs(plan) if path is None else _head_settings(plan)))
@@ -389,6 +392,54 @@ def load_from_state_dict(plan: Plan, state: dict, kwargs: dict):
     if (Path(source) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model
+
+
+def checkpoint_to_cast(plan: Plan, dtype: torch.dtype):
+    """The base checkpoint as a `CheckpointExperts` without expert tensors, to be read one tensor at a
+    time, when some of its tensors are stored in another dtype than `dtype`; None where from_pretrained
+    reads it itself: a hub id, a reward model's head, remote code, or tensors stored in `dtype` (then
+    transformers' tensors are the mapped file's pages themselves: one copy)."""
+    from safetensors import safe_open
+
+    from archtune.models.checkpoint_experts import CheckpointExperts, weight_map
+
+    directory = readable_checkpoint(plan)
+    files = weight_map(directory) if directory is not None else None
+    if files is None:
+        return None
+    stored = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for file in sorted(set(files.values())):
+        with safe_open(str(directory / file), framework="pt", backend="pread") as handle:
+            if any(stored.get(handle.get_slice(k).get_dtype(), dtype) != dtype for k in handle.keys()):
+                return CheckpointExperts(directory, files, {})
+    return None
+
+
+def readable_checkpoint(plan: Plan) -> Path | None:
+    """The base model's local directory when archtune may read its tensors itself and hand them to
+    `load_from_state_dict`: not a tiny model or hub id, no head the Plan adds (a reward model's), and
+    a model class transformers has (not remote code)."""
+    import transformers
+
+    base = plan.model.base_model
+    structure = plan.structure()
+    if tiny_name(base) is not None or not Path(base).is_dir() or plan.model.auto_class or structure is None \
+            or not hasattr(transformers, structure.model_class):
+        return None
+    return Path(base)
+
+
+def _load_by_tensor(plan: Plan, checkpoint, dtype: torch.dtype):
+    """The base model from its safetensors shards read one tensor at a time (pread, nothing mapped)
+    and cast: from_pretrained maps the shards, and a mapped page it has read stays resident until the
+    load ends, so a checkpoint cast to another dtype was held twice (the file's pages and the weights)."""
+    state, handles = checkpoint.state_dict("cpu", dtype)
+    try:
+        return load_from_state_dict(plan, state, dict(dtype=dtype, output_loading_info=True))
+    finally:
+        del state
+        for handle in handles:
+            handle.__exit__(None, None, None)
 
 
 def _with_score_pad(model, plan: Plan, tokenizer):

@@ -79,22 +79,17 @@ def checkpoint_experts(plan: Plan, *, dense_too: bool = False):
     to be read one expert at a time; None when they load whole (a hub id, a tiny model, another head
     than the family's, a layout it does not know). `dense_too`: a model without expert tensors gets
     one too (with none), for reading its other tensors slice by slice."""
-    from pathlib import Path
-
-    import transformers
-
     from archtune.models.checkpoint_experts import CheckpointExperts, weight_map
-    from archtune.models.load import tiny_name
+    from archtune.models.load import readable_checkpoint
 
-    base = plan.model.base_model
-    structure = plan.structure()
-    if tiny_name(base) is not None or not Path(base).is_dir() or plan.model.auto_class or structure is None \
-            or not hasattr(transformers, structure.model_class):
+    base = readable_checkpoint(plan)
+    if base is None:
         return None
+    structure = plan.structure()
     params = {n: structure.parameters[n] for t in plan.expert_param_names for n in structure.parameters_matching(t)}
     if not params:
         files = weight_map(base) if dense_too else None
-        return CheckpointExperts(Path(base), files, {}) if files is not None else None
+        return CheckpointExperts(base, files, {}) if files is not None else None
     found = CheckpointExperts.find(base, params, plan.expert_checkpoint_parts)
     return found if isinstance(found, CheckpointExperts) else None
 

@@ -23,7 +23,7 @@ from archtune.train.callbacks import LossBar
 from archtune.train.assembly import assemble_model, experts_implementation_in_use
 from archtune.train.guards import batch_rows
 from archtune.train.lifecycle import RecipeRun, training_arguments
-from archtune.train.outputs import plot_losses, strategy_name
+from archtune.train.outputs import peak_rss_mb, plot_losses, strategy_name
 from archtune.train.trainer import ArchtuneTrainer
 
 
@@ -143,6 +143,8 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
         own_shards=assembled.own_shards,
         nonfinite=run.guards.watch,
     )
+    # Each rank's peak so far: loading the model, and (FSDP2) sharding it, before any step.
+    load_peaks_mb = distributed.gather(peak_rss_mb())
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossBar())
     if routing.layers:
@@ -166,6 +168,7 @@ def _train(cfg: Config, setup: Setup, console) -> dict:
         "experts_implementation": experts_implementation_in_use(model) if routing.layers else None,
         **shared["memory"],
         "rss_before_model_mb": round(rss_before_model_mb, 1),
+        "rank_load_peak_rss_mb": load_peaks_mb,
         **shared["params"],
         "quantize_moe_experts": bool(plan.quantize_moe_experts),
         **shared["processes"],
