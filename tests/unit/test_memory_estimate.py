@@ -209,12 +209,39 @@ def test_fsdp2_ranks_reading_their_own_rows_load_a_shard_of_the_weights(tmp_path
     model, _ = build_tiny_model("gemma3", seed=0)
     model.save_pretrained(tmp_path, max_shard_size="300KB")
     keys = {"base_model": str(tmp_path), "datasets": [{"path": "d.jsonl"}], "fsdp": ["full_shard", "auto_wrap"],
-            "adapter": "lora", "sequence_len": 64}
+            "adapter": "lora", "sequence_len": 64, "bf16": True}  # the fp32 checkpoint cast while loading
     own = estimate_memory(resolve(config_from_dict(keys), json.loads((tmp_path / "config.json").read_text()),
                                   world_size=2))
     whole = estimate_memory(resolve(config_from_dict({**keys, "fsdp_config": {"fsdp_cpu_ram_efficient_loading": False}}),
                                     json.loads((tmp_path / "config.json").read_text()), world_size=2))
-    assert own.load.mapped == whole.load.mapped == 0  # stored in the training dtype: the pages are the weights
+    assert own.load.mapped == whole.load.mapped == 0  # read tensor by tensor, nothing mapped
     assert own.load.resident == own.parts["weights"] + 2 * own.parts["adapter"]  # adapters whole until sharded
     assert whole.load.resident == 2 * own.parts["weights"] + 2 * own.parts["adapter"]
     assert own.load.transient * 2 <= whole.load.transient and own.load.device_bytes < whole.load.device_bytes
+
+
+def test_a_checkpoint_in_the_training_dtype_loads_as_its_mapped_pages(tmp_path):
+    """Stored in the dtype training uses, transformers' tensors are the mapped shards' pages: no
+    second copy and nothing in flight; cast to another dtype, the largest tensor is in flight."""
+    model, _ = build_tiny_model("gemma3", seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    plans = [resolve(config_from_dict({"base_model": str(tmp_path), "datasets": [{"path": "d.jsonl"}], "bf16": bf16}),
+                     json.loads((tmp_path / "config.json").read_text())) for bf16 in (False, True)]
+    same, cast = (estimate_memory(p).load for p in plans)
+    assert same.mapped == same.transient == 0 and same.resident > 0
+    assert cast.mapped == 0 and cast.transient == max(p.numel() for p in model.parameters()) * 4
+
+
+def test_training_tied_embeddings_counts_their_second_gradient():
+    """Full fine-tuning with tied embeddings: lm_head's and the lookup's gradients are both dense
+    and summed (one more embedding's size); untied, or with LoRA (frozen embeddings), nothing."""
+    config = build_tiny_config("gemma3").to_dict()
+    untied = json.loads(json.dumps(config))
+    untied["text_config"]["tie_word_embeddings"] = untied["tie_word_embeddings"] = False
+    estimates = {}
+    for name, model_config, adapter in (("tied", config, None), ("untied", untied, None), ("lora", config, "lora")):
+        cfg = config_from_dict({"base_model": "tiny:gemma3", "datasets": [{"path": "d.jsonl"}], "adapter": adapter})
+        estimates[name] = estimate_memory(resolve(cfg, model_config)).parts["buffers"]
+    embedding = meta_model(config, "AutoModelForImageTextToText").get_input_embeddings().weight.numel() * 4
+    assert estimates["tied"] - estimates["untied"] == embedding
+    assert estimates["lora"] == estimates["untied"]

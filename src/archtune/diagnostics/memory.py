@@ -24,7 +24,8 @@ weights) and adds up, per device, for the world size and strategy the Plan resol
   log-softmax and gradient (and the softcap's output); the chunked cross-entropy holds that for
   one chunk of tokens;
 - buffers: the model's buffers, DDP's gradient buckets (a copy of the gradients), FSDP2's
-  gathered parameters and gradients of the two largest layers (one computing, one prefetched).
+  gathered parameters and gradients of the two largest layers (one computing, one prefetched),
+  and, training tied embeddings, the second of the two gradients summed into theirs.
 
 `peak_bytes` is their sum: the moment of the backward pass when activations, gradients and
 optimizer states all exist.
@@ -114,8 +115,9 @@ class LoadMemory:
     tensors dense in the compute dtype first; plus the adapter. mapped: the checkpoint's shards
     mapped into memory while transformers reads them (their pages count as resident until loading
     ends); none when archtune reads them itself (pread), or when the weights are those pages (a
-    checkpoint stored in the training dtype). FSDP2 ranks that read only their own rows hold their
-    shards and the adapters, and a shard of the largest tensor in flight. transient: the largest tensor in flight:
+    checkpoint stored in the training dtype: then nothing is in flight either). FSDP2 ranks that read
+    only their own rows hold their shards and the adapters, and a shard of the largest tensor in
+    flight. transient: the largest tensor in flight:
     read in the checkpoint's dtype, plus its dense compute-dtype copy when it is then quantized.
     On a GPU the weights and their conversion go to the device; the host holds what is read.
     """
@@ -292,7 +294,8 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
             "largest_layer_bytes": int(largest_layer * BYTES_PER_PARAM[base_kind]), "buffers": buffers,
             "layer_classes": classes, "experts_4bit": experts_4bit, "experts_dense": experts_dense,
             "largest_read": largest_read, "largest_in_flight": largest_in_flight,
-            "checkpoint_bytes": sum(weight_bytes(p.numel(), read_kind) for p in model.parameters())}
+            "checkpoint_bytes": sum(weight_bytes(p.numel(), read_kind) for p in model.parameters()),
+            "cast_while_loading": read_kind != compute_kind}
 
 
 def checkpoint_kind(plan: "Plan", default: str) -> str:
@@ -323,7 +326,13 @@ def load_memory(plan: "Plan", sizes: dict) -> LoadMemory:
     # Not quantized, the mapped shards are no second copy: stored in the training dtype, the weights
     # are their pages; in another dtype, archtune reads them tensor by tensor (models/load.py).
     mapped = 0 if per_expert or not plan.model.four_bit_base else sizes["checkpoint_bytes"]
-    return LoadMemory(device, int(resident), int(mapped), int(sizes["largest_in_flight"]), int(sizes["largest_read"]))
+    in_flight = sizes["largest_in_flight"] if plan.model.four_bit_base or sizes["cast_while_loading"] else 0
+    return LoadMemory(device, int(resident), int(mapped), int(in_flight), int(sizes["largest_read"]))
+
+
+def _tied_embeddings(model) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
 
 
 def layer_classes(plan: "Plan", model) -> set[str]:
@@ -413,6 +422,12 @@ def estimate_memory(plan: "Plan") -> MemoryEstimate:
 
     if ws > 1 and not fsdp:
         buffers += sizes["trainable_bytes"]  # DDP's gradient buckets
+    if not plan.adapter.is_lora and _tied_embeddings(model):
+        # A trained tied embedding gets two dense gradients (lm_head's and the lookup's), summed:
+        # one more of its size at the peak (measured: backward adds 2.0 weights for one tensor).
+        embedding = model.get_input_embeddings().weight
+        buffers += weight_bytes(embedding.numel(), "bfloat16" if training.bf16 else "float32")
+        notes.append("tied embeddings trained: their two gradients are summed (one more embedding's size)")
     if fsdp:
         gathered = 2 * sizes["largest_layer_bytes"]  # the computing layer and the prefetched one
         buffers += gathered + (gathered // 2 if not plan.adapter.kind else 0)  # + one layer's full gradients
