@@ -105,7 +105,7 @@ def test_evaluate_and_merge_see_the_model_training_saw(family, variant, data, tm
         keys.update(_drifted(family, tmp_path / "base"))
     rows = _image_data(tmp_path / "images") if variant == "images" else data
     out = tmp_path / "out"
-    config = write_config(tmp_path / "run.yaml", **{"sequence_len": 64, **keys}, **rows,
+    config = write_config(tmp_path / "run.yaml", **{"sequence_len": 128, **keys}, **rows,
                           dataset_prepared_path=str(tmp_path / "prepared"), lora_r=4, lora_alpha=8,
                           micro_batch_size=4, max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0,
                           output_dir=str(out), use_tensorboard=False)

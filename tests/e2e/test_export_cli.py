@@ -60,7 +60,7 @@ def trained(tmp_path_factory):
                                   lora_alpha=8, **FAMILY_KEYS[family],
                                   datasets=[{"path": str(train), "type": "alpaca"}],
                                   test_datasets=[{"path": str(test), "type": "alpaca"}],
-                                  dataset_prepared_path=str(tmp / "prepared"), sequence_len=64, micro_batch_size=4,
+                                  dataset_prepared_path=str(tmp / "prepared"), sequence_len=128, micro_batch_size=4,
                                   max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0,
                                   output_dir=str(tmp / "out"), use_tensorboard=False)
             argv, sys.argv = sys.argv, ["archtune", "train", str(config)]
@@ -277,7 +277,7 @@ def test_qlora_with_4bit_experts_exports_what_it_trained(tmp_path, capsys):
                           lora_r=4, lora_alpha=8, **FAMILY_KEYS["qwen3_5-moe"],
                           datasets=[{"path": str(train), "type": "alpaca"}],
                           test_datasets=[{"path": str(test), "type": "alpaca"}],
-                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128, micro_batch_size=4,
                           max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0,
                           output_dir=str(tmp_path / "out"), use_tensorboard=False)
     code, out, err = run_cli(capsys, "train", config)
@@ -437,7 +437,7 @@ def test_real_tokenizer_layouts_split_chat_prompts_as_transformers(variant, mode
     config = write_config(tmp_path / "run.yaml", base_model=str(base), adapter="lora", lora_r=4, lora_alpha=8,
                           chat_template="tokenizer_default", datasets=[{"path": str(train), "type": "chat_template"}],
                           test_datasets=[{"path": str(test), "type": "chat_template"}],
-                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128, micro_batch_size=4,
                           max_steps=3, learning_rate=0.01, warmup_steps=0, seed=0, output_dir=str(tmp_path / "out"),
                           use_tensorboard=False)
     code, _, err = run_cli(capsys, "train", config)
@@ -482,7 +482,7 @@ def test_gguf_refuses_a_tokenizer_it_cannot_carry_before_writing(tmp_path, capsy
     train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp_path / "train.jsonl", 16)
     config = write_config(tmp_path / "run.yaml", base_model=str(base), adapter="lora", lora_r=4, lora_alpha=8,
                           lora_target_modules=LINEARS, datasets=[{"path": str(train), "type": "alpaca"}],
-                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128, micro_batch_size=4,
                           max_steps=1, output_dir=str(tmp_path / "out"), use_tensorboard=False)
     code, _, err = run_cli(capsys, "train", config)
     assert code == 0, err
@@ -517,7 +517,7 @@ def test_merged_f32_export_of_a_bf16_run_streams_keeps_every_delta_and_allows_th
                           lora_alpha=8, lora_target_modules=LINEARS, bf16=True,
                           datasets=[{"path": str(train), "type": "alpaca"}],
                           test_datasets=[{"path": str(test), "type": "alpaca"}],
-                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128, micro_batch_size=4,
                           max_steps=2, learning_rate=1e-3, warmup_steps=0, seed=0,
                           output_dir=str(tmp_path / "out"), use_tensorboard=False)
     code, _, err = run_cli(capsys, "train", config)

@@ -30,7 +30,7 @@ RELATIVE = 1e-5
 def _run(name: str, tmp_path: Path, capsys) -> list[float]:
     train = head_jsonl(QUICKSTART_DATA / "train.jsonl", tmp_path / "train.jsonl", 48)
     cfg = write_config(tmp_path / "golden.yaml", base_model=f"tiny:{name}",
-                       datasets=[{"path": str(train), "type": "alpaca"}], sequence_len=64,
+                       datasets=[{"path": str(train), "type": "alpaca"}], sequence_len=128,
                        adapter="lora", lora_r=8, lora_alpha=16, micro_batch_size=8, gradient_accumulation_steps=1,
                        max_steps=STEPS, learning_rate=0.002, lr_scheduler="constant", warmup_steps=0, seed=0,
                        logging_steps=1, val_set_size=0, output_dir=str(tmp_path / "out"))

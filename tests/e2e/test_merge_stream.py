@@ -44,7 +44,7 @@ def test_streamed_merge_equals_the_in_memory_merge(family, dtype, tmp_path, caps
     out = tmp_path / "out"
     config = write_config(tmp_path / "run.yaml", base_model=str(base), adapter="lora", lora_r=4, lora_alpha=8,
                           datasets=[{"path": str(train), "type": "alpaca"}], bf16=dtype == "bf16",
-                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128, micro_batch_size=4,
                           max_steps=2, learning_rate=0.05, warmup_steps=0, seed=0, output_dir=str(out),
                           use_tensorboard=False)
     code, _, err = run_cli(capsys, "train", config)
@@ -120,7 +120,7 @@ def test_expert_lora_streams_and_equals_the_in_memory_merge(family, fused, adapt
                           lora_dropout=0.0, lora_target_modules=["q_proj", "o_proj"],
                           lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"],
                           datasets=[{"path": str(train), "type": "alpaca"}], bf16=True,
-                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=64, micro_batch_size=4,
+                          dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128, micro_batch_size=4,
                           max_steps=2, learning_rate=0.05, warmup_steps=0, seed=0, output_dir=str(out),
                           use_tensorboard=False, **four_bit)
     code, _, err = run_cli(capsys, "train", config)

@@ -11,7 +11,7 @@ import torch
 
 from tests.e2e.conftest import QUICKSTART_DATA, head_jsonl, read_json, run_cli, write_config
 
-BASE = dict(base_model="tiny:llama", sequence_len=64, micro_batch_size=2, use_tensorboard=False,
+BASE = dict(base_model="tiny:llama", sequence_len=128, micro_batch_size=2, use_tensorboard=False,
             logging_steps=1, seed=3, max_steps=3, save_steps=3, learning_rate=1e-3)
 
 

@@ -27,13 +27,13 @@ def test_evaluate_packed_equals_unpacked(tmp_path, small_data, capsys, name):
 
 
 def test_packed_training_reports_packing_and_learns(tmp_path, small_data, capsys):
-    cfg = write_config(tmp_path / "c.yaml", base_model="tiny:qwen3_5-moe", **small_data, sequence_len=256,
+    cfg = write_config(tmp_path / "c.yaml", base_model="tiny:qwen3_5-moe", **small_data, sequence_len=512,
                        sample_packing=True, adapter="lora", lora_modules_to_save=["lm_head"], micro_batch_size=2,
                        max_steps=12, learning_rate=0.005, output_dir=str(tmp_path / "out"), use_tensorboard=False)
     code, out, err = run_cli(capsys, "preprocess", cfg, "--json")
     assert code == 0, err
     stats = json.loads(out.strip().splitlines()[-1])
-    assert stats["packing"]["train"]["efficiency"] > 0.9 and stats["packing"]["train"]["docs"] == 256
+    assert stats["packing"]["train"]["efficiency"] > 0.85 and stats["packing"]["train"]["docs"] == 256
     code, _, err = run_cli(capsys, "train", cfg)
     assert code == 0, err
     summary = read_json(tmp_path / "out" / "train_summary.json")

@@ -71,7 +71,7 @@ def _config(tmp_path, data_dir, base, name, **keys):
         "lora_target_parameters": EXPERTS,
         "datasets": [{"path": str(data_dir / "train.jsonl"), "type": "alpaca"}],
         "test_datasets": [{"path": str(data_dir / "test.jsonl"), "type": "alpaca"}],
-        "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 64, "micro_batch_size": 4,
+        "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 128, "micro_batch_size": 4,
         "max_steps": 8, "learning_rate": 0.005, "output_dir": str(tmp_path / name), **keys}))
     return load_config(path, [])
 

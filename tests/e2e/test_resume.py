@@ -23,7 +23,7 @@ KILL_ENV = "ARCHTUNE_TEST_KILL_AT"
 STEPS = 8
 BASE = {
     "base_model": "tiny:llama",
-    "sequence_len": 64,
+    "sequence_len": 128,
     "micro_batch_size": 2,
     "gradient_accumulation_steps": 2,
     "max_steps": STEPS,

@@ -9,6 +9,7 @@ import pytest
 from archtune.assets import load_tokenizer
 from archtune.config.schema import Config
 from archtune.data import DROP_REASONS, prepare_data
+from archtune.data.formats import ALPACA_SYSTEM_NO_INPUT as ALPACA_SYSTEM
 from archtune.errors import UserError
 from tests.data_plan import data_plan
 
@@ -56,8 +57,8 @@ def test_malformed_jsonl_rows_are_dropped_and_counted_by_reason(tmp_path, tok):
     assert dropped(s) == {"bad_json": 2, "undecodable": 1, "missing_field": 1, "wrong_type": 1, "empty": 1}
     assert set(s["rows_dropped"]) == set(DROP_REASONS)  # every reason is always reported
     assert [tok.decode(r) for r in p.train["input_ids"]] == [
-        "<bos>### Instruction:\nSay 1\n\n### Response:\nThe number 1.<eos>",
-        "<bos>### Instruction:\nSay 3\n\n### Response:\nThe number 3.<eos>"]
+        f"<bos>{ALPACA_SYSTEM}### Instruction:\nSay 1\n\n### Response:\nThe number 1.<eos>",
+        f"<bos>{ALPACA_SYSTEM}### Instruction:\nSay 3\n\n### Response:\nThe number 3.<eos>"]
     assert s["tokens"] == sum(p.train["length"]) == sum(len(r) for r in p.train["input_ids"])
     assert s["label_tokens"] == sum(sum(x != -100 for x in r) for r in p.train["labels"])
     assert set(p.train.column_names) == {"input_ids", "labels", "length", "source"}

@@ -10,6 +10,7 @@ from archtune.assets import load_tokenizer
 from archtune.config.schema import Config, DatasetConfig
 from archtune.data import DataCollator, encode_prompt, prepare_data, render_prompt
 from archtune.data.tokenize import RowEncoder, TokenizeSettings
+from archtune.data.formats import ALPACA_WITH_INPUT
 from tests.data_plan import data_plan
 
 
@@ -56,9 +57,14 @@ def test_alpaca_prompt_is_masked_and_answer_ends_with_one_eos(tmp_path, tok):
             {"instruction": "Say <eos>", "input": "", "output": "ok <eos>"}]
     p = prepare(tmp_path, tok, rows)
     texts = [tok.decode(r) for r in p.train["input_ids"]]
-    assert texts == ["<bos>### Instruction:\nAdd\n\n### Input:\n2+2\n\n### Response:\n4<eos>",
-                     "<bos>### Instruction:\nGreet\n\n### Response:\nHello there.<eos>",
-                     "<bos>### Instruction:\nSay <eos>\n\n### Response:\nok <eos>"]
+    # Axolotl's `type: alpaca` text (AlpacaPrompter): its system line, longer when there is an input
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\n\n")
+    no_input = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                "the request.\n\n")
+    assert texts == [f"<bos>{with_input}### Instruction:\nAdd\n\n### Input:\n2+2\n\n### Response:\n4<eos>",
+                     f"<bos>{no_input}### Instruction:\nGreet\n\n### Response:\nHello there.<eos>",
+                     f"<bos>{no_input}### Instruction:\nSay <eos>\n\n### Response:\nok <eos>"]
     assert [trained_spans(tok, r) for r in p.train] == [["4<eos>"], ["Hello there.<eos>"], ["ok <eos>"]]
     for r in p.train:
         ids = r["input_ids"]
@@ -167,14 +173,14 @@ def test_too_long_rows_are_dropped_or_truncated(tmp_path, tok):
     rows = [{"instruction": "Short", "output": "ok"},
             {"instruction": "Long answer", "output": "word " * 100},
             {"instruction": "Long question " * 50, "output": "late"}]
-    p = prepare(tmp_path, tok, rows, sequence_len=48)
+    p = prepare(tmp_path, tok, rows, sequence_len=96)
     assert p.stats["train_rows"] == 1 and dropped(p.stats) == {"too_long": 2} and p.stats["truncated"] == 0
-    p = prepare(tmp_path, tok, rows, sequence_len=48, excess_length_strategy="truncate")
-    # the long answer is cut to 48 tokens; the long question leaves no answer inside 48: dropped
-    assert p.train["length"] == [p.train[0]["length"], 48]
+    p = prepare(tmp_path, tok, rows, sequence_len=96, excess_length_strategy="truncate")
+    # the long answer is cut to 96 tokens; the long question leaves no answer inside 96: dropped
+    assert p.train["length"] == [p.train[0]["length"], 96]
     assert p.stats["truncated"] == 1 and dropped(p.stats) == {"too_long": 1}
     assert trained_spans(tok, p.train[1])[0].startswith("word word")
-    assert max(p.train["length"]) <= 48
+    assert max(p.train["length"]) <= 96
 
 
 # ---------------------------------------------------------------- tokenization paths
@@ -186,7 +192,7 @@ def test_direct_backend_and_piecewise_paths_agree_with_the_tokenizer(tok):
     slow = RowEncoder(tok, DatasetConfig(path="x"), settings)
     slow.backend = None  # what a tokenizer without offsets goes through
     a, b = fast.encode(rows[0]), slow.encode(rows[0])
-    text = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}".format(**rows[0])
+    text = ALPACA_WITH_INPUT.format(**rows[0]) + rows[0]["output"]
     assert a["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]
     assert (a["input_ids"], a["labels"]) == (b["input_ids"], b["labels"])
     assert tok.decode([x for x in a["labels"] if x != -100]) == "Sure — ünïcode 😀!<eos>"

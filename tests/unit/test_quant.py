@@ -26,7 +26,7 @@ def _config(tmp_path, **keys):
         "base_model": "tiny:gemma4-moe", "adapter": "qlora", "load_in_4bit": True, "lora_r": 4, "lora_alpha": 8,
         "datasets": [{"path": str(tmp_path / "train.jsonl"), "type": "alpaca"}],
         "test_datasets": [{"path": str(tmp_path / "test.jsonl"), "type": "alpaca"}],
-        "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 64, "micro_batch_size": 4,
+        "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 128, "micro_batch_size": 4,
         "max_steps": 6, "learning_rate": 0.01, "output_dir": str(tmp_path / "out"),
         # the linear layers' path alone (4-bit experts: tests/e2e/test_quant4_train.py)
         "quantize_moe_experts": False, **keys}))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # Bump when the tokenization code changes what it produces for the same inputs.
-CACHE_VERSION = 2  # 2: rows keep their "source" (FILE:LINE)
+CACHE_VERSION = 3  # 2: rows keep their "source" (FILE:LINE); 3: alpaca rows carry Axolotl's system line
 TOKEN_KEYS: tuple[str, ...] = (
     "datasets", "test_datasets", "val_set_size", "seed", "sequence_len", "excess_length_strategy",
     "strict_data", "train_on_inputs", "chat_template", "eot_tokens", "special_tokens")

@@ -123,13 +123,20 @@ def get_str(row: dict, name: str, *, required: bool = True) -> str:
 
 # ---------------------------------------------------------------- alpaca
 
-ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+# Axolotl's `type: alpaca` (its AlpacaPrompter, instruct style): a system line, then the turn. The
+# same key trains the same text in both tools, so a model serves with the prompt it learned.
+ALPACA_SYSTEM_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                            "further context. Write a response that appropriately completes the request.\n\n")
+ALPACA_SYSTEM_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n")
+ALPACA_WITH_INPUT = ALPACA_SYSTEM_WITH_INPUT + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_NO_INPUT = ALPACA_SYSTEM_NO_INPUT + "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """The alpaca prompt; the Input block is left out when the input is empty."""
-    if input_text.strip():
+    """The alpaca prompt as Axolotl writes it; the Input block (and its longer system line) only when
+    there is an input."""
+    if input_text:
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
     return ALPACA_NO_INPUT.format(instruction=instruction)
 
