@@ -245,3 +245,13 @@ def test_training_tied_embeddings_counts_their_second_gradient():
     embedding = meta_model(config, "AutoModelForImageTextToText").get_input_embeddings().weight.numel() * 4
     assert estimates["tied"] - estimates["untied"] == embedding
     assert estimates["lora"] == estimates["untied"]
+
+
+@pytest.mark.parametrize("name, per_expert", [("qwen3_5-moe", True), ("gemma4-moe", False)])
+def test_experts_stored_per_expert_stay_mapped_while_transformers_fuses_them(tmp_path, name, per_expert):
+    model, _ = build_tiny_model(name, seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    cfg = config_from_dict({"base_model": str(tmp_path), "datasets": [{"path": "d.jsonl"}], "adapter": "lora"})
+    load = estimate_memory(resolve(cfg, json.loads((tmp_path / "config.json").read_text()))).load
+    experts = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3)
+    assert load.mapped == (experts if per_expert else 0)

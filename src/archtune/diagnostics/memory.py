@@ -295,7 +295,7 @@ def _parameter_bytes(plan: "Plan", model) -> dict[str, Any]:
             "layer_classes": classes, "experts_4bit": experts_4bit, "experts_dense": experts_dense,
             "largest_read": largest_read, "largest_in_flight": largest_in_flight,
             "checkpoint_bytes": sum(weight_bytes(p.numel(), read_kind) for p in model.parameters()),
-            "cast_while_loading": read_kind != compute_kind}
+            "cast_while_loading": read_kind != compute_kind, "read_kind": read_kind}
 
 
 def checkpoint_kind(plan: "Plan", default: str) -> str:
@@ -326,8 +326,24 @@ def load_memory(plan: "Plan", sizes: dict) -> LoadMemory:
     # Not quantized, the mapped shards are no second copy: stored in the training dtype, the weights
     # are their pages; in another dtype, archtune reads them tensor by tensor (models/load.py).
     mapped = 0 if per_expert or not plan.model.four_bit_base else sizes["checkpoint_bytes"]
+    if not plan.model.four_bit_base:
+        mapped = _fused_while_loading(plan, sizes)
     in_flight = sizes["largest_in_flight"] if plan.model.four_bit_base or sizes["cast_while_loading"] else 0
     return LoadMemory(device, int(resident), int(mapped), int(in_flight), int(sizes["largest_read"]))
+
+
+def _fused_while_loading(plan: "Plan", sizes: dict) -> int:
+    """Bytes of the checkpoint's expert tensors stored one module per expert (Qwen 3.5 MoE's hub
+    layout): transformers fuses them into new tensors, and their mapped pages stay resident beside
+    those until loading ends (Qwen 3.5 35B-A3B widths, 2 layers, bf16: the load peaked 2.0 GiB beyond
+    the weights for 3.0 GiB of such tensors; counting them all errs high)."""
+    from archtune.models import quant
+
+    found = quant.checkpoint_experts(plan)
+    if found is None:
+        return 0
+    per_expert = [t for t in found.tensors.values() if not t.fused]
+    return sum(weight_bytes(math.prod(t.shape), sizes["read_kind"]) for t in per_expert)
 
 
 def _tied_embeddings(model) -> bool:
