@@ -306,7 +306,12 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     elif inputs is None:
         ids = encode_prompt(cfg.datasets[0], setup.tokenizer, prompt, input_text=input_text)
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    text, end = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens, stop_ids=stops)
+    # bf16/fp16 runs trained under autocast, and QLoRA keeps some weights (routers, norms) in
+    # float32 beside 16-bit activations: generate under the same autocast.
+    half = torch.bfloat16 if setup.plan.training.bf16 else torch.float16 if setup.plan.training.fp16 else None
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=half, enabled=half is not None):
+        text, end = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens, stop_ids=stops)
     shown = "".join(f"\n[bold]image:[/]  {p}" for p in image or ())
     console.print(f"[bold]prompt:[/] {prompt}" + (f"\n[bold]input:[/]  {input_text}" if input_text else "") + shown)
     ended = f"ended at {escape(end)}" if end else f"cut at --max-new-tokens {max_new_tokens}"
