@@ -288,6 +288,7 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
     import torch
 
     from archtune.data import encode_prompt
+    from archtune.models.load import autocast_dtype
     from archtune.train.assembly import assemble_model
     from archtune.train.recipe import plan_for
 
@@ -308,7 +309,7 @@ def generate(config: Path, prompt: str = typer.Option(..., "--prompt", help="The
         inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     # bf16/fp16 runs trained under autocast, and QLoRA keeps some weights (routers, norms) in
     # float32 beside 16-bit activations: generate under the same autocast.
-    half = torch.bfloat16 if setup.plan.training.bf16 else torch.float16 if setup.plan.training.fp16 else None
+    half = autocast_dtype(setup.plan)
     device = next(model.parameters()).device.type
     with torch.autocast(device, dtype=half, enabled=half is not None):
         text, end = generate_from_inputs(model, setup.tokenizer, inputs, max_new_tokens, stop_ids=stops)

@@ -135,6 +135,11 @@ def torch_dtype(plan: Plan) -> torch.dtype:
     return torch.bfloat16 if plan.training.bf16 else torch.float32
 
 
+def autocast_dtype(plan: Plan) -> torch.dtype | None:
+    """The 16-bit dtype a bf16/fp16 run computes in under autocast; None for a float32 run."""
+    return torch.bfloat16 if plan.training.bf16 else torch.float16 if plan.training.fp16 else None
+
+
 def load_processor(plan: Plan):
     """(processor, None) for a model that trains on images, else (None, why not).
 
