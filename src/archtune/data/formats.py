@@ -64,20 +64,24 @@ class FormatContext:
         apply_chat_template's per-call overhead is twice the rendering itself.
         """
         if self._render is None:
-            self._render = _make_renderer(self.tokenizer, self.chat_template)
+            placeholders = self.media.template_tokens() if self.media is not None else {}
+            self._render = _make_renderer(self.tokenizer, self.chat_template, placeholders)
         return self._render(messages, add_generation_prompt)
 
 
-def _make_renderer(tokenizer, chat_template: str | None):
+def _make_renderer(tokenizer, chat_template: str | None, placeholders: dict[str, str] | None = None):
+    """`placeholders`: the processor's media tokens by name (audio_token, ...), which the template
+    sees beside the tokenizer's special tokens: the processor expands these strings."""
+    placeholders = placeholders or {}
     try:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         template = tokenizer.get_chat_template(chat_template, None)
-        kwargs = dict(tokenizer.special_tokens_map)
+        kwargs = {**tokenizer.special_tokens_map, **placeholders}
     except (ImportError, AttributeError, ValueError):  # another transformers: the public way
         def render(messages, add_generation_prompt):
             return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
-                                                 add_generation_prompt=add_generation_prompt)
+                                                 add_generation_prompt=add_generation_prompt, **placeholders)
         return render
 
     def render(messages, add_generation_prompt):

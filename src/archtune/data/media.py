@@ -298,17 +298,27 @@ class MediaProcessor:
     processor: Any
     settings: ImageSettings = field(default_factory=ImageSettings)
     modalities: tuple[str, ...] = ("image",)
+    # {modality: why} for the model's modalities this processor cannot read (no part for them).
+    refused: dict[str, str] = field(default_factory=dict)
     _token_type_names: tuple[str, ...] | None = field(default=None, repr=False)
 
     @property
     def token_type_names(self) -> tuple[str, ...]:
         """Names of the processor's per-token outputs (token_type_ids, mm_token_type_ids), read
-        once from the processor's answer to one small gray image."""
+        once from the processor's answer to one small gray image (a processor without an image
+        part: to 0.1 s of silence)."""
         if self._token_type_names is None:
-            from PIL import Image
+            if getattr(self.processor, "image_processor", None) is None:
+                import numpy as np
 
-            probe = [Image.new("RGB", (32, 32), (128, 128, 128))]
-            enc = self.processor(text=[self.image_token or ""], images=[probe], add_special_tokens=False)
+                silence = [np.zeros(self.sampling_rate // 10, dtype=np.float32)]
+                enc = self.processor(text=[self.audio_token or ""], audio=silence, sampling_rate=self.sampling_rate,
+                                     add_special_tokens=False)
+            else:
+                from PIL import Image
+
+                probe = [Image.new("RGB", (32, 32), (128, 128, 128))]
+                enc = self.processor(text=[self.image_token or ""], images=[probe], add_special_tokens=False)
             names = per_token_outputs(enc, len(enc["input_ids"][0]), self.media_input_names)
             self._token_type_names = tuple(sorted(names))
         return self._token_type_names
@@ -359,8 +369,18 @@ class MediaProcessor:
                     ids.add(value)
         return ids
 
+    def template_tokens(self) -> dict[str, str]:
+        """The processor's media placeholders by name (image_token, audio_token, video_token), for
+        chat templates that render content parts as `{{ audio_token }}` and the like."""
+        names = ("image_token", "audio_token", "video_token")
+        return {n: v for n in names if isinstance(v := getattr(self.processor, n, None), str)}
+
     def check_kinds(self, kinds: set[str]) -> None:
         unsupported = sorted(kinds - set(self.modalities))
+        refused = [kind for kind in unsupported if kind in self.refused]
+        if refused:
+            raise MediaRefused("; ".join(f"rows carry {kind} content, which this run cannot read: {self.refused[kind]}"
+                                         for kind in refused))
         if unsupported:
             raise MediaRefused(f"rows carry {', '.join(unsupported)} content, which this model's data path does not "
                                f"train on (it takes: {', '.join(self.modalities) or 'text only'})")

@@ -183,6 +183,10 @@ class Family:
     # absent or empty in a model's config is not trained on that model (e.g. audio on Gemma 4 31B).
     modality_config_keys: dict[str, str] = field(default_factory=lambda: {"image": "vision_config",
                                                                           "audio": "audio_config"})
+    # Processor parts (transformers' attribute names) whose classes have only a torchvision backend:
+    # where the whole processor does not load, it loads without them, and rows of the modality such
+    # a part reads are refused with the install line (video processors need torchvision everywhere).
+    torchvision_processor_parts: tuple[str, ...] = ("video_processor",)
     # Documentation data (rendered by `archtune docs`): real checkpoints, architecture notes,
     # measured figures and recommendations, known issues (symptom, cause, fix), recommended
     # normalize_weight_scales rules.

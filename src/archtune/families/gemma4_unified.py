@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from archtune.config.chat_templates import TEXT_MACRO
 from archtune.families import Family, FamilyRule, TinyModel, register_family
 from archtune.families.base import special_token_ids
 from archtune.families import gemma4
@@ -35,7 +34,8 @@ _TEXT: dict[str, Any] = {**{k: v for k, v in gemma4.TEXT_BASE.items()
 # 4x4 patches pooled 2x2: 8x8-pixel model patches of 192 raw values each.
 _VISION: dict[str, Any] = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=64,
                                output_proj_dims=32)
-_AUDIO: dict[str, Any] = dict(audio_embed_dim=32)
+# The checkpoints' frame: 640 samples of 16 kHz audio (40 ms) per audio token.
+_AUDIO: dict[str, Any] = dict(audio_embed_dim=640)
 
 
 def _build_config(tokenizer):
@@ -53,14 +53,48 @@ def _build_config(tokenizer):
     )
 
 
+def _build_processor(config):
+    """Gemma4UnifiedProcessor for audio, without its image and video parts: transformers 5.25's
+    Gemma4UnifiedImageProcessor and Gemma4UnifiedVideoProcessor have only torchvision backends,
+    while its audio feature extractor (numpy) cuts 16 kHz audio into frames of `audio_embed_dim`
+    samples, one audio token each (no tower, no downsampling). An audio part renders as the audio
+    soft token, which expands to boa, one token per frame, eoa."""
+    from transformers import Gemma4UnifiedAudioFeatureExtractor, Gemma4UnifiedProcessor
+
+    from archtune.families.media import media_chat_template, media_tokenizer, without_parts
+
+    frame = config.audio_config.audio_embed_dim
+    tokenizer = media_tokenizer({
+        "image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+        "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"})
+    return without_parts(Gemma4UnifiedProcessor, TORCHVISION_PARTS)(
+        feature_extractor=Gemma4UnifiedAudioFeatureExtractor(feature_size=frame, audio_samples_per_token=frame),
+        image_processor=None, tokenizer=tokenizer, video_processor=None,
+        chat_template=media_chat_template({"image": "<image_soft_token>", "audio": "<audio_soft_token>"}))
+
+
+# The processor parts with only a torchvision backend in transformers 5.25.
+TORCHVISION_PARTS = ("image_processor", "video_processor")
+
+# A message's content: a string, or its parts in order, media parts as the processor's placeholders
+# (`audio_token` and the like; the checkpoints' `<|audio|>`, ... where the template is rendered
+# without a processor), as Axolotl's gemma4_unified template renders them.
+_CONTENT_MACRO = (
+    "{%- macro content(c) -%}{%- if c is string -%}{{ c | trim }}{%- else -%}{%- for p in c -%}"
+    "{%- if p['type'] == 'text' -%}{{ p['text'] | trim }}"
+    "{%- elif p['type'] == 'image' -%}{{ image_token | default('<|image|>') }}"
+    "{%- elif p['type'] == 'audio' -%}{{ audio_token | default('<|audio|>') }}"
+    "{%- elif p['type'] == 'video' -%}{{ video_token | default('<|video|>') }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+
 # Axolotl's `gemma4_unified`: Gemma 4's `<|turn>ROLE ... <turn|>` turns, where an assistant message
 # that follows an assistant message continues the same model turn (no second `<|turn>model`).
-CHAT_TEMPLATE = TEXT_MACRO + (
+CHAT_TEMPLATE = _CONTENT_MACRO + (
     "{{ bos_token }}{%- for m in messages -%}"
     "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}"
     "{%- if not (role == 'model' and loop.previtem is defined and loop.previtem['role'] == 'assistant') -%}"
     "{{ '<|turn>' + role + '\\n' }}{%- endif -%}"
-    "{{ text(m['content']) | trim + '<turn|>\\n' }}"
+    "{{ content(m['content']) | trim + '<turn|>\\n' }}"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}")
 
 FAMILY = register_family(
@@ -81,8 +115,10 @@ FAMILY = register_family(
         ),
         notes=(
             "FSDP2 wraps `Gemma4UnifiedTextDecoderLayer`",
+            "Audio rows train without torchvision: the processor is built from its audio feature extractor, "
+            "tokenizer and chat template; audio tokens and their boa/eoa markers never carry labels",
             "Images need transformers' Gemma4UnifiedImageProcessor, which has only a torchvision backend "
-            "in transformers 5.25; archtune trains this family on text (image and audio rows are refused)",
+            "in transformers 5.25: without torchvision, image rows are refused with the install line",
             "GGUF: the text decoder is written as llama.cpp's `gemma4` architecture (the dense Gemma 4 one); the "
             "embedders belong in llama.cpp's separate mmproj file, which archtune does not write",
         ),
@@ -91,6 +127,8 @@ FAMILY = register_family(
         decoder_layer_cls="Gemma4UnifiedTextDecoderLayer",
         mm_module_prefixes=("model.embed_vision", "model.embed_audio"),
         mm_projector_prefixes=("model.embed_vision", "model.embed_audio"),
+        modalities=("image", "audio"),
+        torchvision_processor_parts=TORCHVISION_PARTS,
         lora_target_regex=gemma4.LORA_TARGET_REGEX,
         packing_drop_attention_mask=True,
         # The text decoder is Gemma 4's dense one (same attention, MLP, norms, layer scalar, RoPE): llama.cpp's
@@ -99,7 +137,8 @@ FAMILY = register_family(
         sequence_classification_base=(
             "transformers.models.gemma4_unified.modeling_gemma4_unified.Gemma4UnifiedPreTrainedModel"),
         tiny_models=(TinyModel("gemma4-unified", "Gemma 4 Unified shape: 4 dense layers, sliding/full attention "
-                               "with k==v on full layers, vision and audio embedders (no towers)", _build_config),),
+                               "with k==v on full layers, vision and audio embedders (no towers)", _build_config,
+                               _build_processor),),
         rules=[
             FamilyRule("freeze_mm_modules"),
             FamilyRule("non_reentrant_checkpointing",

@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 import inspect
 
+# The processor part that reads each modality's input (transformers' attribute names).
+PROCESSOR_PARTS = {"image": "image_processor", "audio": "feature_extractor", "video": "video_processor"}
+
 # The part of archtune's chat template that joins a message's content parts: text parts only.
 _TEXT_PARTS = ("{%- for part in message['content'] if part['type'] == 'text' -%}"
                "{%- set ns.text = ns.text + part['text'] -%}{%- endfor -%}")
@@ -58,8 +61,17 @@ def without_video_processor(processor_cls):
     `from_pretrained` loads every part but the video one: a model directory written by
     `archtune init-tiny`, or a real checkpoint on a machine without torchvision.
     """
+    return without_parts(processor_cls, ("video_processor",))
 
-    class WithoutVideo(processor_cls):
+
+def without_parts(processor_cls, parts: tuple[str, ...]):
+    """`processor_cls` taking None for each processor part named in `parts` (e.g. "video_processor",
+    "image_processor"): what without_video_processor does for the video part, for any parts whose
+    classes need a library the others do not (an image processor with only a torchvision backend)."""
+    absent = tuple(parts)
+    suffix = "".join(part.split("_")[0].title() for part in absent)
+
+    class Without(processor_cls):
         def __init__(self, *args, **kwargs):
             # Some processors add their video token to the tokenizer they are given (Gemma 4:
             # "<|video|>", beyond a tiny model's vocabulary); without a video part, the tokenizer
@@ -71,7 +83,7 @@ def without_video_processor(processor_cls):
             super().__init__(*args, **kwargs)
 
         def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
+            if argument_name in absent and argument is None:
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
@@ -79,39 +91,44 @@ def without_video_processor(processor_cls):
         def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
             names = processor_cls.get_attributes()
 
-            class Parts(processor_cls):  # the same loading, of every part but the video one
+            class Parts(processor_cls):  # the same loading, of every part but the absent ones
                 @classmethod
                 def get_attributes(klass):
-                    return [name for name in names if name != "video_processor"]
+                    return [name for name in names if name not in absent]
 
-            processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
-            kwargs.pop("video_processor", None)
+            processor_dict = {k: v for k, v in processor_dict.items() if k not in absent}
+            for part in absent:
+                kwargs.pop(part, None)
             processor_dict, kwargs = Parts._resolve_subprocessors(pretrained_model_name_or_path, processor_dict,
                                                                   **kwargs)
-            return {**processor_dict, "video_processor": None}, kwargs
+            return {**processor_dict, **dict.fromkeys(absent)}, kwargs
 
         def to_dict(self):
             out = super().to_dict()
-            out.pop("video_processor", None)
+            for part in absent:
+                out.pop(part, None)
             out["processor_class"] = processor_cls.__name__
             return out
 
         def save_pretrained(self, save_directory, **kwargs):
-            # ProcessorMixin.save_pretrained visits every part; a stand-in for the absent video
-            # part (to_dict leaves it out) lets it save the others as it saves them.
+            # ProcessorMixin.save_pretrained visits every part; a stand-in for each absent part
+            # (to_dict leaves them out) lets it save the others as it saves them.
             tokenizer = self.tokenizer
-            self.video_processor = _AbsentPart()
+            for part in absent:
+                setattr(self, part, _AbsentPart())
             if self._given_tokenizer is not None:
                 self.tokenizer = self._given_tokenizer
             try:
                 return super().save_pretrained(save_directory, **kwargs)
             finally:
-                self.video_processor, self.tokenizer = None, tokenizer
+                for part in absent:
+                    setattr(self, part, None)
+                self.tokenizer = tokenizer
 
     # transformers reads a processor's parts from its __init__ signature (get_attributes).
-    WithoutVideo.__init__.__signature__ = inspect.signature(processor_cls.__init__)
-    WithoutVideo.__name__ = WithoutVideo.__qualname__ = f"{processor_cls.__name__}WithoutVideo"
-    return WithoutVideo
+    Without.__init__.__signature__ = inspect.signature(processor_cls.__init__)
+    Without.__name__ = Without.__qualname__ = f"{processor_cls.__name__}Without{suffix}"
+    return Without
 
 
 class _AbsentPart:
@@ -120,4 +137,4 @@ class _AbsentPart:
     _auto_class = None
 
 
-__all__ = ["media_chat_template", "media_tokenizer", "without_video_processor"]
+__all__ = ["PROCESSOR_PARTS", "media_chat_template", "media_tokenizer", "without_parts", "without_video_processor"]

@@ -141,11 +141,13 @@ def autocast_dtype(plan: Plan) -> torch.dtype | None:
 
 
 def load_processor(plan: Plan):
-    """(processor, None) for a model that trains on images, else (None, why not).
+    """(processor, None) for a model that trains on images or audio, else (None, why not).
 
     The processor comes from `processor_type` (a transformers class name, e.g. AutoProcessor)
     or the model's own files; a tiny model builds its own. Nothing is loaded for a family
-    without modalities or a config without towers.
+    without modalities or a config without towers. Where the whole processor does not load, it
+    loads without the parts of `Family.torchvision_processor_parts` (media_gaps says which rows
+    that leaves out, and why).
     """
     family = plan.family
     if not family.modalities:
@@ -170,7 +172,7 @@ def load_processor(plan: Plan):
     try:
         processor = cls.from_pretrained(source, trust_remote_code=m.trust_remote_code)
     except Exception as exc:  # no processor files, a class that does not match them, no torchvision
-        processor = _without_video(cls, source, m.trust_remote_code)
+        processor = _without_parts(cls, source, m.trust_remote_code, family.torchvision_processor_parts)
         if processor is None:
             why = f"{type(exc).__name__}: {str(exc).strip()}"
             if "torchvision" in why.lower():
@@ -180,11 +182,37 @@ def load_processor(plan: Plan):
                                        "use AutoProcessor, or the class the model's processor_config.json names"
                                        ) from None
             return None, f"no processor could be loaded from {source} ({why})"
-    if getattr(processor, "image_processor", None) is None:
+    if not _reads_media(processor, family.modalities_of(plan.model_config)):
         return None, f"the processor loaded from {source} ({type(processor).__name__}) has no image processor"
     return processor, None
 
 
+def _reads_media(processor, modalities: tuple[str, ...]) -> bool:
+    """Whether the processor has the part of at least one of the model's modalities."""
+    from archtune.families.media import PROCESSOR_PARTS
+
+    return any(getattr(processor, PROCESSOR_PARTS[m], None) is not None for m in modalities if m in PROCESSOR_PARTS)
+
+
+def media_gaps(plan: Plan, processor) -> dict[str, str]:
+    """{modality: why its rows are refused} for the model's modalities the loaded processor has no
+    part for (e.g. Gemma 4 Unified's images where torchvision is missing: its image processor has
+    only a torchvision backend)."""
+    import importlib.util
+
+    from archtune.families.media import PROCESSOR_PARTS
+
+    gaps = {}
+    for modality in plan.family.modalities_of(plan.model_config):
+        part = PROCESSOR_PARTS.get(modality)
+        if part is None or getattr(processor, part, None) is not None:
+            continue
+        why = f"the processor archtune loaded for this model has no {part.replace('_', ' ')}"
+        if part in plan.family.torchvision_processor_parts and importlib.util.find_spec("torchvision") is None:
+            why = (f"this model's {part.replace('_', ' ')} needs torchvision, which is not installed "
+                   f"(to use it, {TORCHVISION_INSTALL})")
+        gaps[modality] = why
+    return gaps
 
 
 def processor_problems(plan: Plan) -> None:
@@ -201,23 +229,28 @@ def processor_problems(plan: Plan) -> None:
         return
     if processor is None:
         plan.warn(f"rows with images or audio will be refused: {why}")
+        return
+    for modality, why in media_gaps(plan, processor).items():
+        plan.warn(f"rows with {modality} content will be refused: {why}")
 
 
-def _without_video(cls, source, trust_remote_code: bool):
-    """The processor at `source` without its video part (families.media.without_video_processor),
-    or None when it has no video part or does not load that way either. Video processors need
-    torchvision; images (Pillow) and audio (numpy) do not."""
+def _without_parts(cls, source, trust_remote_code: bool, parts: tuple[str, ...]):
+    """The processor at `source` without its `parts` (families.media.without_parts; the video part
+    through without_video_processor), or None when it has none of them or does not load that way
+    either. Video processors need torchvision; most image processors (Pillow) and audio (numpy) do not."""
     import transformers
     from transformers import ProcessorMixin
 
-    from archtune.families.media import without_video_processor
+    from archtune.families import media
 
     try:
         if not isinstance(cls, type) or not issubclass(cls, ProcessorMixin):  # AutoProcessor: the class saved
             cls = getattr(transformers, processor_class_name(source) or "", None)
-        if cls is None or "video_processor" not in cls.get_attributes():
+        absent = tuple(p for p in parts if cls is not None and p in cls.get_attributes())
+        if not absent:
             return None
-        return without_video_processor(cls).from_pretrained(source, trust_remote_code=trust_remote_code)
+        without = media.without_video_processor(cls) if absent == ("video_processor",) else media.without_parts(cls, absent)
+        return without.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception:  # the caller reports the first failure
         return None
 

@@ -56,16 +56,19 @@ PACKING_IMAGES_REFUSED = ("packed rows keep token ids and labels only, and per-d
 
 
 def media_setup(plan: Plan):
-    """The model's processor for rows with images (data.MediaSetup), or why such rows are refused."""
+    """The model's processor for rows with images or audio (data.MediaSetup), or why such rows are refused;
+    a modality the processor has no part for is refused with its reason (models.load.media_gaps)."""
     from archtune.data import MediaSetup
     from archtune.data.media import ImageSettings, MediaProcessor
-    from archtune.models.load import load_processor
+    from archtune.models.load import load_processor, media_gaps
 
     processor, refusal = load_processor(plan)
     if processor is None:
         return MediaSetup(refusal=refusal, packing_refusal=PACKING_IMAGES_REFUSED)
+    gaps = media_gaps(plan, processor)
     media = MediaProcessor(processor, ImageSettings(plan.data.image_size, plan.data.image_resize_algorithm),
-                           modalities=plan.family.modalities_of(plan.model_config))
+                           modalities=tuple(m for m in plan.family.modalities_of(plan.model_config) if m not in gaps),
+                           refused=gaps)
     return MediaSetup(processor=media, packing_refusal=PACKING_IMAGES_REFUSED)
 
 
